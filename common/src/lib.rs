@@ -1,0 +1,21 @@
+//! baton-common: what both sides of baton share.
+//!
+//! - [`yaml`]: YAML with a position on every node, and input limits.
+//! - [`diag`]: validation findings (`file:line:col: severity: message`).
+//! - [`template`] and [`condition`]: Go-template syntax and stage conditions.
+//! - [`spec`]: the user's files (`stages.yaml`, stage `config.yaml`, migrations), parsed
+//!   and checked into validated types.
+//! - [`proto`]: the generated gRPC types; they never leave this crate's API unconverted.
+//!
+//! No sled, no reqwest, no petgraph here: this crate is pure data and parsing.
+
+pub mod condition;
+pub mod diag;
+pub mod template;
+pub mod yaml;
+
+/// Generated from `proto/baton/v1/*.proto`.
+#[allow(missing_docs, missing_debug_implementations, clippy::all)]
+pub mod proto {
+    tonic::include_proto!("baton.v1");
+}
