@@ -1,0 +1,285 @@
+//! Checks across files: does every variable a template reads have a source?
+//!
+//! Sources, per COMPAT.md's precedence: `global.env`, the environment where the stage runs,
+//! the stage's `env` (stages.yaml and config.yaml), `env_from_stages`, values extracted by
+//! earlier migrations of the stage, and the migration's own `env`. The process environment is
+//! unknown until the stage runs, so an unprovided variable is a *warning*; a missing `.auth.X`
+//! or `auth_name` is an error (auth is only ever defined in the config).
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use crate::diag::{closest, Diagnostics};
+use crate::template::Reference;
+
+use super::read::Reader;
+use super::{
+    BodySpec, JsonTemplate, LoadedStage, SourceFiles, StageSpec, StagesSpec, StepAction, StepSpec,
+    Tmpl,
+};
+
+pub(super) fn variables(
+    diags: &mut Diagnostics,
+    files: &dyn SourceFiles,
+    spec: &StagesSpec,
+    stages: &[LoadedStage],
+    stages_file: &Path,
+    stages_text: &str,
+) {
+    let global: BTreeSet<&str> = spec
+        .global
+        .env
+        .iter()
+        .map(|e| e.name.value.as_str())
+        .collect();
+    for (stage, loaded) in spec.stages.iter().zip(stages) {
+        let mut base = global.clone();
+        base.extend(stage.env.iter().map(|e| e.name.value.as_str()));
+        base.extend(
+            stage
+                .env_from_stages
+                .iter()
+                .flat_map(|f| f.vars.iter().map(|v| v.value.as_str())),
+        );
+        let stage_level = base.clone();
+        base.extend(loaded.config.env.iter().map(|e| e.name.value.as_str()));
+        let auth_names: Vec<&str> = loaded
+            .config
+            .auth
+            .iter()
+            .map(|a| a.name.value.as_str())
+            .collect();
+        let stage_names: Vec<&str> = spec.stages.iter().map(|s| s.name.value.as_str()).collect();
+
+        // The condition sees the stage's variables from stages.yaml.
+        if let Some(cond) = &stage.condition {
+            let mut r = Reader::new(stages_file, stages_text, diags);
+            for reference in cond.value.references() {
+                match reference {
+                    Reference::Stage { name, .. } if !stage_names.contains(&name.as_str()) => {
+                        let help = closest(&name, stage_names.iter().copied())
+                            .map(|c| format!("did you mean `{c}`?"));
+                        r.error(
+                            cond.pos,
+                            format!(
+                                "stage `{}`: condition names unknown stage `{name}`",
+                                stage.name.value
+                            ),
+                            help,
+                        );
+                    }
+                    Reference::Var {
+                        name,
+                        optional: false,
+                        ..
+                    } if !stage_level.contains(name.as_str()) => {
+                        r.warning(
+                            cond.pos,
+                            format!("stage `{}`: condition uses variable `{name}`, which no source provides", stage.name.value),
+                            Some(provide_help(&name)),
+                        );
+                    }
+                    _ => {}
+                }
+            }
+        }
+
+        // Auth configs render with the stage's variables.
+        if let Ok(text) = read_text(files, &loaded.config_file) {
+            let mut r = Reader::new(&loaded.config_file, &text, diags);
+            for auth in &loaded.config.auth {
+                for t in auth.kind.templates() {
+                    check_template(&mut r, stage, t, &base, &auth_names);
+                }
+            }
+            if let Some(wait) = &loaded.config.wait {
+                for t in wait.url.iter().chain(wait.headers.iter().map(|(_, t)| t)) {
+                    check_template(&mut r, stage, t, &base, &auth_names);
+                }
+            }
+        }
+
+        let mut extracted: BTreeSet<String> = BTreeSet::new();
+        for m in &loaded.migrations {
+            let Ok(text) = read_text(files, &m.file) else {
+                continue;
+            };
+            let mut r = Reader::new(&m.file, &text, diags);
+            let mut scope: BTreeSet<&str> = base.clone();
+            scope.extend(extracted.iter().map(String::as_str));
+            scope.extend(m.env.iter().map(|e| e.name.value.as_str()));
+            if let Some(up) = &m.up {
+                check_step(&mut r, stage, up, &scope, &auth_names);
+            }
+            let up_exports: Vec<String> = m.exports().map(str::to_owned).collect();
+            if let Some(down) = &m.down {
+                // Down sees what its own up extracted, and what `find` extracts.
+                let mut down_scope = scope.clone();
+                down_scope.extend(up_exports.iter().map(String::as_str));
+                let find_exports: Vec<String> = down
+                    .find
+                    .iter()
+                    .flat_map(|f| f.response.env_from.iter().map(|(n, _)| n.value.clone()))
+                    .collect();
+                if let Some(find) = &down.find {
+                    check_step(&mut r, stage, find, &down_scope, &auth_names);
+                }
+                down_scope.extend(find_exports.iter().map(String::as_str));
+                check_step(&mut r, stage, down, &down_scope, &auth_names);
+            }
+            extracted.extend(up_exports);
+        }
+    }
+
+    // env_from_stages names variables the source stage exports.
+    let mut r = Reader::new(stages_file, stages_text, diags);
+    for stage in &spec.stages {
+        for efs in &stage.env_from_stages {
+            let Some(idx) = spec
+                .stages
+                .iter()
+                .position(|s| s.name.value == efs.stage.value)
+            else {
+                continue;
+            };
+            let exports = stages[idx].exports();
+            for var in &efs.vars {
+                if !exports.contains(&var.value.as_str()) {
+                    let help = match closest(&var.value, exports.iter().copied()) {
+                        Some(c) => format!("did you mean `{c}`?"),
+                        None if exports.is_empty() => format!(
+                            "no migration of `{}` has `response.env_from`",
+                            efs.stage.value
+                        ),
+                        None => format!("it exports: {}", exports.join(", ")),
+                    };
+                    r.warning(
+                        var.pos,
+                        format!("stage `{}`: env_from_stages takes `{}` from `{}`, which no migration of `{}` exports", stage.name.value, var.value, efs.stage.value, efs.stage.value),
+                        Some(help),
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn read_text(files: &dyn SourceFiles, path: &Path) -> Result<String, ()> {
+    files
+        .read(path)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .ok_or(())
+}
+
+fn provide_help(name: &str) -> String {
+    format!("define `{name}` in env, list it in env_from_stages, set it in the environment where the stage runs, or write `{{{{.{name} | default \"...\"}}}}`")
+}
+
+fn check_step(
+    r: &mut Reader<'_>,
+    stage: &StageSpec,
+    step: &StepSpec,
+    scope: &BTreeSet<&str>,
+    auth_names: &[&str],
+) {
+    match &step.action {
+        Some(StepAction::Request(req)) => {
+            let mut ts: Vec<&Tmpl> = Vec::new();
+            ts.extend(req.url.iter());
+            ts.extend(req.headers.iter().map(|(_, t)| t));
+            ts.extend(req.queries.iter().map(|(_, t)| t));
+            match &req.body {
+                Some(BodySpec::Text(t)) if req.render_body => ts.push(t),
+                Some(BodySpec::Json(j)) if req.render_body => json_templates(j, &mut ts),
+                _ => {}
+            }
+            for t in ts {
+                check_template(r, stage, t, scope, auth_names);
+            }
+            if let Some(name) = &req.auth_name {
+                if !auth_names.contains(&name.value.as_str()) {
+                    let help = closest(&name.value, auth_names.iter().copied())
+                        .map(|c| format!("did you mean `{c}`?"))
+                        .or_else(|| {
+                            Some("define it under `auth:` in the stage's config.yaml".into())
+                        });
+                    r.error(
+                        name.pos,
+                        format!(
+                            "stage `{}`: auth `{}` is not defined in the stage config",
+                            stage.name.value, name.value
+                        ),
+                        help,
+                    );
+                }
+            }
+        }
+        Some(StepAction::Command(cmd)) => {
+            let ts = cmd
+                .program
+                .iter()
+                .chain(cmd.args.iter())
+                .chain(cmd.env.iter().map(|(_, t)| t))
+                .chain(cmd.workdir.iter());
+            for t in ts {
+                check_template(r, stage, t, scope, auth_names);
+            }
+        }
+        None => {}
+    }
+}
+
+fn json_templates<'a>(j: &'a JsonTemplate, out: &mut Vec<&'a Tmpl>) {
+    match j {
+        JsonTemplate::Str(t) => out.push(t),
+        JsonTemplate::Array(items) => items.iter().for_each(|i| json_templates(i, out)),
+        JsonTemplate::Object(entries) => entries.iter().for_each(|(_, v)| json_templates(v, out)),
+        _ => {}
+    }
+}
+
+fn check_template(
+    r: &mut Reader<'_>,
+    stage: &StageSpec,
+    t: &Tmpl,
+    scope: &BTreeSet<&str>,
+    auth_names: &[&str],
+) {
+    for reference in t.template.references() {
+        match reference {
+            Reference::Var {
+                name,
+                offset,
+                optional: false,
+            } if !scope.contains(name.as_str()) => {
+                let pos = r.pos_in_scalar(t.pos, t.style, t.source(), offset);
+                let help = closest(&name, scope.iter().copied()).map_or_else(
+                    || provide_help(&name),
+                    |c| format!("did you mean `{c}`? otherwise {}", provide_help(&name)),
+                );
+                r.warning(
+                    pos,
+                    format!(
+                        "stage `{}`: variable `{name}` is used but no source provides it",
+                        stage.name.value
+                    ),
+                    Some(help),
+                );
+            }
+            Reference::Auth { name, offset } if !auth_names.contains(&name.as_str()) => {
+                let pos = r.pos_in_scalar(t.pos, t.style, t.source(), offset);
+                r.error(
+                    pos,
+                    format!("stage `{}`: `.auth.{name}` names an auth that is not defined in the stage config", stage.name.value),
+                    Some("define it under `auth:` in the stage's config.yaml".into()),
+                );
+            }
+            Reference::Stage { name, offset } => {
+                let pos = r.pos_in_scalar(t.pos, t.style, t.source(), offset);
+                r.error(pos, format!("`success`/`failed` (stage `{name}`) can only be used in a stage's condition"), None);
+            }
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,751 @@
+//! The user's files: `stages.yaml`, each stage's `config.yaml`, and migration files.
+//!
+//! [`load_project`] reads every file a stages file names (through [`SourceFiles`], so the
+//! same code reads from disk, from memory in tests and fuzzing, and later from files a CLI
+//! sent over gRPC), checks everything that does not need the dependency graph, and returns
+//! a [`Project`] together with every [`Diagnostic`](crate::diag::Diagnostic) found. Graph
+//! checks (cycles, transitive `env_from_stages`) are the planner's, which owns the graph.
+//!
+//! Paths in diagnostics are shown as the user would name them: the stages file as given,
+//! and every other file joined onto the directory of the file that names it.
+
+mod check;
+mod config;
+pub mod duration;
+mod migration;
+mod read;
+mod stages;
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+
+use crate::condition::Condition;
+use crate::diag::Diagnostics;
+use crate::template::Template;
+use crate::yaml::{self, Limits, Pos, ScalarStyle};
+
+pub use migration::parse_file_name;
+
+/// A value and where it was written.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Located<T> {
+    pub value: T,
+    pub pos: Pos,
+}
+
+/// A parsed template and where its text starts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tmpl {
+    pub template: Template,
+    pub pos: Pos,
+    pub style: ScalarStyle,
+}
+
+impl Tmpl {
+    pub fn source(&self) -> &str {
+        self.template.source()
+    }
+}
+
+/// `stages.yaml`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StagesSpec {
+    pub stages: Vec<StageSpec>,
+    pub global: GlobalSpec,
+}
+
+/// One entry of `stages:`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StageSpec {
+    pub name: Located<String>,
+    /// Where the stage's entry starts.
+    pub pos: Pos,
+    /// As written, relative to the stages file.
+    pub config_path: Located<PathBuf>,
+    pub depends_on: Vec<Located<String>>,
+    pub env: Vec<EnvEntry>,
+    pub env_from_stages: Vec<EnvFromStage>,
+    pub timeout: Option<Located<Duration>>,
+    pub on_failure: OnFailure,
+    pub on_failure_pos: Option<Pos>,
+    pub condition: Option<Located<Condition>>,
+    /// Agent label selector (`runs_on: {env: prod}`); empty matches any agent.
+    pub runs_on: Vec<(String, String)>,
+    pub retry: Option<RetrySpec>,
+    /// Variables whose values are secret (masked everywhere).
+    pub secrets: Vec<Located<String>>,
+}
+
+impl StageSpec {
+    fn empty(pos: Pos) -> Self {
+        StageSpec {
+            name: Located {
+                value: String::new(),
+                pos,
+            },
+            pos,
+            config_path: Located {
+                value: PathBuf::new(),
+                pos,
+            },
+            depends_on: Vec::new(),
+            env: Vec::new(),
+            env_from_stages: Vec::new(),
+            timeout: None,
+            on_failure: OnFailure::Stop,
+            on_failure_pos: None,
+            condition: None,
+            runs_on: Vec::new(),
+            retry: None,
+            secrets: Vec::new(),
+        }
+    }
+}
+
+/// One variable definition.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EnvEntry {
+    pub name: Located<String>,
+    /// The literal value; empty when `secret_from` is set.
+    pub value: String,
+    /// `valueFromEnv`: read from this environment variable where the stage runs; secret.
+    pub secret_from: Option<String>,
+    pub value_pos: Pos,
+    pub style: ScalarStyle,
+}
+
+/// `env_from_stages: - stage: X  vars: [...]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EnvFromStage {
+    pub stage: Located<String>,
+    pub vars: Vec<Located<String>>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GlobalSpec {
+    pub env: Vec<EnvEntry>,
+    pub wait_between_stages: Option<Located<Duration>>,
+    pub max_concurrent_stages: Option<Located<u64>>,
+    pub rollback_on_failure: bool,
+    pub retry: Option<RetrySpec>,
+}
+
+/// What a stage's failure does to the rest of the run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnFailure {
+    /// No new stage starts; running ones finish; the run fails.
+    #[default]
+    Stop,
+    /// Recorded; every other stage, dependents included, still runs.
+    Continue,
+    /// Every transitive dependent is skipped; others continue.
+    SkipDependents,
+}
+
+impl OnFailure {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnFailure::Stop => "stop",
+            OnFailure::Continue => "continue",
+            OnFailure::SkipDependents => "skip_dependents",
+        }
+    }
+}
+
+/// Retry policy overrides; unset fields inherit from the next level out.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RetrySpec {
+    pub max_attempts: Option<u32>,
+    pub initial_backoff: Option<Duration>,
+    pub multiplier: Option<f64>,
+    pub max_backoff: Option<Duration>,
+}
+
+/// A stage's `config.yaml`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StageConfigSpec {
+    pub migrate_dir: Option<Located<PathBuf>>,
+    pub env: Vec<EnvEntry>,
+    pub auth: Vec<AuthSpec>,
+    pub wait: Option<WaitSpec>,
+    pub client: ClientSpec,
+    pub delay_between_migrations: Option<Duration>,
+    pub retry: Option<RetrySpec>,
+    pub secrets: Vec<Located<String>>,
+    pub max_response_bytes: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuthSpec {
+    pub name: Located<String>,
+    pub kind: AuthKind,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum AuthKind {
+    Basic {
+        username: Tmpl,
+        password: Tmpl,
+    },
+    /// `fields` holds token_url, client_id, client_secret, username, password, scope(s).
+    OAuth2 {
+        grant_type: String,
+        fields: Vec<(String, Tmpl)>,
+    },
+    PocketBase {
+        base_url: Tmpl,
+        email: Tmpl,
+        password: Tmpl,
+    },
+}
+
+impl AuthKind {
+    /// Every template of the auth config.
+    pub fn templates(&self) -> Vec<&Tmpl> {
+        match self {
+            AuthKind::Basic { username, password } => vec![username, password],
+            AuthKind::OAuth2 { fields, .. } => fields.iter().map(|(_, t)| t).collect(),
+            AuthKind::PocketBase {
+                base_url,
+                email,
+                password,
+            } => vec![base_url, email, password],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct WaitSpec {
+    pub url: Option<Tmpl>,
+    pub method: Option<String>,
+    pub status: Option<u16>,
+    pub timeout: Option<Duration>,
+    pub interval: Option<Duration>,
+    pub headers: Vec<(String, Tmpl)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum TlsVersion {
+    V1_2,
+    V1_3,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ClientSpec {
+    pub insecure: bool,
+    pub min_tls_version: Option<TlsVersion>,
+    pub max_tls_version: Option<TlsVersion>,
+    /// Relative to the config file.
+    pub ca_file: Option<Located<PathBuf>>,
+    pub timeout: Option<Duration>,
+}
+
+/// One migration file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MigrationSpec {
+    /// As shown to the user.
+    pub file: PathBuf,
+    pub version: u64,
+    pub name: String,
+    /// SHA-256 of the file's bytes, hex.
+    pub digest: String,
+    pub up: Option<StepSpec>,
+    pub down: Option<StepSpec>,
+    pub env: Vec<EnvEntry>,
+    pub retry: Option<RetrySpec>,
+    pub retry_on_lost: RetryOnLost,
+}
+
+impl MigrationSpec {
+    /// Variables this migration's `up` extracts.
+    pub fn exports(&self) -> impl Iterator<Item = &str> {
+        self.up
+            .iter()
+            .flat_map(|s| s.response.env_from.iter().map(|(n, _)| n.value.as_str()))
+    }
+}
+
+/// Whether a step in flight when its agent was lost may be sent again.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum RetryOnLost {
+    /// Re-send with the same idempotency key.
+    Safe,
+    /// Wait for a person.
+    #[default]
+    Never,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepSpec {
+    pub name: Option<String>,
+    /// `None` only while diagnostics hold an error for it.
+    pub action: Option<StepAction>,
+    pub response: ResponseSpec,
+    /// `down.find`: a lookup whose extracted variables are in scope for the down request.
+    pub find: Option<Box<StepSpec>>,
+    pub pos: Pos,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum StepAction {
+    Request(RequestSpec),
+    Command(CommandSpec),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RequestSpec {
+    /// Upper case.
+    pub method: Located<String>,
+    pub url: Option<Tmpl>,
+    pub headers: Vec<(String, Tmpl)>,
+    pub queries: Vec<(String, Tmpl)>,
+    pub body: Option<BodySpec>,
+    pub render_body: bool,
+    pub auth_name: Option<Located<String>>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum BodySpec {
+    Text(Tmpl),
+    /// YAML written in the file, sent as JSON; string leaves are templates.
+    Json(JsonTemplate),
+    /// Relative to the migration file.
+    File(Located<PathBuf>),
+}
+
+/// A JSON document whose strings are templates. Rendering fills each string leaf, so a
+/// value can never change the document's structure.
+#[derive(Debug, Clone, PartialEq)]
+pub enum JsonTemplate {
+    Null,
+    Bool(bool),
+    Number(serde_json::Number),
+    Str(Tmpl),
+    Array(Vec<JsonTemplate>),
+    Object(Vec<(String, JsonTemplate)>),
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ResponseSpec {
+    /// Accepted status codes; empty means any 2xx.
+    pub result_code: Vec<u16>,
+    /// Variable name to gjson path.
+    pub env_from: Vec<(Located<String>, String)>,
+    pub env_missing: EnvMissing,
+}
+
+/// What happens when an `env_from` path finds nothing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum EnvMissing {
+    /// The variable is left unset (apirun's behaviour).
+    #[default]
+    Skip,
+    /// The step fails.
+    Fail,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommandSpec {
+    pub program: Option<Tmpl>,
+    pub args: Vec<Tmpl>,
+    pub env: Vec<(String, Tmpl)>,
+    pub workdir: Option<Tmpl>,
+    pub timeout: Option<Duration>,
+}
+
+/// Reads files for the loader.
+pub trait SourceFiles {
+    fn read(&self, path: &Path) -> io::Result<Vec<u8>>;
+    /// File names (not paths) directly inside `dir`.
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>>;
+}
+
+/// The local file system.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DiskFiles;
+
+impl SourceFiles for DiskFiles {
+    fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
+        std::fs::read(path)
+    }
+
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(dir)? {
+            let entry = entry?;
+            if entry.file_type()?.is_file() {
+                out.push(entry.file_name().to_string_lossy().into_owned());
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Files held in memory, keyed by normalised path (tests, fuzzing, files sent over gRPC).
+#[derive(Debug, Clone, Default)]
+pub struct MemoryFiles(pub BTreeMap<PathBuf, Vec<u8>>);
+
+impl MemoryFiles {
+    pub fn insert(&mut self, path: impl AsRef<Path>, content: impl Into<Vec<u8>>) {
+        self.0.insert(normalize(path.as_ref()), content.into());
+    }
+}
+
+impl SourceFiles for MemoryFiles {
+    fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
+        self.0
+            .get(&normalize(path))
+            .cloned()
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))
+    }
+
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
+        let dir = normalize(dir);
+        let names: Vec<String> = self
+            .0
+            .keys()
+            .filter(|p| p.parent() == Some(dir.as_path()))
+            .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .collect();
+        if names.is_empty() {
+            return Err(io::Error::from(io::ErrorKind::NotFound));
+        }
+        Ok(names)
+    }
+}
+
+/// Removes `.` and resolves `..` lexically, so displayed paths read as the user wrote them.
+pub fn normalize(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                if !out.pop() || out.as_os_str().is_empty() && path.is_relative() {
+                    out.push("..");
+                }
+            }
+            other => out.push(other.as_os_str()),
+        }
+    }
+    if out.as_os_str().is_empty() {
+        out.push(".");
+    }
+    out
+}
+
+/// `rel` as seen from the directory of `file`.
+pub fn beside(file: &Path, rel: &Path) -> PathBuf {
+    normalize(&file.parent().unwrap_or(Path::new("")).join(rel))
+}
+
+/// A stage's files, loaded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoadedStage {
+    pub config_file: PathBuf,
+    pub config: StageConfigSpec,
+    pub migrate_dir: PathBuf,
+    /// Sorted by version.
+    pub migrations: Vec<MigrationSpec>,
+}
+
+impl LoadedStage {
+    /// Every variable the stage's migrations extract, in version order, without repeats.
+    pub fn exports(&self) -> Vec<&str> {
+        let mut out: Vec<&str> = Vec::new();
+        for m in &self.migrations {
+            for e in m.exports() {
+                if !out.contains(&e) {
+                    out.push(e);
+                }
+            }
+        }
+        out
+    }
+}
+
+/// A stages file and everything it names. Present only when loading found no error.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Project {
+    pub stages_file: PathBuf,
+    pub spec: StagesSpec,
+    /// Parallel to `spec.stages`.
+    pub stages: Vec<LoadedStage>,
+    /// Every file read, with the SHA-256 of its bytes, sorted by path.
+    pub inputs: BTreeMap<PathBuf, String>,
+}
+
+/// Options for loading.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LoadOptions {
+    pub limits: Limits,
+}
+
+/// Result of loading: the project when there was no error, and every finding.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub project: Option<Project>,
+    pub diagnostics: Diagnostics,
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    let digest = Sha256::digest(bytes);
+    let mut s = String::with_capacity(64);
+    for b in digest {
+        s.push_str(&format!("{b:02x}"));
+    }
+    s
+}
+
+struct Loader<'f> {
+    files: &'f dyn SourceFiles,
+    opts: LoadOptions,
+    diags: Diagnostics,
+    inputs: BTreeMap<PathBuf, String>,
+}
+
+impl Loader<'_> {
+    /// Reads a text file, recording its digest; problems become diagnostics.
+    fn read_text(
+        &mut self,
+        path: &Path,
+        named_at: Option<(&Path, Pos)>,
+        what: &str,
+    ) -> Option<String> {
+        let bytes = match self.files.read(path) {
+            Ok(b) => b,
+            Err(e) => {
+                let (file, pos) = named_at.unwrap_or((path, Pos::FILE));
+                let reason = if e.kind() == io::ErrorKind::NotFound {
+                    "not found".to_owned()
+                } else {
+                    e.to_string()
+                };
+                self.diags
+                    .error(
+                        file,
+                        pos,
+                        format!("{what} `{}` cannot be read: {reason}", path.display()),
+                    )
+                    .with_help("check the path; it is relative to the file that names it");
+                return None;
+            }
+        };
+        self.inputs.insert(path.to_path_buf(), sha256_hex(&bytes));
+        if bytes.len() > self.opts.limits.max_bytes {
+            self.diags
+                .error(
+                    path,
+                    Pos::FILE,
+                    format!(
+                        "file is {} bytes, more than the limit of {} bytes",
+                        bytes.len(),
+                        self.opts.limits.max_bytes
+                    ),
+                )
+                .with_help("split it up; spec files this large are almost always a mistake");
+            return None;
+        }
+        match String::from_utf8(bytes) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                self.diags.error(
+                    path,
+                    Pos::FILE,
+                    format!(
+                        "file is not UTF-8 text (invalid byte at offset {})",
+                        e.utf8_error().valid_up_to()
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    fn parse_yaml(&mut self, path: &Path, text: &str) -> Option<yaml::Node> {
+        match yaml::parse(text, self.opts.limits) {
+            Ok(n) => Some(n),
+            Err(e) => {
+                self.diags.error(path, e.pos(), e.to_string());
+                None
+            }
+        }
+    }
+}
+
+/// Loads and checks a stages file and every file it names.
+pub fn load_project(stages_file: &Path, files: &dyn SourceFiles, opts: LoadOptions) -> Loaded {
+    let stages_file = normalize(stages_file);
+    let mut l = Loader {
+        files,
+        opts,
+        diags: Diagnostics::new(),
+        inputs: BTreeMap::new(),
+    };
+    let Some(text) = l.read_text(&stages_file, None, "stages file") else {
+        return Loaded {
+            project: None,
+            diagnostics: l.diags,
+        };
+    };
+    let Some(doc) = l.parse_yaml(&stages_file, &text) else {
+        return Loaded {
+            project: None,
+            diagnostics: l.diags,
+        };
+    };
+    let spec = {
+        let mut r = read::Reader::new(&stages_file, &text, &mut l.diags);
+        stages::read(&mut r, &doc)
+    };
+    let mut loaded_stages = Vec::with_capacity(spec.stages.len());
+    for stage in &spec.stages {
+        loaded_stages.push(load_stage(&mut l, &stages_file, stage));
+    }
+    let mut stages = Vec::with_capacity(loaded_stages.len());
+    let mut complete = true;
+    for s in loaded_stages {
+        match s {
+            Some(s) => stages.push(s),
+            None => complete = false,
+        }
+    }
+    if complete {
+        check::variables(&mut l.diags, files, &spec, &stages, &stages_file, &text);
+    }
+    let project = (complete && !l.diags.has_errors()).then(|| Project {
+        stages_file: stages_file.clone(),
+        spec,
+        stages,
+        inputs: std::mem::take(&mut l.inputs),
+    });
+    Loaded {
+        project,
+        diagnostics: l.diags,
+    }
+}
+
+fn load_stage(l: &mut Loader<'_>, stages_file: &Path, stage: &StageSpec) -> Option<LoadedStage> {
+    let config_file = beside(stages_file, &stage.config_path.value);
+    let text = l.read_text(
+        &config_file,
+        Some((stages_file, stage.config_path.pos)),
+        &format!("stage `{}`: config file", stage.name.value),
+    )?;
+    let doc = l.parse_yaml(&config_file, &text)?;
+    let config = {
+        let mut r = read::Reader::new(&config_file, &text, &mut l.diags);
+        config::read(&mut r, &doc)
+    };
+    let (dir_rel, dir_pos) = match &config.migrate_dir {
+        Some(d) => (d.value.clone(), d.pos),
+        None => (PathBuf::from("migration"), Pos::FILE),
+    };
+    let migrate_dir = beside(&config_file, &dir_rel);
+    let names = match l.files.list(&migrate_dir) {
+        Ok(n) => n,
+        Err(_) => {
+            let d = l.diags.error(
+                &config_file,
+                dir_pos,
+                format!(
+                    "migration directory `{}` does not exist",
+                    migrate_dir.display()
+                ),
+            );
+            d.with_help(if config.migrate_dir.is_none() {
+                "set `migrate_dir:` in the config (default `./migration`) or create the directory"
+                    .to_owned()
+            } else {
+                "check the path; it is relative to this config file".to_owned()
+            });
+            return None;
+        }
+    };
+    let mut candidates: Vec<(u64, String, String)> = Vec::new();
+    for file_name in names {
+        if !(file_name.ends_with(".yaml") || file_name.ends_with(".yml")) {
+            continue;
+        }
+        match parse_file_name(&file_name) {
+            Ok((v, n)) => candidates.push((v, n, file_name)),
+            Err(why) => {
+                l.diags.error(
+                    &migrate_dir.join(&file_name),
+                    Pos::FILE,
+                    format!("bad migration file name `{file_name}`: {why}"),
+                );
+            }
+        }
+    }
+    candidates.sort();
+    let mut migrations: Vec<MigrationSpec> = Vec::new();
+    let mut ok = true;
+    for (i, (version, name, file_name)) in candidates.iter().enumerate() {
+        let path = migrate_dir.join(file_name);
+        if i > 0 && candidates[i - 1].0 == *version {
+            l.diags
+                .error(
+                    &path,
+                    Pos::FILE,
+                    format!(
+                        "duplicate migration version {version}: `{}` and `{file_name}`",
+                        candidates[i - 1].2
+                    ),
+                )
+                .with_help("give each migration its own version number");
+            ok = false;
+            continue;
+        }
+        let Some(text) = l.read_text(&path, None, "migration") else {
+            ok = false;
+            continue;
+        };
+        let digest = l.inputs.get(&path).cloned().unwrap_or_default();
+        let Some(doc) = l.parse_yaml(&path, &text) else {
+            ok = false;
+            continue;
+        };
+        let m = {
+            let mut r = read::Reader::new(&path, &text, &mut l.diags);
+            migration::read(&mut r, &doc, &path, *version, name.clone(), digest)
+        };
+        match m {
+            Some(m) => {
+                for step in [&m.up, &m.down].into_iter().flatten() {
+                    load_body_files(l, &m.file, step);
+                }
+                migrations.push(m);
+            }
+            None => ok = false,
+        }
+    }
+    ok.then_some(LoadedStage {
+        config_file,
+        config,
+        migrate_dir,
+        migrations,
+    })
+}
+
+fn load_body_files(l: &mut Loader<'_>, migration_file: &Path, step: &StepSpec) {
+    if let Some(StepAction::Request(RequestSpec {
+        body: Some(BodySpec::File(f)),
+        ..
+    })) = &step.action
+    {
+        let path = beside(migration_file, &f.value);
+        let _ = l.read_text(&path, Some((migration_file, f.pos)), "body_file");
+    }
+    if let Some(find) = &step.find {
+        load_body_files(l, migration_file, find);
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,226 @@
+use super::*;
+use crate::diag::Severity;
+
+fn project(files: &[(&str, &str)]) -> Loaded {
+    let mut mem = MemoryFiles::default();
+    for (p, c) in files {
+        mem.insert(p, c.as_bytes());
+    }
+    load_project(Path::new("stages.yaml"), &mem, LoadOptions::default())
+}
+
+const STAGES: &str = "\
+apiVersion: apirun/v1
+kind: StageOrchestration
+stages:
+  - name: infra
+    config_path: infra/config.yaml
+    env:
+      region: us-west-2
+      count: 3
+  - name: db
+    config_path: db/config.yaml
+    depends_on: [infra]
+    env_from_stages:
+      - stage: infra
+        vars: [vpc_id]
+    timeout: 1m30s
+    on_failure: skip_dependents
+    condition: \"{{.environment}} == 'production'\"
+global:
+  env:
+    environment: production
+    api: http://127.0.0.1:1
+  wait_between_stages: 10s
+  max_concurrent_stages: 2
+";
+
+const INFRA_CONFIG: &str = "\
+migrate_dir: ./migration
+auth:
+  - type: basic
+    name: api
+    config:
+      username: u
+      password: '{{.secret}}'
+env:
+  - name: secret
+    valueFromEnv: API_SECRET
+  - name: vpc_cidr
+    value: 10.0.0.0/16
+store:
+  type: sqlite
+";
+
+const CREATE_VPC: &str = "\
+up:
+  name: create VPC
+  request:
+    method: post
+    url: '{{.api}}/vpc'
+    auth_name: api
+    headers:
+      - name: X-Region
+        value: '{{.region}}'
+    body: |
+      {\"cidr\": \"{{.vpc_cidr}}\"}
+  response:
+    result_code: [\"201\", 200]
+    env_from:
+      vpc_id: vpc.id
+down:
+  method: DELETE
+  url: '{{.api}}/vpc/{{.vpc_id}}'
+";
+
+const DB_CONFIG: &str = "env:\n  engine: postgres\n";
+const CREATE_DB: &str = "\
+up:
+  request:
+    method: POST
+    url: '{{.api}}/db'
+    body:
+      vpc: '{{.vpc_id}}'
+      engine: '{{.engine}}'
+      size: 10
+";
+
+fn good() -> Vec<(&'static str, &'static str)> {
+    vec![
+        ("stages.yaml", STAGES),
+        ("infra/config.yaml", INFRA_CONFIG),
+        ("infra/migration/001_create_vpc.yaml", CREATE_VPC),
+        ("db/config.yaml", DB_CONFIG),
+        ("db/migration/001_create_db.yaml", CREATE_DB),
+    ]
+}
+
+#[test]
+fn loads_a_valid_project() {
+    let loaded = project(&good());
+    assert!(!loaded.diagnostics.has_errors(), "{}", loaded.diagnostics);
+    let p = loaded.project.expect("project");
+    assert_eq!(p.stages.len(), 2);
+    let infra = &p.spec.stages[0];
+    assert_eq!(infra.env[1].value, "3");
+    let db = &p.spec.stages[1];
+    assert_eq!(db.timeout.as_ref().unwrap().value, Duration::from_secs(90));
+    assert_eq!(db.on_failure, OnFailure::SkipDependents);
+    assert_eq!(
+        p.spec.global.max_concurrent_stages.as_ref().unwrap().value,
+        2
+    );
+    let m = &p.stages[0].migrations[0];
+    assert_eq!((m.version, m.name.as_str()), (1, "create_vpc"));
+    let Some(StepAction::Request(req)) = &m.up.as_ref().unwrap().action else {
+        panic!("request")
+    };
+    assert_eq!(req.method.value, "POST");
+    assert_eq!(m.up.as_ref().unwrap().response.result_code, vec![201, 200]);
+    let Some(StepAction::Request(down)) = &m.down.as_ref().unwrap().action else {
+        panic!("flat down")
+    };
+    assert_eq!(down.method.value, "DELETE");
+    assert_eq!(
+        p.stages[0].config.env[0].secret_from.as_deref(),
+        Some("API_SECRET")
+    );
+    assert_eq!(p.inputs.len(), 5);
+    // The ignored `store:` key gives a notice, nothing more.
+    assert_eq!(loaded.diagnostics.count(Severity::Notice), 1);
+    assert_eq!(
+        loaded.diagnostics.count(Severity::Warning),
+        0,
+        "{}",
+        loaded.diagnostics
+    );
+}
+
+#[test]
+fn reports_every_problem_at_once() {
+    let mut files = good();
+    files[0] = (
+        "stages.yaml",
+        "stages:\n  - name: a\n    config_path: infra/config.yaml\n    dependson: [b]\n    on_failure: explode\n  - name: a\n    config_path: nope/config.yaml\n    depends_on: [zzz]\n",
+    );
+    let loaded = project(&files);
+    assert!(loaded.project.is_none());
+    let text = loaded.diagnostics.to_string();
+    for want in [
+        "stages.yaml:4:5: warning: unknown key `dependson` in a stage",
+        "did you mean `depends_on`?",
+        "stages.yaml:5:17: error: bad on_failure value `explode`",
+        "stages.yaml:6:11: error: duplicate stage name `a` (first defined on line 2)",
+        "stages.yaml:8:18: error: stage `a`: depends_on names unknown stage `zzz`",
+        "stages.yaml:7:18: error: stage `a`: config file `nope/config.yaml` cannot be read: not found",
+    ] {
+        assert!(text.contains(want), "missing {want:?} in\n{text}");
+    }
+}
+
+#[test]
+fn missing_variable_warns_with_position() {
+    let mut files = good();
+    files[4] = (
+        "db/migration/001_create_db.yaml",
+        "up:\n  request:\n    method: GET\n    url: '{{.api}}/{{.nope}}'\n",
+    );
+    let loaded = project(&files);
+    let text = loaded.diagnostics.to_string();
+    assert!(
+        text.contains("db/migration/001_create_db.yaml:4:22: warning: stage `db`: variable `nope` is used but no source provides it"),
+        "{text}"
+    );
+}
+
+#[test]
+fn template_syntax_error_points_into_block_scalar() {
+    let mut files = good();
+    files[4] = (
+        "db/migration/001_create_db.yaml",
+        "up:\n  request:\n    method: POST\n    url: x\n    body: |\n      {\n        \"a\": \"{{.vpc_id\"\n      }\n",
+    );
+    let loaded = project(&files);
+    let text = loaded.diagnostics.to_string();
+    assert!(
+        text.contains("db/migration/001_create_db.yaml:7:24: error: template: unterminated string"),
+        "{text}"
+    );
+}
+
+#[test]
+fn duplicate_versions_and_bad_names() {
+    let mut files = good();
+    files.push(("infra/migration/001_again.yaml", CREATE_VPC));
+    files.push(("infra/migration/vpc.yaml", CREATE_VPC));
+    let text = project(&files).diagnostics.to_string();
+    assert!(
+        text.contains("duplicate migration version 1: `001_again.yaml` and `001_create_vpc.yaml`"),
+        "{text}"
+    );
+    assert!(
+        text.contains("bad migration file name `vpc.yaml`"),
+        "{text}"
+    );
+}
+
+#[test]
+fn env_values_must_be_scalars() {
+    let mut files = good();
+    files[0] = ("stages.yaml", "stages:\n  - name: infra\n    config_path: infra/config.yaml\n    env:\n      list: [1, 2]\n");
+    let text = project(&files[..3]).diagnostics.to_string();
+    assert!(
+        text.contains("stages.yaml:5:13: error: `env.list` must be a single value, not a list"),
+        "{text}"
+    );
+}
+
+#[test]
+fn normalize_paths() {
+    assert_eq!(normalize(Path::new("./a/./b/../c")), PathBuf::from("a/c"));
+    assert_eq!(normalize(Path::new("../x")), PathBuf::from("../x"));
+    assert_eq!(
+        beside(Path::new("stages.yaml"), Path::new("./db/config.yaml")),
+        PathBuf::from("db/config.yaml")
+    );
+}
