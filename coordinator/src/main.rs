@@ -1,1 +1,22 @@
-fn main() {}
+//! The `baton` binary: parse flags, run the command, exit with its code.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = baton_coordinator::cli::Cli::parse();
+    let mut out = std::io::stdout().lock();
+    let mut err = std::io::stderr().lock();
+    let code = match baton_coordinator::cli::run(cli, &mut out, &mut err) {
+        Ok(code) => code,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => 0,
+        Err(e) => {
+            let _ = writeln!(err, "error: {e}");
+            1
+        }
+    };
+    let _ = out.flush();
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
+}

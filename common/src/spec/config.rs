@@ -268,7 +268,7 @@ fn read_oauth2(r: &mut Reader<'_>, config: &Node) -> Option<AuthKind> {
                 }
             }
             key => {
-                if let Some(t) = r.template(v, key) {
+                if let Some(t) = scope_or_template(r, key, v) {
                     fields.push((key.to_owned(), t));
                 }
             }
@@ -325,7 +325,7 @@ fn read_fields(
         if !known.contains(&k.key_str()) {
             continue;
         }
-        if let Some(t) = r.template(v, k.key_str()) {
+        if let Some(t) = scope_or_template(r, k.key_str(), v) {
             out.push((k.key_str().to_owned(), t));
         }
     }
@@ -337,6 +337,15 @@ fn read_fields(
         }
     }
     ok.then_some(out)
+}
+
+/// A templated field; OAuth2 `scope`/`scopes` may also be a list, sent space-separated.
+fn scope_or_template(r: &mut Reader<'_>, key: &str, v: &Node) -> Option<Tmpl> {
+    if let (true, Value::Seq(items)) = (matches!(key, "scope" | "scopes"), &v.value) {
+        let parts: Vec<String> = items.iter().filter_map(|i| r.string(i, key)).collect();
+        return r.template_text(v, parts.join(" "));
+    }
+    r.template(v, key)
 }
 
 fn field(fields: &[(String, Tmpl)], name: &str) -> Option<Tmpl> {

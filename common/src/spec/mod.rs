@@ -490,6 +490,9 @@ pub struct LoadOptions {
 #[derive(Debug, Clone)]
 pub struct Loaded {
     pub project: Option<Project>,
+    /// When `project` is `None` but the stages file itself could be read: its stages, so
+    /// graph checks (cycles) can still report on a project that has other errors.
+    pub partial: Option<StagesSpec>,
     pub diagnostics: Diagnostics,
 }
 
@@ -532,7 +535,11 @@ impl Loader<'_> {
                         pos,
                         format!("{what} `{}` cannot be read: {reason}", path.display()),
                     )
-                    .with_help("check the path; it is relative to the file that names it");
+                    .with_help(if named_at.is_some() {
+                        "check the path; it is relative to the file that names it"
+                    } else {
+                        "check the path given to --config (default: stages.yaml in the current directory)"
+                    });
                 return None;
             }
         };
@@ -571,7 +578,10 @@ impl Loader<'_> {
         match yaml::parse(text, self.opts.limits) {
             Ok(n) => Some(n),
             Err(e) => {
-                self.diags.error(path, e.pos(), e.to_string());
+                let d = self.diags.error(path, e.pos(), e.to_string());
+                if matches!(e, yaml::YamlError::Syntax { .. }) {
+                    d.with_help("check indentation, and that every `[`, `{` and quote is closed; the cause may be on an earlier line");
+                }
                 None
             }
         }
@@ -590,12 +600,14 @@ pub fn load_project(stages_file: &Path, files: &dyn SourceFiles, opts: LoadOptio
     let Some(text) = l.read_text(&stages_file, None, "stages file") else {
         return Loaded {
             project: None,
+            partial: None,
             diagnostics: l.diags,
         };
     };
     let Some(doc) = l.parse_yaml(&stages_file, &text) else {
         return Loaded {
             project: None,
+            partial: None,
             diagnostics: l.diags,
         };
     };
@@ -618,14 +630,22 @@ pub fn load_project(stages_file: &Path, files: &dyn SourceFiles, opts: LoadOptio
     if complete {
         check::variables(&mut l.diags, files, &spec, &stages, &stages_file, &text);
     }
-    let project = (complete && !l.diags.has_errors()).then(|| Project {
+    if !complete || l.diags.has_errors() {
+        return Loaded {
+            project: None,
+            partial: Some(spec),
+            diagnostics: l.diags,
+        };
+    }
+    let project = Project {
         stages_file: stages_file.clone(),
         spec,
         stages,
         inputs: std::mem::take(&mut l.inputs),
-    });
+    };
     Loaded {
-        project,
+        project: Some(project),
+        partial: None,
         diagnostics: l.diags,
     }
 }

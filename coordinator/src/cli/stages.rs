@@ -1,0 +1,188 @@
+//! `baton stages validate` and `baton stages up`.
+
+use std::io::Write;
+
+use baton_common::diag::{Diagnostics, Severity};
+use baton_common::spec::{load_project, DiskFiles, LoadOptions, Project};
+use serde::Serialize;
+
+use super::plan_view;
+use super::{OutputFormat, SpecArgs, UpArgs, ValidateArgs, EXIT_INVALID, EXIT_OK};
+use crate::planner::{self, NoHistory, Plan, PlanError, Selection};
+
+/// Loads the project and runs the graph checks: the whole of validation.
+pub(super) fn load_and_check(spec: &SpecArgs) -> (Option<Project>, Diagnostics) {
+    let loaded = load_project(&spec.config, &DiskFiles, LoadOptions::default());
+    let mut diags = loaded.diagnostics;
+    if let Some(project) = &loaded.project {
+        diags.extend(planner::check(&project.spec, &project.stages_file));
+    } else if let Some(partial) = &loaded.partial {
+        diags.extend(planner::check(
+            partial,
+            &baton_common::spec::normalize(&spec.config),
+        ));
+    }
+    if spec.strict {
+        diags.promote_warnings();
+    }
+    diags.sort();
+    let project = if diags.has_errors() {
+        None
+    } else {
+        loaded.project
+    };
+    (project, diags)
+}
+
+#[derive(Serialize)]
+struct ValidateReport<'a> {
+    valid: bool,
+    stages_file: String,
+    stages: usize,
+    migrations: usize,
+    errors: usize,
+    warnings: usize,
+    notices: usize,
+    diagnostics: &'a Diagnostics,
+}
+
+fn summary_counts(d: &Diagnostics) -> String {
+    let plural = |n: usize, word: &str| format!("{n} {word}{}", if n == 1 { "" } else { "s" });
+    format!(
+        "{}, {}, {}",
+        plural(d.count(Severity::Error), "error"),
+        plural(d.count(Severity::Warning), "warning"),
+        plural(d.count(Severity::Notice), "notice")
+    )
+}
+
+pub(super) fn validate(
+    args: &ValidateArgs,
+    out: &mut dyn Write,
+    _err: &mut dyn Write,
+) -> std::io::Result<i32> {
+    let (project, diags) = load_and_check(&args.spec);
+    let (stages, migrations) = project.as_ref().map_or((0, 0), |p| {
+        (
+            p.stages.len(),
+            p.stages.iter().map(|s| s.migrations.len()).sum(),
+        )
+    });
+    let file = args.spec.config.display().to_string();
+    match args.output {
+        OutputFormat::Json => {
+            let report = ValidateReport {
+                valid: project.is_some(),
+                stages_file: file,
+                stages,
+                migrations,
+                errors: diags.count(Severity::Error),
+                warnings: diags.count(Severity::Warning),
+                notices: diags.count(Severity::Notice),
+                diagnostics: &diags,
+            };
+            serde_json::to_writer_pretty(&mut *out, &report)?;
+            writeln!(out)?;
+        }
+        OutputFormat::Text => {
+            if !diags.is_empty() {
+                write!(out, "{diags}")?;
+                writeln!(out)?;
+            }
+            match &project {
+                Some(_) => writeln!(
+                    out,
+                    "{file}: valid: {stages} stages, {migrations} migrations ({})",
+                    summary_counts(&diags)
+                )?,
+                None => writeln!(out, "{file}: invalid: {}", summary_counts(&diags))?,
+            }
+        }
+    }
+    Ok(if project.is_some() {
+        EXIT_OK
+    } else {
+        EXIT_INVALID
+    })
+}
+
+#[derive(Serialize)]
+struct DryRunReport<'a> {
+    dry_run: bool,
+    plan: &'a Plan,
+    diagnostics: &'a Diagnostics,
+}
+
+pub(super) fn up(args: &UpArgs, out: &mut dyn Write, err: &mut dyn Write) -> std::io::Result<i32> {
+    let (project, diags) = load_and_check(&args.spec);
+    let Some(project) = project else {
+        match args.output {
+            OutputFormat::Json => {
+                serde_json::to_writer_pretty(
+                    &mut *out,
+                    &serde_json::json!({ "valid": false, "diagnostics": &diags }),
+                )?;
+                writeln!(out)?;
+            }
+            OutputFormat::Text => {
+                write!(err, "{diags}")?;
+                writeln!(
+                    err,
+                    "{}: invalid: {}; nothing was run",
+                    args.spec.config.display(),
+                    summary_counts(&diags)
+                )?;
+            }
+        }
+        return Ok(EXIT_INVALID);
+    };
+    let selection = match (&args.stage[..], &args.from, &args.to) {
+        ([], None, None) => Selection::All,
+        ([], Some(from), Some(to)) => Selection::Range {
+            from: from.clone(),
+            to: to.clone(),
+        },
+        (names, _, _) => Selection::Stages {
+            names: names.to_vec(),
+        },
+    };
+    // No store yet: nothing has run before, so every migration is pending.
+    let plan = match planner::plan(&project, &selection, &NoHistory) {
+        Ok(plan) => plan,
+        Err(PlanError::Invalid(d)) => {
+            write!(err, "{d}")?;
+            return Ok(EXIT_INVALID);
+        }
+        Err(e @ (PlanError::Selection(_) | PlanError::History(_))) => {
+            writeln!(err, "error: {e}")?;
+            return Ok(EXIT_INVALID);
+        }
+    };
+    if !args.dry_run {
+        writeln!(
+            err,
+            "error: running stages is not available in this build yet; `baton stages up --dry-run` prints the plan"
+        )?;
+        return Ok(EXIT_INVALID);
+    }
+    match args.output {
+        OutputFormat::Json => {
+            serde_json::to_writer_pretty(
+                &mut *out,
+                &DryRunReport {
+                    dry_run: true,
+                    plan: &plan,
+                    diagnostics: &diags,
+                },
+            )?;
+            writeln!(out)?;
+        }
+        OutputFormat::Text => {
+            if !diags.is_empty() {
+                write!(err, "{diags}")?;
+            }
+            plan_view::write_text(&plan, out)?;
+        }
+    }
+    Ok(EXIT_OK)
+}

@@ -1,0 +1,543 @@
+//! The planner: a loaded [`Project`] and a selection into an immutable [`Plan`].
+//!
+//! Pure: no async, no I/O. The dependency graph lives here (petgraph): cycles are found
+//! with Tarjan's algorithm and reported as a real cycle of the input, in full; the order is
+//! a topological sort that breaks ties by file order, so the same spec always yields the
+//! same plan. The plan carries a digest over every file the project read, so a run always
+//! executes what was planned (and, later, approved).
+//!
+//! Invariants of a [`Plan`]: `order` is a topological order of the selected stages (every
+//! stage appears after all its selected dependencies); `waves[i]` holds the stages whose
+//! longest dependency chain within the selection has length `i`.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
+use std::path::Path;
+use std::time::Duration;
+
+use baton_common::diag::{closest, Diagnostics};
+use baton_common::spec::{sha256_hex, OnFailure, Project, StagesSpec};
+use baton_common::template::{Scope, TemplateErrorKind};
+use petgraph::algo::tarjan_scc;
+use petgraph::graph::{DiGraph, NodeIndex};
+use petgraph::Direction;
+use serde::Serialize;
+
+/// Which stages to run.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Selection {
+    #[default]
+    All,
+    /// `--stage X`: only these stages.
+    Stages { names: Vec<String> },
+    /// `--from A --to B`: the stages on paths from A to B, both included.
+    Range { from: String, to: String },
+}
+
+/// What earlier runs left behind; the store implements it, dry runs without state use
+/// [`NoHistory`].
+pub trait History {
+    /// The stage's last run succeeded (its exported variables are stored).
+    fn stage_succeeded(&self, stage: &str) -> bool;
+    /// Versions of the stage's migrations already applied.
+    fn applied_versions(&self, stage: &str) -> BTreeSet<u64>;
+}
+
+/// No earlier runs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoHistory;
+
+impl History for NoHistory {
+    fn stage_succeeded(&self, _: &str) -> bool {
+        false
+    }
+    fn applied_versions(&self, _: &str) -> BTreeSet<u64> {
+        BTreeSet::new()
+    }
+}
+
+/// Why planning failed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum PlanError {
+    /// Problems in the files (cycles, `env_from_stages` outside the dependencies).
+    #[error("the stages file is invalid")]
+    Invalid(Diagnostics),
+    /// A bad `--stage` / `--from` / `--to`.
+    #[error("{0}")]
+    Selection(String),
+    /// A selected stage depends on a stage that never ran.
+    #[error("{0}")]
+    History(String),
+}
+
+/// What the static variables say a condition will do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum ConditionForecast {
+    Runs,
+    Skipped,
+    /// Depends on values only known during the run (exports, outcomes, the agent's environment).
+    AtRunTime {
+        reason: String,
+    },
+}
+
+/// One selected stage in the plan.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PlannedStage {
+    pub name: String,
+    /// Position in the stages file (0-based).
+    pub index: usize,
+    /// Names of the stage's direct dependencies, in file order.
+    pub depends_on: Vec<String>,
+    pub wave: usize,
+    pub on_failure: OnFailure,
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "ser_opt_duration"
+    )]
+    pub timeout: Option<Duration>,
+    /// (version, name) of migrations not yet applied, in order.
+    pub pending: Vec<(u64, String)>,
+    /// Number of migrations already applied.
+    pub applied: usize,
+    /// Variables imported from other stages: (from stage, variables).
+    pub imports: Vec<(String, Vec<String>)>,
+    /// Variables the stage's migrations export.
+    pub exports: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub condition: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub forecast: Option<ConditionForecast>,
+}
+
+/// An immutable execution plan.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Plan {
+    pub stages_file: String,
+    pub selection: Selection,
+    /// Selected stages in execution order.
+    pub order: Vec<PlannedStage>,
+    /// Indices into `order`, grouped into waves of stages that may run in parallel.
+    pub waves: Vec<Vec<usize>>,
+    /// Stages outside the selection whose stored results the selection uses.
+    pub uses_history_of: Vec<String>,
+    pub max_concurrent_stages: Option<u64>,
+    #[serde(serialize_with = "ser_opt_duration")]
+    pub wait_between_stages: Option<Duration>,
+    pub rollback_on_failure: bool,
+    /// SHA-256 over every input file's path and digest, hex.
+    pub digest: String,
+    /// Every file read, with its SHA-256.
+    pub inputs: BTreeMap<String, String>,
+}
+
+fn ser_opt_duration<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => s.serialize_str(&baton_common::spec::duration::format(*d)),
+        None => s.serialize_none(),
+    }
+}
+
+/// The dependency graph of a project: an edge `dependency -> dependent`.
+struct Graph {
+    g: DiGraph<usize, ()>,
+    nodes: Vec<NodeIndex>,
+}
+
+impl Graph {
+    fn build(spec: &StagesSpec) -> Self {
+        let mut g = DiGraph::with_capacity(spec.stages.len(), spec.stages.len() * 2);
+        let nodes: Vec<NodeIndex> = (0..spec.stages.len()).map(|i| g.add_node(i)).collect();
+        // With duplicate names (already an error), a name means its first definition.
+        let mut index: HashMap<&str, usize> = HashMap::with_capacity(spec.stages.len());
+        for (i, s) in spec.stages.iter().enumerate() {
+            index.entry(s.name.value.as_str()).or_insert(i);
+        }
+        for (i, s) in spec.stages.iter().enumerate() {
+            let mut seen = BTreeSet::new();
+            for dep in &s.depends_on {
+                if let Some(&d) = index.get(dep.value.as_str()) {
+                    if d != i && seen.insert(d) {
+                        g.add_edge(nodes[d], nodes[i], ());
+                    }
+                }
+            }
+        }
+        Graph { g, nodes }
+    }
+
+    /// Direct dependencies of stage `i`, in file order.
+    fn deps(&self, i: usize) -> Vec<usize> {
+        let mut d: Vec<usize> = self
+            .g
+            .neighbors_directed(self.nodes[i], Direction::Incoming)
+            .map(|n| self.g[n])
+            .collect();
+        d.sort_unstable();
+        d
+    }
+
+    fn dependents(&self, i: usize) -> Vec<usize> {
+        let mut d: Vec<usize> = self
+            .g
+            .neighbors_directed(self.nodes[i], Direction::Outgoing)
+            .map(|n| self.g[n])
+            .collect();
+        d.sort_unstable();
+        d
+    }
+
+    /// Every stage reachable from `start` following `dir`, `start` excluded.
+    fn reach(&self, start: usize, dir: Direction) -> BTreeSet<usize> {
+        let mut seen = BTreeSet::new();
+        let mut stack = vec![start];
+        while let Some(i) = stack.pop() {
+            for n in self.g.neighbors_directed(self.nodes[i], dir) {
+                let j = self.g[n];
+                if seen.insert(j) {
+                    stack.push(j);
+                }
+            }
+        }
+        seen
+    }
+
+    /// Is `target` a transitive dependency of `stage`?
+    fn depends_transitively(&self, stage: usize, target: usize) -> bool {
+        if self.deps(stage).contains(&target) {
+            return true;
+        }
+        self.reach(stage, Direction::Incoming).contains(&target)
+    }
+
+    /// One real cycle for every strongly connected component that has one, each as stage
+    /// indices in `depends_on` direction, starting at its first stage in file order.
+    fn cycles(&self) -> Vec<Vec<usize>> {
+        let mut out = Vec::new();
+        for scc in tarjan_scc(&self.g) {
+            if scc.len() < 2 {
+                continue;
+            }
+            let members: BTreeSet<usize> = scc.iter().map(|n| self.g[*n]).collect();
+            let start = *members.iter().next().unwrap_or(&0);
+            // Walk dependency edges inside the component until we return to `start`: a
+            // breadth-first search gives the shortest such cycle.
+            let mut prev: HashMap<usize, usize> = HashMap::new();
+            let mut queue = std::collections::VecDeque::from([start]);
+            let mut found = None;
+            while let Some(i) = queue.pop_front() {
+                for d in self.deps(i) {
+                    if !members.contains(&d) {
+                        continue;
+                    }
+                    if d == start {
+                        found = Some(i);
+                        break;
+                    }
+                    if let std::collections::hash_map::Entry::Vacant(e) = prev.entry(d) {
+                        e.insert(i);
+                        queue.push_back(d);
+                    }
+                }
+                if found.is_some() {
+                    break;
+                }
+            }
+            let Some(mut last) = found else { continue };
+            let mut path = vec![last];
+            while last != start {
+                last = prev[&last];
+                path.push(last);
+            }
+            path.reverse();
+            out.push(path);
+        }
+        out.sort();
+        out
+    }
+}
+
+/// Checks the dependency graph of a stages file: cycles and `env_from_stages` outside the
+/// dependencies. Works on a spec whose other files had errors, so every problem is
+/// reported at once. Empty when the graph can be planned.
+pub fn check(spec: &StagesSpec, stages_file: &Path) -> Diagnostics {
+    check_graph(spec, stages_file, &Graph::build(spec))
+}
+
+fn check_graph(spec: &StagesSpec, file: &Path, graph: &Graph) -> Diagnostics {
+    let mut diags = Diagnostics::new();
+    let cycles = graph.cycles();
+    for cycle in &cycles {
+        let mut names: Vec<&str> = cycle
+            .iter()
+            .map(|&i| spec.stages[i].name.value.as_str())
+            .collect();
+        names.push(names[0]);
+        let first = &spec.stages[cycle[0]];
+        let next = &spec.stages[cycle[1 % cycle.len()]].name.value;
+        let pos = first
+            .depends_on
+            .iter()
+            .find(|d| &d.value == next)
+            .map_or(first.name.pos, |d| d.pos);
+        diags
+            .error(
+                file,
+                pos,
+                format!("circular dependency detected: {}", names.join(" -> ")),
+            )
+            .with_help("remove one of these depends_on entries");
+    }
+    if !cycles.is_empty() {
+        // Transitive checks are meaningless on a cyclic graph.
+        return diags;
+    }
+    for (i, s) in spec.stages.iter().enumerate() {
+        for efs in &s.env_from_stages {
+            let Some(j) = spec
+                .stages
+                .iter()
+                .position(|t| t.name.value == efs.stage.value)
+            else {
+                continue;
+            };
+            if j != i && !graph.depends_transitively(i, j) {
+                diags.error(
+                    file,
+                    efs.stage.pos,
+                    format!("stage `{}`: env_from_stages names `{}`, which is not a dependency (add it to depends_on)", s.name.value, efs.stage.value),
+                );
+            }
+        }
+    }
+    diags
+}
+
+/// Plans a loaded project.
+pub fn plan(
+    project: &Project,
+    selection: &Selection,
+    history: &dyn History,
+) -> Result<Plan, PlanError> {
+    let graph = Graph::build(&project.spec);
+    let diags = check_graph(&project.spec, &project.stages_file, &graph);
+    if diags.has_errors() {
+        return Err(PlanError::Invalid(diags));
+    }
+    let spec = &project.spec;
+    let n = spec.stages.len();
+    let index: HashMap<&str, usize> = spec
+        .stages
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.name.value.as_str(), i))
+        .collect();
+    let names: Vec<&str> = spec.stages.iter().map(|s| s.name.value.as_str()).collect();
+    let lookup = |name: &str, flag: &str| -> Result<usize, PlanError> {
+        index.get(name).copied().ok_or_else(|| {
+            let hint = closest(name, names.iter().copied())
+                .map_or(String::new(), |c| format!(" (did you mean `{c}`?)"));
+            PlanError::Selection(format!("{flag} names unknown stage `{name}`{hint}"))
+        })
+    };
+
+    let selected: BTreeSet<usize> = match selection {
+        Selection::All => (0..n).collect(),
+        Selection::Stages { names: wanted } => {
+            let mut set = BTreeSet::new();
+            for w in wanted {
+                set.insert(lookup(w, "--stage")?);
+            }
+            if set.is_empty() {
+                return Err(PlanError::Selection("--stage needs a stage name".into()));
+            }
+            set
+        }
+        Selection::Range { from, to } => {
+            let a = lookup(from, "--from")?;
+            let b = lookup(to, "--to")?;
+            if a == b {
+                BTreeSet::from([a])
+            } else {
+                let below = graph.reach(a, Direction::Outgoing);
+                if !below.contains(&b) {
+                    return Err(PlanError::Selection(format!(
+                        "--from {from} --to {to} selects no stages: `{to}` does not depend on `{from}` (pick a --to that comes after --from)"
+                    )));
+                }
+                let above = graph.reach(b, Direction::Incoming);
+                let mut set: BTreeSet<usize> = below.intersection(&above).copied().collect();
+                set.insert(a);
+                set.insert(b);
+                set
+            }
+        }
+    };
+
+    // Dependencies outside the selection must have run before: their stored results stand in.
+    let mut uses_history_of = BTreeSet::new();
+    for &i in &selected {
+        for d in graph.deps(i) {
+            if !selected.contains(&d) {
+                if !history.stage_succeeded(names[d]) {
+                    return Err(PlanError::History(format!(
+                        "stage {}: dependent stage {} has not been executed (run it first, e.g. `baton stages up --stage {}`, or select a range that includes it)",
+                        names[i], names[d], names[d]
+                    )));
+                }
+                uses_history_of.insert(d);
+            }
+        }
+    }
+
+    // Topological order, ties broken by file order.
+    let mut indegree = vec![0usize; n];
+    for &i in &selected {
+        indegree[i] = graph
+            .deps(i)
+            .iter()
+            .filter(|d| selected.contains(d))
+            .count();
+    }
+    let mut ready: BinaryHeap<Reverse<usize>> = selected
+        .iter()
+        .filter(|&&i| indegree[i] == 0)
+        .map(|&i| Reverse(i))
+        .collect();
+    let mut order = Vec::with_capacity(selected.len());
+    let mut wave_of = vec![0usize; n];
+    while let Some(Reverse(i)) = ready.pop() {
+        order.push(i);
+        for d in graph.dependents(i) {
+            if !selected.contains(&d) {
+                continue;
+            }
+            wave_of[d] = wave_of[d].max(wave_of[i] + 1);
+            indegree[d] -= 1;
+            if indegree[d] == 0 {
+                ready.push(Reverse(d));
+            }
+        }
+    }
+    debug_assert_eq!(
+        order.len(),
+        selected.len(),
+        "the graph was checked to be acyclic"
+    );
+
+    let global_vars: BTreeMap<String, String> = spec
+        .global
+        .env
+        .iter()
+        .map(|e| (e.name.value.clone(), e.value.clone()))
+        .collect();
+    let mut planned = Vec::with_capacity(order.len());
+    for &i in &order {
+        let s = &spec.stages[i];
+        let loaded = &project.stages[i];
+        let applied = history.applied_versions(&s.name.value);
+        let pending: Vec<(u64, String)> = loaded
+            .migrations
+            .iter()
+            .filter(|m| !applied.contains(&m.version))
+            .map(|m| (m.version, m.name.clone()))
+            .collect();
+        let forecast = s.condition.as_ref().map(|c| {
+            let mut vars = global_vars.clone();
+            vars.extend(
+                s.env
+                    .iter()
+                    .map(|e| (e.name.value.clone(), e.value.clone())),
+            );
+            match c.value.evaluate(&Scope::with_vars(&vars)) {
+                Ok(true) => ConditionForecast::Runs,
+                Ok(false) => ConditionForecast::Skipped,
+                Err(e) => ConditionForecast::AtRunTime {
+                    reason: match e.kind {
+                        TemplateErrorKind::MissingVariable(v) => {
+                            format!("needs `{v}`, known only during the run")
+                        }
+                        _ => e.message,
+                    },
+                },
+            }
+        });
+        planned.push(PlannedStage {
+            name: s.name.value.clone(),
+            index: i,
+            depends_on: graph
+                .deps(i)
+                .into_iter()
+                .map(|d| names[d].to_owned())
+                .collect(),
+            wave: wave_of[i],
+            on_failure: s.on_failure,
+            timeout: s.timeout.as_ref().map(|t| t.value),
+            pending,
+            applied: applied.len(),
+            imports: s
+                .env_from_stages
+                .iter()
+                .map(|e| {
+                    (
+                        e.stage.value.clone(),
+                        e.vars.iter().map(|v| v.value.clone()).collect(),
+                    )
+                })
+                .collect(),
+            exports: loaded.exports().into_iter().map(str::to_owned).collect(),
+            condition: s.condition.as_ref().map(|c| c.value.source().to_owned()),
+            forecast,
+        });
+    }
+    let wave_count = planned.iter().map(|p| p.wave + 1).max().unwrap_or(0);
+    let mut waves = vec![Vec::new(); wave_count];
+    for (k, p) in planned.iter().enumerate() {
+        waves[p.wave].push(k);
+    }
+    for w in &mut waves {
+        w.sort_by_key(|&k| planned[k].index);
+    }
+
+    let inputs: BTreeMap<String, String> = project
+        .inputs
+        .iter()
+        .map(|(p, d)| (display(p), d.clone()))
+        .collect();
+    Ok(Plan {
+        stages_file: display(&project.stages_file),
+        selection: selection.clone(),
+        order: planned,
+        waves,
+        uses_history_of: uses_history_of
+            .into_iter()
+            .map(|d| names[d].to_owned())
+            .collect(),
+        max_concurrent_stages: spec.global.max_concurrent_stages.as_ref().map(|m| m.value),
+        wait_between_stages: spec.global.wait_between_stages.as_ref().map(|w| w.value),
+        rollback_on_failure: spec.global.rollback_on_failure,
+        digest: digest_inputs(&inputs),
+        inputs,
+    })
+}
+
+fn display(p: &Path) -> String {
+    p.to_string_lossy().replace('\\', "/")
+}
+
+/// SHA-256 over `path NUL digest LF` for every input in path order.
+fn digest_inputs(inputs: &BTreeMap<String, String>) -> String {
+    let mut buf = Vec::new();
+    for (p, d) in inputs {
+        buf.extend_from_slice(p.as_bytes());
+        buf.push(0);
+        buf.extend_from_slice(d.as_bytes());
+        buf.push(b'\n');
+    }
+    sha256_hex(&buf)
+}
+
+#[cfg(test)]
+mod tests;
