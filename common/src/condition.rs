@@ -172,8 +172,10 @@ fn tokenize(src: &str) -> Result<Vec<Tok>, TemplateError> {
     while i < src.len() {
         let rest = &src[i..];
         let c = bytes[i];
-        if c.is_ascii_whitespace() {
-            i += 1;
+        // Whitespace as `word_end` sees it (Unicode), or a word could be empty and the
+        // loop would never advance.
+        if let Some(ch) = rest.chars().next().filter(|ch| ch.is_whitespace()) {
+            i += ch.len_utf8();
             continue;
         }
         let two = rest.get(..2).unwrap_or("");
@@ -221,6 +223,13 @@ fn tokenize(src: &str) -> Result<Vec<Tok>, TemplateError> {
             }
             _ => {
                 let end = word_end(src, i)?;
+                if end == i {
+                    // Unreachable by construction; refuse rather than loop.
+                    return Err(TemplateError::syntax(
+                        i,
+                        "unexpected character in condition",
+                    ));
+                }
                 let template = Template::parse(&src[i..end]).map_err(|e| shift(e, i))?;
                 toks.push(Tok::Operand(Operand {
                     template,
@@ -459,6 +468,13 @@ mod tests {
             let err = Condition::parse(src).unwrap_err();
             assert!(err.message.contains(want), "{src}: {}", err.message);
         }
+    }
+
+    #[test]
+    fn unicode_whitespace_separates_words() {
+        // Found by the fuzzer: a vertical tab once made the tokenizer loop forever.
+        assert!(Condition::parse("\n@\n\u{b}").is_ok());
+        assert!(check("'a'\u{a0}==\u{2003}'a'", &[]).unwrap());
     }
 
     #[test]

@@ -61,3 +61,42 @@ pub fn layered_edges(n: usize, width: usize) -> Vec<(usize, usize)> {
     }
     edges
 }
+
+/// The spec fuzz target's body: `data` split on NUL into a stages file, a stage config and
+/// two migrations (as many as there are parts); load, check and plan. Returns how many
+/// stages the plan holds when the input was a valid project. Must never panic.
+pub fn fuzz_project(data: &[u8]) -> Option<usize> {
+    let paths = [
+        "stages.yaml",
+        "a/config.yaml",
+        "a/migration/001_one.yaml",
+        "a/migration/002_two.yaml",
+    ];
+    let mut files = MemoryFiles::default();
+    for (path, part) in paths.iter().zip(data.split(|b| *b == 0)) {
+        files.insert(path, part.to_vec());
+    }
+    let loaded = load_project(Path::new("stages.yaml"), &files, LoadOptions::default());
+    let _ = loaded.diagnostics.to_string();
+    if let Some(spec) = &loaded.partial {
+        let _ = crate::planner::check(spec, Path::new("stages.yaml"));
+    }
+    let project = loaded.project.as_ref()?;
+    let _ = crate::planner::check(&project.spec, &project.stages_file);
+    let planned = crate::planner::plan(
+        project,
+        &crate::planner::Selection::All,
+        &crate::planner::NoHistory,
+    )
+    .ok()
+    .map(|p| p.order.len());
+    let _ = crate::planner::plan(
+        project,
+        &crate::planner::Selection::Range {
+            from: "a".into(),
+            to: "b".into(),
+        },
+        &crate::planner::NoHistory,
+    );
+    planned
+}

@@ -6,21 +6,20 @@
 //! unknown until the stage runs, so an unprovided variable is a *warning*; a missing `.auth.X`
 //! or `auth_name` is an error (auth is only ever defined in the config).
 
-use std::collections::BTreeSet;
-use std::path::Path;
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
 
 use crate::diag::{closest, Diagnostics};
 use crate::template::Reference;
 
 use super::read::Reader;
 use super::{
-    BodySpec, JsonTemplate, LoadedStage, SourceFiles, StageSpec, StagesSpec, StepAction, StepSpec,
-    Tmpl,
+    BodySpec, JsonTemplate, LoadedStage, StageSpec, StagesSpec, StepAction, StepSpec, Tmpl,
 };
 
 pub(super) fn variables(
     diags: &mut Diagnostics,
-    files: &dyn SourceFiles,
+    sources: &HashMap<PathBuf, String>,
     spec: &StagesSpec,
     stages: &[LoadedStage],
     stages_file: &Path,
@@ -32,6 +31,8 @@ pub(super) fn variables(
         .iter()
         .map(|e| e.name.value.as_str())
         .collect();
+    let stage_names: Vec<&str> = spec.stages.iter().map(|s| s.name.value.as_str()).collect();
+    let index = spec.index();
     for (stage, loaded) in spec.stages.iter().zip(stages) {
         let mut base = global.clone();
         base.extend(stage.env.iter().map(|e| e.name.value.as_str()));
@@ -49,14 +50,13 @@ pub(super) fn variables(
             .iter()
             .map(|a| a.name.value.as_str())
             .collect();
-        let stage_names: Vec<&str> = spec.stages.iter().map(|s| s.name.value.as_str()).collect();
 
         // The condition sees the stage's variables from stages.yaml.
         if let Some(cond) = &stage.condition {
             let mut r = Reader::new(stages_file, stages_text, diags);
             for reference in cond.value.references() {
                 match reference {
-                    Reference::Stage { name, .. } if !stage_names.contains(&name.as_str()) => {
+                    Reference::Stage { name, .. } if !index.contains_key(name.as_str()) => {
                         let help = closest(&name, stage_names.iter().copied())
                             .map(|c| format!("did you mean `{c}`?"));
                         r.error(
@@ -85,8 +85,8 @@ pub(super) fn variables(
         }
 
         // Auth configs render with the stage's variables.
-        if let Ok(text) = read_text(files, &loaded.config_file) {
-            let mut r = Reader::new(&loaded.config_file, &text, diags);
+        if let Some(text) = sources.get(&loaded.config_file) {
+            let mut r = Reader::new(&loaded.config_file, text, diags);
             for auth in &loaded.config.auth {
                 for t in auth.kind.templates() {
                     check_template(&mut r, stage, t, &base, &auth_names);
@@ -101,10 +101,10 @@ pub(super) fn variables(
 
         let mut extracted: BTreeSet<String> = BTreeSet::new();
         for m in &loaded.migrations {
-            let Ok(text) = read_text(files, &m.file) else {
+            let Some(text) = sources.get(&m.file) else {
                 continue;
             };
-            let mut r = Reader::new(&m.file, &text, diags);
+            let mut r = Reader::new(&m.file, text, diags);
             let mut scope: BTreeSet<&str> = base.clone();
             scope.extend(extracted.iter().map(String::as_str));
             scope.extend(m.env.iter().map(|e| e.name.value.as_str()));
@@ -135,11 +135,7 @@ pub(super) fn variables(
     let mut r = Reader::new(stages_file, stages_text, diags);
     for stage in &spec.stages {
         for efs in &stage.env_from_stages {
-            let Some(idx) = spec
-                .stages
-                .iter()
-                .position(|s| s.name.value == efs.stage.value)
-            else {
+            let Some(&idx) = index.get(efs.stage.value.as_str()) else {
                 continue;
             };
             let exports = stages[idx].exports();
@@ -162,14 +158,6 @@ pub(super) fn variables(
             }
         }
     }
-}
-
-fn read_text(files: &dyn SourceFiles, path: &Path) -> Result<String, ()> {
-    files
-        .read(path)
-        .ok()
-        .and_then(|b| String::from_utf8(b).ok())
-        .ok_or(())
 }
 
 fn provide_help(name: &str) -> String {

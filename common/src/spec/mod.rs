@@ -16,7 +16,7 @@ mod migration;
 mod read;
 mod stages;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
@@ -56,6 +56,17 @@ impl Tmpl {
 pub struct StagesSpec {
     pub stages: Vec<StageSpec>,
     pub global: GlobalSpec,
+}
+
+impl StagesSpec {
+    /// Stage positions by name; with duplicate names (an error) a name means its first stage.
+    pub fn index(&self) -> std::collections::HashMap<&str, usize> {
+        let mut index = std::collections::HashMap::with_capacity(self.stages.len());
+        for (i, s) in self.stages.iter().enumerate() {
+            index.entry(s.name.value.as_str()).or_insert(i);
+        }
+        index
+    }
 }
 
 /// One entry of `stages:`.
@@ -406,9 +417,12 @@ impl SourceFiles for MemoryFiles {
 
     fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
         let dir = normalize(dir);
+        // Paths order by component, so everything under `dir` follows it contiguously.
         let names: Vec<String> = self
             .0
-            .keys()
+            .range(dir.clone()..)
+            .map(|(p, _)| p)
+            .take_while(|p| p.starts_with(&dir))
             .filter(|p| p.parent() == Some(dir.as_path()))
             .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
             .collect();
@@ -497,10 +511,12 @@ pub struct Loaded {
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let digest = Sha256::digest(bytes);
     let mut s = String::with_capacity(64);
     for b in digest {
-        s.push_str(&format!("{b:02x}"));
+        s.push(HEX[usize::from(b >> 4)] as char);
+        s.push(HEX[usize::from(b & 15)] as char);
     }
     s
 }
@@ -510,6 +526,8 @@ struct Loader<'f> {
     opts: LoadOptions,
     diags: Diagnostics,
     inputs: BTreeMap<PathBuf, String>,
+    /// Text of every config and migration file read, for the cross-file checks.
+    sources: HashMap<PathBuf, String>,
 }
 
 impl Loader<'_> {
@@ -596,6 +614,7 @@ pub fn load_project(stages_file: &Path, files: &dyn SourceFiles, opts: LoadOptio
         opts,
         diags: Diagnostics::new(),
         inputs: BTreeMap::new(),
+        sources: HashMap::new(),
     };
     let Some(text) = l.read_text(&stages_file, None, "stages file") else {
         return Loaded {
@@ -628,7 +647,14 @@ pub fn load_project(stages_file: &Path, files: &dyn SourceFiles, opts: LoadOptio
         }
     }
     if complete {
-        check::variables(&mut l.diags, files, &spec, &stages, &stages_file, &text);
+        check::variables(
+            &mut l.diags,
+            &l.sources,
+            &spec,
+            &stages,
+            &stages_file,
+            &text,
+        );
     }
     if !complete || l.diags.has_errors() {
         return Loaded {
@@ -662,6 +688,7 @@ fn load_stage(l: &mut Loader<'_>, stages_file: &Path, stage: &StageSpec) -> Opti
         let mut r = read::Reader::new(&config_file, &text, &mut l.diags);
         config::read(&mut r, &doc)
     };
+    l.sources.insert(config_file.clone(), text);
     let (dir_rel, dir_pos) = match &config.migrate_dir {
         Some(d) => (d.value.clone(), d.pos),
         None => (PathBuf::from("migration"), Pos::FILE),
@@ -735,6 +762,7 @@ fn load_stage(l: &mut Loader<'_>, stages_file: &Path, stage: &StageSpec) -> Opti
             let mut r = read::Reader::new(&path, &text, &mut l.diags);
             migration::read(&mut r, &doc, &path, *version, name.clone(), digest)
         };
+        l.sources.insert(path.clone(), text);
         match m {
             Some(m) => {
                 for step in [&m.up, &m.down].into_iter().flatten() {

@@ -354,9 +354,12 @@ fn read_env_from_stages(r: &mut Reader<'_>, node: &Node) -> Vec<EnvFromStage> {
 /// Duplicate names, self-dependencies and unknown dependencies: everything that needs only
 /// this file. Cycles and transitive checks are the planner's (it owns the graph).
 fn check_names(r: &mut Reader<'_>, spec: &StagesSpec) {
+    let index = spec.index();
     let mut seen: Vec<&Located<String>> = Vec::new();
-    for s in &spec.stages {
-        if let Some(first) = seen.iter().find(|n| n.value == s.name.value) {
+    for (i, s) in spec.stages.iter().enumerate() {
+        let first_index = index[s.name.value.as_str()];
+        if first_index != i {
+            let first = &spec.stages[first_index].name;
             r.error(
                 s.name.pos,
                 format!(

@@ -248,3 +248,30 @@ fn collect_arg(arg: &Arg, at_root: bool, optional: bool, out: &mut Vec<Reference
 
 #[cfg(test)]
 mod tests;
+
+/// The fuzz target's body (also run by the property tests): parse, analyse and render a
+/// template and a condition from arbitrary text. Must never panic.
+pub fn fuzz_template(text: &str) {
+    let vars: BTreeMap<String, String> =
+        [("a", "1"), ("b", "{{.a}}"), ("environment", "production")]
+            .iter()
+            .map(|(k, v)| ((*k).into(), (*v).into()))
+            .collect();
+    let auth: BTreeMap<String, String> = [("api".to_owned(), "token".to_owned())].into();
+    let outcomes: StageOutcomes = [("infra".to_owned(), StageOutcome::Succeeded)].into();
+    let scope = Scope {
+        vars: Some(&vars),
+        auth: Some(&auth),
+        stage_outcomes: Some(&outcomes),
+        env: Some(&vars),
+    };
+    if let Ok(t) = Template::parse(text) {
+        let _ = t.references();
+        let _ = t.render(&scope);
+        let _ = t.render_with(&scope, Escape::JsonString);
+    }
+    if let Ok(c) = crate::condition::Condition::parse(text) {
+        let _ = c.references();
+        let _ = c.evaluate(&scope);
+    }
+}

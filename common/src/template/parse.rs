@@ -69,7 +69,7 @@ impl Template {
         };
         let (nodes, end) = p.parse_list()?;
         match end {
-            Some((End::Eof, _)) | None => {}
+            Some((Closer::Eof, _)) | None => {}
             Some((end, offset)) => {
                 return Err(TemplateError::syntax(
                     offset,
@@ -94,22 +94,25 @@ impl Template {
     }
 }
 
+/// What ended a list of nodes, and where.
+type ListEnd = Option<(Closer, usize)>;
+
 /// What ended a list of nodes.
 #[derive(Debug, Clone, PartialEq)]
-enum End {
+enum Closer {
     Eof,
     End,
     Else,
     ElseIf(Pipeline),
 }
 
-impl End {
+impl Closer {
     fn word(&self) -> &'static str {
         match self {
-            End::Eof => "",
-            End::End => "end",
-            End::Else => "else",
-            End::ElseIf(_) => "else if",
+            Closer::Eof => "",
+            Closer::End => "end",
+            Closer::Else => "else",
+            Closer::ElseIf(_) => "else if",
         }
     }
 }
@@ -128,7 +131,7 @@ impl<'a> Parser<'a> {
         &self.src[self.pos..]
     }
 
-    fn parse_list(&mut self) -> Result<(Vec<TNode>, Option<(End, usize)>), TemplateError> {
+    fn parse_list(&mut self) -> Result<(Vec<TNode>, ListEnd), TemplateError> {
         let mut nodes = Vec::new();
         loop {
             let rest = self.rest();
@@ -146,7 +149,7 @@ impl<'a> Parser<'a> {
                     nodes.push(TNode::Text(text.to_owned()));
                 }
                 self.pos = self.src.len();
-                return Ok((nodes, Some((End::Eof, self.src.len()))));
+                return Ok((nodes, Some((Closer::Eof, self.src.len()))));
             };
             let action_start = self.pos + i;
             let trim_left = self.src[action_start + 2..].starts_with("- ")
@@ -181,7 +184,7 @@ impl<'a> Parser<'a> {
                     lexer.next_token()?;
                     self.pos = lexer.pos;
                     self.close_action(action_start)?;
-                    return Ok((nodes, Some((End::End, action_start))));
+                    return Ok((nodes, Some((Closer::End, action_start))));
                 }
                 Tok::Ident(ref w) if w == "else" => {
                     lexer.next_token()?;
@@ -190,11 +193,11 @@ impl<'a> Parser<'a> {
                         let pipe = lexer.pipeline(action_start)?;
                         self.pos = lexer.pos;
                         self.close_action(action_start)?;
-                        return Ok((nodes, Some((End::ElseIf(pipe), action_start))));
+                        return Ok((nodes, Some((Closer::ElseIf(pipe), action_start))));
                     }
                     self.pos = lexer.pos;
                     self.close_action(action_start)?;
-                    return Ok((nodes, Some((End::Else, action_start))));
+                    return Ok((nodes, Some((Closer::Else, action_start))));
                 }
                 Tok::Ident(ref w) if w == "if" || w == "with" => {
                     let is_if = w == "if";
@@ -232,16 +235,16 @@ impl<'a> Parser<'a> {
         loop {
             let (body, end) = self.parse_list()?;
             match end {
-                Some((End::End, _)) => {
+                Some((Closer::End, _)) => {
                     branches.push((cond, body));
                     return Ok(build(is_if, branches, Vec::new()));
                 }
-                Some((End::Else, _)) => {
+                Some((Closer::Else, _)) => {
                     branches.push((cond, body));
                     let (otherwise, end) = self.parse_list()?;
                     return match end {
-                        Some((End::End, _)) => Ok(build(is_if, branches, otherwise)),
-                        Some((End::Eof, _)) | None => Err(TemplateError::syntax(
+                        Some((Closer::End, _)) => Ok(build(is_if, branches, otherwise)),
+                        Some((Closer::Eof, _)) | None => Err(TemplateError::syntax(
                             start,
                             format!("`{{{{{word}}}}}` is never closed (add `{{{{end}}}}`)"),
                         )),
@@ -251,7 +254,7 @@ impl<'a> Parser<'a> {
                         )),
                     };
                 }
-                Some((End::ElseIf(next), at)) => {
+                Some((Closer::ElseIf(next), at)) => {
                     if !is_if {
                         return Err(TemplateError::syntax(
                             at,
@@ -261,7 +264,7 @@ impl<'a> Parser<'a> {
                     branches.push((cond, body));
                     cond = next;
                 }
-                Some((End::Eof, _)) | None => {
+                Some((Closer::Eof, _)) | None => {
                     return Err(TemplateError::syntax(
                         start,
                         format!("`{{{{{word}}}}}` is never closed (add `{{{{end}}}}`)"),

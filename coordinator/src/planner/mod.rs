@@ -150,11 +150,7 @@ impl Graph {
     fn build(spec: &StagesSpec) -> Self {
         let mut g = DiGraph::with_capacity(spec.stages.len(), spec.stages.len() * 2);
         let nodes: Vec<NodeIndex> = (0..spec.stages.len()).map(|i| g.add_node(i)).collect();
-        // With duplicate names (already an error), a name means its first definition.
-        let mut index: HashMap<&str, usize> = HashMap::with_capacity(spec.stages.len());
-        for (i, s) in spec.stages.iter().enumerate() {
-            index.entry(s.name.value.as_str()).or_insert(i);
-        }
+        let index = spec.index();
         for (i, s) in spec.stages.iter().enumerate() {
             let mut seen = BTreeSet::new();
             for dep in &s.depends_on {
@@ -294,13 +290,10 @@ fn check_graph(spec: &StagesSpec, file: &Path, graph: &Graph) -> Diagnostics {
         // Transitive checks are meaningless on a cyclic graph.
         return diags;
     }
+    let index = spec.index();
     for (i, s) in spec.stages.iter().enumerate() {
         for efs in &s.env_from_stages {
-            let Some(j) = spec
-                .stages
-                .iter()
-                .position(|t| t.name.value == efs.stage.value)
-            else {
+            let Some(&j) = index.get(efs.stage.value.as_str()) else {
                 continue;
             };
             if j != i && !graph.depends_transitively(i, j) {
@@ -328,12 +321,7 @@ pub fn plan(
     }
     let spec = &project.spec;
     let n = spec.stages.len();
-    let index: HashMap<&str, usize> = spec
-        .stages
-        .iter()
-        .enumerate()
-        .map(|(i, s)| (s.name.value.as_str(), i))
-        .collect();
+    let index = spec.index();
     let names: Vec<&str> = spec.stages.iter().map(|s| s.name.value.as_str()).collect();
     let lookup = |name: &str, flag: &str| -> Result<usize, PlanError> {
         index.get(name).copied().ok_or_else(|| {
