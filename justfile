@@ -1,0 +1,29 @@
+# Recipes mirror CI (.ci/run) and the README. `just --list` shows them.
+
+# Everything CI runs, exactly as CI runs it.
+ci:
+    bash .ci/run
+
+# The README's test command.
+test:
+    cargo test --workspace
+
+# The README's main job: plan the bundled example.
+demo:
+    cargo run -q --bin baton -- stages up --dry-run --config examples/stages/stages.yaml
+
+lint:
+    cargo fmt --all -- --check
+    cargo clippy --workspace --all-targets -- -D warnings
+
+# Planning benchmark for a generated 10,000-stage DAG (results: docs/benchmarks.md).
+bench:
+    cargo bench -p baton-coordinator --bench plan
+
+# A fuzzing campaign; CI runs the same targets for 30 s each.
+fuzz target="spec" seconds="600":
+    cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run {{target}} -- -max_total_time={{seconds}} -max_len=4096
+
+# Review and accept changed CLI snapshots after an intended output change.
+snapshots:
+    INSTA_UPDATE=always cargo test -p baton-coordinator --test cli
