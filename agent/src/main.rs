@@ -21,7 +21,9 @@ struct AgentArgs {
 fn parse_label(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
-        _ => Err(format!("`{s}` is not a label: write KEY=VALUE, e.g. env=prod")),
+        _ => Err(format!(
+            "`{s}` is not a label: write KEY=VALUE, e.g. env=prod"
+        )),
     }
 }
 
@@ -31,7 +33,9 @@ fn main() -> ExitCode {
         "baton-agent {}: connecting to a coordinator is not available in this build yet{}; \
          run stages locally with `baton stages up`",
         env!("CARGO_PKG_VERSION"),
-        args.coordinator.map(|c| format!(" (asked for {c})")).unwrap_or_default()
+        args.coordinator
+            .map(|c| format!(" (asked for {c})"))
+            .unwrap_or_default()
     );
     let _ = args.labels;
     ExitCode::from(2)
