@@ -6,6 +6,7 @@
 //!   planning it (selection, order, waves, digest), on a loaded project.
 //! - `load_all_files_validate_plan`: everything from bytes: parsing the stages file and the
 //!   20,000 stage files, every validation check, the graph checks and the plan.
+//!
 //! Run with `just bench` (or `cargo bench -p baton-coordinator --bench plan`).
 
 use std::path::Path;
