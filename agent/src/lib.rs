@@ -1,4 +1,12 @@
 //! baton-agent: runs a stage's migrations near their target.
 //!
-//! The stage executor (HTTP migrations, command steps, auth, retries, secret masking) and
-//! the coordinator connection live here; this crate never depends on the coordinator.
+//! - [`executor`]: runs a stage (HTTP migrations, command steps, retries, secret masking).
+//! - [`auth`]: basic, OAuth2 and PocketBase tokens.
+//! - [`client`]: the stage's HTTP client from its `client:` options.
+//!
+//! This crate never depends on the coordinator: the executor does not know how a stage
+//! arrived (in-process in local mode, over gRPC from a coordinator).
+
+pub mod auth;
+pub mod client;
+pub mod executor;

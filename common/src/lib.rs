@@ -11,6 +11,7 @@
 
 pub mod condition;
 pub mod diag;
+pub mod mask;
 pub mod spec;
 pub mod template;
 pub mod yaml;

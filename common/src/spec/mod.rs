@@ -177,6 +177,55 @@ pub struct RetrySpec {
     pub max_backoff: Option<Duration>,
 }
 
+/// A resolved retry policy for transient HTTP failures (connection errors, 408, 429, 5xx).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included.
+    pub max_attempts: u32,
+    pub initial_backoff: Duration,
+    pub multiplier: f64,
+    pub max_backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    /// COMPAT.md: 3 attempts, 1 s doubling (capped at 30 s).
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: 3,
+            initial_backoff: Duration::from_secs(1),
+            multiplier: 2.0,
+            max_backoff: Duration::from_secs(30),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// This policy with the fields `spec` sets replaced; apply global, stage, config and
+    /// migration levels in that order.
+    pub fn overlay(self, spec: Option<&RetrySpec>) -> Self {
+        let Some(spec) = spec else { return self };
+        RetryPolicy {
+            max_attempts: spec.max_attempts.unwrap_or(self.max_attempts),
+            initial_backoff: spec.initial_backoff.unwrap_or(self.initial_backoff),
+            multiplier: spec.multiplier.unwrap_or(self.multiplier),
+            max_backoff: spec.max_backoff.unwrap_or(self.max_backoff),
+        }
+    }
+
+    /// The pause after failed attempt `n` (1-based): initial x multiplier^(n-1), capped.
+    pub fn backoff(&self, n: u32) -> Duration {
+        let factor = self
+            .multiplier
+            .powi(i32::try_from(n.saturating_sub(1)).unwrap_or(i32::MAX));
+        let secs = self.initial_backoff.as_secs_f64() * factor;
+        if !secs.is_finite() || secs >= self.max_backoff.as_secs_f64() {
+            self.max_backoff
+        } else {
+            Duration::from_secs_f64(secs)
+        }
+    }
+}
+
 /// A stage's `config.yaml`.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct StageConfigSpec {

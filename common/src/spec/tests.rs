@@ -224,3 +224,20 @@ fn normalize_paths() {
         PathBuf::from("db/config.yaml")
     );
 }
+
+#[test]
+fn retry_policy_layers_and_backoff() {
+    let p = RetryPolicy::default().overlay(Some(&RetrySpec {
+        max_attempts: Some(5),
+        ..RetrySpec::default()
+    }));
+    assert_eq!(p.max_attempts, 5);
+    assert_eq!(p.backoff(1), Duration::from_secs(1));
+    assert_eq!(p.backoff(3), Duration::from_secs(4));
+    assert_eq!(p.backoff(40), Duration::from_secs(30));
+    let q = p.overlay(Some(&RetrySpec {
+        multiplier: Some(1.0),
+        ..RetrySpec::default()
+    }));
+    assert_eq!((q.max_attempts, q.backoff(9)), (5, Duration::from_secs(1)));
+}

@@ -19,6 +19,36 @@ pub enum Escape {
     /// JSON string escaping (for insertion between quotes in a JSON document). Output of the
     /// `json` function is already escaped and is not escaped twice.
     JsonString,
+    /// For a JSON document written as text: the renderer follows the document's strings, and
+    /// each value stays one JSON value. Inside a string, a value is string-escaped; outside,
+    /// a value that is itself complete JSON (`3`, `true`, `["a"]`) is inserted as it is, and
+    /// anything else becomes a quoted JSON string.
+    JsonDocument,
+}
+
+/// Where a JSON document's text stands: inside a string or not, and after a backslash.
+#[derive(Debug, Clone, Copy, Default)]
+struct JsonLex {
+    in_string: bool,
+    escaped: bool,
+}
+
+impl JsonLex {
+    fn feed(&mut self, text: &str) {
+        for c in text.chars() {
+            if self.in_string {
+                if self.escaped {
+                    self.escaped = false;
+                } else if c == '\\' {
+                    self.escaped = true;
+                } else if c == '"' {
+                    self.in_string = false;
+                }
+            } else if c == '"' {
+                self.in_string = true;
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -86,6 +116,7 @@ impl Template {
             scope,
             escape,
             steps: 0,
+            json: JsonLex::default(),
         };
         r.nodes(&self.nodes, &V::Root, &mut out)?;
         Ok(out)
@@ -96,6 +127,8 @@ struct Renderer<'s, 'a> {
     scope: &'s Scope<'a>,
     escape: Escape,
     steps: usize,
+    /// Lexical state of the output, for [`Escape::JsonDocument`].
+    json: JsonLex,
 }
 
 /// No template in a spec needs more; the bound keeps a pathological one from running long.
@@ -109,15 +142,36 @@ impl Renderer<'_, '_> {
                 return Err(TemplateError::at(0, "template is too complex to render"));
             }
             match node {
-                TNode::Text(t) => out.push_str(t),
+                TNode::Text(t) => {
+                    out.push_str(t);
+                    if self.escape == Escape::JsonDocument {
+                        self.json.feed(t);
+                    }
+                }
                 TNode::Action(pipe) => {
                     let v = self.pipeline(pipe, dot)?;
                     let text = v.text(pipe.offset)?;
-                    match (self.escape, &v) {
-                        (Escape::JsonString, V::Escaped(_)) | (Escape::None, _) => {
-                            out.push_str(&text)
+                    let pre_escaped = matches!(v, V::Escaped(_));
+                    let escaped = || {
+                        if pre_escaped {
+                            text.clone()
+                        } else {
+                            json_escape(&text)
                         }
-                        (Escape::JsonString, _) => out.push_str(&json_escape(&text)),
+                    };
+                    match self.escape {
+                        Escape::None => out.push_str(&text),
+                        Escape::JsonString => out.push_str(&escaped()),
+                        Escape::JsonDocument if self.json.in_string => out.push_str(&escaped()),
+                        Escape::JsonDocument => {
+                            if serde_json::from_str::<serde_json::Value>(&text).is_ok() {
+                                out.push_str(&text);
+                            } else {
+                                out.push('"');
+                                out.push_str(&escaped());
+                                out.push('"');
+                            }
+                        }
                     }
                 }
                 TNode::If {

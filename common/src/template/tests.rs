@@ -136,6 +136,32 @@ fn json_string_escape_mode_keeps_values_one_string() {
 }
 
 #[test]
+fn json_document_mode_keeps_each_value_one_json_value() {
+    let injection = r#""}, "admin": true, "x": {""#;
+    let v = vars(&[
+        ("x", injection),
+        ("n", "3"),
+        ("list", r#"["a","b"]"#),
+        ("word", "plain"),
+    ]);
+    let t = Template::parse(
+        r#"{"name": "{{.x}}", "n": {{.n}}, "list": {{.list}}, "raw": {{.x}}, "word": {{.word}}, "q": "a\"{{.word}}"}"#,
+    )
+    .unwrap();
+    let out = t
+        .render_with(&Scope::with_vars(&v), Escape::JsonDocument)
+        .unwrap();
+    let parsed: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(parsed["name"], serde_json::json!(injection));
+    assert_eq!(parsed["raw"], serde_json::json!(injection));
+    assert_eq!(parsed["n"], serde_json::json!(3));
+    assert_eq!(parsed["list"], serde_json::json!(["a", "b"]));
+    assert_eq!(parsed["word"], serde_json::json!("plain"));
+    assert_eq!(parsed["q"], serde_json::json!("a\"plain"));
+    assert_eq!(parsed.as_object().unwrap().len(), 6, "{out}");
+}
+
+#[test]
 fn syntax_errors_point_at_the_problem() {
     let err = Template::parse("line one\n  {{.vpc_id").unwrap_err();
     assert_eq!(err.kind, TemplateErrorKind::Syntax);

@@ -1,0 +1,222 @@
+//! Command steps: run a program (terraform, az, kubectl, helm, ...) as a step.
+//!
+//! The program runs in its own process group, so cancel and timeout kill it and everything
+//! it started. stdout and stderr stream as log lines (masked); stdout, when it is JSON, feeds
+//! `env_from`. A non-zero exit fails the step with the last lines of stderr.
+
+use std::collections::BTreeMap;
+use std::process::Stdio;
+use std::time::Duration;
+
+use baton_common::spec::{beside, CommandSpec, EnvMissing, MigrationSpec, ResponseSpec};
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::Command;
+
+use super::http::json_value;
+use super::{scope, template_failure, StageCtx, StageEvent, StepError};
+
+/// stdout kept for `env_from`; a command printing more fails the step.
+const MAX_STDOUT: usize = 4 * 1024 * 1024;
+/// Lines of stderr quoted when a command fails.
+const STDERR_TAIL: usize = 10;
+
+pub(super) async fn run_command(
+    ctx: &StageCtx<'_>,
+    m: &MigrationSpec,
+    cmd: &CommandSpec,
+    response: &ResponseSpec,
+    vars: &BTreeMap<String, String>,
+) -> Result<BTreeMap<String, String>, StepError> {
+    let file = m.file.as_path();
+    let auth = BTreeMap::new();
+    let sc = scope(vars, &auth, ctx.process_env());
+    let render = |what: &str, t: &baton_common::spec::Tmpl| {
+        t.template
+            .render(&sc)
+            .map_err(|e| template_failure(file, what, &e))
+    };
+    let program = render(
+        "command.program",
+        cmd.program
+            .as_ref()
+            .ok_or_else(|| StepError::failed("command has no program"))?,
+    )?;
+    let mut args = Vec::with_capacity(cmd.args.len());
+    for a in &cmd.args {
+        args.push(render("command.args", a)?);
+    }
+    let workdir = match &cmd.workdir {
+        Some(t) => beside(file, std::path::Path::new(&render("command.workdir", t)?)),
+        None => file
+            .parent()
+            .map(std::path::Path::to_path_buf)
+            .unwrap_or_default(),
+    };
+    let mut command = Command::new(&program);
+    command
+        .args(&args)
+        .current_dir(if workdir.as_os_str().is_empty() {
+            std::path::Path::new(".")
+        } else {
+            &workdir
+        })
+        .env_clear()
+        .envs(ctx.process_env())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    for (k, t) in &cmd.env {
+        command.env(k, render(&format!("command.env `{k}`"), t)?);
+    }
+    let mut child = command
+        .spawn()
+        .map_err(|e| StepError::failed(format!("cannot start `{program}`: {e}")))?;
+    let pgid = child
+        .id()
+        .and_then(|id| i32::try_from(id).ok())
+        .map(Pid::from_raw);
+    let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
+        return Err(StepError::failed("cannot read the command's output"));
+    };
+    let version = m.version;
+    let out_task = pump(ctx, version, stdout, true);
+    let err_task = pump(ctx, version, stderr, false);
+    let limit = cmd.timeout;
+    let run = async {
+        let (out, err, status) = tokio::join!(out_task, err_task, child.wait());
+        (out, err, status)
+    };
+    let timed = async {
+        match limit {
+            Some(t) => tokio::time::timeout(t, run).await.map_err(|_| t),
+            None => Ok(run.await),
+        }
+    };
+    let result = tokio::select! {
+        // Cancellation first: the whole process group dies with the stage.
+        () = ctx.cancel.cancelled() => {
+            kill_group(pgid);
+            return Err(StepError::Cancelled);
+        }
+        r = timed => r,
+    };
+    let (out, err, status) = match result {
+        Ok(r) => r,
+        Err(t) => {
+            kill_group(pgid);
+            return Err(StepError::failed(format!(
+                "`{program}` did not finish within {}; it was killed",
+                fmt_duration(t)
+            )));
+        }
+    };
+    let out = out?;
+    let err = err?;
+    let status =
+        status.map_err(|e| StepError::failed(format!("waiting for `{program}` failed: {e}")))?;
+    if !status.success() {
+        let tail: Vec<&str> = err
+            .lines()
+            .rev()
+            .take(STDERR_TAIL)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        let code = status
+            .code()
+            .map_or_else(|| "a signal".to_owned(), |c| format!("code {c}"));
+        return Err(StepError::failed(format!(
+            "`{program}` exited with {code}: {}",
+            tail.join(" | ")
+        )));
+    }
+    extract_from_stdout(response, &out)
+}
+
+fn kill_group(pgid: Option<Pid>) {
+    if let Some(p) = pgid {
+        // The group may already be gone; nothing else to do then.
+        let _ = killpg(p, Signal::SIGKILL);
+    }
+}
+
+fn fmt_duration(d: Duration) -> String {
+    baton_common::spec::duration::format(d)
+}
+
+/// Streams one pipe as log lines; returns what it read (stdout capped for extraction).
+async fn pump<R: AsyncRead + Unpin>(
+    ctx: &StageCtx<'_>,
+    version: u64,
+    pipe: R,
+    is_stdout: bool,
+) -> Result<String, StepError> {
+    let mut reader = BufReader::new(pipe);
+    let mut kept = String::new();
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let n = reader
+            .read_until(b'\n', &mut line)
+            .await
+            .map_err(|e| StepError::failed(format!("reading the command's output failed: {e}")))?;
+        if n == 0 {
+            return Ok(kept);
+        }
+        let text = String::from_utf8_lossy(&line);
+        let trimmed = text.trim_end_matches(['\n', '\r']);
+        let prefix = if is_stdout { "" } else { "stderr: " };
+        ctx.emit(StageEvent::Log {
+            version: Some(version),
+            line: format!("{prefix}{trimmed}"),
+        })
+        .await;
+        if is_stdout && kept.len() + text.len() > MAX_STDOUT {
+            return Err(StepError::failed(format!(
+                "the command printed more than {MAX_STDOUT} bytes on stdout"
+            )));
+        }
+        if is_stdout || kept.len() < 64 * 1024 {
+            kept.push_str(&text);
+        }
+    }
+}
+
+fn extract_from_stdout(
+    response: &ResponseSpec,
+    stdout: &str,
+) -> Result<BTreeMap<String, String>, StepError> {
+    let mut out = BTreeMap::new();
+    if response.env_from.is_empty() {
+        return Ok(out);
+    }
+    let valid = gjson::valid(stdout);
+    if !valid && response.env_missing == EnvMissing::Fail {
+        return Err(StepError::failed(
+            "cannot extract variables: the command's stdout is not JSON",
+        ));
+    }
+    for (name, path) in &response.env_from {
+        match (
+            valid.then(|| json_value(stdout, path)).flatten(),
+            response.env_missing,
+        ) {
+            (Some(v), _) => {
+                out.insert(name.value.clone(), v);
+            }
+            (None, EnvMissing::Skip) => {}
+            (None, EnvMissing::Fail) => {
+                return Err(StepError::failed(format!(
+                    "the command's output has no value at `{path}` for `{}` (env_missing: fail)",
+                    name.value
+                )))
+            }
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,623 @@
+//! The stage executor: runs a stage's migrations, up or down, and reports each step.
+//!
+//! [`execute`] takes a [`StageTask`] (a validated stage, the variables in scope, the
+//! migrations already applied, a direction), a cancellation token and an event sink. It
+//! runs the pending migrations in order and sends a [`StageEvent`] for every step; the
+//! returned [`StageReport`] says how the stage ended, what each migration extracted, and
+//! which variables the stage now exports. It does not know how the stage arrived (in-process
+//! in local mode, over gRPC later) and keeps no state between calls: the caller records each
+//! `MigrationFinished` event as it arrives, so an interrupted stage resumes after its last
+//! recorded migration.
+//!
+//! Invariants:
+//! - every event and error text passes through the stage's [`Masker`] first;
+//! - a cancelled or timed-out stage stops between requests and drops any request in flight;
+//! - a variable is rendered into a request once, never re-rendered.
+
+mod command;
+pub(crate) mod http;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use baton_common::mask::Masker;
+use baton_common::spec::{
+    MigrationSpec, RetryPolicy, SourceFiles, StageConfigSpec, StepAction, StepSpec,
+};
+use baton_common::template::{Scope, TemplateError, TemplateErrorKind};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Tokens;
+use crate::client::build_client;
+
+/// Which way a stage moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Apply every migration not yet applied, lowest version first.
+    Up,
+    /// Roll back applied migrations with a version above `to`, newest first (`to: 0`: all).
+    Down { to: u64 },
+}
+
+impl Direction {
+    fn word(self) -> &'static str {
+        match self {
+            Direction::Up => "up",
+            Direction::Down { .. } => "down",
+        }
+    }
+}
+
+/// A migration recorded in the stage's history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppliedMigration {
+    pub version: u64,
+    pub name: String,
+    pub digest: String,
+    /// What its `up` extracted; in scope for its `down` and for later migrations.
+    pub vars: BTreeMap<String, String>,
+}
+
+/// Variables given to a stage, by precedence layer (lowest first). The executor adds the
+/// stage config's `env`, values extracted during the stage, and each migration's own `env`.
+#[derive(Debug, Clone, Default)]
+pub struct VarLayers {
+    /// `global.env`.
+    pub global: BTreeMap<String, String>,
+    /// The environment where the stage runs (also the source of `valueFromEnv`).
+    pub process_env: BTreeMap<String, String>,
+    /// The stage's `env` in stages.yaml.
+    pub stage: BTreeMap<String, String>,
+    /// Values imported with `env_from_stages`.
+    pub from_stages: BTreeMap<String, String>,
+}
+
+/// Everything the executor needs to run one stage.
+#[derive(Clone)]
+pub struct StageTask {
+    pub run_id: String,
+    pub stage: String,
+    /// The stage's config file; relative paths in it (`ca_file`) are resolved beside it.
+    pub config_file: PathBuf,
+    pub config: StageConfigSpec,
+    /// Sorted by version.
+    pub migrations: Vec<MigrationSpec>,
+    pub vars: VarLayers,
+    pub applied: Vec<AppliedMigration>,
+    /// Names of variables whose values are secret (stages.yaml and config `secrets:`).
+    pub secrets: Vec<String>,
+    /// Retry policy after global and stage levels; config and migration levels are applied here.
+    pub retry: RetryPolicy,
+    pub direction: Direction,
+    /// Bounds the whole stage (`timeout` in stages.yaml).
+    pub timeout: Option<Duration>,
+    /// Reads body files and CA files.
+    pub files: Arc<dyn SourceFiles + Send + Sync>,
+}
+
+impl std::fmt::Debug for StageTask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StageTask")
+            .field("run_id", &self.run_id)
+            .field("stage", &self.stage)
+            .field("direction", &self.direction)
+            .field("migrations", &self.migrations.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What happened, as it happens. Texts are already masked.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StageEvent {
+    MigrationStarted {
+        version: u64,
+        name: String,
+        direction: &'static str,
+    },
+    RequestSent {
+        version: u64,
+        method: String,
+        url: String,
+        status: Option<u16>,
+        duration: Duration,
+        attempt: u32,
+    },
+    Log {
+        version: Option<u64>,
+        line: String,
+    },
+    MigrationFinished(MigrationOutcome),
+}
+
+/// A migration that completed (applied, or rolled back).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MigrationOutcome {
+    pub version: u64,
+    pub name: String,
+    pub direction: &'static str,
+    /// SHA-256 of the migration file that ran.
+    pub digest: String,
+    /// Variables extracted (up only). Secret values are included: the caller stores them and
+    /// masks them on display.
+    pub extracted: BTreeMap<String, String>,
+    pub duration: Duration,
+}
+
+/// How a stage ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StageEnd {
+    Succeeded,
+    Failed(String),
+    Cancelled,
+    TimedOut,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct StageReport {
+    pub end: StageEnd,
+    /// Migrations completed by this call, in order.
+    pub migrations: Vec<MigrationOutcome>,
+    /// Every variable the stage exports after this call (history and this run).
+    pub exported: BTreeMap<String, String>,
+    /// Names of exported variables whose values are secret.
+    pub secret_exports: Vec<String>,
+}
+
+/// Why a step failed; the message is masked before it leaves the executor.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum StepError {
+    #[error("{0}")]
+    Failed(String),
+    #[error("cancelled")]
+    Cancelled,
+}
+
+impl StepError {
+    pub(crate) fn failed(msg: impl Into<String>) -> Self {
+        StepError::Failed(msg.into())
+    }
+}
+
+/// The context one stage's steps share.
+pub(crate) struct StageCtx<'a> {
+    pub task: &'a StageTask,
+    pub client: reqwest::Client,
+    /// Grows when auth tokens are acquired, so it sits behind a lock (never held across an await).
+    pub masker: std::sync::Mutex<Masker>,
+    pub tokens: Tokens,
+    pub cancel: CancellationToken,
+    pub events: &'a mpsc::Sender<StageEvent>,
+    /// The stage's variables before any migration (config env included).
+    pub base: BTreeMap<String, String>,
+    pub max_response_bytes: usize,
+}
+
+impl StageCtx<'_> {
+    pub(crate) fn mask(&self, text: &str) -> String {
+        match self.masker.lock() {
+            Ok(m) => m.mask(text),
+            // A poisoned lock means a panic elsewhere; hide everything rather than leak.
+            Err(_) => baton_common::mask::MASK.to_owned(),
+        }
+    }
+
+    pub(crate) fn add_secret(&self, name: &str, value: &str) -> Result<(), StepError> {
+        let mut m = self
+            .masker
+            .lock()
+            .map_err(|_| StepError::failed("secret masker unavailable"))?;
+        m.add(name, value)
+            .map_err(|e| StepError::failed(e.to_string()))
+    }
+
+    pub(crate) async fn emit(&self, event: StageEvent) {
+        let event = match event {
+            StageEvent::Log { version, line } => StageEvent::Log {
+                version,
+                line: self.mask(&line),
+            },
+            StageEvent::RequestSent {
+                version,
+                method,
+                url,
+                status,
+                duration,
+                attempt,
+            } => StageEvent::RequestSent {
+                version,
+                method,
+                url: self.mask(&url),
+                status,
+                duration,
+                attempt,
+            },
+            other => other,
+        };
+        // A closed sink means nobody listens any more; the stage still runs to its end.
+        let _ = self.events.send(event).await;
+    }
+
+    pub(crate) fn process_env(&self) -> &BTreeMap<String, String> {
+        &self.task.vars.process_env
+    }
+}
+
+/// Default cap on a response body read for extraction.
+pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 4 * 1024 * 1024;
+
+/// Runs a stage. Never panics on bad input; every failure is a [`StageEnd::Failed`] with a
+/// message naming the migration.
+pub async fn execute(
+    task: StageTask,
+    cancel: CancellationToken,
+    events: mpsc::Sender<StageEvent>,
+) -> StageReport {
+    let deadline = task.timeout.map(|t| Instant::now() + t);
+    let stage_cancel = cancel.child_token();
+    let timer = deadline.map(|d| {
+        let token = stage_cancel.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep_until(d.into()).await;
+            token.cancel();
+        })
+    });
+    let mut report = run(&task, stage_cancel, &events).await;
+    if let Some(t) = timer {
+        t.abort();
+    }
+    if report.end == StageEnd::Cancelled
+        && !cancel.is_cancelled()
+        && deadline.is_some_and(|d| Instant::now() >= d)
+    {
+        report.end = StageEnd::TimedOut;
+    }
+    report
+}
+
+async fn run(
+    task: &StageTask,
+    cancel: CancellationToken,
+    events: &mpsc::Sender<StageEvent>,
+) -> StageReport {
+    let mut report = StageReport {
+        end: StageEnd::Succeeded,
+        migrations: Vec::new(),
+        exported: BTreeMap::new(),
+        secret_exports: Vec::new(),
+    };
+    let mut ctx = match prepare(task, cancel, events) {
+        Ok(ctx) => ctx,
+        Err(msg) => {
+            report.end = StageEnd::Failed(msg);
+            return report;
+        }
+    };
+    // Variables extracted so far, oldest migration first; later values win.
+    let mut extracted: BTreeMap<u64, BTreeMap<String, String>> = task
+        .applied
+        .iter()
+        .map(|a| (a.version, a.vars.clone()))
+        .collect();
+    let result = match task.direction {
+        Direction::Up => run_up(&mut ctx, &mut extracted, &mut report).await,
+        Direction::Down { to } => run_down(&mut ctx, to, &mut extracted, &mut report).await,
+    };
+    report.end = match result {
+        Ok(()) => StageEnd::Succeeded,
+        Err(StepError::Cancelled) => StageEnd::Cancelled,
+        Err(StepError::Failed(msg)) => StageEnd::Failed(ctx.mask(&msg)),
+    };
+    for vars in extracted.values() {
+        report
+            .exported
+            .extend(vars.iter().map(|(k, v)| (k.clone(), v.clone())));
+    }
+    report.secret_exports = report
+        .exported
+        .iter()
+        .filter(|(k, v)| task.secrets.contains(k) || ctx.mask(v) != **v)
+        .map(|(k, _)| k.clone())
+        .collect();
+    report
+}
+
+/// Builds the stage's base variables, its masker and its HTTP client.
+fn prepare<'a>(
+    task: &'a StageTask,
+    cancel: CancellationToken,
+    events: &'a mpsc::Sender<StageEvent>,
+) -> Result<StageCtx<'a>, String> {
+    let mut masker = Masker::new();
+    let mut base = task.vars.global.clone();
+    base.extend(
+        task.vars
+            .process_env
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone())),
+    );
+    base.extend(task.vars.stage.iter().map(|(k, v)| (k.clone(), v.clone())));
+    for entry in &task.config.env {
+        let value = match &entry.secret_from {
+            Some(var) => {
+                let value = task.vars.process_env.get(var).ok_or_else(|| {
+                    format!(
+                        "stage `{}`: `{}` comes from the environment variable `{var}`, which is not set where the stage runs",
+                        task.stage, entry.name.value
+                    )
+                })?;
+                masker
+                    .add(&entry.name.value, value)
+                    .map_err(|e| format!("stage `{}`: {e}", task.stage))?;
+                value.clone()
+            }
+            None => entry.value.clone(),
+        };
+        base.insert(entry.name.value.clone(), value);
+    }
+    base.extend(
+        task.vars
+            .from_stages
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone())),
+    );
+    for name in &task.secrets {
+        let value = base
+            .get(name)
+            .or_else(|| task.applied.iter().rev().find_map(|a| a.vars.get(name)));
+        if let Some(value) = value {
+            masker
+                .add(name, value)
+                .map_err(|e| format!("stage `{}`: {e}", task.stage))?;
+        }
+    }
+    let client = build_client(&task.config.client, &task.config_file, task.files.as_ref())
+        .map_err(|e| format!("stage `{}`: {e}", task.stage))?;
+    let max_response_bytes = task
+        .config
+        .max_response_bytes
+        .map_or(DEFAULT_MAX_RESPONSE_BYTES, |b| {
+            usize::try_from(b).unwrap_or(usize::MAX)
+        });
+    Ok(StageCtx {
+        task,
+        client,
+        masker: std::sync::Mutex::new(masker),
+        tokens: Tokens::default(),
+        cancel,
+        events,
+        base,
+        max_response_bytes,
+    })
+}
+
+/// The variables in scope for a migration: base, then everything extracted by earlier
+/// migrations, then the migration's own `env`.
+fn scope_for(
+    ctx: &StageCtx<'_>,
+    extracted: &BTreeMap<u64, BTreeMap<String, String>>,
+    upto: Option<u64>,
+    m: &MigrationSpec,
+) -> BTreeMap<String, String> {
+    let mut vars = ctx.base.clone();
+    for (version, e) in extracted {
+        if upto.is_none_or(|u| *version <= u) {
+            vars.extend(e.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
+    }
+    vars.extend(
+        m.env
+            .iter()
+            .map(|e| (e.name.value.clone(), e.value.clone())),
+    );
+    vars
+}
+
+async fn run_up(
+    ctx: &mut StageCtx<'_>,
+    extracted: &mut BTreeMap<u64, BTreeMap<String, String>>,
+    report: &mut StageReport,
+) -> Result<(), StepError> {
+    let task = ctx.task;
+    let pending: Vec<&MigrationSpec> = task
+        .migrations
+        .iter()
+        .filter(|m| !task.applied.iter().any(|a| a.version == m.version))
+        .collect();
+    if pending.is_empty() {
+        return Ok(());
+    }
+    http::wait_until_healthy(ctx).await?;
+    let delay = task.config.delay_between_migrations.unwrap_or_default();
+    for (i, m) in pending.into_iter().enumerate() {
+        if i > 0 && !delay.is_zero() {
+            sleep_or_cancel(&ctx.cancel, delay).await?;
+        }
+        if ctx.cancel.is_cancelled() {
+            return Err(StepError::Cancelled);
+        }
+        let started = Instant::now();
+        ctx.emit(StageEvent::MigrationStarted {
+            version: m.version,
+            name: m.name.clone(),
+            direction: "up",
+        })
+        .await;
+        let vars = scope_for(ctx, extracted, None, m);
+        let step = m.up.as_ref().ok_or_else(|| {
+            StepError::failed(format!("{}: migration has no `up` step", m.file.display()))
+        })?;
+        let got = run_step(ctx, m, step, &vars, Direction::Up)
+            .await
+            .map_err(|e| in_migration(m, "up", e))?;
+        let outcome = MigrationOutcome {
+            version: m.version,
+            name: m.name.clone(),
+            direction: "up",
+            digest: m.digest.clone(),
+            extracted: got.clone(),
+            duration: started.elapsed(),
+        };
+        extracted.insert(m.version, got);
+        ctx.emit(StageEvent::MigrationFinished(outcome.clone()))
+            .await;
+        report.migrations.push(outcome);
+    }
+    Ok(())
+}
+
+async fn run_down(
+    ctx: &mut StageCtx<'_>,
+    to: u64,
+    extracted: &mut BTreeMap<u64, BTreeMap<String, String>>,
+    report: &mut StageReport,
+) -> Result<(), StepError> {
+    let task = ctx.task;
+    let mut targets: Vec<&AppliedMigration> =
+        task.applied.iter().filter(|a| a.version > to).collect();
+    targets.sort_by_key(|a| std::cmp::Reverse(a.version));
+    for (i, applied) in targets.into_iter().enumerate() {
+        if i > 0 {
+            if let Some(delay) = task
+                .config
+                .delay_between_migrations
+                .filter(|d| !d.is_zero())
+            {
+                sleep_or_cancel(&ctx.cancel, delay).await?;
+            }
+        }
+        if ctx.cancel.is_cancelled() {
+            return Err(StepError::Cancelled);
+        }
+        let m = task
+            .migrations
+            .iter()
+            .find(|m| m.version == applied.version)
+            .ok_or_else(|| {
+                StepError::failed(format!(
+                    "migration {:03}_{} was applied but its file is gone; it cannot be rolled back",
+                    applied.version, applied.name
+                ))
+            })?;
+        let step = m.down.as_ref().ok_or_else(|| {
+            StepError::failed(format!(
+                "{}: migration has no `down` step, so it cannot be rolled back",
+                m.file.display()
+            ))
+        })?;
+        let started = Instant::now();
+        ctx.emit(StageEvent::MigrationStarted {
+            version: m.version,
+            name: m.name.clone(),
+            direction: "down",
+        })
+        .await;
+        let vars = scope_for(ctx, extracted, Some(m.version), m);
+        run_step(ctx, m, step, &vars, Direction::Down { to })
+            .await
+            .map_err(|e| in_migration(m, "down", e))?;
+        extracted.remove(&m.version);
+        let outcome = MigrationOutcome {
+            version: m.version,
+            name: m.name.clone(),
+            direction: "down",
+            digest: m.digest.clone(),
+            extracted: BTreeMap::new(),
+            duration: started.elapsed(),
+        };
+        ctx.emit(StageEvent::MigrationFinished(outcome.clone()))
+            .await;
+        report.migrations.push(outcome);
+    }
+    Ok(())
+}
+
+fn in_migration(m: &MigrationSpec, dir: &str, e: StepError) -> StepError {
+    match e {
+        StepError::Failed(msg) => StepError::Failed(format!(
+            "migration {:03}_{} ({dir}): {msg}",
+            m.version, m.name
+        )),
+        other => other,
+    }
+}
+
+/// Runs one step (`find` first when it has one) and returns the variables it extracted.
+async fn run_step(
+    ctx: &StageCtx<'_>,
+    m: &MigrationSpec,
+    step: &StepSpec,
+    vars: &BTreeMap<String, String>,
+    direction: Direction,
+) -> Result<BTreeMap<String, String>, StepError> {
+    let mut vars = vars.clone();
+    if let Some(find) = &step.find {
+        let found = run_action(ctx, m, find, &vars, direction, "find").await?;
+        vars.extend(found);
+    }
+    run_action(ctx, m, step, &vars, direction, "").await
+}
+
+async fn run_action(
+    ctx: &StageCtx<'_>,
+    m: &MigrationSpec,
+    step: &StepSpec,
+    vars: &BTreeMap<String, String>,
+    direction: Direction,
+    role: &str,
+) -> Result<BTreeMap<String, String>, StepError> {
+    let retry = ctx
+        .task
+        .retry
+        .overlay(ctx.task.config.retry.as_ref())
+        .overlay(m.retry.as_ref());
+    match &step.action {
+        Some(StepAction::Request(req)) => {
+            http::run_request(ctx, m, req, &step.response, vars, retry, direction, role).await
+        }
+        Some(StepAction::Command(cmd)) => {
+            command::run_command(ctx, m, cmd, &step.response, vars).await
+        }
+        None => Err(StepError::failed(
+            "step has neither `request` nor `command`",
+        )),
+    }
+}
+
+/// A template error as a step failure naming the variable and the file.
+pub(crate) fn template_failure(file: &Path, what: &str, e: &TemplateError) -> StepError {
+    match &e.kind {
+        TemplateErrorKind::MissingVariable(name) => StepError::failed(format!(
+            "{}: {what}: variable `{name}` is not defined (define it in env, export it from a dependency, or use `default`)",
+            file.display()
+        )),
+        _ => StepError::failed(format!("{}: {what}: {}", file.display(), e.message)),
+    }
+}
+
+/// A scope over `vars` with the stage's tokens and environment.
+pub(crate) fn scope<'v>(
+    vars: &'v BTreeMap<String, String>,
+    auth: &'v BTreeMap<String, String>,
+    env: &'v BTreeMap<String, String>,
+) -> Scope<'v> {
+    Scope {
+        vars: Some(vars),
+        auth: Some(auth),
+        stage_outcomes: None,
+        env: Some(env),
+    }
+}
+
+pub(crate) async fn sleep_or_cancel(
+    cancel: &CancellationToken,
+    d: Duration,
+) -> Result<(), StepError> {
+    tokio::select! {
+        // Cancellation first: a cancelled stage never waits out a pause.
+        () = cancel.cancelled() => Err(StepError::Cancelled),
+        () = tokio::time::sleep(d) => Ok(()),
+    }
+}
