@@ -1,4 +1,13 @@
-//! baton-e2e: end-to-end scenarios that start a coordinator, agents and a recording target
-//! API through the same `serve` functions as the binaries. The CLI's snapshot tests live
-//! beside the `baton` binary (`coordinator/tests/`) because Cargo exposes a binary's path
-//! only to its own package's tests.
+//! baton-e2e: the harness for baton's end-to-end tests.
+//!
+//! - [`target`]: a recording target API (HTTP or HTTPS on 127.0.0.1) answering from a script.
+//! - [`tls`]: a private CA and a server certificate for TLS tests.
+//! - [`stage`]: one-stage projects on disk, loaded by the real spec loader, run by the
+//!   real executor.
+//!
+//! The CLI's snapshot tests live beside the `baton` binary (`coordinator/tests/`) because
+//! Cargo exposes a binary's path only to its own package's tests.
+
+pub mod stage;
+pub mod target;
+pub mod tls;
