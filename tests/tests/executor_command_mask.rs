@@ -1,0 +1,202 @@
+//! Command steps (real processes) and secret masking in every emitted event.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use baton_agent::executor::{Direction, StageEnd, StageEvent};
+use baton_common::template::{base64_encode, json_escape, query_escape};
+use baton_e2e::stage::{event_text, run, StageDir};
+use baton_e2e::target::{Reply, Target};
+
+fn failed(end: &StageEnd) -> &str {
+    match end {
+        StageEnd::Failed(msg) => msg,
+        other => panic!("expected a failure, got {other:?}"),
+    }
+}
+
+fn logs(events: &[StageEvent]) -> Vec<String> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            StageEvent::Log { line, .. } => Some(line.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn command_exports_json_outputs() {
+    let d = StageDir::new("http://127.0.0.1:9");
+    d.migration(
+        "001_tf.yaml",
+        r#"up:
+  command:
+    program: sh
+    args: ["-c", "echo 'applying {{.region}}' >&2; printf '{\"outputs\": {\"vpc_id\": {\"value\": \"vpc-%s\"}, \"n\": 3}}' \"$SUFFIX\""]
+    env:
+      SUFFIX: "{{.region}}"
+  response:
+    env_from:
+      vpc_id: outputs.vpc_id.value
+      count: outputs.n
+"#,
+    );
+    let mut task = d.task(Direction::Up, vec![]);
+    task.vars.stage.insert("region".into(), "eu1".into());
+    let (report, events) = run(task).await;
+    assert_eq!(report.end, StageEnd::Succeeded, "{}", event_text(&events));
+    assert_eq!(
+        report.exported.get("vpc_id").map(String::as_str),
+        Some("vpc-eu1")
+    );
+    assert_eq!(report.exported.get("count").map(String::as_str), Some("3"));
+    assert!(
+        logs(&events).contains(&"stderr: applying eu1".to_owned()),
+        "{:?}",
+        logs(&events)
+    );
+}
+
+#[tokio::test]
+async fn failing_command_fails_the_step_with_its_stderr() {
+    let d = StageDir::new("http://127.0.0.1:9");
+    d.migration("001_x.yaml", "up:\n  command:\n    program: sh\n    args: ['-c', 'echo plan failed: quota >&2; exit 3']\n");
+    d.migration(
+        "002_never.yaml",
+        "up:\n  command:\n    program: sh\n    args: ['-c', 'echo should not run']\n",
+    );
+    let (report, events) = run(d.task(Direction::Up, vec![])).await;
+    let msg = failed(&report.end);
+    assert!(
+        msg.contains("`sh` exited with code 3: plan failed: quota"),
+        "{msg}"
+    );
+    assert!(!logs(&events).iter().any(|l| l.contains("should not run")));
+}
+
+#[tokio::test]
+async fn command_timeout_kills_the_process_group() {
+    let d = StageDir::new("http://127.0.0.1:9");
+    let marker = d.path().join("child-survived");
+    // The shell starts a background child that would write the marker after 2 s; killing
+    // the whole group must stop it too.
+    d.migration(
+        "001_slow.yaml",
+        &format!(
+            "up:\n  command:\n    program: sh\n    args: ['-c', '(sleep 2; touch {}) & sleep 30']\n    timeout: 300ms\n",
+            marker.display()
+        ),
+    );
+    let (report, _) = run(d.task(Direction::Up, vec![])).await;
+    let msg = failed(&report.end);
+    assert!(
+        msg.contains("did not finish within 300ms; it was killed"),
+        "{msg}"
+    );
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(
+        !marker.exists(),
+        "a child of the command outlived the timeout"
+    );
+}
+
+#[tokio::test]
+async fn missing_program_is_a_clear_error() {
+    let d = StageDir::new("http://127.0.0.1:9");
+    d.migration(
+        "001_x.yaml",
+        "up:\n  command:\n    program: no-such-program-baton\n",
+    );
+    let (report, _) = run(d.task(Direction::Up, vec![])).await;
+    assert!(failed(&report.end).contains("cannot start `no-such-program-baton`"));
+}
+
+/// RELIABILITY.md scenario 18 for the executor: a secret never appears in events, in any of
+/// its forms, including split across two output chunks.
+#[tokio::test]
+async fn secrets_are_masked_in_every_form() {
+    let secret = "Sup3r/Secret+Value \"q\"";
+    let target = Target::start().await;
+    // The target echoes the secret back in several encodings in an error body.
+    let echoed = format!(
+        "raw={secret} b64={} url={} json={}",
+        base64_encode(secret.as_bytes()),
+        query_escape(secret),
+        json_escape(secret)
+    );
+    target.on("POST", "/fail", vec![Reply::text(400, &echoed)]);
+    target.on("GET", "/ok", vec![Reply::status(200)]);
+    let mut d = StageDir::new(&target.url());
+    d.secrets = vec!["declared".into()];
+    d.global
+        .insert("declared".into(), "declared-secret-42".into());
+    d.write(
+        "s/config.yaml",
+        "migrate_dir: migration\nenv:\n  - name: token\n    valueFromEnv: API_TOKEN\n",
+    );
+    d.migration(
+        "001_get.yaml",
+        "up:\n  request:\n    method: GET\n    url: '{{.api}}/ok?t={{.token}}&d={{.declared}}'\n",
+    );
+    d.migration(
+        "002_cmd.yaml",
+        r#"up:
+  command:
+    program: sh
+    args: ["-c", "printf 'one %s\n' \"$T\"; printf 'b64 %s\n' \"$(printf %s \"$T\" | base64)\"; printf 'split %s' \"${T%???????????}\"; sleep 0.05; printf '%s\n' \"${T#???????????}\"; echo declared=$D"]
+    env:
+      T: "{{.token}}"
+      D: "{{.declared}}"
+"#,
+    );
+    d.migration(
+        "003_fail.yaml",
+        "up:\n  request:\n    method: POST\n    url: '{{.api}}/fail?t={{.token}}'\n",
+    );
+    let env = BTreeMap::from([("API_TOKEN".to_owned(), secret.to_owned())]);
+    let (report, events) = run(d.task_with_env(Direction::Up, vec![], env)).await;
+    let msg = failed(&report.end).to_owned();
+    let text = format!("{}\n{msg}", event_text(&events));
+    for form in [
+        secret.to_owned(),
+        base64_encode(secret.as_bytes()),
+        query_escape(secret),
+        query_escape(secret).replace('+', "%20"),
+        json_escape(secret),
+        "declared-secret-42".to_owned(),
+    ] {
+        assert!(
+            !text.contains(&form),
+            "secret form {form:?} leaked:\n{text}"
+        );
+    }
+    // The request really carried it (URL-encoded), and the logs really had the lines.
+    assert!(target.requests_to("GET", "/ok")[0]
+        .query
+        .contains("declared-secret-42"));
+    let lines = logs(&events);
+    assert!(lines.contains(&"one ***".to_owned()), "{lines:?}");
+    assert!(lines.contains(&"declared=***".to_owned()), "{lines:?}");
+    assert!(
+        lines.contains(&"split ***".to_owned()),
+        "written in two chunks, masked as one: {lines:?}"
+    );
+    assert!(lines.contains(&"b64 ***".to_owned()), "{lines:?}");
+    assert!(msg.contains("raw=*** b64=*** url=*** json=***"), "{msg}");
+}
+
+#[tokio::test]
+async fn secrets_shorter_than_four_characters_are_refused() {
+    let d = StageDir::new("http://127.0.0.1:9");
+    d.write(
+        "s/config.yaml",
+        "migrate_dir: migration\nenv:\n  - name: pin\n    valueFromEnv: PIN\n",
+    );
+    d.migration("001_x.yaml", "up:\n  command:\n    program: 'true'\n");
+    let env = BTreeMap::from([("PIN".to_owned(), "123".to_owned())]);
+    let (report, _) = run(d.task_with_env(Direction::Up, vec![], env)).await;
+    assert!(
+        failed(&report.end).contains("secret `pin` is 3 characters long; secrets need at least 4")
+    );
+}
