@@ -318,7 +318,11 @@ async fn run(
     report.secret_exports = report
         .exported
         .iter()
-        .filter(|(k, v)| task.secrets.contains(k) || ctx.mask(v) != **v)
+        .filter(|(k, v)| {
+            task.secrets.contains(k)
+                || task.config.secrets.iter().any(|s| &s.value == *k)
+                || ctx.mask(v) != **v
+        })
         .map(|(k, _)| k.clone())
         .collect();
     report
@@ -363,7 +367,11 @@ fn prepare<'a>(
             .iter()
             .map(|(k, v)| (k.clone(), v.clone())),
     );
-    for name in &task.secrets {
+    for name in task
+        .secrets
+        .iter()
+        .chain(task.config.secrets.iter().map(|s| &s.value))
+    {
         let value = base
             .get(name)
             .or_else(|| task.applied.iter().rev().find_map(|a| a.vars.get(name)));

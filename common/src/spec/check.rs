@@ -6,7 +6,9 @@
 //! unknown until the stage runs, so an unprovided variable is a *warning*; a missing `.auth.X`
 //! or `auth_name` is an error (auth is only ever defined in the config).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use crate::mask::MIN_SECRET_LEN;
 use std::path::{Path, PathBuf};
 
 use crate::diag::{closest, Diagnostics};
@@ -130,6 +132,8 @@ pub(super) fn variables(
             extracted.extend(up_exports);
         }
     }
+
+    secrets(diags, sources, spec, stages, stages_file, stages_text);
 
     // env_from_stages names variables the source stage exports.
     let mut r = Reader::new(stages_file, stages_text, diags);
@@ -268,6 +272,71 @@ fn check_template(
                 r.error(pos, format!("`success`/`failed` (stage `{name}`) can only be used in a stage's condition"), None);
             }
             _ => {}
+        }
+    }
+}
+
+/// `secrets:` lists (stages.yaml and config.yaml): a secret with a literal value shorter than
+/// [`MIN_SECRET_LEN`] would mask ordinary text everywhere, so it is an error; a name that no
+/// source defines and no migration exports is a warning (probably a typo).
+fn secrets(
+    diags: &mut Diagnostics,
+    sources: &HashMap<PathBuf, String>,
+    spec: &StagesSpec,
+    stages: &[LoadedStage],
+    stages_file: &Path,
+    stages_text: &str,
+) {
+    for (stage, loaded) in spec.stages.iter().zip(stages) {
+        let mut literal: BTreeMap<&str, &str> = BTreeMap::new();
+        let mut known: BTreeSet<&str> = BTreeSet::new();
+        for e in spec
+            .global
+            .env
+            .iter()
+            .chain(&stage.env)
+            .chain(&loaded.config.env)
+        {
+            known.insert(&e.name.value);
+            if e.secret_from.is_none() {
+                literal.insert(&e.name.value, &e.value);
+            }
+        }
+        known.extend(
+            stage
+                .env_from_stages
+                .iter()
+                .flat_map(|f| f.vars.iter().map(|v| v.value.as_str())),
+        );
+        known.extend(loaded.exports());
+        let lists = [
+            (stages_file, stages_text, &stage.secrets),
+            (
+                loaded.config_file.as_path(),
+                sources.get(&loaded.config_file).map_or("", String::as_str),
+                &loaded.config.secrets,
+            ),
+        ];
+        for (file, text, names) in lists {
+            let mut r = Reader::new(file, text, diags);
+            for name in names.iter() {
+                if let Some(value) = literal.get(name.value.as_str()) {
+                    let len = value.chars().count();
+                    if len < MIN_SECRET_LEN {
+                        r.error(
+                            name.pos,
+                            format!("stage `{}`: secret `{}` is {len} characters long; secrets need at least {MIN_SECRET_LEN}", stage.name.value, name.value),
+                            Some("a shorter secret would be masked everywhere it appears in ordinary text; use a longer value".into()),
+                        );
+                    }
+                } else if !known.contains(name.value.as_str()) {
+                    r.warning(
+                        name.pos,
+                        format!("stage `{}`: secrets names `{}`, which no env entry defines and no migration exports", stage.name.value, name.value),
+                        closest(&name.value, known.iter().copied()).map(|c| format!("did you mean `{c}`?")),
+                    );
+                }
+            }
         }
     }
 }
