@@ -8,10 +8,11 @@ use std::collections::BTreeMap;
 use std::process::Stdio;
 use std::time::Duration;
 
+use baton_common::mask::StreamMasker;
 use baton_common::spec::{beside, CommandSpec, EnvMissing, MigrationSpec, ResponseSpec};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::Command;
 
 use super::http::json_value;
@@ -149,41 +150,92 @@ fn fmt_duration(d: Duration) -> String {
     baton_common::spec::duration::format(d)
 }
 
-/// Streams one pipe as log lines; returns what it read (stdout capped for extraction).
+/// Longest log line emitted as one event; longer output is split into several.
+const MAX_LINE: usize = 8 * 1024;
+
+/// Streams one pipe as log lines; returns what it read (stdout, capped, for extraction).
+///
+/// Output is read in chunks and masked as a stream before it is cut into lines, so a secret
+/// that a program writes in two pieces is still masked, and a program that never prints a
+/// newline cannot make the agent buffer without bound.
 async fn pump<R: AsyncRead + Unpin>(
     ctx: &StageCtx<'_>,
     version: u64,
-    pipe: R,
+    mut pipe: R,
     is_stdout: bool,
 ) -> Result<String, StepError> {
-    let mut reader = BufReader::new(pipe);
+    let masker = ctx.masker_snapshot();
+    let mut stream = StreamMasker::new(&masker);
     let mut kept = String::new();
-    let mut line = Vec::new();
+    let mut pending_bytes: Vec<u8> = Vec::new();
+    let mut line = String::new();
+    let mut buf = vec![0u8; 8 * 1024];
+    let prefix = if is_stdout { "" } else { "stderr: " };
     loop {
-        line.clear();
-        let n = reader
-            .read_until(b'\n', &mut line)
+        let n = pipe
+            .read(&mut buf)
             .await
             .map_err(|e| StepError::failed(format!("reading the command's output failed: {e}")))?;
+        let text = if n == 0 {
+            String::from_utf8_lossy(&std::mem::take(&mut pending_bytes)).into_owned()
+        } else {
+            pending_bytes.extend_from_slice(&buf[..n]);
+            take_utf8(&mut pending_bytes)
+        };
+        if is_stdout {
+            if kept.len() + text.len() > MAX_STDOUT {
+                return Err(StepError::failed(format!(
+                    "the command printed more than {MAX_STDOUT} bytes on stdout"
+                )));
+            }
+            kept.push_str(&text);
+        } else if kept.len() < 64 * 1024 {
+            kept.push_str(&text);
+        }
+        line.push_str(&stream.push(&text));
+        if n == 0 {
+            line.push_str(&stream.finish());
+        }
+        while let Some(i) = line.find('\n') {
+            let l: String = line.drain(..=i).collect();
+            let l = l.trim_end_matches(['\n', '\r']);
+            ctx.emit(StageEvent::Log {
+                version: Some(version),
+                line: format!("{prefix}{l}"),
+            })
+            .await;
+        }
+        if line.len() > MAX_LINE || (n == 0 && !line.is_empty()) {
+            let l = std::mem::take(&mut line);
+            ctx.emit(StageEvent::Log {
+                version: Some(version),
+                line: format!("{prefix}{l}"),
+            })
+            .await;
+        }
         if n == 0 {
             return Ok(kept);
         }
-        let text = String::from_utf8_lossy(&line);
-        let trimmed = text.trim_end_matches(['\n', '\r']);
-        let prefix = if is_stdout { "" } else { "stderr: " };
-        ctx.emit(StageEvent::Log {
-            version: Some(version),
-            line: format!("{prefix}{trimmed}"),
-        })
-        .await;
-        if is_stdout && kept.len() + text.len() > MAX_STDOUT {
-            return Err(StepError::failed(format!(
-                "the command printed more than {MAX_STDOUT} bytes on stdout"
-            )));
+    }
+}
+
+/// Takes the longest valid UTF-8 prefix of `bytes`, leaving an incomplete character at the
+/// end for the next read; invalid bytes in the middle become U+FFFD.
+fn take_utf8(bytes: &mut Vec<u8>) -> String {
+    match std::str::from_utf8(bytes) {
+        Ok(s) => {
+            let out = s.to_owned();
+            bytes.clear();
+            out
         }
-        if is_stdout || kept.len() < 64 * 1024 {
-            kept.push_str(&text);
+        Err(e) if e.error_len().is_none() => {
+            let valid = e.valid_up_to();
+            let rest = bytes.split_off(valid);
+            let out = String::from_utf8_lossy(bytes).into_owned();
+            *bytes = rest;
+            out
         }
+        Err(_) => String::from_utf8_lossy(&std::mem::take(bytes)).into_owned(),
     }
 }
 

@@ -204,6 +204,11 @@ impl StageCtx<'_> {
         }
     }
 
+    /// The secrets known now, for masking a stream.
+    pub(crate) fn masker_snapshot(&self) -> Masker {
+        self.masker.lock().map(|m| m.clone()).unwrap_or_default()
+    }
+
     pub(crate) fn add_secret(&self, name: &str, value: &str) -> Result<(), StepError> {
         let mut m = self
             .masker
