@@ -197,23 +197,26 @@ pub(crate) struct StageCtx<'a> {
 
 impl StageCtx<'_> {
     pub(crate) fn mask(&self, text: &str) -> String {
-        match self.masker.lock() {
-            Ok(m) => m.mask(text),
-            // A poisoned lock means a panic elsewhere; hide everything rather than leak.
-            Err(_) => baton_common::mask::MASK.to_owned(),
-        }
+        // A poisoned lock only means a panic elsewhere; the secrets it holds are intact.
+        self.masker
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .mask(text)
     }
 
     /// The secrets known now, for masking a stream.
     pub(crate) fn masker_snapshot(&self) -> Masker {
-        self.masker.lock().map(|m| m.clone()).unwrap_or_default()
+        self.masker
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     pub(crate) fn add_secret(&self, name: &str, value: &str) -> Result<(), StepError> {
         let mut m = self
             .masker
             .lock()
-            .map_err(|_| StepError::failed("secret masker unavailable"))?;
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         m.add(name, value)
             .map_err(|e| StepError::failed(e.to_string()))
     }
