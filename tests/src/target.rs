@@ -135,14 +135,19 @@ impl Target {
         }
     }
 
-    /// Starts an HTTPS target presenting `tls`'s server certificate.
+    /// Starts an HTTPS target presenting `tls`'s server certificate (TLS 1.2 and 1.3).
     pub async fn start_tls(tls: &crate::tls::TlsMaterial) -> Target {
+        Target::start_tls_with(tls, false).await
+    }
+
+    /// Starts an HTTPS target; `tls13_only` refuses TLS 1.2 clients.
+    pub async fn start_tls_with(tls: &crate::tls::TlsMaterial, tls13_only: bool) -> Target {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind 127.0.0.1:0");
         let addr = listener.local_addr().expect("local addr");
         let (shared, router) = router();
-        let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config());
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config(tls13_only));
         let stop = CancellationToken::new();
         let token = stop.clone();
         tokio::spawn(async move {

@@ -32,11 +32,17 @@ impl TlsMaterial {
         }
     }
 
-    pub(crate) fn server_config(&self) -> Arc<rustls::ServerConfig> {
+    /// A server config speaking TLS 1.2 and 1.3, or only 1.3.
+    pub(crate) fn server_config(&self, tls13_only: bool) -> Arc<rustls::ServerConfig> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.server_key.clone()));
+        let versions: &[&rustls::SupportedProtocolVersion] = if tls13_only {
+            &[&rustls::version::TLS13]
+        } else {
+            rustls::DEFAULT_VERSIONS
+        };
         let config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
+            .with_protocol_versions(versions)
             .expect("protocol versions")
             .with_no_client_auth()
             .with_single_cert(vec![self.server_cert.clone()], key)

@@ -263,3 +263,35 @@ async fn tls_auth_requests_use_the_stage_client_too() {
     assert_eq!(report.end, StageEnd::Succeeded, "{}", event_text(&events));
     assert_eq!(target.requests().len(), 2);
 }
+
+#[tokio::test]
+async fn tls_version_bounds_apply() {
+    let tls = TlsMaterial::generate();
+    let target = Target::start_tls_with(&tls, true).await;
+    target.on("GET", "/ping", vec![Reply::status(200)]);
+    // A client capped at TLS 1.2 cannot talk to a 1.3-only server ...
+    let d = StageDir::new(&target.url());
+    d.write("s/ca.pem", &tls.ca_pem);
+    d.write(
+        "s/config.yaml",
+        "migrate_dir: migration\nclient:\n  ca_file: ca.pem\n  maxtlsversion: '1.2'\n",
+    );
+    d.migration("001_x.yaml", TLS_CALL);
+    let (report, _) = run(d.task(Direction::Up, vec![])).await;
+    assert!(
+        matches!(report.end, StageEnd::Failed(_)),
+        "{:?}",
+        report.end
+    );
+    assert!(target.requests().is_empty());
+    // ... and one that asks for at least 1.3 can.
+    let d = StageDir::new(&target.url());
+    d.write("s/ca.pem", &tls.ca_pem);
+    d.write(
+        "s/config.yaml",
+        "migrate_dir: migration\nclient:\n  ca_file: ca.pem\n  min_tls_version: '1.3'\n",
+    );
+    d.migration("001_x.yaml", TLS_CALL);
+    let (report, events) = run(d.task(Direction::Up, vec![])).await;
+    assert_eq!(report.end, StageEnd::Succeeded, "{}", event_text(&events));
+}

@@ -570,3 +570,53 @@ async fn wait_health_check_runs_before_migrations() {
     let order: Vec<String> = target.requests().iter().map(|r| r.path.clone()).collect();
     assert_eq!(order, ["/health", "/health", "/health", "/x"]);
 }
+
+#[tokio::test]
+async fn body_file_rendered_and_render_body_false() {
+    let target = Target::start().await;
+    target.on("PUT", "/settings", vec![Reply::status(200)]);
+    let mut d = StageDir::new(&target.url());
+    d.global.insert("theme".into(), "dark".into());
+    d.write(
+        "s/bodies/settings.json",
+        "{\"theme\": \"{{.theme}}\", \"n\": 1}\n",
+    );
+    d.migration("001_file.yaml", "up:\n  request:\n    method: PUT\n    url: '{{.api}}/settings'\n    body_file: ../bodies/settings.json\n");
+    d.migration(
+        "002_literal.yaml",
+        "up:\n  request:\n    method: PUT\n    url: '{{.api}}/settings'\n    render_body: false\n    body: 'keep {{.theme}} as written'\n",
+    );
+    let (report, events) = run(d.task(Direction::Up, vec![])).await;
+    assert_eq!(report.end, StageEnd::Succeeded, "{}", event_text(&events));
+    let reqs = target.requests();
+    assert_eq!(reqs[0].json(), json!({"theme": "dark", "n": 1}));
+    assert_eq!(reqs[0].header("content-type"), Some("application/json"));
+    assert_eq!(reqs[1].body, "keep {{.theme}} as written");
+}
+
+#[tokio::test]
+async fn retry_policy_levels_config_then_migration() {
+    let target = Target::start().await;
+    target.on("POST", "/a", vec![Reply::status(500)]);
+    target.on("POST", "/b", vec![Reply::status(500)]);
+    let d = StageDir::new(&target.url());
+    // The stage config allows 4 attempts; migration 2 narrows that to 1.
+    d.write(
+        "s/config.yaml",
+        "migrate_dir: migration\nretry:\n  max_attempts: 4\n  initial_backoff: 1ms\n",
+    );
+    d.migration(
+        "001_a.yaml",
+        "up:\n  request:\n    method: POST\n    url: '{{.api}}/a'\n",
+    );
+    let (report, _) = run(d.task(Direction::Up, vec![])).await;
+    assert!(matches!(report.end, StageEnd::Failed(_)));
+    assert_eq!(target.requests_to("POST", "/a").len(), 4);
+    d.migration(
+        "001_a.yaml",
+        "retry:\n  max_attempts: 1\nup:\n  request:\n    method: POST\n    url: '{{.api}}/b'\n",
+    );
+    let (report, _) = run(d.task(Direction::Up, vec![])).await;
+    assert!(matches!(report.end, StageEnd::Failed(_)));
+    assert_eq!(target.requests_to("POST", "/b").len(), 1);
+}
