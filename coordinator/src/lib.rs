@@ -1,9 +1,13 @@
 //! baton-coordinator: the control plane.
 //!
 //! - [`planner`]: spec -> immutable plan (pure).
+//! - [`scheduler`]: the run state machine (pure core) and its async driver.
+//! - [`store`]: durable state (sled), behind the `Store` trait.
 //! - [`cli`]: the `baton` command line.
 //! - [`synthetic`]: generated projects for tests and benchmarks.
 
 pub mod cli;
 pub mod planner;
+pub mod scheduler;
+pub mod store;
 pub mod synthetic;

@@ -24,7 +24,7 @@ use petgraph::Direction;
 use serde::Serialize;
 
 /// Which stages to run.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, serde::Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Selection {
     #[default]

@@ -1,0 +1,99 @@
+//! The in-memory store: the same contract as the sled store, for tests and dry runs.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use super::{
+    AppliedRecord, EventRecord, Op, RunRecord, StageKey, StageResultRecord, Store, StoreError,
+    Transition,
+};
+
+#[derive(Debug, Default)]
+struct State {
+    next_id: u64,
+    runs: BTreeMap<u64, RunRecord>,
+    events: BTreeMap<(u64, u64), EventRecord>,
+    applied: BTreeMap<(StageKey, u64), AppliedRecord>,
+    results: BTreeMap<StageKey, StageResultRecord>,
+}
+
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    state: Mutex<State>,
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        MemoryStore::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl Store for MemoryStore {
+    fn next_id(&self) -> Result<u64, StoreError> {
+        let mut s = self.lock();
+        s.next_id += 1;
+        Ok(s.next_id)
+    }
+
+    fn commit(&self, t: Transition) -> Result<(), StoreError> {
+        let mut s = self.lock();
+        for op in t.ops {
+            match op {
+                Op::PutRun(r) => {
+                    s.runs.insert(r.id, r);
+                }
+                Op::AppendEvent { run, event } => {
+                    s.events.insert((run, event.seq), event);
+                }
+                Op::PutApplied { key, record } => {
+                    s.applied.insert((key, record.version), record);
+                }
+                Op::RemoveApplied { key, version } => {
+                    s.applied.remove(&(key, version));
+                }
+                Op::PutResult { key, record } => {
+                    s.results.insert(key, record);
+                }
+                Op::RemoveResult { key } => {
+                    s.results.remove(&key);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn run(&self, id: u64) -> Result<Option<RunRecord>, StoreError> {
+        Ok(self.lock().runs.get(&id).cloned())
+    }
+
+    fn runs(&self) -> Result<Vec<RunRecord>, StoreError> {
+        Ok(self.lock().runs.values().cloned().collect())
+    }
+
+    fn events(&self, run: u64, from_seq: u64) -> Result<Vec<EventRecord>, StoreError> {
+        Ok(self
+            .lock()
+            .events
+            .range((run, from_seq)..=(run, u64::MAX))
+            .map(|(_, e)| e.clone())
+            .collect())
+    }
+
+    fn applied(&self, key: &StageKey) -> Result<Vec<AppliedRecord>, StoreError> {
+        let s = self.lock();
+        Ok(s.applied
+            .range((key.clone(), 0)..=(key.clone(), u64::MAX))
+            .map(|(_, r)| r.clone())
+            .collect())
+    }
+
+    fn result(&self, key: &StageKey) -> Result<Option<StageResultRecord>, StoreError> {
+        Ok(self.lock().results.get(key).cloned())
+    }
+}

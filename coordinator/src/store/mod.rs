@@ -1,0 +1,287 @@
+//! Durable state: runs, their append-only event logs, per-stage migration history and the
+//! latest exported variables of each stage.
+//!
+//! [`Store`] is the only interface; [`SledStore`] keeps state in sled (the only module that
+//! names sled) and [`MemoryStore`] in memory. One test suite runs against both.
+//!
+//! Rules (RELIABILITY.md): every state transition is one [`Transition`], applied atomically
+//! across trees and flushed before `commit` returns, so whatever the caller does next (send a
+//! dispatch, print a result) happens only after the state that caused it is durable. Records
+//! are JSON with a format version `v`, so the format can evolve. Keys are big-endian so
+//! ranges scan in order.
+
+mod memory;
+mod sled_store;
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+pub use memory::MemoryStore;
+pub use sled_store::SledStore;
+
+use crate::planner::Selection;
+
+/// The record format this build writes.
+pub const FORMAT: u32 = 1;
+
+/// Why the store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("state directory `{dir}` is in use by another baton process (only one may open it at a time)")]
+    Locked { dir: String },
+    #[error("cannot open the state in `{dir}`: {message} (if the data is damaged, move the directory aside and restore it from a backup)")]
+    Open { dir: String, message: String },
+    #[error("storage I/O failed: {0}")]
+    Io(String),
+    #[error("a stored record is damaged or from a newer baton ({what}): {message}")]
+    Corrupt { what: String, message: String },
+}
+
+/// How a run ended, or that it has not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    Running,
+    Succeeded,
+    SucceededWithFailures,
+    Failed,
+    Cancelled,
+}
+
+impl RunStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Running => "running",
+            RunStatus::Succeeded => "succeeded",
+            RunStatus::SucceededWithFailures => "succeeded with failures",
+            RunStatus::Failed => "failed",
+            RunStatus::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// One run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub v: u32,
+    pub id: u64,
+    pub project: String,
+    /// `up` or `down`.
+    pub direction: String,
+    pub selection: Selection,
+    pub plan_digest: String,
+    pub created_at_ms: u64,
+    pub status: RunStatus,
+    pub finished_at_ms: Option<u64>,
+}
+
+/// One entry of a run's event log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventRecord {
+    pub v: u32,
+    pub seq: u64,
+    pub at_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stage: Option<String>,
+    pub kind: EventKind,
+}
+
+/// What happened. Texts are masked before they are recorded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum EventKind {
+    RunStarted {
+        stages: Vec<String>,
+    },
+    StageStarted {
+        attempt: u32,
+    },
+    MigrationStarted {
+        version: u64,
+        name: String,
+        direction: String,
+    },
+    Request {
+        version: u64,
+        method: String,
+        url: String,
+        status: Option<u16>,
+        duration_ms: u64,
+        attempt: u32,
+    },
+    Log {
+        line: String,
+    },
+    MigrationDone {
+        version: u64,
+        name: String,
+        direction: String,
+        duration_ms: u64,
+    },
+    StageSucceeded {
+        duration_ms: u64,
+    },
+    StageFailed {
+        message: String,
+    },
+    StageSkipped {
+        reason: String,
+    },
+    StageNotRun {
+        reason: String,
+    },
+    RunFinished {
+        status: RunStatus,
+    },
+    Notice {
+        message: String,
+    },
+}
+
+/// A migration recorded in a stage's history.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AppliedRecord {
+    pub v: u32,
+    pub version: u64,
+    pub name: String,
+    pub digest: String,
+    pub applied_at_ms: u64,
+    pub run_id: u64,
+    /// What its `up` extracted.
+    pub vars: BTreeMap<String, String>,
+}
+
+/// The latest successful result of a stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StageResultRecord {
+    pub v: u32,
+    pub run_id: u64,
+    pub at_ms: u64,
+    /// Every variable the stage exports.
+    pub exports: BTreeMap<String, String>,
+    /// Names among `exports` whose values are secret.
+    pub secret: Vec<String>,
+}
+
+/// Where a stage's state lives: project, environment, stage.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct StageKey {
+    pub project: String,
+    pub environment: String,
+    pub stage: String,
+}
+
+impl StageKey {
+    pub fn new(project: &str, stage: &str) -> Self {
+        StageKey {
+            project: project.to_owned(),
+            environment: "default".to_owned(),
+            stage: stage.to_owned(),
+        }
+    }
+
+    /// `project NUL environment NUL stage NUL`: a prefix no other stage's key extends.
+    pub fn bytes(&self) -> Vec<u8> {
+        let mut k = Vec::new();
+        for part in [&self.project, &self.environment, &self.stage] {
+            k.extend_from_slice(part.as_bytes());
+            k.push(0);
+        }
+        k
+    }
+}
+
+/// One write of a transition.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Op {
+    PutRun(RunRecord),
+    AppendEvent {
+        run: u64,
+        event: EventRecord,
+    },
+    PutApplied {
+        key: StageKey,
+        record: AppliedRecord,
+    },
+    RemoveApplied {
+        key: StageKey,
+        version: u64,
+    },
+    PutResult {
+        key: StageKey,
+        record: StageResultRecord,
+    },
+    RemoveResult {
+        key: StageKey,
+    },
+}
+
+/// Writes that become durable together, or not at all.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Transition {
+    pub ops: Vec<Op>,
+}
+
+impl Transition {
+    pub fn new() -> Self {
+        Transition::default()
+    }
+
+    pub fn push(&mut self, op: Op) -> &mut Self {
+        self.ops.push(op);
+        self
+    }
+}
+
+/// The durable state. Implementations are shared across threads; `commit` blocks until the
+/// transition is durable (call it from `spawn_blocking` in async code).
+pub trait Store: Send + Sync {
+    /// A new id, strictly larger than every id handed out before, across restarts.
+    fn next_id(&self) -> Result<u64, StoreError>;
+    /// Applies a transition atomically and makes it durable.
+    fn commit(&self, t: Transition) -> Result<(), StoreError>;
+    fn run(&self, id: u64) -> Result<Option<RunRecord>, StoreError>;
+    /// Every run, oldest first.
+    fn runs(&self) -> Result<Vec<RunRecord>, StoreError>;
+    /// A run's events from `from_seq` on, in order.
+    fn events(&self, run: u64, from_seq: u64) -> Result<Vec<EventRecord>, StoreError>;
+    /// A stage's applied migrations, lowest version first.
+    fn applied(&self, key: &StageKey) -> Result<Vec<AppliedRecord>, StoreError>;
+    fn result(&self, key: &StageKey) -> Result<Option<StageResultRecord>, StoreError>;
+}
+
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+pub(crate) fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    // Serialising these plain records cannot fail: no maps with non-string keys, no floats.
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+pub(crate) fn decode<T: for<'de> Deserialize<'de>>(
+    what: &str,
+    bytes: &[u8],
+) -> Result<T, StoreError> {
+    let v: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        what: what.to_owned(),
+        message: e.to_string(),
+    })?;
+    let format = v.get("v").and_then(serde_json::Value::as_u64).unwrap_or(0);
+    if format > u64::from(FORMAT) {
+        return Err(StoreError::Corrupt {
+            what: what.to_owned(),
+            message: format!("format {format}, this baton reads up to {FORMAT}; upgrade baton"),
+        });
+    }
+    serde_json::from_value(v).map_err(|e| StoreError::Corrupt {
+        what: what.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,166 @@
+//! The sled store (sled 0.34.7, pinned). The only module that names sled.
+//!
+//! Trees: `runs` (run id BE -> RunRecord), `events` (run id BE ++ seq BE -> EventRecord),
+//! `applied` (stage key ++ version BE -> AppliedRecord), `results` (stage key -> result).
+//! A transition is one multi-tree transaction followed by `flush()`; `flush_async` is never
+//! used (it deadlocks in 0.34) and nothing flushes inside a transaction.
+
+use std::path::Path;
+
+use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+
+use super::{
+    decode, encode, AppliedRecord, EventRecord, Op, RunRecord, StageKey, StageResultRecord, Store,
+    StoreError, Transition,
+};
+
+#[derive(Debug, Clone)]
+pub struct SledStore {
+    db: sled::Db,
+    runs: sled::Tree,
+    events: sled::Tree,
+    applied: sled::Tree,
+    results: sled::Tree,
+}
+
+impl SledStore {
+    /// Opens (creating if needed) the store in `dir`. A second process on the same directory
+    /// is refused with [`StoreError::Locked`].
+    pub fn open(dir: &Path) -> Result<SledStore, StoreError> {
+        let shown = dir.display().to_string();
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::Open {
+            dir: shown.clone(),
+            message: e.to_string(),
+        })?;
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(64 * 1024 * 1024)
+            .mode(sled::Mode::HighThroughput)
+            .open()
+            .map_err(|e| match e {
+                sled::Error::Io(io)
+                    if io.kind() == std::io::ErrorKind::WouldBlock
+                        || io.to_string().contains("lock") =>
+                {
+                    StoreError::Locked { dir: shown.clone() }
+                }
+                other => StoreError::Open {
+                    dir: shown.clone(),
+                    message: other.to_string(),
+                },
+            })?;
+        let tree = |name: &str| {
+            db.open_tree(name).map_err(|e| StoreError::Open {
+                dir: shown.clone(),
+                message: e.to_string(),
+            })
+        };
+        Ok(SledStore {
+            runs: tree("runs")?,
+            events: tree("events")?,
+            applied: tree("applied")?,
+            results: tree("results")?,
+            db,
+        })
+    }
+}
+
+fn io(e: sled::Error) -> StoreError {
+    StoreError::Io(e.to_string())
+}
+
+fn run_key(id: u64) -> [u8; 8] {
+    id.to_be_bytes()
+}
+
+fn event_key(run: u64, seq: u64) -> Vec<u8> {
+    let mut k = run.to_be_bytes().to_vec();
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn applied_key(key: &StageKey, version: u64) -> Vec<u8> {
+    let mut k = key.bytes();
+    k.extend_from_slice(&version.to_be_bytes());
+    k
+}
+
+impl Store for SledStore {
+    fn next_id(&self) -> Result<u64, StoreError> {
+        // generate_id is monotonic across crashes (it persists a reserved range).
+        self.db.generate_id().map(|id| id + 1).map_err(io)
+    }
+
+    fn commit(&self, t: Transition) -> Result<(), StoreError> {
+        let result: Result<(), TransactionError<()>> =
+            (&self.runs, &self.events, &self.applied, &self.results).transaction(
+                |(runs, events, applied, results)| {
+                    for op in &t.ops {
+                        match op {
+                            Op::PutRun(r) => {
+                                runs.insert(&run_key(r.id), encode(r))?;
+                            }
+                            Op::AppendEvent { run, event } => {
+                                events.insert(event_key(*run, event.seq), encode(event))?;
+                            }
+                            Op::PutApplied { key, record } => {
+                                applied.insert(applied_key(key, record.version), encode(record))?;
+                            }
+                            Op::RemoveApplied { key, version } => {
+                                applied.remove(applied_key(key, *version))?;
+                            }
+                            Op::PutResult { key, record } => {
+                                results.insert(key.bytes(), encode(record))?;
+                            }
+                            Op::RemoveResult { key } => {
+                                results.remove(key.bytes())?;
+                            }
+                        }
+                    }
+                    Ok::<(), ConflictableTransactionError<()>>(())
+                },
+            );
+        result.map_err(|e| StoreError::Io(format!("{e:?}")))?;
+        // Durable before the caller acts on it.
+        self.db.flush().map_err(io)?;
+        Ok(())
+    }
+
+    fn run(&self, id: u64) -> Result<Option<RunRecord>, StoreError> {
+        match self.runs.get(run_key(id)).map_err(io)? {
+            Some(v) => decode("run", &v).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn runs(&self) -> Result<Vec<RunRecord>, StoreError> {
+        self.runs
+            .iter()
+            .map(|kv| kv.map_err(io).and_then(|(_, v)| decode("run", &v)))
+            .collect()
+    }
+
+    fn events(&self, run: u64, from_seq: u64) -> Result<Vec<EventRecord>, StoreError> {
+        self.events
+            .range(event_key(run, from_seq)..event_key(run, u64::MAX))
+            .map(|kv| kv.map_err(io).and_then(|(_, v)| decode("event", &v)))
+            .collect()
+    }
+
+    fn applied(&self, key: &StageKey) -> Result<Vec<AppliedRecord>, StoreError> {
+        self.applied
+            .scan_prefix(key.bytes())
+            .map(|kv| {
+                kv.map_err(io)
+                    .and_then(|(_, v)| decode("applied migration", &v))
+            })
+            .collect()
+    }
+
+    fn result(&self, key: &StageKey) -> Result<Option<StageResultRecord>, StoreError> {
+        match self.results.get(key.bytes()).map_err(io)? {
+            Some(v) => decode("stage result", &v).map(Some),
+            None => Ok(None),
+        }
+    }
+}

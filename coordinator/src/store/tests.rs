@@ -1,0 +1,167 @@
+//! One suite, run against both stores.
+
+use std::collections::BTreeMap;
+
+use super::*;
+
+fn run(id: u64, status: RunStatus) -> RunRecord {
+    RunRecord {
+        v: FORMAT,
+        id,
+        project: "p".into(),
+        direction: "up".into(),
+        selection: Selection::All,
+        plan_digest: "d".into(),
+        created_at_ms: 1,
+        status,
+        finished_at_ms: None,
+    }
+}
+
+fn event(seq: u64, line: &str) -> EventRecord {
+    EventRecord {
+        v: FORMAT,
+        seq,
+        at_ms: 2,
+        stage: Some("s".into()),
+        kind: EventKind::Log { line: line.into() },
+    }
+}
+
+fn applied(version: u64) -> AppliedRecord {
+    AppliedRecord {
+        v: FORMAT,
+        version,
+        name: format!("m{version}"),
+        digest: "x".into(),
+        applied_at_ms: 3,
+        run_id: 1,
+        vars: BTreeMap::from([(format!("v{version}"), "1".into())]),
+    }
+}
+
+fn suite(store: &dyn Store) {
+    let a = store.next_id().unwrap();
+    let b = store.next_id().unwrap();
+    assert!(b > a && a > 0);
+
+    let key = StageKey::new("p", "infra");
+    let other = StageKey::new("p", "infra2");
+    let mut t = Transition::new();
+    t.push(Op::PutRun(run(7, RunStatus::Running)));
+    // Appended out of order; read back in order (big-endian keys).
+    t.push(Op::AppendEvent {
+        run: 7,
+        event: event(256, "b"),
+    });
+    t.push(Op::AppendEvent {
+        run: 7,
+        event: event(1, "a"),
+    });
+    t.push(Op::AppendEvent {
+        run: 8,
+        event: event(1, "other run"),
+    });
+    t.push(Op::PutApplied {
+        key: key.clone(),
+        record: applied(300),
+    });
+    t.push(Op::PutApplied {
+        key: key.clone(),
+        record: applied(2),
+    });
+    t.push(Op::PutApplied {
+        key: other.clone(),
+        record: applied(1),
+    });
+    store.commit(t).unwrap();
+
+    assert_eq!(store.run(7).unwrap().unwrap().status, RunStatus::Running);
+    assert_eq!(store.run(9).unwrap(), None);
+    let events: Vec<u64> = store.events(7, 0).unwrap().iter().map(|e| e.seq).collect();
+    assert_eq!(events, [1, 256]);
+    assert_eq!(store.events(7, 2).unwrap().len(), 1);
+    let versions: Vec<u64> = store
+        .applied(&key)
+        .unwrap()
+        .iter()
+        .map(|r| r.version)
+        .collect();
+    assert_eq!(
+        versions,
+        [2, 300],
+        "a stage's history does not include another stage whose name extends it"
+    );
+
+    let mut t = Transition::new();
+    t.push(Op::PutRun(run(7, RunStatus::Succeeded)));
+    t.push(Op::RemoveApplied {
+        key: key.clone(),
+        version: 300,
+    });
+    t.push(Op::PutResult {
+        key: key.clone(),
+        record: StageResultRecord {
+            v: FORMAT,
+            run_id: 7,
+            at_ms: 4,
+            exports: BTreeMap::from([("a".into(), "b".into())]),
+            secret: vec![],
+        },
+    });
+    store.commit(t).unwrap();
+    assert_eq!(store.run(7).unwrap().unwrap().status, RunStatus::Succeeded);
+    assert_eq!(store.applied(&key).unwrap().len(), 1);
+    assert_eq!(store.result(&key).unwrap().unwrap().exports["a"], "b");
+    assert_eq!(store.runs().unwrap().len(), 1);
+
+    let mut t = Transition::new();
+    t.push(Op::RemoveResult { key: key.clone() });
+    store.commit(t).unwrap();
+    assert_eq!(store.result(&key).unwrap(), None);
+}
+
+#[test]
+fn memory_store() {
+    suite(&MemoryStore::new());
+}
+
+fn temp_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("baton-store-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+#[test]
+fn sled_store() {
+    let dir = temp_dir("suite");
+    suite(&SledStore::open(&dir).unwrap());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn sled_state_survives_reopen_and_ids_stay_monotonic() {
+    let dir = temp_dir("reopen");
+    let first = {
+        let s = SledStore::open(&dir).unwrap();
+        let mut t = Transition::new();
+        t.push(Op::PutRun(run(1, RunStatus::Failed)));
+        s.commit(t).unwrap();
+        s.next_id().unwrap()
+    };
+    let s = SledStore::open(&dir).unwrap();
+    assert_eq!(s.run(1).unwrap().unwrap().status, RunStatus::Failed);
+    assert!(s.next_id().unwrap() > first);
+    drop(s);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn records_from_a_newer_format_are_refused() {
+    let err = decode::<RunRecord>("run", br#"{"v": 99}"#).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("format 99, this baton reads up to 1; upgrade baton"),
+        "{err}"
+    );
+}
