@@ -149,7 +149,22 @@ fn sled_state_survives_reopen_and_ids_stay_monotonic() {
         s.commit(t).unwrap();
         s.next_id().unwrap()
     };
-    let s = SledStore::open(&dir).unwrap();
+    // sled's flusher thread lets go of the directory lock shortly after the last handle is
+    // dropped; wait for that (bounded), as a restarted process would never need to.
+    let mut reopened = None;
+    for _ in 0..500 {
+        match SledStore::open(&dir) {
+            Ok(s) => {
+                reopened = Some(s);
+                break;
+            }
+            Err(StoreError::Locked { .. }) => {
+                std::thread::sleep(std::time::Duration::from_millis(10))
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let s = reopened.expect("the lock is released after the store is dropped");
     assert_eq!(s.run(1).unwrap().unwrap().status, RunStatus::Failed);
     assert!(s.next_id().unwrap() > first);
     drop(s);
@@ -162,6 +177,19 @@ fn records_from_a_newer_format_are_refused() {
     assert!(
         err.to_string()
             .contains("format 99, this baton reads up to 1; upgrade baton"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_second_open_of_the_same_directory_is_refused() {
+    let dir = temp_dir("lock");
+    let _first = SledStore::open(&dir).unwrap();
+    let err = SledStore::open(&dir).unwrap_err();
+    assert!(matches!(err, StoreError::Locked { .. }), "{err}");
+    assert!(
+        err.to_string()
+            .contains("is in use by another baton process"),
         "{err}"
     );
 }
