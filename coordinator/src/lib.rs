@@ -4,9 +4,11 @@
 //! - [`scheduler`]: the run state machine (pure core) and its async driver.
 //! - [`store`]: durable state (sled), behind the `Store` trait.
 //! - [`cli`]: the `baton` command line.
+//! - [`demo`]: the local cloud API `baton demo` runs the examples against.
 //! - [`synthetic`]: generated projects for tests and benchmarks.
 
 pub mod cli;
+pub mod demo;
 pub mod planner;
 pub mod scheduler;
 pub mod store;

@@ -9,7 +9,11 @@ fn main() -> ExitCode {
     let cli = baton_coordinator::cli::Cli::parse();
     let mut out = std::io::stdout().lock();
     let mut err = std::io::stderr().lock();
-    let code = match baton_coordinator::cli::run(cli, &mut out, &mut err) {
+    // The only place the process environment is read.
+    let env = std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .collect();
+    let code = match baton_coordinator::cli::run(cli, env, &mut out, &mut err) {
         Ok(code) => code,
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => 0,
         Err(e) => {

@@ -3,8 +3,10 @@
 //! Every command writes its data to `out` and its diagnostics to `err` and returns the
 //! process exit code: 0 success, 1 the run failed, 2 invalid input or usage (COMPAT.md).
 
+mod demo;
 mod graph;
 mod plan_view;
+mod run;
 mod stages;
 
 use std::io::Write;
@@ -33,14 +35,51 @@ pub enum Command {
     /// Multi-stage orchestration: validate, plan and run a stages.yaml.
     #[command(subcommand)]
     Stages(StagesCommand),
+    /// Run the bundled examples for real against a local demo API, then show their status.
+    Demo(DemoArgs),
+    /// Past and interrupted runs, from the state directory.
+    #[command(subcommand)]
+    Runs(RunsCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Stages files to run, in order (default: the bundled examples).
+    #[arg(long, short = 'c')]
+    pub config: Vec<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RunsCommand {
+    /// Every run, oldest first.
+    List(StateArgs),
+    /// A run's event log.
+    Show {
+        /// The run's id (see `baton runs list`).
+        run: u64,
+        #[command(flatten)]
+        state: StateArgs,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct StateArgs {
+    /// The stages file (its `.baton/` directory holds the state).
+    #[arg(long, short = 'c', default_value = "stages.yaml")]
+    pub config: PathBuf,
+    /// Where state lives (default: `.baton/` beside the stages file).
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum StagesCommand {
     /// Check a stages file and every file it names; report every problem at once.
     Validate(ValidateArgs),
-    /// Run stages in dependency order (today: `--dry-run` prints the plan).
+    /// Run stages in dependency order (`--dry-run` prints the plan and sends nothing).
     Up(UpArgs),
+    /// Applied and pending migrations per stage, and each stage's last result.
+    Status(StatusArgs),
     /// Draw the stage dependency graph.
     Graph(GraphArgs),
 }
@@ -90,6 +129,31 @@ pub struct UpArgs {
     /// Output format.
     #[arg(long, short = 'o', value_enum, default_value_t)]
     pub output: OutputFormat,
+    /// Where state lives (default: `.baton/` beside the stages file).
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Set a variable on top of `global.env` (repeatable): --set api_base=http://127.0.0.1:8080
+    #[arg(long = "set", value_name = "KEY=VALUE", value_parser = parse_set)]
+    pub set: Vec<(String, String)>,
+}
+
+fn parse_set(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.to_owned())),
+        _ => Err(format!("`{s}` is not KEY=VALUE")),
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub spec: SpecArgs,
+    /// Also show each stage's exported variables (secrets masked).
+    #[arg(long, short = 'v')]
+    pub verbose: bool,
+    /// Where state lives (default: `.baton/` beside the stages file).
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
@@ -108,11 +172,22 @@ pub struct GraphArgs {
     pub format: GraphFormat,
 }
 
-/// Runs a parsed command line.
-pub fn run(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> std::io::Result<i32> {
+/// Runs a parsed command line. `env` is the process environment, read once by `main`.
+pub fn run(
+    cli: Cli,
+    env: std::collections::BTreeMap<String, String>,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> std::io::Result<i32> {
     match cli.command {
         Command::Stages(StagesCommand::Validate(a)) => stages::validate(&a, out, err),
-        Command::Stages(StagesCommand::Up(a)) => stages::up(&a, out, err),
+        Command::Stages(StagesCommand::Up(a)) => stages::up(&a, env, out, err),
+        Command::Stages(StagesCommand::Status(a)) => stages::status(&a, out, err),
         Command::Stages(StagesCommand::Graph(a)) => graph::run(&a, out, err),
+        Command::Demo(a) => demo::run(&a, env, out, err),
+        Command::Runs(RunsCommand::List(a)) => stages::runs(&a, None, out, err),
+        Command::Runs(RunsCommand::Show { run, state }) => {
+            stages::runs(&state, Some(run), out, err)
+        }
     }
 }

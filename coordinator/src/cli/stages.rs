@@ -1,13 +1,16 @@
 //! `baton stages validate` and `baton stages up`.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 
 use baton_common::diag::{Diagnostics, Severity};
 use baton_common::spec::{load_project, DiskFiles, LoadOptions, Project};
 use serde::Serialize;
 
-use super::plan_view;
-use super::{OutputFormat, SpecArgs, UpArgs, ValidateArgs, EXIT_INVALID, EXIT_OK};
+use super::{plan_view, run};
+use super::{
+    OutputFormat, SpecArgs, StateArgs, StatusArgs, UpArgs, ValidateArgs, EXIT_INVALID, EXIT_OK,
+};
 use crate::planner::{self, NoHistory, Plan, PlanError, Selection};
 
 /// Loads the project and runs the graph checks: the whole of validation.
@@ -113,7 +116,12 @@ struct DryRunReport<'a> {
     diagnostics: &'a Diagnostics,
 }
 
-pub(super) fn up(args: &UpArgs, out: &mut dyn Write, err: &mut dyn Write) -> std::io::Result<i32> {
+pub(super) fn up(
+    args: &UpArgs,
+    env: BTreeMap<String, String>,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> std::io::Result<i32> {
     let (project, diags) = load_and_check(&args.spec);
     let Some(project) = project else {
         match args.output {
@@ -146,8 +154,32 @@ pub(super) fn up(args: &UpArgs, out: &mut dyn Write, err: &mut dyn Write) -> std
             names: names.to_vec(),
         },
     };
-    // No store yet: nothing has run before, so every migration is pending.
-    let plan = match planner::plan(&project, &selection, &NoHistory) {
+    let state_dir = args
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| run::default_state_dir(&project.stages_file));
+    let key = run::project_key(&project.stages_file);
+    // A dry run reads history when there is some, and never creates the state directory.
+    let store = if args.dry_run && !state_dir.exists() {
+        None
+    } else {
+        match run::open_store(&state_dir, err)? {
+            Some(s) => Some(s),
+            None => return Ok(EXIT_INVALID),
+        }
+    };
+    let planned = match &store {
+        Some(s) => planner::plan(
+            &project,
+            &selection,
+            &run::StoreHistory {
+                store: s.as_ref(),
+                project: key.clone(),
+            },
+        ),
+        None => planner::plan(&project, &selection, &NoHistory),
+    };
+    let plan = match planned {
         Ok(plan) => plan,
         Err(PlanError::Invalid(d)) => {
             write!(err, "{d}")?;
@@ -159,11 +191,14 @@ pub(super) fn up(args: &UpArgs, out: &mut dyn Write, err: &mut dyn Write) -> std
         }
     };
     if !args.dry_run {
-        writeln!(
-            err,
-            "error: running stages is not available in this build yet; `baton stages up --dry-run` prints the plan"
-        )?;
-        return Ok(EXIT_INVALID);
+        if !diags.is_empty() {
+            write!(err, "{diags}")?;
+        }
+        let Some(store) = store else {
+            return Ok(EXIT_INVALID);
+        };
+        let overrides: BTreeMap<String, String> = args.set.iter().cloned().collect();
+        return run::up(project, plan, store, key, overrides, env, out, err);
     }
     match args.output {
         OutputFormat::Json => {
@@ -185,4 +220,66 @@ pub(super) fn up(args: &UpArgs, out: &mut dyn Write, err: &mut dyn Write) -> std
         }
     }
     Ok(EXIT_OK)
+}
+
+pub(super) fn status(
+    args: &StatusArgs,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> std::io::Result<i32> {
+    let (project, diags) = load_and_check(&args.spec);
+    let Some(project) = project else {
+        write!(err, "{diags}")?;
+        return Ok(EXIT_INVALID);
+    };
+    let state_dir = args
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| run::default_state_dir(&project.stages_file));
+    if !state_dir.exists() {
+        writeln!(
+            out,
+            "no state in {}: nothing has run yet",
+            state_dir.display()
+        )?;
+        return Ok(EXIT_OK);
+    }
+    let Some(store) = run::open_store(&state_dir, err)? else {
+        return Ok(EXIT_INVALID);
+    };
+    run::status(
+        &project,
+        store.as_ref(),
+        &run::project_key(&project.stages_file),
+        args.verbose,
+        out,
+    )
+}
+
+pub(super) fn runs(
+    args: &StateArgs,
+    id: Option<u64>,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> std::io::Result<i32> {
+    let stages_file = baton_common::spec::normalize(&args.config);
+    let state_dir = args
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| run::default_state_dir(&stages_file));
+    if !state_dir.exists() {
+        writeln!(
+            err,
+            "error: no state in {}: nothing has run yet",
+            state_dir.display()
+        )?;
+        return Ok(EXIT_INVALID);
+    }
+    let Some(store) = run::open_store(&state_dir, err)? else {
+        return Ok(EXIT_INVALID);
+    };
+    match id {
+        None => run::runs_list(store.as_ref(), out),
+        Some(id) => run::runs_show(store.as_ref(), id, out, err),
+    }
 }
