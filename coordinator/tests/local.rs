@@ -1,0 +1,318 @@
+//! Local mode end to end: the real `baton` binary runs projects against a recording target
+//! API on 127.0.0.1, with durable state in a temporary `.baton/`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use baton_e2e::target::{Reply, Target};
+use serde_json::json;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A copy of `src` in a fresh temporary directory.
+fn copy_project(src: &Path, name: &str) -> PathBuf {
+    let dst = std::env::temp_dir().join(format!("baton-local-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dst);
+    copy_dir(src, &dst);
+    dst
+}
+
+fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for entry in std::fs::read_dir(src).unwrap() {
+        let entry = entry.unwrap();
+        let to = dst.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            if entry.file_name() != ".baton" {
+                copy_dir(&entry.path(), &to);
+            }
+        } else {
+            std::fs::copy(entry.path(), &to).unwrap();
+        }
+    }
+}
+
+/// Runs `baton` in `dir` off the async runtime (the target must keep serving meanwhile).
+async fn baton(dir: &Path, args: &[&str]) -> (i32, String) {
+    let dir = dir.to_path_buf();
+    let args: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
+    tokio::task::spawn_blocking(move || {
+        let out = Command::new(env!("CARGO_BIN_EXE_baton"))
+            .args(&args)
+            .current_dir(&dir)
+            .output()
+            .expect("baton runs");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code().unwrap_or(-1), text)
+    })
+    .await
+    .unwrap()
+}
+
+fn script_seed001(target: &Target) {
+    target.on(
+        "POST",
+        "/vpc",
+        vec![Reply::json(
+            201,
+            json!({"vpc": {"id": "vpc-1", "subnets": [{"id": "subnet-1"}]}}),
+        )],
+    );
+    target.on(
+        "POST",
+        "/vpc/vpc-1/security-groups",
+        vec![Reply::json(201, json!({"security_group": {"id": "sg-1"}}))],
+    );
+    target.on(
+        "POST",
+        "/database",
+        vec![Reply::json(201, json!({"database": {"id": "db-1", "endpoint": "db.internal:5432", "password": "pw-98765"}}))],
+    );
+    target.on(
+        "POST",
+        "/database/db-1/users",
+        vec![Reply::json(201, json!({"user": {"name": "app"}}))],
+    );
+    target.on(
+        "POST",
+        "/services",
+        vec![
+            Reply::json(
+                201,
+                json!({"service": {"id": "svc-1", "url": "http://api.internal"}}),
+            ),
+            Reply::json(
+                201,
+                json!({"service": {"id": "svc-2", "url": "http://auth.internal"}}),
+            ),
+        ],
+    );
+    target.on("PUT", "/load-balancer", vec![Reply::json(200, json!({}))]);
+    target.on(
+        "POST",
+        "/monitoring/checks",
+        vec![Reply::json(201, json!({"check": {"id": "chk-1"}}))],
+    );
+    target.on(
+        "POST",
+        "/monitoring/alerts",
+        vec![Reply::json(201, json!({"alert": {"id": "alr-1"}}))],
+    );
+}
+
+/// Seed 001's four stages with variables flowing across them; a second `up` sends nothing;
+/// a new migration runs alone; `--stage` uses stored variables.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_example_runs_and_reruns_only_what_is_new() {
+    let target = Target::start().await;
+    script_seed001(&target);
+    let dir = copy_project(&repo().join("examples/stages"), "seed001");
+    let set = format!("api_base={}", target.url());
+    let (code, out) = baton(&dir, &["stages", "up", "--set", &set]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("run 1 succeeded"), "{out}");
+    let reqs = target.requests();
+    assert_eq!(reqs.len(), 9, "{out}");
+    let api = &target.requests_to("POST", "/services")[0];
+    assert_eq!(
+        api.json(),
+        json!({"name": "api", "vpc_id": "vpc-1", "database": "db.internal:5432", "database_password": "pw-98765"})
+    );
+    let checks = &target.requests_to("POST", "/monitoring/checks")[0];
+    assert_eq!(
+        checks.json()["targets"],
+        json!(["http://api.internal/health", "http://auth.internal/health"])
+    );
+    assert_eq!(checks.query, "environment=production");
+
+    // Nothing pending: nothing is sent.
+    let (code, out) = baton(&dir, &["stages", "up", "--set", &set]).await;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        target.requests().len(),
+        9,
+        "a second up sent requests:\n{out}"
+    );
+
+    // A new migration in one stage runs alone.
+    std::fs::write(
+        dir.join("services/migration/004_scale.yaml"),
+        "up:\n  request:\n    method: PUT\n    url: '{{.api_base}}/services/{{.api_service_id}}/scale'\n    body:\n      replicas: 3\n",
+    )
+    .unwrap();
+    target.on(
+        "PUT",
+        "/services/svc-1/scale",
+        vec![Reply::json(200, json!({}))],
+    );
+    let (code, out) = baton(&dir, &["stages", "up", "--set", &set]).await;
+    assert_eq!(code, 0, "{out}");
+    let new: Vec<String> = target.requests()[9..]
+        .iter()
+        .map(|r| format!("{} {}", r.method, r.path))
+        .collect();
+    assert_eq!(new, ["PUT /services/svc-1/scale"], "{out}");
+
+    // `--stage configuration` uses the stored variables of `services`.
+    std::fs::write(
+        dir.join("configuration/migration/003_dashboard.yaml"),
+        "up:\n  request:\n    method: POST\n    url: '{{.api_base}}/dashboards'\n    body:\n      api: '{{.api_url}}'\n",
+    )
+    .unwrap();
+    target.on("POST", "/dashboards", vec![Reply::status(201)]);
+    let (code, out) = baton(
+        &dir,
+        &["stages", "up", "--stage", "configuration", "--set", &set],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        target.requests_to("POST", "/dashboards")[0].json(),
+        json!({"api": "http://api.internal"})
+    );
+
+    let (code, status) = baton(&dir, &["stages", "status", "--verbose"]).await;
+    assert_eq!(code, 0);
+    assert!(
+        status.contains("services: 4 applied, 0 pending"),
+        "{status}"
+    );
+    assert!(status.contains("export   vpc_id=vpc-1"), "{status}");
+    let (_, runs) = baton(&dir, &["runs", "list"]).await;
+    assert_eq!(runs.lines().count(), 4, "{runs}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stage_selection_refuses_when_a_dependency_never_ran() {
+    let target = Target::start().await;
+    let dir = copy_project(&repo().join("examples/stages"), "refuse");
+    let set = format!("api_base={}", target.url());
+    let (code, out) = baton(
+        &dir,
+        &["stages", "up", "--stage", "services", "--set", &set],
+    )
+    .await;
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("stage services: dependent stage database has not been executed"),
+        "{out}"
+    );
+    assert!(target.requests().is_empty());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A condition skips a stage (the mixed variant's stage 3 runs only in production).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn condition_skips_a_stage() {
+    let target = Target::start().await;
+    for n in ["prerequisite", "stage1", "stage2", "stage3"] {
+        let rg = format!("/subscriptions/00000000-0000-0000-0000-000000000001/resourcegroups/rg-myComplexApp-{n}-dev");
+        target.on("PUT", &rg, vec![Reply::json(200, json!({"id": rg}))]);
+        let sa = format!(
+            "{rg}/providers/Microsoft.Storage/storageAccounts/stmcastg{}devdev001",
+            n.trim_start_matches("stage")
+        );
+        target.on("PUT", &sa, vec![Reply::json(200, json!({"id": sa}))]);
+    }
+    let dir = copy_project(&repo().join("examples/multi-stage"), "condition");
+    let set = format!("api_base={}", target.url());
+    let (code, out) = baton(
+        &dir,
+        &[
+            "stages",
+            "up",
+            "--config",
+            "stages.mixed.yaml",
+            "--set",
+            &set,
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("dependent_stage3 skipped (condition)"),
+        "{out}"
+    );
+    assert!(
+        target.requests().iter().all(|r| !r.path.contains("stage3")),
+        "a skipped stage sent requests"
+    );
+    assert_eq!(target.requests().len(), 5, "{out}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn failure_project(on_failure: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "baton-local-fail-{on_failure}-{}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    for (stage, path) in [("a", "/a"), ("b", "/b"), ("c", "/c"), ("d", "/d")] {
+        std::fs::create_dir_all(dir.join(stage).join("migration")).unwrap();
+        std::fs::write(
+            dir.join(stage).join("config.yaml"),
+            "migrate_dir: migration\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join(stage).join("migration/001_call.yaml"),
+            format!("up:\n  request:\n    method: POST\n    url: '{{{{.api}}}}{path}'\n"),
+        )
+        .unwrap();
+    }
+    // a fails; b depends on a; c depends on b; d is independent.
+    std::fs::write(
+        dir.join("stages.yaml"),
+        format!(
+            "stages:\n  - name: a\n    config_path: a/config.yaml\n    on_failure: {on_failure}\n  - name: b\n    config_path: b/config.yaml\n    depends_on: [a]\n  - name: c\n    config_path: c/config.yaml\n    depends_on: [b]\n  - name: d\n    config_path: d/config.yaml\nglobal:\n  env:\n    api: http://127.0.0.1:9\n  max_concurrent_stages: 1\n"
+        ),
+    )
+    .unwrap();
+    dir
+}
+
+async fn failure_run(on_failure: &str) -> (i32, String, Vec<String>) {
+    let target = Target::start().await;
+    target.on("POST", "/a", vec![Reply::text(400, "nope")]);
+    for p in ["/b", "/c", "/d"] {
+        target.on("POST", p, vec![Reply::status(201)]);
+    }
+    let dir = failure_project(on_failure);
+    let set = format!("api={}", target.url());
+    let (code, out) = baton(&dir, &["stages", "up", "--set", &set]).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    (
+        code,
+        out,
+        target.requests().iter().map(|r| r.path.clone()).collect(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_failure_modes() {
+    let (code, out, paths) = failure_run("stop").await;
+    assert_eq!(code, 1, "{out}");
+    assert_eq!(paths, ["/a"], "stop starts nothing new:\n{out}");
+    assert!(out.contains("run failed"), "{out}");
+
+    let (code, out, paths) = failure_run("continue").await;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(paths, ["/a", "/b", "/c", "/d"], "{out}");
+    assert!(out.contains("run succeeded with failures"), "{out}");
+
+    let (code, out, paths) = failure_run("skip_dependents").await;
+    assert_eq!(code, 1, "{out}");
+    assert_eq!(paths, ["/a", "/d"], "{out}");
+    assert!(
+        out.contains("b                skipped (a dependency failed (skip_dependents))"),
+        "{out}"
+    );
+    assert!(out.contains("c                skipped"), "{out}");
+}
