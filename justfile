@@ -8,9 +8,9 @@ ci:
 test:
     cargo test --workspace
 
-# The README's main job: plan the bundled example.
+# The README's main job: run the bundled examples against a local demo API.
 demo:
-    cargo run -q --bin baton -- stages up --dry-run --config examples/stages/stages.yaml
+    cargo run -q --bin baton -- demo
 
 lint:
     cargo fmt --all -- --check

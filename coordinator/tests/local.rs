@@ -1,6 +1,9 @@
 //! Local mode end to end: the real `baton` binary runs projects against a recording target
 //! API on 127.0.0.1, with durable state in a temporary `.baton/`.
 
+// Helpers here are test code too: a failed file operation should stop the test loudly.
+#![allow(clippy::unwrap_used)]
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
