@@ -96,7 +96,11 @@ fn script_seed001(target: &Target) {
             ),
         ],
     );
-    target.on("PUT", "/load-balancer", vec![Reply::json(200, json!({}))]);
+    target.on(
+        "PUT",
+        "/load-balancer/targets",
+        vec![Reply::json(200, json!({}))],
+    );
     target.on(
         "POST",
         "/monitoring/checks",
@@ -318,4 +322,136 @@ async fn on_failure_modes() {
         "{out}"
     );
     assert!(out.contains("c                skipped"), "{out}");
+}
+
+/// `stages down` of a range restores the target to its state before the run: the demo API
+/// (stateful: creating adds a resource, deleting removes it) proves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn down_restores_the_target() {
+    let stop = tokio_util::sync::CancellationToken::new();
+    let api = baton_coordinator::demo::DemoApi::start(stop.clone())
+        .await
+        .unwrap();
+    let dir = copy_project(&repo().join("examples/stages"), "down");
+    let set = format!("api_base={}", api.url);
+    let (code, out) = baton(&dir, &["stages", "up", "--set", &set]).await;
+    assert_eq!(code, 0, "{out}");
+    let after_up = api.resources();
+    assert_eq!(after_up.len(), 9, "{after_up:?}");
+
+    // services still has configuration applied on top of it: refused, nothing sent.
+    let (code, out) = baton(
+        &dir,
+        &[
+            "stages", "down", "--stage", "services", "--yes", "--set", &set,
+        ],
+    )
+    .await;
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("stage services cannot be rolled back while stages that depend on it are applied: configuration"), "{out}");
+    assert_eq!(api.resources(), after_up);
+
+    // Destructive commands ask; without a terminal they need --yes.
+    let (code, out) = baton(&dir, &["stages", "down", "--set", &set]).await;
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("add --yes"), "{out}");
+
+    // configuration back to services: their resources go, the rest stays.
+    let (code, out) = baton(
+        &dir,
+        &[
+            "stages",
+            "down",
+            "--from",
+            "configuration",
+            "--to",
+            "services",
+            "--yes",
+            "--set",
+            &set,
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    let left = api.resources();
+    assert!(
+        left.iter()
+            .all(|r| !r.starts_with("/services") && !r.starts_with("/monitoring")),
+        "{left:?}"
+    );
+    assert!(left.iter().any(|r| r.starts_with("/database")), "{left:?}");
+    assert!(
+        out.find("configuration    succeeded").unwrap()
+            < out.find("services         succeeded").unwrap(),
+        "{out}"
+    );
+
+    // The rest, with a cascade-free full down: the target is back to empty.
+    let (code, out) = baton(&dir, &["stages", "down", "--yes", "--set", &set]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(api.resources().is_empty(), "{:?}", api.resources());
+    let (_, status) = baton(&dir, &["stages", "status"]).await;
+    assert!(
+        status.contains("infrastructure: 0 applied, 2 pending; never succeeded"),
+        "{status}"
+    );
+
+    // And up again brings everything back: history was truly rolled back.
+    let (code, out) = baton(&dir, &["stages", "up", "--set", &set]).await;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(api.resources().len(), 9);
+    stop.cancel();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `rollback_on_failure: true` undoes what the failed run applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollback_on_failure_undoes_the_run() {
+    let stop = tokio_util::sync::CancellationToken::new();
+    let api = baton_coordinator::demo::DemoApi::start(stop.clone())
+        .await
+        .unwrap();
+    let dir = std::env::temp_dir().join(format!("baton-local-rollback-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let write = |p: &str, c: &str| {
+        let path = dir.join(p);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, c).unwrap();
+    };
+    write(
+        "stages.yaml",
+        "stages:\n  - name: base\n    config_path: base/config.yaml\n  - name: app\n    config_path: app/config.yaml\n    depends_on: [base]\n    env_from_stages:\n      - stage: base\n        vars: [net_id]\nglobal:\n  env:\n    api: http://127.0.0.1:9\n  rollback_on_failure: true\n",
+    );
+    write("base/config.yaml", "migrate_dir: migration\n");
+    write(
+        "base/migration/001_net.yaml",
+        "up:\n  request:\n    method: POST\n    url: '{{.api}}/networks'\n  response:\n    env_from:\n      net_id: network.id\ndown:\n  method: DELETE\n  url: '{{.api}}/networks/{{.net_id}}'\n",
+    );
+    write("app/config.yaml", "migrate_dir: migration\n");
+    write(
+        "app/migration/001_vm.yaml",
+        "up:\n  request:\n    method: POST\n    url: '{{.api}}/networks/{{.net_id}}/vms'\n  response:\n    env_from:\n      vm_id: vm.id\ndown:\n  method: DELETE\n  url: '{{.api}}/networks/{{.net_id}}/vms/{{.vm_id}}'\n",
+    );
+    write(
+        "app/migration/002_broken.yaml",
+        "up:\n  request:\n    method: GET\n    url: '{{.api}}/no-such-thing'\n",
+    );
+    let set = format!("api={}", api.url);
+    let (code, out) = baton(&dir, &["stages", "up", "--set", &set]).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("rollback_on_failure: rolling back what run 1 applied in app, base"),
+        "{out}"
+    );
+    assert!(out.contains("rollback run 2 succeeded"), "{out}");
+    assert!(
+        api.resources().is_empty(),
+        "the rollback left {:?}\n{out}",
+        api.resources()
+    );
+    let (_, status) = baton(&dir, &["stages", "status"]).await;
+    assert!(status.contains("base: 0 applied, 1 pending"), "{status}");
+    assert!(status.contains("app: 0 applied, 2 pending"), "{status}");
+    stop.cancel();
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -144,7 +144,14 @@ async fn check(ex: &Example) {
                 vars: m.extracted.clone(),
             })
             .collect();
-        let (down, events) = run(d.task(Direction::Down { to: 0 }, applied)).await;
+        let (down, events) = run(d.task(
+            Direction::Down {
+                to: 0,
+                skip_missing_down: false,
+            },
+            applied,
+        ))
+        .await;
         assert_eq!(
             down.end,
             StageEnd::Succeeded,

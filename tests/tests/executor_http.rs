@@ -303,7 +303,14 @@ async fn down_uses_values_stored_at_up() {
         digest: "d".into(),
         vars: BTreeMap::from([("vpc_id".to_owned(), "vpc-9".to_owned())]),
     }];
-    let (report, events) = run(d.task(Direction::Down { to: 0 }, applied)).await;
+    let (report, events) = run(d.task(
+        Direction::Down {
+            to: 0,
+            skip_missing_down: false,
+        },
+        applied,
+    ))
+    .await;
     assert_eq!(report.end, StageEnd::Succeeded, "{}", event_text(&events));
     assert_eq!(target.requests_to("DELETE", "/vpc/vpc-9").len(), 1);
     assert_eq!(report.migrations[0].direction, "down");
@@ -325,7 +332,14 @@ async fn down_result_code_is_honoured() {
         digest: "d".into(),
         vars: BTreeMap::new(),
     }];
-    let (report, _) = run(d.task(Direction::Down { to: 0 }, applied)).await;
+    let (report, _) = run(d.task(
+        Direction::Down {
+            to: 0,
+            skip_missing_down: false,
+        },
+        applied,
+    ))
+    .await;
     assert!(failed(&report.end).contains("answered 200, expected 204"));
 }
 
@@ -364,7 +378,14 @@ down:
         digest: "d".into(),
         vars: BTreeMap::new(),
     }];
-    let (report, events) = run(d.task(Direction::Down { to: 0 }, applied)).await;
+    let (report, events) = run(d.task(
+        Direction::Down {
+            to: 0,
+            skip_missing_down: false,
+        },
+        applied,
+    ))
+    .await;
     assert_eq!(report.end, StageEnd::Succeeded, "{}", event_text(&events));
     let methods: Vec<String> = target
         .requests()
@@ -388,7 +409,14 @@ async fn rolling_back_a_migration_without_down_names_it() {
         digest: "d".into(),
         vars: BTreeMap::new(),
     }];
-    let (report, _) = run(d.task(Direction::Down { to: 0 }, applied)).await;
+    let (report, _) = run(d.task(
+        Direction::Down {
+            to: 0,
+            skip_missing_down: false,
+        },
+        applied,
+    ))
+    .await;
     assert!(failed(&report.end).contains("001_x.yaml: migration has no `down` step"));
 }
 

@@ -682,7 +682,16 @@ mod tests {
         assert_eq!(a, idempotency_key("r1", "infra", 1, Direction::Up, ""));
         assert_ne!(
             a,
-            idempotency_key("r1", "infra", 1, Direction::Down { to: 0 }, "")
+            idempotency_key(
+                "r1",
+                "infra",
+                1,
+                Direction::Down {
+                    to: 0,
+                    skip_missing_down: false
+                },
+                ""
+            )
         );
         assert_ne!(a, idempotency_key("r2", "infra", 1, Direction::Up, ""));
         assert_ne!(a, idempotency_key("r1", "infra", 2, Direction::Up, ""));

@@ -39,7 +39,9 @@ pub enum Direction {
     /// Apply every migration not yet applied, lowest version first.
     Up,
     /// Roll back applied migrations with a version above `to`, newest first (`to: 0`: all).
-    Down { to: u64 },
+    /// With `skip_missing_down`, a migration without a `down` step is passed over: nothing is
+    /// sent and it leaves the history; otherwise it is an error naming it.
+    Down { to: u64, skip_missing_down: bool },
 }
 
 impl Direction {
@@ -311,7 +313,10 @@ async fn run(
         .collect();
     let result = match task.direction {
         Direction::Up => run_up(&mut ctx, &mut extracted, &mut report).await,
-        Direction::Down { to } => run_down(&mut ctx, to, &mut extracted, &mut report).await,
+        Direction::Down {
+            to,
+            skip_missing_down,
+        } => run_down(&mut ctx, to, skip_missing_down, &mut extracted, &mut report).await,
     };
     report.end = match result {
         Ok(()) => StageEnd::Succeeded,
@@ -487,6 +492,7 @@ async fn run_up(
 async fn run_down(
     ctx: &mut StageCtx<'_>,
     to: u64,
+    skip_missing_down: bool,
     extracted: &mut BTreeMap<u64, BTreeMap<String, String>>,
     report: &mut StageReport,
 ) -> Result<(), StepError> {
@@ -517,12 +523,35 @@ async fn run_down(
                     applied.version, applied.name
                 ))
             })?;
-        let step = m.down.as_ref().ok_or_else(|| {
-            StepError::failed(format!(
-                "{}: migration has no `down` step, so it cannot be rolled back",
-                m.file.display()
-            ))
-        })?;
+        let Some(step) = m.down.as_ref() else {
+            if !skip_missing_down {
+                return Err(StepError::failed(format!(
+                    "{}: migration has no `down` step, so it cannot be rolled back (--skip-missing-down passes over it)",
+                    m.file.display()
+                )));
+            }
+            ctx.emit(StageEvent::Log {
+                version: Some(m.version),
+                line: format!(
+                    "{:03}_{} has no down step: passed over, nothing sent",
+                    m.version, m.name
+                ),
+            })
+            .await;
+            extracted.remove(&m.version);
+            let outcome = MigrationOutcome {
+                version: m.version,
+                name: m.name.clone(),
+                direction: "down",
+                digest: m.digest.clone(),
+                extracted: BTreeMap::new(),
+                duration: Duration::ZERO,
+            };
+            ctx.emit(StageEvent::MigrationFinished(outcome.clone()))
+                .await;
+            report.migrations.push(outcome);
+            continue;
+        };
         let started = Instant::now();
         ctx.emit(StageEvent::MigrationStarted {
             version: m.version,
@@ -531,9 +560,18 @@ async fn run_down(
         })
         .await;
         let vars = scope_for(ctx, extracted, Some(m.version), m);
-        run_step(ctx, m, step, &vars, Direction::Down { to })
-            .await
-            .map_err(|e| in_migration(m, "down", e))?;
+        run_step(
+            ctx,
+            m,
+            step,
+            &vars,
+            Direction::Down {
+                to,
+                skip_missing_down: false,
+            },
+        )
+        .await
+        .map_err(|e| in_migration(m, "down", e))?;
         extracted.remove(&m.version);
         let outcome = MigrationOutcome {
             version: m.version,

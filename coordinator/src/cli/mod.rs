@@ -78,6 +78,8 @@ pub enum StagesCommand {
     Validate(ValidateArgs),
     /// Run stages in dependency order (`--dry-run` prints the plan and sends nothing).
     Up(UpArgs),
+    /// Roll stages back (their `down` steps), in reverse dependency order.
+    Down(DownArgs),
     /// Applied and pending migrations per stage, and each stage's last result.
     Status(StatusArgs),
     /// Draw the stage dependency graph.
@@ -145,6 +147,39 @@ fn parse_set(s: &str) -> Result<(String, String), String> {
 }
 
 #[derive(Debug, Args)]
+pub struct DownArgs {
+    #[command(flatten)]
+    pub spec: SpecArgs,
+    /// Print what would be rolled back and send nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Roll back only this stage (repeatable).
+    #[arg(long, conflicts_with_all = ["from", "to"])]
+    pub stage: Vec<String>,
+    /// The later stage of a range (rolled back first).
+    #[arg(long, requires = "to")]
+    pub from: Option<String>,
+    /// The earlier stage of a range (rolled back last).
+    #[arg(long, requires = "from")]
+    pub to: Option<String>,
+    /// Also roll back stages that depend on the selected ones and are still applied.
+    #[arg(long)]
+    pub cascade: bool,
+    /// Pass over migrations that have no `down` step (nothing is sent for them).
+    #[arg(long)]
+    pub skip_missing_down: bool,
+    /// Do not ask for confirmation (required when stdin is not a terminal).
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+    /// Where state lives (default: `.baton/` beside the stages file).
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Set a variable on top of `global.env` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE", value_parser = parse_set)]
+    pub set: Vec<(String, String)>,
+}
+
+#[derive(Debug, Args)]
 pub struct StatusArgs {
     #[command(flatten)]
     pub spec: SpecArgs,
@@ -182,6 +217,7 @@ pub fn run(
     match cli.command {
         Command::Stages(StagesCommand::Validate(a)) => stages::validate(&a, out, err),
         Command::Stages(StagesCommand::Up(a)) => stages::up(&a, env, out, err),
+        Command::Stages(StagesCommand::Down(a)) => stages::down(&a, env, out, err),
         Command::Stages(StagesCommand::Status(a)) => stages::status(&a, out, err),
         Command::Stages(StagesCommand::Graph(a)) => graph::run(&a, out, err),
         Command::Demo(a) => demo::run(&a, env, out, err),

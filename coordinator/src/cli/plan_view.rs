@@ -10,6 +10,12 @@ use crate::planner::{ConditionForecast, Plan, PlannedStage};
 
 pub(super) fn write_text(plan: &Plan, out: &mut dyn Write) -> std::io::Result<()> {
     writeln!(out, "dry run: no request will be sent")?;
+    if plan.direction == "down" {
+        writeln!(
+            out,
+            "rolling back, newest migration first; a stage after every stage that depends on it"
+        )?;
+    }
     let stages = plan.order.len();
     writeln!(
         out,
@@ -46,24 +52,34 @@ pub(super) fn write_text(plan: &Plan, out: &mut dyn Write) -> std::io::Result<()
             writeln!(out, "wave {}:", w + 1)?;
         }
         for &k in wave {
-            write_stage(&plan.order[k], width, out)?;
+            write_stage(&plan.order[k], width, plan.direction == "down", out)?;
         }
     }
     Ok(())
 }
 
-fn write_stage(s: &PlannedStage, width: usize, out: &mut dyn Write) -> std::io::Result<()> {
+fn write_stage(
+    s: &PlannedStage,
+    width: usize,
+    down: bool,
+    out: &mut dyn Write,
+) -> std::io::Result<()> {
+    let (none, some) = if down {
+        ("nothing to roll back", "to roll back")
+    } else {
+        ("nothing pending", "pending")
+    };
     let pending = if s.pending.is_empty() {
-        "nothing pending".to_owned()
+        none.to_owned()
     } else {
         let list: Vec<String> = s
             .pending
             .iter()
             .map(|(v, n)| format!("{v:03}_{n}"))
             .collect();
-        format!("{} pending: {}", s.pending.len(), list.join(", "))
+        format!("{} {some}: {}", s.pending.len(), list.join(", "))
     };
-    let applied = if s.applied > 0 {
+    let applied = if s.applied > 0 && !down {
         format!(" ({} applied)", s.applied)
     } else {
         String::new()
@@ -71,7 +87,8 @@ fn write_stage(s: &PlannedStage, width: usize, out: &mut dyn Write) -> std::io::
     writeln!(out, "  {:width$}  {pending}{applied}", s.name)?;
     let pad = " ".repeat(width + 4);
     if !s.depends_on.is_empty() {
-        writeln!(out, "{pad}after: {}", s.depends_on.join(", "))?;
+        let label = if down { "after rolling back" } else { "after" };
+        writeln!(out, "{pad}{label}: {}", s.depends_on.join(", "))?;
     }
     for (from, vars) in &s.imports {
         writeln!(out, "{pad}imports from {from}: {}", vars.join(", "))?;

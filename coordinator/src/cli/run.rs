@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{EXIT_INVALID, EXIT_OK, EXIT_RUN_FAILED};
 use crate::planner::{History, Plan, Selection};
-use crate::scheduler::driver::{drive, LocalRun};
+use crate::scheduler::driver::{drive, LocalRun, RunDirection};
 use crate::store::{
     now_ms, EventKind, EventRecord, Op, RunRecord, RunStatus, SledStore, StageKey, Store,
     Transition, FORMAT,
@@ -79,7 +79,7 @@ fn interrupted_run(
         .runs()?
         .into_iter()
         .rev()
-        .find(|r| r.project == project && r.status == RunStatus::Running))
+        .find(|r| r.project == project && r.direction == "up" && r.status == RunStatus::Running))
 }
 
 /// Runs a planned project. `selection` is what the command line asked for.
@@ -196,59 +196,107 @@ pub(super) async fn up_async(
                 store.commit(t).map_err(io_err)?;
                 writeln!(err, "note: run {} was interrupted, but the files changed since it was planned; it is marked failed and a new run starts", old.id)?;
             }
-            let id = store.next_id().map_err(io_err)?;
-            let run = RunRecord {
-                v: FORMAT,
-                id,
-                project: key.clone(),
-                direction: "up".into(),
-                selection: plan.selection.clone(),
-                plan_digest: plan.digest.clone(),
-                created_at_ms: now_ms(),
-                status: RunStatus::Running,
-                finished_at_ms: None,
-            };
-            let started = EventRecord {
-                v: FORMAT,
-                seq: 0,
-                at_ms: now_ms(),
-                stage: None,
-                kind: EventKind::RunStarted {
-                    stages: plan.order.iter().map(|s| s.name.clone()).collect(),
-                },
-            };
-            let mut t = Transition::new();
-            t.push(Op::PutRun(run.clone())).push(Op::AppendEvent {
-                run: id,
-                event: started,
-            });
-            store.commit(t).map_err(io_err)?;
-            writeln!(
-                out,
-                "run {id}: {} stage(s) (plan {})",
-                plan.order.len(),
-                &plan.digest[..12]
-            )?;
-            run
+            new_run(store.as_ref(), &key, &plan, out)?
         }
     };
     let run_id = run.id;
     let plan = Arc::new(plan);
+    let project = Arc::new(project);
     let local = LocalRun {
-        project: Arc::new(project),
+        project: project.clone(),
         plan: plan.clone(),
         store: store.clone(),
         project_key: key.clone(),
         run,
         next_seq,
         done,
-        process_env,
-        overrides,
+        process_env: process_env.clone(),
+        overrides: overrides.clone(),
         files: Arc::new(DiskFiles),
+        direction: RunDirection::Up,
     };
+    let Some(status) = drive_and_print(local, out, err).await? else {
+        return Ok(EXIT_RUN_FAILED);
+    };
+    summary(out, store.as_ref(), &key, &plan, run_id, status)?;
+    if status == RunStatus::Failed && plan.rollback_on_failure {
+        rollback(
+            &project,
+            &store,
+            &key,
+            run_id,
+            overrides,
+            process_env,
+            out,
+            err,
+        )
+        .await?;
+    }
+    Ok(match status {
+        RunStatus::Succeeded | RunStatus::SucceededWithFailures => EXIT_OK,
+        _ => EXIT_RUN_FAILED,
+    })
+}
+
+/// Records a new run and its first event.
+fn new_run(
+    store: &dyn Store,
+    key: &str,
+    plan: &Plan,
+    out: &mut dyn Write,
+) -> std::io::Result<RunRecord> {
+    let io_err = |e: crate::store::StoreError| std::io::Error::other(e.to_string());
+    let id = store.next_id().map_err(io_err)?;
+    let run = RunRecord {
+        v: FORMAT,
+        id,
+        project: key.to_owned(),
+        direction: plan.direction.to_owned(),
+        selection: plan.selection.clone(),
+        plan_digest: plan.digest.clone(),
+        created_at_ms: now_ms(),
+        status: RunStatus::Running,
+        finished_at_ms: None,
+    };
+    let started = EventRecord {
+        v: FORMAT,
+        seq: 0,
+        at_ms: now_ms(),
+        stage: None,
+        kind: EventKind::RunStarted {
+            stages: plan.order.iter().map(|s| s.name.clone()).collect(),
+        },
+    };
+    let mut t = Transition::new();
+    t.push(Op::PutRun(run.clone())).push(Op::AppendEvent {
+        run: id,
+        event: started,
+    });
+    store.commit(t).map_err(io_err)?;
+    let what = if plan.direction == "down" {
+        "to roll back"
+    } else {
+        "to run"
+    };
+    writeln!(
+        out,
+        "run {id}: {} stage(s) {what} (plan {})",
+        plan.order.len(),
+        &plan.digest[..12]
+    )?;
+    Ok(run)
+}
+
+/// Drives a run, printing its progress; `None` when the run could not be driven.
+async fn drive_and_print(
+    local: LocalRun,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> std::io::Result<Option<RunStatus>> {
+    let run_id = local.run.id;
     let cancel = CancellationToken::new();
     let ctrl_c = cancel.clone();
-    tokio::spawn(async move {
+    let watcher = tokio::spawn(async move {
         if tokio::signal::ctrl_c().await.is_ok() {
             ctrl_c.cancel();
         }
@@ -264,20 +312,148 @@ pub(super) async fn up_async(
             r = &mut driving => break r,
         }
     };
+    watcher.abort();
     while let Ok(e) = rx.try_recv() {
         print_event(out, &e)?;
     }
-    let status = match result {
-        Ok(s) => s,
+    match result {
+        Ok(s) => Ok(Some(s)),
         Err(e) => {
             writeln!(err, "error: run {run_id} stopped: {e}")?;
-            return Ok(EXIT_RUN_FAILED);
+            Ok(None)
+        }
+    }
+}
+
+/// `rollback_on_failure`: rolls back what the failed run `failed_run` applied, newest first,
+/// in reverse dependency order, as a run of its own.
+#[allow(clippy::too_many_arguments)]
+async fn rollback(
+    project: &Arc<Project>,
+    store: &Arc<SledStore>,
+    key: &str,
+    failed_run: u64,
+    overrides: BTreeMap<String, String>,
+    process_env: BTreeMap<String, String>,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> std::io::Result<()> {
+    let io_err = |e: crate::store::StoreError| std::io::Error::other(e.to_string());
+    // Per stage, the lowest version this run applied: everything from there up goes.
+    let mut first_applied: BTreeMap<String, u64> = BTreeMap::new();
+    for e in store.events(failed_run, 0).map_err(io_err)? {
+        if let (
+            Some(stage),
+            EventKind::MigrationDone {
+                version, direction, ..
+            },
+        ) = (&e.stage, &e.kind)
+        {
+            if direction == "up" {
+                let v = first_applied.entry(stage.clone()).or_insert(*version);
+                *v = (*v).min(*version);
+            }
+        }
+    }
+    if first_applied.is_empty() {
+        writeln!(
+            out,
+            "rollback_on_failure: run {failed_run} changed nothing; nothing to roll back"
+        )?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "\nrollback_on_failure: rolling back what run {failed_run} applied in {}",
+        first_applied.keys().cloned().collect::<Vec<_>>().join(", ")
+    )?;
+    let history = StoreHistory {
+        store: store.as_ref(),
+        project: key.to_owned(),
+    };
+    let selection = Selection::Stages {
+        names: first_applied.keys().cloned().collect(),
+    };
+    let plan = match crate::planner::plan_down(
+        project,
+        &selection,
+        &history,
+        crate::planner::Dependents::Leave,
+    ) {
+        Ok(p) => p,
+        Err(e) => {
+            writeln!(err, "error: cannot plan the rollback: {e}")?;
+            return Ok(());
         }
     };
-    summary(out, store.as_ref(), &key, &plan, run_id, status)?;
-    Ok(match status {
-        RunStatus::Succeeded | RunStatus::SucceededWithFailures => EXIT_OK,
-        _ => EXIT_RUN_FAILED,
+    let run = new_run(store.as_ref(), key, &plan, out)?;
+    let run_id = run.id;
+    let plan = Arc::new(plan);
+    let to = first_applied
+        .into_iter()
+        .map(|(s, v)| (s, v.saturating_sub(1)))
+        .collect();
+    let local = LocalRun {
+        project: project.clone(),
+        plan: plan.clone(),
+        store: store.clone(),
+        project_key: key.to_owned(),
+        run,
+        next_seq: 1,
+        done: BTreeSet::new(),
+        process_env,
+        overrides,
+        files: Arc::new(DiskFiles),
+        direction: RunDirection::Down {
+            to,
+            skip_missing_down: false,
+        },
+    };
+    if let Some(status) = drive_and_print(local, out, err).await? {
+        writeln!(out, "\nrollback run {run_id} {}", status.as_str())?;
+    }
+    Ok(())
+}
+
+/// `stages down`: rolls the planned stages back, as a run.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn down_async(
+    project: Project,
+    plan: Plan,
+    store: Arc<SledStore>,
+    key: String,
+    overrides: BTreeMap<String, String>,
+    process_env: BTreeMap<String, String>,
+    skip_missing_down: bool,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> std::io::Result<i32> {
+    let run = new_run(store.as_ref(), &key, &plan, out)?;
+    let run_id = run.id;
+    let local = LocalRun {
+        project: Arc::new(project),
+        plan: Arc::new(plan),
+        store: store.clone(),
+        project_key: key,
+        run,
+        next_seq: 1,
+        done: BTreeSet::new(),
+        process_env,
+        overrides,
+        files: Arc::new(DiskFiles),
+        direction: RunDirection::Down {
+            to: BTreeMap::new(),
+            skip_missing_down,
+        },
+    };
+    let Some(status) = drive_and_print(local, out, err).await? else {
+        return Ok(EXIT_RUN_FAILED);
+    };
+    writeln!(out, "\nrun {run_id} {}", status.as_str())?;
+    Ok(if status == RunStatus::Succeeded {
+        EXIT_OK
+    } else {
+        EXIT_RUN_FAILED
     })
 }
 

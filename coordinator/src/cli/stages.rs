@@ -9,7 +9,8 @@ use serde::Serialize;
 
 use super::{plan_view, run};
 use super::{
-    OutputFormat, SpecArgs, StateArgs, StatusArgs, UpArgs, ValidateArgs, EXIT_INVALID, EXIT_OK,
+    DownArgs, OutputFormat, SpecArgs, StateArgs, StatusArgs, UpArgs, ValidateArgs, EXIT_INVALID,
+    EXIT_OK,
 };
 use crate::planner::{self, NoHistory, Plan, PlanError, Selection};
 
@@ -282,4 +283,105 @@ pub(super) fn runs(
         None => run::runs_list(store.as_ref(), out),
         Some(id) => run::runs_show(store.as_ref(), id, out, err),
     }
+}
+
+pub(super) fn down(
+    args: &DownArgs,
+    env: BTreeMap<String, String>,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> std::io::Result<i32> {
+    let (project, diags) = load_and_check(&args.spec);
+    let Some(project) = project else {
+        write!(err, "{diags}")?;
+        return Ok(EXIT_INVALID);
+    };
+    let state_dir = args
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| run::default_state_dir(&project.stages_file));
+    if !state_dir.exists() {
+        writeln!(
+            out,
+            "no state in {}: nothing has run, nothing to roll back",
+            state_dir.display()
+        )?;
+        return Ok(EXIT_OK);
+    }
+    let Some(store) = run::open_store(&state_dir, err)? else {
+        return Ok(EXIT_INVALID);
+    };
+    let key = run::project_key(&project.stages_file);
+    let selection = match (&args.stage[..], &args.from, &args.to) {
+        ([], None, None) => Selection::All,
+        ([], Some(from), Some(to)) => Selection::Range {
+            from: from.clone(),
+            to: to.clone(),
+        },
+        (names, _, _) => Selection::Stages {
+            names: names.to_vec(),
+        },
+    };
+    let dependents = if args.cascade {
+        planner::Dependents::Cascade
+    } else {
+        planner::Dependents::Refuse
+    };
+    let history = run::StoreHistory {
+        store: store.as_ref(),
+        project: key.clone(),
+    };
+    let plan = match planner::plan_down(&project, &selection, &history, dependents) {
+        Ok(p) => p,
+        Err(PlanError::Invalid(d)) => {
+            write!(err, "{d}")?;
+            return Ok(EXIT_INVALID);
+        }
+        Err(e) => {
+            writeln!(err, "error: {e}")?;
+            return Ok(EXIT_INVALID);
+        }
+    };
+    if plan.order.iter().all(|s| s.pending.is_empty()) {
+        writeln!(
+            out,
+            "nothing to roll back: no selected stage has applied migrations"
+        )?;
+        return Ok(EXIT_OK);
+    }
+    if args.dry_run {
+        plan_view::write_text(&plan, out)?;
+        return Ok(EXIT_OK);
+    }
+    if !args.yes {
+        use std::io::IsTerminal;
+        if !std::io::stdin().is_terminal() {
+            writeln!(err, "error: `stages down` changes the target; add --yes to confirm (stdin is not a terminal)")?;
+            return Ok(EXIT_INVALID);
+        }
+        plan_view::write_text(&plan, out)?;
+        write!(out, "\nroll these back? type `yes` to confirm: ")?;
+        out.flush()?;
+        let mut answer = String::new();
+        std::io::stdin().read_line(&mut answer)?;
+        if answer.trim() != "yes" {
+            writeln!(out, "nothing was rolled back")?;
+            return Ok(EXIT_INVALID);
+        }
+    }
+    let overrides: BTreeMap<String, String> = args.set.iter().cloned().collect();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(run::down_async(
+        project,
+        plan,
+        store,
+        key,
+        overrides,
+        env,
+        args.skip_missing_down,
+        out,
+        err,
+    ))
 }

@@ -116,6 +116,9 @@ pub struct PlannedStage {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Plan {
     pub stages_file: String,
+    /// `up`, or `down` (then `pending` lists the migrations to roll back, newest first, and
+    /// `depends_on` names the stages that must be rolled back first).
+    pub direction: &'static str,
     pub selection: Selection,
     /// Selected stages in execution order.
     pub order: Vec<PlannedStage>,
@@ -141,13 +144,13 @@ fn ser_opt_duration<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<
 }
 
 /// The dependency graph of a project: an edge `dependency -> dependent`.
-struct Graph {
+pub(crate) struct Graph {
     g: DiGraph<usize, ()>,
     nodes: Vec<NodeIndex>,
 }
 
 impl Graph {
-    fn build(spec: &StagesSpec) -> Self {
+    pub(crate) fn build(spec: &StagesSpec) -> Self {
         let mut g = DiGraph::with_capacity(spec.stages.len(), spec.stages.len() * 2);
         let nodes: Vec<NodeIndex> = (0..spec.stages.len()).map(|i| g.add_node(i)).collect();
         let index = spec.index();
@@ -165,7 +168,7 @@ impl Graph {
     }
 
     /// Direct dependencies of stage `i`, in file order.
-    fn deps(&self, i: usize) -> Vec<usize> {
+    pub(crate) fn deps(&self, i: usize) -> Vec<usize> {
         let mut d: Vec<usize> = self
             .g
             .neighbors_directed(self.nodes[i], Direction::Incoming)
@@ -175,7 +178,7 @@ impl Graph {
         d
     }
 
-    fn dependents(&self, i: usize) -> Vec<usize> {
+    pub(crate) fn dependents(&self, i: usize) -> Vec<usize> {
         let mut d: Vec<usize> = self
             .g
             .neighbors_directed(self.nodes[i], Direction::Outgoing)
@@ -186,7 +189,7 @@ impl Graph {
     }
 
     /// Every stage reachable from `start` following `dir`, `start` excluded.
-    fn reach(&self, start: usize, dir: Direction) -> BTreeSet<usize> {
+    pub(crate) fn reach(&self, start: usize, dir: Direction) -> BTreeSet<usize> {
         let mut seen = BTreeSet::new();
         let mut stack = vec![start];
         while let Some(i) = stack.pop() {
@@ -262,7 +265,7 @@ pub fn check(spec: &StagesSpec, stages_file: &Path) -> Diagnostics {
     check_graph(spec, stages_file, &Graph::build(spec))
 }
 
-fn check_graph(spec: &StagesSpec, file: &Path, graph: &Graph) -> Diagnostics {
+pub(crate) fn check_graph(spec: &StagesSpec, file: &Path, graph: &Graph) -> Diagnostics {
     let mut diags = Diagnostics::new();
     let cycles = graph.cycles();
     for cycle in &cycles {
@@ -496,6 +499,7 @@ pub fn plan(
         .collect();
     Ok(Plan {
         stages_file: display(&project.stages_file),
+        direction: "up",
         selection: selection.clone(),
         order: planned,
         waves,
@@ -511,12 +515,12 @@ pub fn plan(
     })
 }
 
-fn display(p: &Path) -> String {
+pub(crate) fn display(p: &Path) -> String {
     p.to_string_lossy().replace('\\', "/")
 }
 
 /// SHA-256 over `path NUL digest LF` for every input in path order.
-fn digest_inputs(inputs: &BTreeMap<String, String>) -> String {
+pub(crate) fn digest_inputs(inputs: &BTreeMap<String, String>) -> String {
     let mut buf = Vec::new();
     for (p, d) in inputs {
         buf.extend_from_slice(p.as_bytes());
@@ -526,6 +530,10 @@ fn digest_inputs(inputs: &BTreeMap<String, String>) -> String {
     }
     sha256_hex(&buf)
 }
+
+mod down;
+
+pub use down::{plan_down, Dependents};
 
 #[cfg(test)]
 mod tests;

@@ -36,6 +36,17 @@ pub enum DriveError {
     Core(#[from] super::core::CoreError),
 }
 
+/// Which way a run moves its stages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunDirection {
+    Up,
+    /// Roll back each stage's migrations above `to[stage]` (absent: all of them).
+    Down {
+        to: BTreeMap<String, u64>,
+        skip_missing_down: bool,
+    },
+}
+
 /// Everything one local run needs.
 pub struct LocalRun {
     pub project: Arc<Project>,
@@ -53,6 +64,7 @@ pub struct LocalRun {
     /// `--set KEY=VALUE`: on top of `global.env`.
     pub overrides: BTreeMap<String, String>,
     pub files: Arc<dyn SourceFiles + Send + Sync>,
+    pub direction: RunDirection,
 }
 
 impl std::fmt::Debug for LocalRun {
@@ -116,8 +128,8 @@ impl Driver {
                         .iter()
                         .filter_map(|d| pos.get(d.as_str()).copied())
                         .collect(),
-                    on_failure: spec.on_failure,
-                    has_condition: spec.condition.is_some(),
+                    on_failure: s.on_failure,
+                    has_condition: spec.condition.is_some() && r.direction == RunDirection::Up,
                 }
             })
             .collect();
@@ -400,7 +412,16 @@ impl Driver {
             retry: RetryPolicy::default()
                 .overlay(spec.global.retry.as_ref())
                 .overlay(stage.retry.as_ref()),
-            direction: Direction::Up,
+            direction: match &self.r.direction {
+                RunDirection::Up => Direction::Up,
+                RunDirection::Down {
+                    to,
+                    skip_missing_down,
+                } => Direction::Down {
+                    to: to.get(&stage.name.value).copied().unwrap_or(0),
+                    skip_missing_down: *skip_missing_down,
+                },
+            },
             timeout: stage.timeout.as_ref().map(|t| t.value),
             files: self.r.files.clone(),
         };
@@ -517,22 +538,26 @@ impl Driver {
         match report.end {
             StageEnd::Succeeded => {
                 let key = self.key(k);
-                let record = StageResultRecord {
-                    v: FORMAT,
-                    run_id: self.r.run.id,
-                    at_ms: now_ms(),
-                    exports: report.exported.clone(),
-                    secret: report.secret_exports.clone(),
+                // After a rollback the stage exports what its remaining migrations extracted.
+                let op = if self.r.direction != RunDirection::Up && report.exported.is_empty() {
+                    Op::RemoveResult { key }
+                } else {
+                    Op::PutResult {
+                        key,
+                        record: StageResultRecord {
+                            v: FORMAT,
+                            run_id: self.r.run.id,
+                            at_ms: now_ms(),
+                            exports: report.exported.clone(),
+                            secret: report.secret_exports.clone(),
+                        },
+                    }
                 };
                 self.exports[k] = Some(report.exported);
                 self.outcomes
                     .insert(self.name(k).to_owned(), StageOutcome::Succeeded);
-                self.record(
-                    Some(k),
-                    EventKind::StageSucceeded { duration_ms },
-                    vec![Op::PutResult { key, record }],
-                )
-                .await?;
+                self.record(Some(k), EventKind::StageSucceeded { duration_ms }, vec![op])
+                    .await?;
                 Ok(true)
             }
             end => {
