@@ -123,6 +123,7 @@ impl StageDir {
             direction,
             timeout: None,
             files: Arc::new(DiskFiles),
+            gate: None,
         }
     }
 

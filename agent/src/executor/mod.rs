@@ -98,7 +98,18 @@ pub struct StageTask {
     pub timeout: Option<Duration>,
     /// Reads body files and CA files.
     pub files: Arc<dyn SourceFiles + Send + Sync>,
+    /// Awaited before each migration's first side effect, with the `MigrationStarted` event:
+    /// the caller makes "migration N started" durable here, so after a crash it knows the
+    /// migration may have reached the target (persist, then act). `None`: not awaited.
+    pub gate: Option<StepGate>,
 }
+
+/// See [`StageTask::gate`].
+pub type StepGate = Arc<
+    dyn Fn(StageEvent) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+        + Send
+        + Sync,
+>;
 
 impl std::fmt::Debug for StageTask {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -221,6 +232,20 @@ impl StageCtx<'_> {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         m.add(name, value)
             .map_err(|e| StepError::failed(e.to_string()))
+    }
+
+    /// Announces a migration: through the gate when there is one (and waits for it), else
+    /// as an ordinary event.
+    pub(crate) async fn started(&self, m: &MigrationSpec, direction: &'static str) {
+        let event = StageEvent::MigrationStarted {
+            version: m.version,
+            name: m.name.clone(),
+            direction,
+        };
+        match &self.task.gate {
+            Some(gate) => gate(event).await,
+            None => self.emit(event).await,
+        }
     }
 
     pub(crate) async fn emit(&self, event: StageEvent) {
@@ -460,12 +485,7 @@ async fn run_up(
             return Err(StepError::Cancelled);
         }
         let started = Instant::now();
-        ctx.emit(StageEvent::MigrationStarted {
-            version: m.version,
-            name: m.name.clone(),
-            direction: "up",
-        })
-        .await;
+        ctx.started(m, "up").await;
         let vars = scope_for(ctx, extracted, None, m);
         let step = m.up.as_ref().ok_or_else(|| {
             StepError::failed(format!("{}: migration has no `up` step", m.file.display()))
@@ -553,12 +573,7 @@ async fn run_down(
             continue;
         };
         let started = Instant::now();
-        ctx.emit(StageEvent::MigrationStarted {
-            version: m.version,
-            name: m.name.clone(),
-            direction: "down",
-        })
-        .await;
+        ctx.started(m, "down").await;
         let vars = scope_for(ctx, extracted, Some(m.version), m);
         run_step(
             ctx,

@@ -79,6 +79,8 @@ impl std::fmt::Debug for LocalRun {
 /// Messages to the driver's loop from the tasks it started.
 enum Internal {
     Stage(usize, StageEvent),
+    /// A migration is about to touch the target: record that, then answer.
+    Started(usize, StageEvent, tokio::sync::oneshot::Sender<()>),
     Done(usize, StageReport, u64),
     Released(usize),
 }
@@ -218,6 +220,12 @@ impl Driver {
                     msg = rx.recv() => match msg {
                         Some(Internal::Stage(k, ev)) => {
                             self.on_stage_event(k, ev).await?;
+                            continue;
+                        }
+                        Some(Internal::Started(k, ev, ack)) => {
+                            self.on_stage_event(k, ev).await?;
+                            // Durable now: the executor may send.
+                            let _ = ack.send(());
                             continue;
                         }
                         Some(Internal::Done(k, report, ms)) => {
@@ -424,6 +432,7 @@ impl Driver {
             },
             timeout: stage.timeout.as_ref().map(|t| t.value),
             files: self.r.files.clone(),
+            gate: Some(gate(k, tx.clone())),
         };
         self.started[k] = Some(Instant::now());
         self.record(Some(k), EventKind::StageStarted { attempt: 1 }, vec![])
@@ -583,4 +592,19 @@ impl Driver {
             }
         }
     }
+}
+
+/// The executor's gate for stage `k`: hands the `MigrationStarted` event to the driver's loop
+/// and waits until it is recorded.
+fn gate(k: usize, tx: mpsc::Sender<Internal>) -> baton_agent::executor::StepGate {
+    Arc::new(move |event| {
+        let tx = tx.clone();
+        Box::pin(async move {
+            let (ack, done) = tokio::sync::oneshot::channel();
+            if tx.send(Internal::Started(k, event, ack)).await.is_ok() {
+                // If the driver is gone, the run is over; nothing waits for the answer.
+                let _ = done.await;
+            }
+        })
+    })
 }
