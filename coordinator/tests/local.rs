@@ -455,3 +455,81 @@ async fn rollback_on_failure_undoes_the_run() {
     stop.cancel();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A prerequisite and four dependents with `max_concurrent_stages: 2`: the dependents run in
+/// parallel, never more than two at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_dependents_respect_max_concurrent_stages() {
+    let target = Target::start().await;
+    let dir = std::env::temp_dir().join(format!("baton-local-parallel-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut stages = String::from("stages:\n  - name: pre\n    config_path: pre/config.yaml\n");
+    for s in ["pre", "d1", "d2", "d3", "d4"] {
+        std::fs::create_dir_all(dir.join(s).join("migration")).unwrap();
+        std::fs::write(dir.join(s).join("config.yaml"), "migrate_dir: migration\n").unwrap();
+        std::fs::write(
+            dir.join(s).join("migration/001_deploy.yaml"),
+            format!("up:\n  request:\n    method: PUT\n    url: '{{{{.api}}}}/{s}'\n"),
+        )
+        .unwrap();
+        target.on(
+            "PUT",
+            &format!("/{s}"),
+            vec![Reply::status(200).delayed(std::time::Duration::from_millis(300))],
+        );
+        if s != "pre" {
+            stages.push_str(&format!(
+                "  - name: {s}\n    config_path: {s}/config.yaml\n    depends_on: [pre]\n"
+            ));
+        }
+    }
+    stages.push_str("global:\n  env:\n    api: http://127.0.0.1:9\n  max_concurrent_stages: 2\n");
+    std::fs::write(dir.join("stages.yaml"), stages).unwrap();
+    let set = format!("api={}", target.url());
+    let (code, out) = baton(&dir, &["stages", "up", "--set", &set]).await;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        target.requests()[0].path,
+        "/pre",
+        "the prerequisite runs first"
+    );
+    assert_eq!(target.requests().len(), 5);
+    assert_eq!(
+        target.max_in_flight(),
+        2,
+        "dependents must run two at a time:\n{out}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The single-stage commands apirun users know: `baton up|status|down --config config.yaml`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_stage_commands() {
+    let stop = tokio_util::sync::CancellationToken::new();
+    let api = baton_coordinator::demo::DemoApi::start(stop.clone())
+        .await
+        .unwrap();
+    let dir = copy_project(&repo().join("examples/stages/infrastructure"), "single");
+    let sets = [
+        format!("api_base={}", api.url),
+        "region=eu-west-1".to_owned(),
+        "project_name=solo".to_owned(),
+    ];
+    let mut args = vec!["up", "--config", "config.yaml"];
+    for s in &sets {
+        args.extend(["--set", s.as_str()]);
+    }
+    let (code, out) = baton(&dir, &args).await;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(api.resources().len(), 2, "{out}");
+    let (_, status) = baton(&dir, &["status", "--verbose"]).await;
+    assert!(status.contains("2 applied, 0 pending"), "{status}");
+    assert!(status.contains("export   vpc_id=vpc-1"), "{status}");
+    args[0] = "down";
+    args.push("--yes");
+    let (code, out) = baton(&dir, &args).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(api.resources().is_empty(), "{:?}", api.resources());
+    stop.cancel();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -95,6 +95,9 @@ impl Reply {
 struct Shared {
     script: HashMap<String, VecDeque<Reply>>,
     log: Vec<Recorded>,
+    /// Requests being answered right now, and the most there ever were at once.
+    in_flight: usize,
+    max_in_flight: usize,
 }
 
 /// A running target. Stops when dropped.
@@ -209,6 +212,11 @@ impl Target {
             .collect()
     }
 
+    /// The most requests the target was answering at the same time.
+    pub fn max_in_flight(&self) -> usize {
+        self.shared.lock().expect("target lock").max_in_flight
+    }
+
     /// How many requests carried each `Idempotency-Key`.
     pub fn effect_counts(&self) -> BTreeMap<String, usize> {
         let mut counts = BTreeMap::new();
@@ -253,6 +261,8 @@ async fn handle(
     let reply = {
         let mut s = shared.lock().expect("target lock");
         s.log.push(recorded);
+        s.in_flight += 1;
+        s.max_in_flight = s.max_in_flight.max(s.in_flight);
         s.script.get_mut(&key).and_then(|q| {
             if q.len() > 1 {
                 q.pop_front()
@@ -262,11 +272,13 @@ async fn handle(
         })
     };
     let Some(reply) = reply else {
+        shared.lock().expect("target lock").in_flight -= 1;
         return (StatusCode::NOT_FOUND, format!("no script for {key}")).into_response();
     };
     if !reply.delay.is_zero() {
         tokio::time::sleep(reply.delay).await;
     }
+    shared.lock().expect("target lock").in_flight -= 1;
     let mut response = (
         StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
         reply.body,

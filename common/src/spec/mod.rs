@@ -482,6 +482,40 @@ impl SourceFiles for MemoryFiles {
     }
 }
 
+/// Files from `extra` first, then from `base`: a real directory plus a few generated files
+/// (the single-stage commands give a lone `config.yaml` a one-stage stages file).
+pub struct OverlayFiles<'a> {
+    pub base: &'a dyn SourceFiles,
+    pub extra: MemoryFiles,
+}
+
+impl std::fmt::Debug for OverlayFiles<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OverlayFiles")
+            .field("extra", &self.extra)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SourceFiles for OverlayFiles<'_> {
+    fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
+        self.extra.read(path).or_else(|_| self.base.read(path))
+    }
+
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
+        let mut names = self.base.list(dir).unwrap_or_default();
+        for n in self.extra.list(dir).unwrap_or_default() {
+            if !names.contains(&n) {
+                names.push(n);
+            }
+        }
+        if names.is_empty() {
+            return Err(io::Error::from(io::ErrorKind::NotFound));
+        }
+        Ok(names)
+    }
+}
+
 /// Removes `.` and resolves `..` lexically, so displayed paths read as the user wrote them.
 pub fn normalize(path: &Path) -> PathBuf {
     let mut out = PathBuf::new();

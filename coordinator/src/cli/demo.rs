@@ -55,6 +55,7 @@ pub(super) fn run(
             let (project, diags) = load_and_check(&SpecArgs {
                 config: file.clone(),
                 strict: false,
+                generated: None,
             });
             let Some(project) = project else {
                 write!(err, "{diags}")?;

@@ -37,9 +37,74 @@ pub enum Command {
     Stages(StagesCommand),
     /// Run the bundled examples for real against a local demo API, then show their status.
     Demo(DemoArgs),
+    /// Single-stage mode, as apirun users know it: apply one stage's pending migrations.
+    Up(SingleArgs),
+    /// Single-stage mode: roll one stage's migrations back.
+    Down(SingleArgs),
+    /// Single-stage mode: one stage's applied and pending migrations.
+    Status(SingleArgs),
     /// Past and interrupted runs, from the state directory.
     #[command(subcommand)]
     Runs(RunsCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct SingleArgs {
+    /// The stage's config file.
+    #[arg(long, short = 'c', default_value = "config.yaml")]
+    pub config: PathBuf,
+    /// Where state lives (default: `.baton/` beside the config file).
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Set a variable (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE", value_parser = parse_set)]
+    pub set: Vec<(String, String)>,
+    /// `up`: print the plan and send nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// `down`: do not ask for confirmation.
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+    /// `down`: pass over migrations that have no `down` step.
+    #[arg(long)]
+    pub skip_missing_down: bool,
+    /// `status`: also show exported variables (secrets masked).
+    #[arg(long, short = 'v')]
+    pub verbose: bool,
+}
+
+impl SingleArgs {
+    /// The one-stage project: a generated stages file beside the config.
+    fn spec(&self) -> SpecArgs {
+        let config = baton_common::spec::normalize(&self.config);
+        let dir = config
+            .parent()
+            .map(std::path::Path::to_path_buf)
+            .unwrap_or_default();
+        // The stage is named after its directory (the current one for a bare `config.yaml`).
+        let name = std::fs::canonicalize(if dir.as_os_str().is_empty() {
+            std::path::Path::new(".")
+        } else {
+            &dir
+        })
+        .ok()
+        .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "stage".to_owned());
+        let file = config.file_name().map_or_else(
+            || "config.yaml".to_owned(),
+            |n| n.to_string_lossy().into_owned(),
+        );
+        let generated = format!(
+            "stages:\n  - name: {}\n    config_path: {}\n",
+            serde_json::Value::String(name),
+            serde_json::Value::String(file)
+        );
+        SpecArgs {
+            config: dir.join(".baton-stage.yaml"),
+            strict: false,
+            generated: Some(generated),
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -94,6 +159,10 @@ pub struct SpecArgs {
     /// Treat warnings as errors.
     #[arg(long)]
     pub strict: bool,
+    /// Set by the single-stage commands: `config` names a generated stages file with this
+    /// content, beside the stage's `config.yaml`.
+    #[arg(skip)]
+    pub generated: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
@@ -221,6 +290,42 @@ pub fn run(
         Command::Stages(StagesCommand::Status(a)) => stages::status(&a, out, err),
         Command::Stages(StagesCommand::Graph(a)) => graph::run(&a, out, err),
         Command::Demo(a) => demo::run(&a, env, out, err),
+        Command::Up(a) => {
+            let up = UpArgs {
+                spec: a.spec(),
+                dry_run: a.dry_run,
+                stage: Vec::new(),
+                from: None,
+                to: None,
+                output: OutputFormat::Text,
+                state_dir: a.state_dir,
+                set: a.set,
+            };
+            stages::up(&up, env, out, err)
+        }
+        Command::Down(a) => {
+            let down = DownArgs {
+                spec: a.spec(),
+                dry_run: a.dry_run,
+                stage: Vec::new(),
+                from: None,
+                to: None,
+                cascade: false,
+                skip_missing_down: a.skip_missing_down,
+                yes: a.yes,
+                state_dir: a.state_dir,
+                set: a.set,
+            };
+            stages::down(&down, env, out, err)
+        }
+        Command::Status(a) => {
+            let status = StatusArgs {
+                spec: a.spec(),
+                verbose: a.verbose,
+                state_dir: a.state_dir,
+            };
+            stages::status(&status, out, err)
+        }
         Command::Runs(RunsCommand::List(a)) => stages::runs(&a, None, out, err),
         Command::Runs(RunsCommand::Show { run, state }) => {
             stages::runs(&state, Some(run), out, err)

@@ -16,7 +16,18 @@ use crate::planner::{self, NoHistory, Plan, PlanError, Selection};
 
 /// Loads the project and runs the graph checks: the whole of validation.
 pub(super) fn load_and_check(spec: &SpecArgs) -> (Option<Project>, Diagnostics) {
-    let loaded = load_project(&spec.config, &DiskFiles, LoadOptions::default());
+    let loaded = match &spec.generated {
+        None => load_project(&spec.config, &DiskFiles, LoadOptions::default()),
+        Some(content) => {
+            let mut extra = baton_common::spec::MemoryFiles::default();
+            extra.insert(&spec.config, content.as_bytes());
+            let files = baton_common::spec::OverlayFiles {
+                base: &DiskFiles,
+                extra,
+            };
+            load_project(&spec.config, &files, LoadOptions::default())
+        }
+    };
     let mut diags = loaded.diagnostics;
     if let Some(project) = &loaded.project {
         diags.extend(planner::check(&project.spec, &project.stages_file));
