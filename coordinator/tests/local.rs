@@ -166,28 +166,34 @@ async fn seed_example_runs_and_reruns_only_what_is_new() {
         .collect();
     assert_eq!(new, ["PUT /services/svc-1/scale"], "{out}");
 
-    // `--stage configuration` uses the stored variables of `services`.
+    // `--stage services` uses the stored variables of its dependencies.
     std::fs::write(
-        dir.join("configuration/migration/003_dashboard.yaml"),
-        "up:\n  request:\n    method: POST\n    url: '{{.api_base}}/dashboards'\n    body:\n      api: '{{.api_url}}'\n",
+        dir.join("services/migration/005_register.yaml"),
+        "up:\n  request:\n    method: POST\n    url: '{{.api_base}}/registry'\n    body:\n      vpc: '{{.vpc_id}}'\n      db: '{{.db_endpoint}}'\n",
     )
     .unwrap();
-    target.on("POST", "/dashboards", vec![Reply::status(201)]);
+    target.on("POST", "/registry", vec![Reply::status(201)]);
     let (code, out) = baton(
         &dir,
-        &["stages", "up", "--stage", "configuration", "--set", &set],
+        &["stages", "up", "--stage", "services", "--set", &set],
     )
     .await;
     assert_eq!(code, 0, "{out}");
+    assert!(out.contains("run 4: 1 stage(s) to run"), "{out}");
     assert_eq!(
-        target.requests_to("POST", "/dashboards")[0].json(),
-        json!({"api": "http://api.internal"})
+        target.requests_to("POST", "/registry")[0].json(),
+        json!({"vpc": "vpc-1", "db": "db.internal:5432"})
+    );
+    assert_eq!(
+        target.requests().len(),
+        11,
+        "only the new migration was sent"
     );
 
     let (code, status) = baton(&dir, &["stages", "status", "--verbose"]).await;
     assert_eq!(code, 0);
     assert!(
-        status.contains("services: 4 applied, 0 pending"),
+        status.contains("services: 5 applied, 0 pending"),
         "{status}"
     );
     assert!(status.contains("export   vpc_id=vpc-1"), "{status}");

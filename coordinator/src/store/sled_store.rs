@@ -21,6 +21,8 @@ pub struct SledStore {
     events: sled::Tree,
     applied: sled::Tree,
     results: sled::Tree,
+    /// Counters (`next_id`).
+    meta: sled::Tree,
 }
 
 impl SledStore {
@@ -60,6 +62,7 @@ impl SledStore {
             events: tree("events")?,
             applied: tree("applied")?,
             results: tree("results")?,
+            meta: tree("meta")?,
             db,
         })
     }
@@ -87,8 +90,21 @@ fn applied_key(key: &StageKey, version: u64) -> Vec<u8> {
 
 impl Store for SledStore {
     fn next_id(&self) -> Result<u64, StoreError> {
-        // generate_id is monotonic across crashes (it persists a reserved range).
-        self.db.generate_id().map(|id| id + 1).map_err(io)
+        // A plain counter, flushed before the id is used: ids people read stay small and
+        // never repeat across crashes. (Fencing tokens will use sled's `generate_id`.)
+        let next = self
+            .meta
+            .update_and_fetch(b"next_id", |old| {
+                let n = old
+                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                    .map_or(0, u64::from_be_bytes);
+                Some((n + 1).to_be_bytes().to_vec())
+            })
+            .map_err(io)?
+            .and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
+            .map_or(1, u64::from_be_bytes);
+        self.db.flush().map_err(io)?;
+        Ok(next)
     }
 
     fn commit(&self, t: Transition) -> Result<(), StoreError> {
