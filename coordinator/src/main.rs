@@ -7,8 +7,9 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = baton_coordinator::cli::Cli::parse();
-    let mut out = std::io::stdout().lock();
-    let mut err = std::io::stderr().lock();
+    // Not locked for the whole run: the live progress view writes to stdout from its own thread.
+    let mut out = std::io::stdout();
+    let mut err = std::io::stderr();
     // The only place the process environment is read.
     let env = std::env::vars_os()
         .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))

@@ -197,6 +197,12 @@ async fn seed_example_runs_and_reruns_only_what_is_new() {
         "{status}"
     );
     assert!(status.contains("export   vpc_id=vpc-1"), "{status}");
+    let (code, out) = baton(&dir, &["runs", "resume"]).await;
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("no interrupted run of stages.yaml to resume"),
+        "{out}"
+    );
     let (_, runs) = baton(&dir, &["runs", "list"]).await;
     assert_eq!(runs.lines().count(), 4, "{runs}");
     let _ = std::fs::remove_dir_all(&dir);

@@ -6,6 +6,7 @@
 mod demo;
 mod graph;
 mod plan_view;
+mod progress;
 mod run;
 mod stages;
 
@@ -118,6 +119,14 @@ pub struct DemoArgs {
 pub enum RunsCommand {
     /// Every run, oldest first.
     List(StateArgs),
+    /// Resume the interrupted run of a stages file (what the next `stages up` would do).
+    Resume {
+        #[command(flatten)]
+        state: StateArgs,
+        /// Set a variable on top of `global.env` (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE", value_parser = parse_set)]
+        set: Vec<(String, String)>,
+    },
     /// A run's event log.
     Show {
         /// The run's id (see `baton runs list`).
@@ -325,6 +334,9 @@ pub fn run(
                 state_dir: a.state_dir,
             };
             stages::status(&status, out, err)
+        }
+        Command::Runs(RunsCommand::Resume { state, set }) => {
+            stages::resume(&state, set, env, out, err)
         }
         Command::Runs(RunsCommand::List(a)) => stages::runs(&a, None, out, err),
         Command::Runs(RunsCommand::Show { run, state }) => {

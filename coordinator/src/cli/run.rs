@@ -71,7 +71,7 @@ impl History for StoreHistory<'_> {
 }
 
 /// The latest run of `project` that never finished.
-fn interrupted_run(
+pub(super) fn interrupted_run(
     store: &dyn Store,
     project: &str,
 ) -> Result<Option<RunRecord>, crate::store::StoreError> {
@@ -287,13 +287,15 @@ fn new_run(
     Ok(run)
 }
 
-/// Drives a run, printing its progress; `None` when the run could not be driven.
+/// Drives a run, showing its progress; `None` when the run could not be driven.
 async fn drive_and_print(
     local: LocalRun,
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> std::io::Result<Option<RunStatus>> {
+    use std::io::IsTerminal;
     let run_id = local.run.id;
+    let stages: Vec<String> = local.plan.order.iter().map(|s| s.name.clone()).collect();
     let cancel = CancellationToken::new();
     let ctrl_c = cancel.clone();
     let watcher = tokio::spawn(async move {
@@ -304,18 +306,21 @@ async fn drive_and_print(
     let (tx, mut rx) = mpsc::channel(1024);
     let driving = drive(local, cancel, tx);
     tokio::pin!(driving);
+    let mut progress =
+        super::progress::Progress::new(std::io::stdout().is_terminal(), &stages, out);
     let result = loop {
         tokio::select! {
-            // Progress first, so lines print in order before the summary.
+            // Progress first, so it is shown in order before the summary.
             biased;
-            Some(e) = rx.recv() => print_event(out, &e)?,
+            Some(e) = rx.recv() => progress.event(&e)?,
             r = &mut driving => break r,
         }
     };
     watcher.abort();
     while let Ok(e) = rx.try_recv() {
-        print_event(out, &e)?;
+        progress.event(&e)?;
     }
+    progress.finish();
     match result {
         Ok(s) => Ok(Some(s)),
         Err(e) => {
@@ -514,6 +519,7 @@ pub(super) fn print_event(out: &mut dyn Write, e: &EventRecord) -> std::io::Resu
     writeln!(out, "{} {stage:<16} {line}", clock(e.at_ms))
 }
 
+/// The end of a run: each stage's outcome and duration, and what it exports (secrets masked).
 fn summary(
     out: &mut dyn Write,
     store: &dyn Store,
@@ -522,9 +528,29 @@ fn summary(
     run_id: u64,
     status: RunStatus,
 ) -> std::io::Result<()> {
+    let mut outcome: BTreeMap<String, String> = BTreeMap::new();
+    for e in store.events(run_id, 0).unwrap_or_default() {
+        let Some(stage) = e.stage else { continue };
+        let text = match e.kind {
+            EventKind::StageSucceeded { duration_ms } => {
+                format!("succeeded in {:.1}s", duration_ms as f64 / 1000.0)
+            }
+            EventKind::StageFailed { .. } => "failed".to_owned(),
+            EventKind::StageSkipped { reason } => format!("skipped ({reason})"),
+            EventKind::StageNotRun { .. } => "not run".to_owned(),
+            _ => continue,
+        };
+        outcome.insert(stage, text);
+    }
     writeln!(out)?;
     writeln!(out, "run {run_id} {}", status.as_str())?;
+    let width = plan.order.iter().map(|s| s.name.len()).max().unwrap_or(0);
     for s in &plan.order {
+        let state = outcome
+            .get(&s.name)
+            .cloned()
+            .unwrap_or_else(|| "not run".to_owned());
+        writeln!(out, "  {:width$}  {state}", s.name)?;
         let k = StageKey::new(key, &s.name);
         let Ok(Some(result)) = store.result(&k) else {
             continue;
@@ -533,12 +559,14 @@ fn summary(
             continue;
         }
         let masker = masker_for(&result.exports, &result.secret);
-        let vars: Vec<String> = result
-            .exports
-            .iter()
-            .map(|(n, v)| format!("{n}={}", masker.mask(v)))
-            .collect();
-        writeln!(out, "  {}: {}", s.name, vars.join(" "))?;
+        for (n, v) in &result.exports {
+            let shown = if result.secret.contains(n) {
+                "***".to_owned()
+            } else {
+                masker.mask(v)
+            };
+            writeln!(out, "  {:width$}    {n}={shown}", "")?;
+        }
     }
     Ok(())
 }

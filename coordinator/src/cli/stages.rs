@@ -134,6 +134,18 @@ pub(super) fn up(
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> std::io::Result<i32> {
+    up_with(args, env, None, out, err)
+}
+
+/// `up` with the store already open (sled releases its lock only some time after a close, so
+/// a command that looked at the store first passes it on instead of reopening it).
+fn up_with(
+    args: &UpArgs,
+    env: BTreeMap<String, String>,
+    opened: Option<std::sync::Arc<crate::store::SledStore>>,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> std::io::Result<i32> {
     let (project, diags) = load_and_check(&args.spec);
     let Some(project) = project else {
         match args.output {
@@ -172,7 +184,9 @@ pub(super) fn up(
         .unwrap_or_else(|| run::default_state_dir(&project.stages_file));
     let key = run::project_key(&project.stages_file);
     // A dry run reads history when there is some, and never creates the state directory.
-    let store = if args.dry_run && !state_dir.exists() {
+    let store = if opened.is_some() {
+        opened
+    } else if args.dry_run && !state_dir.exists() {
         None
     } else {
         match run::open_store(&state_dir, err)? {
@@ -395,4 +409,60 @@ pub(super) fn down(
         out,
         err,
     ))
+}
+
+/// `runs resume`: `stages up` with the interrupted run's own selection; an error when there
+/// is nothing to resume.
+pub(super) fn resume(
+    args: &StateArgs,
+    set: Vec<(String, String)>,
+    env: BTreeMap<String, String>,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> std::io::Result<i32> {
+    let stages_file = baton_common::spec::normalize(&args.config);
+    let state_dir = args
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| run::default_state_dir(&stages_file));
+    let key = run::project_key(&stages_file);
+    if !state_dir.exists() {
+        writeln!(
+            err,
+            "error: no state in {}: nothing has run yet",
+            state_dir.display()
+        )?;
+        return Ok(EXIT_INVALID);
+    }
+    let Some(store) = run::open_store(&state_dir, err)? else {
+        return Ok(EXIT_INVALID);
+    };
+    let Some(run) = run::interrupted_run(store.as_ref(), &key).ok().flatten() else {
+        writeln!(
+            err,
+            "error: no interrupted run of {} to resume (see `baton runs list`)",
+            stages_file.display()
+        )?;
+        return Ok(EXIT_INVALID);
+    };
+    let (stage, from, to) = match run.selection {
+        Selection::All => (Vec::new(), None, None),
+        Selection::Stages { names } => (names, None, None),
+        Selection::Range { from, to } => (Vec::new(), Some(from), Some(to)),
+    };
+    let up = UpArgs {
+        spec: SpecArgs {
+            config: args.config.clone(),
+            strict: false,
+            generated: None,
+        },
+        dry_run: false,
+        stage,
+        from,
+        to,
+        output: OutputFormat::Text,
+        state_dir: args.state_dir.clone(),
+        set,
+    };
+    up_with(&up, env, Some(store), out, err)
 }
