@@ -159,6 +159,24 @@ pub struct MigrationOutcome {
     pub duration: Duration,
 }
 
+impl MigrationOutcome {
+    fn of(
+        m: &MigrationSpec,
+        direction: &'static str,
+        extracted: BTreeMap<String, String>,
+        duration: Duration,
+    ) -> Self {
+        MigrationOutcome {
+            version: m.version,
+            name: m.name.clone(),
+            direction,
+            digest: m.digest.clone(),
+            extracted,
+            duration,
+        }
+    }
+}
+
 /// How a stage ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StageEnd {
@@ -493,14 +511,7 @@ async fn run_up(
         let got = run_step(ctx, m, step, &vars, Direction::Up)
             .await
             .map_err(|e| in_migration(m, "up", e))?;
-        let outcome = MigrationOutcome {
-            version: m.version,
-            name: m.name.clone(),
-            direction: "up",
-            digest: m.digest.clone(),
-            extracted: got.clone(),
-            duration: started.elapsed(),
-        };
+        let outcome = MigrationOutcome::of(m, "up", got.clone(), started.elapsed());
         extracted.insert(m.version, got);
         ctx.emit(StageEvent::MigrationFinished(outcome.clone()))
             .await;
@@ -559,14 +570,7 @@ async fn run_down(
             })
             .await;
             extracted.remove(&m.version);
-            let outcome = MigrationOutcome {
-                version: m.version,
-                name: m.name.clone(),
-                direction: "down",
-                digest: m.digest.clone(),
-                extracted: BTreeMap::new(),
-                duration: Duration::ZERO,
-            };
+            let outcome = MigrationOutcome::of(m, "down", BTreeMap::new(), Duration::ZERO);
             ctx.emit(StageEvent::MigrationFinished(outcome.clone()))
                 .await;
             report.migrations.push(outcome);
@@ -588,14 +592,7 @@ async fn run_down(
         .await
         .map_err(|e| in_migration(m, "down", e))?;
         extracted.remove(&m.version);
-        let outcome = MigrationOutcome {
-            version: m.version,
-            name: m.name.clone(),
-            direction: "down",
-            digest: m.digest.clone(),
-            extracted: BTreeMap::new(),
-            duration: started.elapsed(),
-        };
+        let outcome = MigrationOutcome::of(m, "down", BTreeMap::new(), started.elapsed());
         ctx.emit(StageEvent::MigrationFinished(outcome.clone()))
             .await;
         report.migrations.push(outcome);

@@ -168,16 +168,7 @@ fn up_with(
         }
         return Ok(EXIT_INVALID);
     };
-    let selection = match (&args.stage[..], &args.from, &args.to) {
-        ([], None, None) => Selection::All,
-        ([], Some(from), Some(to)) => Selection::Range {
-            from: from.clone(),
-            to: to.clone(),
-        },
-        (names, _, _) => Selection::Stages {
-            names: names.to_vec(),
-        },
-    };
+    let selection = selection_of(&args.stage, &args.from, &args.to);
     let state_dir = args
         .state_dir
         .clone()
@@ -253,26 +244,11 @@ pub(super) fn status(
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> std::io::Result<i32> {
-    let (project, diags) = load_and_check(&args.spec);
-    let Some(project) = project else {
-        write!(err, "{diags}")?;
-        return Ok(EXIT_INVALID);
-    };
-    let state_dir = args
-        .state_dir
-        .clone()
-        .unwrap_or_else(|| run::default_state_dir(&project.stages_file));
-    if !state_dir.exists() {
-        writeln!(
-            out,
-            "no state in {}: nothing has run yet",
-            state_dir.display()
-        )?;
-        return Ok(EXIT_OK);
-    }
-    let Some(store) = run::open_store(&state_dir, err)? else {
-        return Ok(EXIT_INVALID);
-    };
+    let (project, store) =
+        match project_with_state(&args.spec, &args.state_dir, "nothing has run yet", out, err)? {
+            Ok(found) => found,
+            Err(code) => return Ok(code),
+        };
     run::status(
         &project,
         store.as_ref(),
@@ -316,37 +292,18 @@ pub(super) fn down(
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> std::io::Result<i32> {
-    let (project, diags) = load_and_check(&args.spec);
-    let Some(project) = project else {
-        write!(err, "{diags}")?;
-        return Ok(EXIT_INVALID);
-    };
-    let state_dir = args
-        .state_dir
-        .clone()
-        .unwrap_or_else(|| run::default_state_dir(&project.stages_file));
-    if !state_dir.exists() {
-        writeln!(
-            out,
-            "no state in {}: nothing has run, nothing to roll back",
-            state_dir.display()
-        )?;
-        return Ok(EXIT_OK);
-    }
-    let Some(store) = run::open_store(&state_dir, err)? else {
-        return Ok(EXIT_INVALID);
+    let (project, store) = match project_with_state(
+        &args.spec,
+        &args.state_dir,
+        "nothing has run, nothing to roll back",
+        out,
+        err,
+    )? {
+        Ok(found) => found,
+        Err(code) => return Ok(code),
     };
     let key = run::project_key(&project.stages_file);
-    let selection = match (&args.stage[..], &args.from, &args.to) {
-        ([], None, None) => Selection::All,
-        ([], Some(from), Some(to)) => Selection::Range {
-            from: from.clone(),
-            to: to.clone(),
-        },
-        (names, _, _) => Selection::Stages {
-            names: names.to_vec(),
-        },
-    };
+    let selection = selection_of(&args.stage, &args.from, &args.to);
     let dependents = if args.cascade {
         planner::Dependents::Cascade
     } else {
@@ -465,4 +422,46 @@ pub(super) fn resume(
         set,
     };
     up_with(&up, env, Some(store), out, err)
+}
+
+/// `--stage` / `--from` / `--to` as a selection.
+fn selection_of(stage: &[String], from: &Option<String>, to: &Option<String>) -> Selection {
+    match (stage, from, to) {
+        ([], Some(from), Some(to)) => Selection::Range {
+            from: from.clone(),
+            to: to.clone(),
+        },
+        ([], _, _) => Selection::All,
+        (names, _, _) => Selection::Stages {
+            names: names.to_vec(),
+        },
+    }
+}
+
+/// A valid project and its open store. `Err(code)` when the command ends here: invalid files
+/// (printed), no state yet (`no_state` printed; exit 0), or a store that cannot be opened.
+#[allow(clippy::type_complexity)]
+fn project_with_state(
+    spec: &SpecArgs,
+    state_dir: &Option<std::path::PathBuf>,
+    no_state: &str,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> std::io::Result<Result<(Project, std::sync::Arc<crate::store::SledStore>), i32>> {
+    let (project, diags) = load_and_check(spec);
+    let Some(project) = project else {
+        write!(err, "{diags}")?;
+        return Ok(Err(EXIT_INVALID));
+    };
+    let state_dir = state_dir
+        .clone()
+        .unwrap_or_else(|| run::default_state_dir(&project.stages_file));
+    if !state_dir.exists() {
+        writeln!(out, "no state in {}: {no_state}", state_dir.display())?;
+        return Ok(Err(EXIT_OK));
+    }
+    match run::open_store(&state_dir, err)? {
+        Some(store) => Ok(Ok((project, store))),
+        None => Ok(Err(EXIT_INVALID)),
+    }
 }

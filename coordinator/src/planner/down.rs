@@ -7,9 +7,10 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 
-use baton_common::diag::closest;
 use baton_common::spec::Project;
 use petgraph::Direction;
+
+use super::lookup_stage;
 
 use super::{
     check_graph, digest_inputs, display, Graph, History, Plan, PlanError, PlannedStage, Selection,
@@ -41,13 +42,7 @@ pub fn plan_down(
     let n = spec.stages.len();
     let index = spec.index();
     let names: Vec<&str> = spec.stages.iter().map(|s| s.name.value.as_str()).collect();
-    let lookup = |name: &str, flag: &str| -> Result<usize, PlanError> {
-        index.get(name).copied().ok_or_else(|| {
-            let hint = closest(name, names.iter().copied())
-                .map_or(String::new(), |c| format!(" (did you mean `{c}`?)"));
-            PlanError::Selection(format!("{flag} names unknown stage `{name}`{hint}"))
-        })
-    };
+    let lookup = |name: &str, flag: &str| lookup_stage(&index, &names, name, flag);
     let mut selected: BTreeSet<usize> = match selection {
         Selection::All => (0..n).collect(),
         Selection::Stages { names: wanted } => wanted

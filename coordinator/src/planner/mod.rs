@@ -311,6 +311,20 @@ pub(crate) fn check_graph(spec: &StagesSpec, file: &Path, graph: &Graph) -> Diag
     diags
 }
 
+/// A stage named on the command line, or an error naming the flag and the closest name.
+pub(crate) fn lookup_stage(
+    index: &HashMap<&str, usize>,
+    names: &[&str],
+    name: &str,
+    flag: &str,
+) -> Result<usize, PlanError> {
+    index.get(name).copied().ok_or_else(|| {
+        let hint = closest(name, names.iter().copied())
+            .map_or(String::new(), |c| format!(" (did you mean `{c}`?)"));
+        PlanError::Selection(format!("{flag} names unknown stage `{name}`{hint}"))
+    })
+}
+
 /// Plans a loaded project.
 pub fn plan(
     project: &Project,
@@ -326,13 +340,7 @@ pub fn plan(
     let n = spec.stages.len();
     let index = spec.index();
     let names: Vec<&str> = spec.stages.iter().map(|s| s.name.value.as_str()).collect();
-    let lookup = |name: &str, flag: &str| -> Result<usize, PlanError> {
-        index.get(name).copied().ok_or_else(|| {
-            let hint = closest(name, names.iter().copied())
-                .map_or(String::new(), |c| format!(" (did you mean `{c}`?)"));
-            PlanError::Selection(format!("{flag} names unknown stage `{name}`{hint}"))
-        })
-    };
+    let lookup = |name: &str, flag: &str| lookup_stage(&index, &names, name, flag);
 
     let selected: BTreeSet<usize> = match selection {
         Selection::All => (0..n).collect(),
