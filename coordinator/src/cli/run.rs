@@ -254,6 +254,7 @@ fn new_run(
         direction: plan.direction.to_owned(),
         selection: plan.selection.clone(),
         plan_digest: plan.digest.clone(),
+        plan: serde_json::to_value(plan).unwrap_or_default(),
         created_at_ms: now_ms(),
         status: RunStatus::Running,
         finished_at_ms: None,

@@ -71,6 +71,9 @@ pub struct RunRecord {
     pub direction: String,
     pub selection: Selection,
     pub plan_digest: String,
+    /// The frozen plan the run executes (stages, order, waves, inputs), as JSON.
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub plan: serde_json::Value,
     pub created_at_ms: u64,
     pub status: RunStatus,
     pub finished_at_ms: Option<u64>,

@@ -12,6 +12,7 @@ fn run(id: u64, status: RunStatus) -> RunRecord {
         direction: "up".into(),
         selection: Selection::All,
         plan_digest: "d".into(),
+        plan: serde_json::json!({"order": []}),
         created_at_ms: 1,
         status,
         finished_at_ms: None,
@@ -77,6 +78,11 @@ fn suite(store: &dyn Store) {
     store.commit(t).unwrap();
 
     assert_eq!(store.run(7).unwrap().unwrap().status, RunStatus::Running);
+    assert_eq!(
+        store.run(7).unwrap().unwrap(),
+        run(7, RunStatus::Running),
+        "the frozen plan is kept whole"
+    );
     assert_eq!(store.run(9).unwrap(), None);
     let events: Vec<u64> = store.events(7, 0).unwrap().iter().map(|e| e.seq).collect();
     assert_eq!(events, [1, 256]);
