@@ -404,7 +404,7 @@ async fn down_restores_the_target() {
     assert!(api.resources().is_empty(), "{:?}", api.resources());
     let (_, status) = baton(&dir, &["stages", "status"]).await;
     assert!(
-        status.contains("infrastructure: 0 applied, 2 pending; never succeeded"),
+        status.contains("infrastructure: 0 applied, 2 pending; last run 3: succeeded (down)"),
         "{status}"
     );
 

@@ -598,6 +598,43 @@ pub(super) fn status(
         .into_iter()
         .map(|r| (r.id, r))
         .collect();
+    // Each stage's most recent outcome: one pass over this project's runs, newest first.
+    let names: BTreeSet<&str> = project
+        .spec
+        .stages
+        .iter()
+        .map(|s| s.name.value.as_str())
+        .collect();
+    let mut last_outcome: BTreeMap<String, (u64, String)> = BTreeMap::new();
+    for run in runs.values().rev().filter(|r| r.project == key) {
+        if last_outcome.len() == names.len() {
+            break;
+        }
+        for e in store
+            .events(run.id, 0)
+            .unwrap_or_default()
+            .into_iter()
+            .rev()
+        {
+            let Some(stage) = e.stage else { continue };
+            let what = match e.kind {
+                EventKind::StageSucceeded { .. } => "succeeded".to_owned(),
+                EventKind::StageFailed { message } => format!("failed: {message}"),
+                EventKind::StageSkipped { reason } => format!("skipped ({reason})"),
+                EventKind::StageNotRun { .. } => "not run".to_owned(),
+                EventKind::StageStarted { .. } if run.status == RunStatus::Running => {
+                    "interrupted".to_owned()
+                }
+                _ => continue,
+            };
+            let label = if run.direction == "down" {
+                format!("{what} (down)")
+            } else {
+                what
+            };
+            last_outcome.entry(stage).or_insert((run.id, label));
+        }
+    }
     for (spec, loaded) in project.spec.stages.iter().zip(&project.stages) {
         let k = StageKey::new(key, &spec.name.value);
         let applied = store.applied(&k).unwrap_or_default();
@@ -609,9 +646,9 @@ pub(super) fn status(
             .map(|m| format!("{:03}_{}", m.version, m.name))
             .collect();
         let result = store.result(&k).ok().flatten();
-        let last = match &result {
-            Some(r) => format!("last success: run {}", r.run_id),
-            None => "never succeeded".to_owned(),
+        let last = match last_outcome.get(&spec.name.value) {
+            Some((run, what)) => format!("last run {run}: {what}"),
+            None => "never run".to_owned(),
         };
         writeln!(
             out,
