@@ -82,40 +82,7 @@ pub(super) fn interrupted_run(
         .find(|r| r.project == project && r.direction == "up" && r.status == RunStatus::Running))
 }
 
-/// Runs a planned project. `selection` is what the command line asked for.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn up(
-    project: Project,
-    plan: Plan,
-    store: Arc<SledStore>,
-    key: String,
-    overrides: BTreeMap<String, String>,
-    process_env: BTreeMap<String, String>,
-    out: &mut dyn Write,
-    err: &mut dyn Write,
-) -> std::io::Result<i32> {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            writeln!(err, "error: cannot start the async runtime: {e}")?;
-            return Ok(EXIT_RUN_FAILED);
-        }
-    };
-    runtime.block_on(up_async(
-        project,
-        plan,
-        store,
-        key,
-        overrides,
-        process_env,
-        out,
-        err,
-    ))
-}
-
+/// Runs a planned project; resumes the stages file's interrupted run when there is one.
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn up_async(
     project: Project,

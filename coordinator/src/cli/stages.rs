@@ -215,7 +215,12 @@ fn up_with(
             return Ok(EXIT_INVALID);
         };
         let overrides: BTreeMap<String, String> = args.set.iter().cloned().collect();
-        return run::up(project, plan, store, key, overrides, env, out, err);
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
+        return runtime.block_on(run::up_async(
+            project, plan, store, key, overrides, env, out, err,
+        ));
     }
     match args.output {
         OutputFormat::Json => {
@@ -265,19 +270,7 @@ pub(super) fn runs(
     err: &mut dyn Write,
 ) -> std::io::Result<i32> {
     let stages_file = baton_common::spec::normalize(&args.config);
-    let state_dir = args
-        .state_dir
-        .clone()
-        .unwrap_or_else(|| run::default_state_dir(&stages_file));
-    if !state_dir.exists() {
-        writeln!(
-            err,
-            "error: no state in {}: nothing has run yet",
-            state_dir.display()
-        )?;
-        return Ok(EXIT_INVALID);
-    }
-    let Some(store) = run::open_store(&state_dir, err)? else {
+    let Some(store) = existing_store(args, &stages_file, err)? else {
         return Ok(EXIT_INVALID);
     };
     match id {
@@ -378,20 +371,8 @@ pub(super) fn resume(
     err: &mut dyn Write,
 ) -> std::io::Result<i32> {
     let stages_file = baton_common::spec::normalize(&args.config);
-    let state_dir = args
-        .state_dir
-        .clone()
-        .unwrap_or_else(|| run::default_state_dir(&stages_file));
     let key = run::project_key(&stages_file);
-    if !state_dir.exists() {
-        writeln!(
-            err,
-            "error: no state in {}: nothing has run yet",
-            state_dir.display()
-        )?;
-        return Ok(EXIT_INVALID);
-    }
-    let Some(store) = run::open_store(&state_dir, err)? else {
+    let Some(store) = existing_store(args, &stages_file, err)? else {
         return Ok(EXIT_INVALID);
     };
     let Some(run) = run::interrupted_run(store.as_ref(), &key).ok().flatten() else {
@@ -464,4 +445,26 @@ fn project_with_state(
         Some(store) => Ok(Ok((project, store))),
         None => Ok(Err(EXIT_INVALID)),
     }
+}
+
+/// The store of `stages_file`'s state directory; `None` (reported) when there is no state or
+/// it cannot be opened.
+fn existing_store(
+    args: &StateArgs,
+    stages_file: &std::path::Path,
+    err: &mut dyn Write,
+) -> std::io::Result<Option<std::sync::Arc<crate::store::SledStore>>> {
+    let state_dir = args
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| run::default_state_dir(stages_file));
+    if !state_dir.exists() {
+        writeln!(
+            err,
+            "error: no state in {}: nothing has run yet",
+            state_dir.display()
+        )?;
+        return Ok(None);
+    }
+    run::open_store(&state_dir, err)
 }

@@ -53,21 +53,11 @@ pub fn plan_down(
             // Down runs from the later stage back to the earlier one.
             let later = lookup(from, "--from")?;
             let earlier = lookup(to, "--to")?;
-            if later == earlier {
-                BTreeSet::from([later])
-            } else {
-                let below = graph.reach(earlier, Direction::Outgoing);
-                if !below.contains(&later) {
-                    return Err(PlanError::Selection(format!(
-                        "--from {from} --to {to} selects no stages to roll back: `{from}` does not depend on `{to}` (down runs from a later stage back to an earlier one)"
-                    )));
-                }
-                let above = graph.reach(later, Direction::Incoming);
-                let mut set: BTreeSet<usize> = below.intersection(&above).copied().collect();
-                set.insert(later);
-                set.insert(earlier);
-                set
-            }
+            graph.between(earlier, later).ok_or_else(|| {
+                PlanError::Selection(format!(
+                    "--from {from} --to {to} selects no stages to roll back: `{from}` does not depend on `{to}` (down runs from a later stage back to an earlier one)"
+                ))
+            })?
         }
     };
     let applied = |i: usize| !history.applied_versions(names[i]).is_empty();

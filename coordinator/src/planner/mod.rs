@@ -203,6 +203,23 @@ impl Graph {
         seen
     }
 
+    /// The stages on dependency paths from `earlier` to `later`, both included; `None` when
+    /// `later` does not (transitively) depend on `earlier`.
+    pub(crate) fn between(&self, earlier: usize, later: usize) -> Option<BTreeSet<usize>> {
+        if earlier == later {
+            return Some(BTreeSet::from([earlier]));
+        }
+        let below = self.reach(earlier, Direction::Outgoing);
+        if !below.contains(&later) {
+            return None;
+        }
+        let above = self.reach(later, Direction::Incoming);
+        let mut set: BTreeSet<usize> = below.intersection(&above).copied().collect();
+        set.insert(earlier);
+        set.insert(later);
+        Some(set)
+    }
+
     /// Is `target` a transitive dependency of `stage`?
     fn depends_transitively(&self, stage: usize, target: usize) -> bool {
         if self.deps(stage).contains(&target) {
@@ -357,21 +374,11 @@ pub fn plan(
         Selection::Range { from, to } => {
             let a = lookup(from, "--from")?;
             let b = lookup(to, "--to")?;
-            if a == b {
-                BTreeSet::from([a])
-            } else {
-                let below = graph.reach(a, Direction::Outgoing);
-                if !below.contains(&b) {
-                    return Err(PlanError::Selection(format!(
-                        "--from {from} --to {to} selects no stages: `{to}` does not depend on `{from}` (pick a --to that comes after --from)"
-                    )));
-                }
-                let above = graph.reach(b, Direction::Incoming);
-                let mut set: BTreeSet<usize> = below.intersection(&above).copied().collect();
-                set.insert(a);
-                set.insert(b);
-                set
-            }
+            graph.between(a, b).ok_or_else(|| {
+                PlanError::Selection(format!(
+                    "--from {from} --to {to} selects no stages: `{to}` does not depend on `{from}` (pick a --to that comes after --from)"
+                ))
+            })?
         }
     };
 
