@@ -200,3 +200,37 @@ async fn secrets_shorter_than_four_characters_are_refused() {
         failed(&report.end).contains("secret `pin` is 3 characters long; secrets need at least 4")
     );
 }
+
+#[tokio::test]
+async fn extracted_values_of_declared_secrets_are_masked_from_then_on() {
+    let target = Target::start().await;
+    target.on(
+        "POST",
+        "/db",
+        vec![Reply::text(201, r#"{"password": "pw-extracted-123"}"#)],
+    );
+    target.on(
+        "POST",
+        "/echo",
+        vec![Reply::text(400, "got pw-extracted-123")],
+    );
+    let mut d = StageDir::new(&target.url());
+    d.secrets = vec!["db_password".into()];
+    d.migration("001_db.yaml", "up:\n  request:\n    method: POST\n    url: '{{.api}}/db'\n  response:\n    env_from:\n      db_password: password\n");
+    d.migration(
+        "002_use.yaml",
+        "up:\n  request:\n    method: POST\n    url: '{{.api}}/echo?p={{.db_password}}'\n",
+    );
+    let (report, events) = run(d.task(Direction::Up, vec![])).await;
+    let msg = failed(&report.end).to_owned();
+    let text = format!("{}{msg}", event_text(&events));
+    // The value appears only in the MigrationFinished event's extracted map (the caller stores
+    // it); never in a URL, a log line or an error.
+    let leaked: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("pw-extracted-123") && !l.starts_with("MigrationFinished"))
+        .collect();
+    assert!(leaked.is_empty(), "{leaked:?}");
+    assert!(msg.contains("got ***"), "{msg}");
+    assert_eq!(report.secret_exports, vec!["db_password".to_owned()]);
+}

@@ -252,6 +252,25 @@ impl StageCtx<'_> {
             .map_err(|e| StepError::failed(e.to_string()))
     }
 
+    /// Values extracted for variables the stage declares secret are masked from now on. The
+    /// step already happened, so a value too short to mask does not fail it: it is reported.
+    pub(crate) async fn mask_declared_secrets(&self, version: u64, got: &BTreeMap<String, String>) {
+        let declared = |k: &String| {
+            self.task.secrets.contains(k) || self.task.config.secrets.iter().any(|s| &s.value == k)
+        };
+        for (k, v) in got.iter().filter(|(k, _)| declared(k)) {
+            if self.add_secret(k, v).is_err() {
+                let line =
+                    format!("secret `{k}` is shorter than 4 characters and cannot be masked");
+                self.emit(StageEvent::Log {
+                    version: Some(version),
+                    line,
+                })
+                .await;
+            }
+        }
+    }
+
     /// Announces a migration: through the gate when there is one (and waits for it), else
     /// as an ordinary event.
     pub(crate) async fn started(&self, m: &MigrationSpec, direction: &'static str) {
@@ -621,9 +640,12 @@ async fn run_step(
     let mut vars = vars.clone();
     if let Some(find) = &step.find {
         let found = run_action(ctx, m, find, &vars, direction, "find").await?;
+        ctx.mask_declared_secrets(m.version, &found).await;
         vars.extend(found);
     }
-    run_action(ctx, m, step, &vars, direction, "").await
+    let got = run_action(ctx, m, step, &vars, direction, "").await?;
+    ctx.mask_declared_secrets(m.version, &got).await;
+    Ok(got)
 }
 
 async fn run_action(
