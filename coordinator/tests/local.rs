@@ -545,3 +545,77 @@ async fn single_stage_commands() {
     stop.cancel();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// An interrupted run is never silently replaced: another selection is refused until it is
+/// resumed, and `runs resume` completes it under its own id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interrupted_run_must_be_resumed_first() {
+    use baton_coordinator::planner::{plan, NoHistory, Selection};
+    use baton_coordinator::store::{
+        Op, RunRecord, RunStatus, SledStore, Store, Transition, FORMAT,
+    };
+
+    let stop = tokio_util::sync::CancellationToken::new();
+    let api = baton_coordinator::demo::DemoApi::start(stop.clone())
+        .await
+        .unwrap();
+    let dir = copy_project(&repo().join("examples/stages"), "interrupted");
+    // A run of all stages that died before doing anything, as the store would hold it.
+    {
+        let loaded = baton_common::spec::load_project(
+            &dir.join("stages.yaml"),
+            &baton_common::spec::DiskFiles,
+            Default::default(),
+        );
+        let project = loaded.project.unwrap();
+        let planned = plan(&project, &Selection::All, &NoHistory).unwrap();
+        let store = SledStore::open(&dir.join(".baton")).unwrap();
+        let id = store.next_id().unwrap();
+        let run = RunRecord {
+            v: FORMAT,
+            id,
+            project: "stages.yaml".into(),
+            direction: "up".into(),
+            selection: Selection::All,
+            plan_digest: planned.digest.clone(),
+            plan: serde_json::Value::Null,
+            created_at_ms: 1,
+            status: RunStatus::Running,
+            finished_at_ms: None,
+        };
+        let mut t = Transition::new();
+        t.push(Op::PutRun(run));
+        store.commit(t).unwrap();
+    }
+    // The store above is closed; sled lets go of its lock shortly after (bounded wait).
+    let set = format!("api_base={}", api.url);
+    let mut refused = (0, String::new());
+    for _ in 0..100 {
+        refused = baton(
+            &dir,
+            &["stages", "up", "--stage", "infrastructure", "--set", &set],
+        )
+        .await;
+        if !refused.1.contains("in use by another baton process") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(refused.0, 2, "{}", refused.1);
+    assert!(
+        refused
+            .1
+            .contains("run 1 (all stages) was interrupted before it finished; resume it first"),
+        "{}",
+        refused.1
+    );
+    assert!(api.resources().is_empty());
+
+    let (code, out) = baton(&dir, &["runs", "resume", "--set", &set]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("resuming run 1"), "{out}");
+    assert!(out.contains("run 1 succeeded"), "{out}");
+    assert_eq!(api.resources().len(), 9);
+    stop.cancel();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -99,6 +99,15 @@ pub(super) async fn up_async(
     let mut done = BTreeSet::new();
     let mut next_seq = 1;
     let run = match interrupted_run(store.as_ref(), &key).map_err(io_err)? {
+        Some(old) if old.plan_digest == plan.digest && old.selection != plan.selection => {
+            writeln!(
+                err,
+                "error: run {} ({}) was interrupted before it finished; resume it first with `baton runs resume`, then run this selection",
+                old.id,
+                describe_selection(&old.selection)
+            )?;
+            return Ok(EXIT_INVALID);
+        }
         Some(old) if old.plan_digest == plan.digest => {
             let events = store.events(old.id, 0).map_err(io_err)?;
             next_seq = events.last().map_or(1, |e| e.seq + 1);
@@ -656,14 +665,18 @@ pub(super) fn status(
     Ok(EXIT_OK)
 }
 
+fn describe_selection(selection: &Selection) -> String {
+    match selection {
+        Selection::All => "all stages".to_owned(),
+        Selection::Stages { names } => format!("--stage {}", names.join(",")),
+        Selection::Range { from, to } => format!("--from {from} --to {to}"),
+    }
+}
+
 /// `runs list`.
 pub(super) fn runs_list(store: &dyn Store, out: &mut dyn Write) -> std::io::Result<i32> {
     for r in store.runs().unwrap_or_default() {
-        let selection = match &r.selection {
-            Selection::All => "all stages".to_owned(),
-            Selection::Stages { names } => format!("--stage {}", names.join(",")),
-            Selection::Range { from, to } => format!("--from {from} --to {to}"),
-        };
+        let selection = describe_selection(&r.selection);
         writeln!(
             out,
             "{:>6}  {:<24} {:<4} {:<28} {}",

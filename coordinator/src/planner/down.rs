@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use baton_common::spec::Project;
 use petgraph::Direction;
 
-use super::lookup_stage;
+use super::{lookup_stage, project_inputs};
 
 use super::{
     check_graph, digest_inputs, display, Graph, History, Plan, PlanError, PlannedStage, Selection,
@@ -163,11 +163,7 @@ pub fn plan_down(
     for (k, p) in planned.iter().enumerate() {
         waves[p.wave].push(k);
     }
-    let inputs: BTreeMap<String, String> = project
-        .inputs
-        .iter()
-        .map(|(p, d)| (display(p), d.clone()))
-        .collect();
+    let inputs = project_inputs(project);
     Ok(Plan {
         stages_file: display(&project.stages_file),
         direction: "down",

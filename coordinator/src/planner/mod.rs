@@ -507,11 +507,7 @@ pub fn plan(
         w.sort_by_key(|&k| planned[k].index);
     }
 
-    let inputs: BTreeMap<String, String> = project
-        .inputs
-        .iter()
-        .map(|(p, d)| (display(p), d.clone()))
-        .collect();
+    let inputs = project_inputs(project);
     Ok(Plan {
         stages_file: display(&project.stages_file),
         direction: "up",
@@ -532,6 +528,17 @@ pub fn plan(
 
 pub(crate) fn display(p: &Path) -> String {
     p.to_string_lossy().replace('\\', "/")
+}
+
+/// Every file the project read, by path relative to the stages file's directory (so the
+/// digest does not depend on where baton was started from), with its SHA-256.
+pub(crate) fn project_inputs(project: &Project) -> BTreeMap<String, String> {
+    let base = project.stages_file.parent().unwrap_or(Path::new(""));
+    project
+        .inputs
+        .iter()
+        .map(|(p, d)| (display(p.strip_prefix(base).unwrap_or(p)), d.clone()))
+        .collect()
 }
 
 /// SHA-256 over `path NUL digest LF` for every input in path order.

@@ -250,3 +250,26 @@ proptest! {
         prop_assert_eq!(a, b);
     }
 }
+
+#[test]
+fn digest_does_not_depend_on_where_baton_runs() {
+    let files = synthetic::project_files(3, &[(1, 0), (2, 1)]);
+    let mut moved = baton_common::spec::MemoryFiles::default();
+    for (p, c) in &files.0 {
+        moved.insert(std::path::Path::new("some/dir").join(p), c.clone());
+    }
+    let here = baton_common::spec::load_project(
+        std::path::Path::new("stages.yaml"),
+        &files,
+        Default::default(),
+    );
+    let there = baton_common::spec::load_project(
+        std::path::Path::new("some/dir/stages.yaml"),
+        &moved,
+        Default::default(),
+    );
+    let a = plan(&here.project.unwrap(), &Selection::All, &NoHistory).unwrap();
+    let b = plan(&there.project.unwrap(), &Selection::All, &NoHistory).unwrap();
+    assert_eq!(a.digest, b.digest);
+    assert_eq!(a.inputs, b.inputs);
+}

@@ -408,6 +408,8 @@ impl Driver {
         let spec = &self.r.project.spec;
         let stage = &spec.stages[self.spec_index[k]];
         let loaded = &self.r.project.stages[self.spec_index[k]];
+        // The executor's gate: "migration started" goes through the stage's own forwarder.
+        let (gtx, mut grx) = mpsc::channel::<(StageEvent, tokio::sync::oneshot::Sender<()>)>(1);
         let task = StageTask {
             run_id: self.r.run.id.to_string(),
             stage: stage.name.value.clone(),
@@ -432,7 +434,7 @@ impl Driver {
             },
             timeout: stage.timeout.as_ref().map(|t| t.value),
             files: self.r.files.clone(),
-            gate: Some(gate(k, tx.clone())),
+            gate: Some(gate(gtx)),
         };
         self.started[k] = Some(Instant::now());
         self.record(Some(k), EventKind::StageStarted { attempt: 1 }, vec![])
@@ -448,6 +450,15 @@ impl Driver {
                     // Events first, so each is recorded before the stage's end.
                     biased;
                     Some(ev) = erx.recv() => { let _ = tx.send(Internal::Stage(k, ev)).await; }
+                    Some((ev, ack)) = grx.recv() => {
+                        // Everything the stage emitted before this migration goes first, so the
+                        // log keeps the stage's order (the previous migration's end before the
+                        // next one's start).
+                        while let Ok(earlier) = erx.try_recv() {
+                            let _ = tx.send(Internal::Stage(k, earlier)).await;
+                        }
+                        let _ = tx.send(Internal::Started(k, ev, ack)).await;
+                    }
                     report = &mut exec => break report,
                 }
             };
@@ -594,14 +605,17 @@ impl Driver {
     }
 }
 
-/// The executor's gate for stage `k`: hands the `MigrationStarted` event to the driver's loop
-/// and waits until it is recorded.
-fn gate(k: usize, tx: mpsc::Sender<Internal>) -> baton_agent::executor::StepGate {
+/// The executor's gate: hands the `MigrationStarted` event to the stage's forwarder (which
+/// passes it to the driver after every earlier event of the stage) and waits until the
+/// driver has recorded it.
+fn gate(
+    gtx: mpsc::Sender<(StageEvent, tokio::sync::oneshot::Sender<()>)>,
+) -> baton_agent::executor::StepGate {
     Arc::new(move |event| {
-        let tx = tx.clone();
+        let gtx = gtx.clone();
         Box::pin(async move {
             let (ack, done) = tokio::sync::oneshot::channel();
-            if tx.send(Internal::Started(k, event, ack)).await.is_ok() {
+            if gtx.send((event, ack)).await.is_ok() {
                 // If the driver is gone, the run is over; nothing waits for the answer.
                 let _ = done.await;
             }
