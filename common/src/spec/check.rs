@@ -26,13 +26,10 @@ pub(super) fn variables(
     stages: &[LoadedStage],
     stages_file: &Path,
     stages_text: &str,
+    provided: &BTreeSet<String>,
 ) {
-    let global: BTreeSet<&str> = spec
-        .global
-        .env
-        .iter()
-        .map(|e| e.name.value.as_str())
-        .collect();
+    let mut global: BTreeSet<&str> = provided.iter().map(String::as_str).collect();
+    global.extend(spec.global.env.iter().map(|e| e.name.value.as_str()));
     let stage_names: Vec<&str> = spec.stages.iter().map(|s| s.name.value.as_str()).collect();
     let index = spec.index();
     for (stage, loaded) in spec.stages.iter().zip(stages) {

@@ -578,9 +578,11 @@ pub struct Project {
 }
 
 /// Options for loading.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct LoadOptions {
     pub limits: Limits,
+    /// Variables given on the command line (`--set`): sources for the variable checks.
+    pub provided: std::collections::BTreeSet<String>,
 }
 
 /// Result of loading: the project when there was no error, and every finding.
@@ -737,6 +739,7 @@ pub fn load_project(stages_file: &Path, files: &dyn SourceFiles, opts: LoadOptio
             &stages,
             &stages_file,
             &text,
+            &l.opts.provided,
         );
     }
     if !complete || l.diags.has_errors() {

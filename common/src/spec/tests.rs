@@ -241,3 +241,26 @@ fn retry_policy_layers_and_backoff() {
     }));
     assert_eq!((q.max_attempts, q.backoff(9)), (5, Duration::from_secs(1)));
 }
+
+#[test]
+fn variables_given_on_the_command_line_count_as_provided() {
+    let mut files = good();
+    files[4] = (
+        "db/migration/001_create_db.yaml",
+        "up:\n  request:\n    method: GET\n    url: '{{.api}}/{{.nope}}'\n",
+    );
+    let mut mem = MemoryFiles::default();
+    for (p, c) in &files {
+        mem.insert(p, c.as_bytes());
+    }
+    let opts = LoadOptions {
+        provided: ["nope".to_owned()].into(),
+        ..LoadOptions::default()
+    };
+    let loaded = load_project(Path::new("stages.yaml"), &mem, opts);
+    assert!(
+        !loaded.diagnostics.to_string().contains("`nope`"),
+        "{}",
+        loaded.diagnostics
+    );
+}

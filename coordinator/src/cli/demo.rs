@@ -56,6 +56,7 @@ pub(super) fn run(
                 config: file.clone(),
                 strict: false,
                 generated: None,
+                provided: vec!["api_base".to_owned()],
             });
             let Some(project) = project else {
                 write!(err, "{diags}")?;

@@ -104,6 +104,7 @@ impl SingleArgs {
             config: dir.join(".baton-stage.yaml"),
             strict: false,
             generated: Some(generated),
+            provided: self.set.iter().map(|(k, _)| k.clone()).collect(),
         }
     }
 }
@@ -172,6 +173,9 @@ pub struct SpecArgs {
     /// content, beside the stage's `config.yaml`.
     #[arg(skip)]
     pub generated: Option<String>,
+    /// Variables the command line sets (`--set`), so validation counts them as provided.
+    #[arg(skip)]
+    pub provided: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
@@ -294,8 +298,14 @@ pub fn run(
 ) -> std::io::Result<i32> {
     match cli.command {
         Command::Stages(StagesCommand::Validate(a)) => stages::validate(&a, out, err),
-        Command::Stages(StagesCommand::Up(a)) => stages::up(&a, env, out, err),
-        Command::Stages(StagesCommand::Down(a)) => stages::down(&a, env, out, err),
+        Command::Stages(StagesCommand::Up(mut a)) => {
+            a.spec.provided = a.set.iter().map(|(k, _)| k.clone()).collect();
+            stages::up(&a, env, out, err)
+        }
+        Command::Stages(StagesCommand::Down(mut a)) => {
+            a.spec.provided = a.set.iter().map(|(k, _)| k.clone()).collect();
+            stages::down(&a, env, out, err)
+        }
         Command::Stages(StagesCommand::Status(a)) => stages::status(&a, out, err),
         Command::Stages(StagesCommand::Graph(a)) => graph::run(&a, out, err),
         Command::Demo(a) => demo::run(&a, env, out, err),

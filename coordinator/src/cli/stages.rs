@@ -16,8 +16,12 @@ use crate::planner::{self, NoHistory, Plan, PlanError, Selection};
 
 /// Loads the project and runs the graph checks: the whole of validation.
 pub(super) fn load_and_check(spec: &SpecArgs) -> (Option<Project>, Diagnostics) {
+    let options = LoadOptions {
+        provided: spec.provided.iter().cloned().collect(),
+        ..LoadOptions::default()
+    };
     let loaded = match &spec.generated {
-        None => load_project(&spec.config, &DiskFiles, LoadOptions::default()),
+        None => load_project(&spec.config, &DiskFiles, options.clone()),
         Some(content) => {
             let mut extra = baton_common::spec::MemoryFiles::default();
             extra.insert(&spec.config, content.as_bytes());
@@ -25,7 +29,7 @@ pub(super) fn load_and_check(spec: &SpecArgs) -> (Option<Project>, Diagnostics) 
                 base: &DiskFiles,
                 extra,
             };
-            load_project(&spec.config, &files, LoadOptions::default())
+            load_project(&spec.config, &files, options.clone())
         }
     };
     let mut diags = loaded.diagnostics;
@@ -393,6 +397,7 @@ pub(super) fn resume(
             config: args.config.clone(),
             strict: false,
             generated: None,
+            provided: set.iter().map(|(k, _)| k.clone()).collect(),
         },
         dry_run: false,
         stage,
