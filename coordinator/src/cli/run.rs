@@ -368,30 +368,27 @@ async fn rollback(
             return Ok(());
         }
     };
-    let run = new_run(store.as_ref(), key, &plan, out)?;
-    let run_id = run.id;
-    let plan = Arc::new(plan);
     let to = first_applied
         .into_iter()
         .map(|(s, v)| (s, v.saturating_sub(1)))
         .collect();
-    let local = LocalRun {
-        project: project.clone(),
-        plan: plan.clone(),
-        store: store.clone(),
-        project_key: key.to_owned(),
-        run,
-        next_seq: 1,
-        done: BTreeSet::new(),
-        process_env,
-        overrides,
-        files: Arc::new(DiskFiles),
-        direction: RunDirection::Down {
-            to,
-            skip_missing_down: false,
-        },
+    let direction = RunDirection::Down {
+        to,
+        skip_missing_down: false,
     };
-    if let Some(status) = drive_and_print(local, out, err).await? {
+    let run = drive_down(
+        project.clone(),
+        plan,
+        store,
+        key,
+        overrides,
+        process_env,
+        direction,
+        out,
+        err,
+    )
+    .await?;
+    if let Some((run_id, status)) = run {
         writeln!(out, "\nrollback run {run_id} {}", status.as_str())?;
     }
     Ok(())
@@ -410,25 +407,23 @@ pub(super) async fn down_async(
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> std::io::Result<i32> {
-    let run = new_run(store.as_ref(), &key, &plan, out)?;
-    let run_id = run.id;
-    let local = LocalRun {
-        project: Arc::new(project),
-        plan: Arc::new(plan),
-        store: store.clone(),
-        project_key: key,
-        run,
-        next_seq: 1,
-        done: BTreeSet::new(),
-        process_env,
-        overrides,
-        files: Arc::new(DiskFiles),
-        direction: RunDirection::Down {
-            to: BTreeMap::new(),
-            skip_missing_down,
-        },
+    let direction = RunDirection::Down {
+        to: BTreeMap::new(),
+        skip_missing_down,
     };
-    let Some(status) = drive_and_print(local, out, err).await? else {
+    let run = drive_down(
+        Arc::new(project),
+        plan,
+        &store,
+        &key,
+        overrides,
+        process_env,
+        direction,
+        out,
+        err,
+    )
+    .await?;
+    let Some((run_id, status)) = run else {
         return Ok(EXIT_RUN_FAILED);
     };
     writeln!(out, "\nrun {run_id} {}", status.as_str())?;
@@ -437,6 +432,39 @@ pub(super) async fn down_async(
     } else {
         EXIT_RUN_FAILED
     })
+}
+
+/// Records a new down run for `plan` and drives it: `stages down` and `rollback_on_failure`.
+#[allow(clippy::too_many_arguments)]
+async fn drive_down(
+    project: Arc<Project>,
+    plan: Plan,
+    store: &Arc<SledStore>,
+    key: &str,
+    overrides: BTreeMap<String, String>,
+    process_env: BTreeMap<String, String>,
+    direction: RunDirection,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> std::io::Result<Option<(u64, RunStatus)>> {
+    let run = new_run(store.as_ref(), key, &plan, out)?;
+    let run_id = run.id;
+    let local = LocalRun {
+        project,
+        plan: Arc::new(plan),
+        store: store.clone(),
+        project_key: key.to_owned(),
+        run,
+        next_seq: 1,
+        done: BTreeSet::new(),
+        process_env,
+        overrides,
+        files: Arc::new(DiskFiles),
+        direction,
+    };
+    Ok(drive_and_print(local, out, err)
+        .await?
+        .map(|status| (run_id, status)))
 }
 
 fn clock(ms: u64) -> String {

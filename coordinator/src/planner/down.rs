@@ -10,11 +10,9 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use baton_common::spec::Project;
 use petgraph::Direction;
 
-use super::{lookup_stage, project_inputs};
+use super::{checked_graph, lookup_stage, project_inputs};
 
-use super::{
-    check_graph, digest_inputs, display, Graph, History, Plan, PlanError, PlannedStage, Selection,
-};
+use super::{digest_inputs, display, History, Plan, PlanError, PlannedStage, Selection};
 
 /// What to do about dependents, outside the selection, that still have applied migrations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,15 +31,9 @@ pub fn plan_down(
     history: &dyn History,
     dependents: Dependents,
 ) -> Result<Plan, PlanError> {
-    let graph = Graph::build(&project.spec);
-    let diags = check_graph(&project.spec, &project.stages_file, &graph);
-    if diags.has_errors() {
-        return Err(PlanError::Invalid(diags));
-    }
+    let (graph, index, names) = checked_graph(project)?;
     let spec = &project.spec;
     let n = spec.stages.len();
-    let index = spec.index();
-    let names: Vec<&str> = spec.stages.iter().map(|s| s.name.value.as_str()).collect();
     let lookup = |name: &str, flag: &str| lookup_stage(&index, &names, name, flag);
     let mut selected: BTreeSet<usize> = match selection {
         Selection::All => (0..n).collect(),

@@ -328,6 +328,26 @@ pub(crate) fn check_graph(spec: &StagesSpec, file: &Path, graph: &Graph) -> Diag
     diags
 }
 
+/// The project's graph, checked (cycles, `env_from_stages`), with stage indices by name and
+/// the names in file order: what every planning starts from.
+#[allow(clippy::type_complexity)]
+pub(crate) fn checked_graph(
+    project: &Project,
+) -> Result<(Graph, HashMap<&str, usize>, Vec<&str>), PlanError> {
+    let graph = Graph::build(&project.spec);
+    let diags = check_graph(&project.spec, &project.stages_file, &graph);
+    if diags.has_errors() {
+        return Err(PlanError::Invalid(diags));
+    }
+    let names = project
+        .spec
+        .stages
+        .iter()
+        .map(|s| s.name.value.as_str())
+        .collect();
+    Ok((graph, project.spec.index(), names))
+}
+
 /// A stage named on the command line, or an error naming the flag and the closest name.
 pub(crate) fn lookup_stage(
     index: &HashMap<&str, usize>,
@@ -348,15 +368,9 @@ pub fn plan(
     selection: &Selection,
     history: &dyn History,
 ) -> Result<Plan, PlanError> {
-    let graph = Graph::build(&project.spec);
-    let diags = check_graph(&project.spec, &project.stages_file, &graph);
-    if diags.has_errors() {
-        return Err(PlanError::Invalid(diags));
-    }
+    let (graph, index, names) = checked_graph(project)?;
     let spec = &project.spec;
     let n = spec.stages.len();
-    let index = spec.index();
-    let names: Vec<&str> = spec.stages.iter().map(|s| s.name.value.as_str()).collect();
     let lookup = |name: &str, flag: &str| lookup_stage(&index, &names, name, flag);
 
     let selected: BTreeSet<usize> = match selection {
