@@ -2,6 +2,7 @@
 //!
 //! - [`yaml`]: YAML with a position on every node, and input limits.
 //! - [`diag`]: validation findings (`file:line:col: severity: message`).
+//! - [`ids`]: random identifiers that are unique across machines.
 //! - [`template`] and [`condition`]: Go-template syntax and stage conditions.
 //! - [`spec`]: the user's files (`stages.yaml`, stage `config.yaml`, migrations), parsed
 //!   and checked into validated types.
@@ -11,6 +12,7 @@
 
 pub mod condition;
 pub mod diag;
+pub mod ids;
 pub mod mask;
 pub mod spec;
 pub mod template;

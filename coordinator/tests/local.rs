@@ -574,6 +574,7 @@ async fn interrupted_run_must_be_resumed_first() {
         let run = RunRecord {
             v: FORMAT,
             id,
+            uid: "0123456789abcdef0123456789abcdef".into(),
             project: "stages.yaml".into(),
             direction: "up".into(),
             selection: Selection::All,
@@ -618,4 +619,29 @@ async fn interrupted_run_must_be_resumed_first() {
     assert_eq!(api.resources().len(), 9);
     stop.cancel();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Two state directories (two environments, two CI runners, a reset `.baton`) never send the
+/// same `Idempotency-Key`: against a target that honours keys, the second run would otherwise
+/// "succeed" while creating nothing and record the first run's resources as its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_state_directories_never_share_an_idempotency_key() {
+    let target = Target::start().await;
+    script_seed001(&target);
+    target.honour_idempotency_keys();
+    let dir = copy_project(&repo().join("examples/stages"), "two-state-dirs");
+    let set = format!("api_base={}", target.url());
+    for state in ["state-staging", "state-production"] {
+        let (code, out) = baton(&dir, &["stages", "up", "--state-dir", state, "--set", &set]).await;
+        assert_eq!(code, 0, "{out}");
+        assert!(out.contains("run 1 succeeded"), "{out}");
+    }
+    let counts = target.effect_counts();
+    assert_eq!(
+        counts.values().sum::<usize>(),
+        18,
+        "both runs send every mutating request: {counts:?}"
+    );
+    let repeated: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(repeated.is_empty(), "keys sent by both runs: {repeated:?}");
 }

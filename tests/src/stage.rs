@@ -99,7 +99,7 @@ impl StageDir {
         let stage = project.stages.into_iter().next().expect("one stage");
         let spec = &project.spec.stages[0];
         StageTask {
-            run_id: "run-1".to_owned(),
+            key_scope: "store-1/run-1".to_owned(),
             stage: "s".to_owned(),
             config_file: stage.config_file,
             config: stage.config,

@@ -98,6 +98,10 @@ struct Shared {
     /// Requests being answered right now, and the most there ever were at once.
     in_flight: usize,
     max_in_flight: usize,
+    /// Like a real API that honours `Idempotency-Key`: a key seen before gets the first
+    /// answer again and creates nothing (see [`Target::honour_idempotency_keys`]).
+    honour_keys: bool,
+    answered: HashMap<String, Reply>,
 }
 
 /// A running target. Stops when dropped.
@@ -199,6 +203,13 @@ impl Target {
         );
     }
 
+    /// From now on, a request whose `Idempotency-Key` was answered before gets that same
+    /// answer again and takes nothing from the script, as payment and cloud APIs do. Two runs
+    /// that wrongly share keys then "succeed" while the second creates nothing.
+    pub fn honour_idempotency_keys(&self) {
+        self.shared.lock().expect("target lock").honour_keys = true;
+    }
+
     /// Every request so far, in arrival order.
     pub fn requests(&self) -> Vec<Recorded> {
         self.shared.lock().expect("target lock").log.clone()
@@ -258,18 +269,29 @@ async fn handle(
         body: String::from_utf8_lossy(&body).into_owned(),
     };
     let key = format!("{} {}", recorded.method, recorded.path);
+    let idem = recorded.header("idempotency-key").map(str::to_owned);
     let reply = {
         let mut s = shared.lock().expect("target lock");
         s.log.push(recorded);
         s.in_flight += 1;
         s.max_in_flight = s.max_in_flight.max(s.in_flight);
-        s.script.get_mut(&key).and_then(|q| {
-            if q.len() > 1 {
-                q.pop_front()
-            } else {
-                q.front().cloned()
-            }
-        })
+        let replayed = match &idem {
+            Some(k) if s.honour_keys => s.answered.get(k).cloned(),
+            _ => None,
+        };
+        let reply = replayed.or_else(|| {
+            s.script.get_mut(&key).and_then(|q| {
+                if q.len() > 1 {
+                    q.pop_front()
+                } else {
+                    q.front().cloned()
+                }
+            })
+        });
+        if let (Some(k), Some(r)) = (idem, &reply) {
+            s.answered.entry(k).or_insert_with(|| r.clone());
+        }
+        reply
     };
     let Some(reply) = reply else {
         shared.lock().expect("target lock").in_flight -= 1;

@@ -228,7 +228,7 @@ async fn prepare(
     }
     if MUTATING.contains(&method.as_str()) && !headers.contains_key("idempotency-key") {
         let key = idempotency_key(
-            &ctx.task.run_id,
+            &ctx.task.key_scope,
             &ctx.task.stage,
             m.version,
             direction,
@@ -330,15 +330,19 @@ fn literal_json(j: &JsonTemplate) -> serde_json::Value {
 }
 
 /// Stable for the same run, stage, migration, direction and step: a retry of the step, by
-/// this agent or another, carries the same key.
+/// this agent or another, carries the same key. `key_scope` holds the store's and the run's
+/// random ids, so no other run anywhere shares the key.
 pub fn idempotency_key(
-    run_id: &str,
+    key_scope: &str,
     stage: &str,
     version: u64,
     direction: Direction,
     role: &str,
 ) -> String {
-    let material = format!("{run_id}\0{stage}\0{version}\0{}\0{role}", direction.word());
+    let material = format!(
+        "{key_scope}\0{stage}\0{version}\0{}\0{role}",
+        direction.word()
+    );
     let digest = baton_common::spec::sha256_hex(material.as_bytes());
     format!("baton-{}", &digest[..32])
 }

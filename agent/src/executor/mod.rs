@@ -80,7 +80,9 @@ pub struct VarLayers {
 /// Everything the executor needs to run one stage.
 #[derive(Clone)]
 pub struct StageTask {
-    pub run_id: String,
+    /// What makes this run's idempotency keys unique everywhere (the store's and the run's
+    /// random ids); the same for every attempt of the run, so a re-sent request reuses its key.
+    pub key_scope: String,
     pub stage: String,
     /// The stage's config file; relative paths in it (`ca_file`) are resolved beside it.
     pub config_file: PathBuf,
@@ -114,7 +116,7 @@ pub type StepGate = Arc<
 impl std::fmt::Debug for StageTask {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StageTask")
-            .field("run_id", &self.run_id)
+            .field("key_scope", &self.key_scope)
             .field("stage", &self.stage)
             .field("direction", &self.direction)
             .field("migrations", &self.migrations.len())

@@ -223,9 +223,11 @@ fn new_run(
 ) -> std::io::Result<RunRecord> {
     let io_err = |e: crate::store::StoreError| std::io::Error::other(e.to_string());
     let id = store.next_id().map_err(io_err)?;
+    let uid = baton_common::ids::random_hex()?;
     let run = RunRecord {
         v: FORMAT,
         id,
+        uid,
         project: key.to_owned(),
         direction: plan.direction.to_owned(),
         selection: plan.selection.clone(),

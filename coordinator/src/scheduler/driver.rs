@@ -411,7 +411,7 @@ impl Driver {
         // The executor's gate: "migration started" goes through the stage's own forwarder.
         let (gtx, mut grx) = mpsc::channel::<(StageEvent, tokio::sync::oneshot::Sender<()>)>(1);
         let task = StageTask {
-            run_id: self.r.run.id.to_string(),
+            key_scope: self.r.run.key_scope(self.r.store.id()),
             stage: stage.name.value.clone(),
             config_file: PathBuf::from(&loaded.config_file),
             config: loaded.config.clone(),

@@ -17,14 +17,29 @@ struct State {
     results: BTreeMap<StageKey, StageResultRecord>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct MemoryStore {
+    /// Random per instance, like a sled store's: two memory stores never share keys.
+    id: String,
     state: Mutex<State>,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        MemoryStore::new()
+    }
 }
 
 impl MemoryStore {
     pub fn new() -> Self {
-        MemoryStore::default()
+        // Without an OS random source a memory store (tests, dry runs) still needs some id;
+        // the address-free clock is unique enough for one process's in-memory state.
+        let id =
+            baton_common::ids::random_hex().unwrap_or_else(|_| format!("mem-{}", super::now_ms()));
+        MemoryStore {
+            id,
+            state: Mutex::new(State::default()),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -35,6 +50,10 @@ impl MemoryStore {
 }
 
 impl Store for MemoryStore {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
     fn next_id(&self) -> Result<u64, StoreError> {
         let mut s = self.lock();
         s.next_id += 1;

@@ -66,6 +66,11 @@ impl RunStatus {
 pub struct RunRecord {
     pub v: u32,
     pub id: u64,
+    /// The run's random id (32 hex digits), created with the run: with the store's id it
+    /// makes the run's idempotency keys unique everywhere. Empty in runs recorded before it
+    /// existed; those keep their old keys (see [`RunRecord::key_scope`]).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub uid: String,
     pub project: String,
     /// `up` or `down`.
     pub direction: String,
@@ -77,6 +82,19 @@ pub struct RunRecord {
     pub created_at_ms: u64,
     pub status: RunStatus,
     pub finished_at_ms: Option<u64>,
+}
+
+impl RunRecord {
+    /// What makes this run's idempotency keys its own: the store's id and the run's random
+    /// id. Stable for the run's life, so a resumed or re-sent request carries the same key.
+    pub fn key_scope(&self, store_id: &str) -> String {
+        if self.uid.is_empty() {
+            // Recorded by an older baton: resume with the keys it already sent.
+            self.id.to_string()
+        } else {
+            format!("{store_id}/{}", self.uid)
+        }
+    }
 }
 
 /// One entry of a run's event log.
@@ -240,6 +258,10 @@ impl Transition {
 /// The durable state. Implementations are shared across threads; `commit` blocks until the
 /// transition is durable (call it from `spawn_blocking` in async code).
 pub trait Store: Send + Sync {
+    /// This store's random id, created with it and never changed: part of every
+    /// idempotency key, so two state directories (two projects, environments, CI runners or
+    /// a reset `.baton`) never send the same key.
+    fn id(&self) -> &str;
     /// A new id, strictly larger than every id handed out before, across restarts.
     fn next_id(&self) -> Result<u64, StoreError>;
     /// Applies a transition atomically and makes it durable.

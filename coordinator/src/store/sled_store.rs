@@ -16,6 +16,8 @@ use super::{
 
 #[derive(Debug, Clone)]
 pub struct SledStore {
+    /// Random, created with the directory and kept in `meta` (see [`Store::id`]).
+    id: String,
     db: sled::Db,
     runs: sled::Tree,
     events: sled::Tree,
@@ -57,15 +59,35 @@ impl SledStore {
                 message: e.to_string(),
             })
         };
+        let meta = tree("meta")?;
+        let id = store_id(&db, &meta).map_err(|message| StoreError::Open {
+            dir: shown.clone(),
+            message,
+        })?;
         Ok(SledStore {
+            id,
             runs: tree("runs")?,
             events: tree("events")?,
             applied: tree("applied")?,
             results: tree("results")?,
-            meta: tree("meta")?,
+            meta,
             db,
         })
     }
+}
+
+/// The store's id: read from `meta`, or created (random) and flushed on first open.
+fn store_id(db: &sled::Db, meta: &sled::Tree) -> Result<String, String> {
+    if let Some(v) = meta.get(b"store_id").map_err(|e| e.to_string())? {
+        return String::from_utf8(v.to_vec())
+            .map_err(|_| "the store id is damaged (not UTF-8)".to_owned());
+    }
+    let id = baton_common::ids::random_hex().map_err(|e| format!("no random source: {e}"))?;
+    // Only one process opens the directory (sled's lock), so no other writer races this.
+    meta.insert(b"store_id", id.as_bytes())
+        .map_err(|e| e.to_string())?;
+    db.flush().map_err(|e| e.to_string())?;
+    Ok(id)
 }
 
 fn io(e: sled::Error) -> StoreError {
@@ -89,6 +111,10 @@ fn applied_key(key: &StageKey, version: u64) -> Vec<u8> {
 }
 
 impl Store for SledStore {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
     fn next_id(&self) -> Result<u64, StoreError> {
         // A plain counter, flushed before the id is used: ids people read stay small and
         // never repeat across crashes. (Fencing tokens will use sled's `generate_id`.)

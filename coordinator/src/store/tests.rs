@@ -6,6 +6,7 @@ use super::*;
 
 fn run(id: u64, status: RunStatus) -> RunRecord {
     RunRecord {
+        uid: format!("uid-{id}"),
         v: FORMAT,
         id,
         project: "p".into(),
