@@ -10,12 +10,19 @@ use baton_common::spec::{beside, ClientSpec, SourceFiles, TlsVersion};
 /// Per-request timeout unless `client.timeout` says otherwise (COMPAT.md).
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Builds the stage's client. `config_file` anchors a relative `ca_file`.
+/// Builds the stage's client. `config_file` anchors a relative `ca_file`; an empty
+/// `user_agent` means `baton/VERSION`.
 pub fn build_client(
     spec: &ClientSpec,
     config_file: &Path,
     files: &dyn SourceFiles,
+    user_agent: &str,
 ) -> Result<reqwest::Client, String> {
+    let user_agent = if user_agent.is_empty() {
+        concat!("baton/", env!("CARGO_PKG_VERSION"))
+    } else {
+        user_agent
+    };
     let mut b = reqwest::Client::builder()
         .use_rustls_tls()
         .timeout(spec.timeout.unwrap_or(DEFAULT_REQUEST_TIMEOUT))
@@ -23,7 +30,7 @@ pub fn build_client(
         // Migrations name their targets exactly; a redirect would send a mutating request
         // (and its Authorization header) somewhere the file does not say.
         .redirect(reqwest::redirect::Policy::none())
-        .user_agent(concat!("baton/", env!("CARGO_PKG_VERSION")));
+        .user_agent(user_agent);
     if spec.insecure {
         b = b.danger_accept_invalid_certs(true);
     }

@@ -6,6 +6,8 @@
 //! - [`template`] and [`condition`]: Go-template syntax and stage conditions.
 //! - [`spec`]: the user's files (`stages.yaml`, stage `config.yaml`, migrations), parsed
 //!   and checked into validated types.
+//! - [`stage`]: the stage contract between the engine and whoever runs a stage, and its
+//!   wire form.
 //! - [`proto`]: the generated gRPC types; they never leave this crate's API unconverted.
 //!
 //! No sled, no reqwest, no petgraph here: this crate is pure data and parsing.
@@ -15,6 +17,7 @@ pub mod diag;
 pub mod ids;
 pub mod mask;
 pub mod spec;
+pub mod stage;
 pub mod template;
 pub mod yaml;
 

@@ -10,6 +10,8 @@
 pub mod cli;
 pub mod demo;
 pub mod planner;
+pub mod runner;
+pub mod runs;
 pub mod scheduler;
 pub mod store;
 pub mod synthetic;

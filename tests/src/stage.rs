@@ -100,6 +100,7 @@ impl StageDir {
         let spec = &project.spec.stages[0];
         StageTask {
             key_scope: "store-1/run-1".to_owned(),
+            user_agent: String::new(),
             stage: "s".to_owned(),
             config_file: stage.config_file,
             config: stage.config,

@@ -30,38 +30,12 @@ use baton_common::template::{Scope, TemplateError, TemplateErrorKind};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+pub use baton_common::stage::{
+    AppliedMigration, Direction, MigrationOutcome, StageEnd, StageEvent, StageReport,
+};
+
 use crate::auth::Tokens;
 use crate::client::build_client;
-
-/// Which way a stage moves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Direction {
-    /// Apply every migration not yet applied, lowest version first.
-    Up,
-    /// Roll back applied migrations with a version above `to`, newest first (`to: 0`: all).
-    /// With `skip_missing_down`, a migration without a `down` step is passed over: nothing is
-    /// sent and it leaves the history; otherwise it is an error naming it.
-    Down { to: u64, skip_missing_down: bool },
-}
-
-impl Direction {
-    fn word(self) -> &'static str {
-        match self {
-            Direction::Up => "up",
-            Direction::Down { .. } => "down",
-        }
-    }
-}
-
-/// A migration recorded in the stage's history.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AppliedMigration {
-    pub version: u64,
-    pub name: String,
-    pub digest: String,
-    /// What its `up` extracted; in scope for its `down` and for later migrations.
-    pub vars: BTreeMap<String, String>,
-}
 
 /// Variables given to a stage, by precedence layer (lowest first). The executor adds the
 /// stage config's `env`, values extracted during the stage, and each migration's own `env`.
@@ -104,6 +78,9 @@ pub struct StageTask {
     /// the caller makes "migration N started" durable here, so after a crash it knows the
     /// migration may have reached the target (persist, then act). `None`: not awaited.
     pub gate: Option<StepGate>,
+    /// `User-Agent` of every request (`baton/VERSION` locally, `baton-agent/VERSION (ID)` on
+    /// an agent, so a target's log shows which agent sent what).
+    pub user_agent: String,
 }
 
 /// See [`StageTask::gate`].
@@ -122,81 +99,6 @@ impl std::fmt::Debug for StageTask {
             .field("migrations", &self.migrations.len())
             .finish_non_exhaustive()
     }
-}
-
-/// What happened, as it happens. Texts are already masked.
-#[derive(Debug, Clone, PartialEq)]
-pub enum StageEvent {
-    MigrationStarted {
-        version: u64,
-        name: String,
-        direction: &'static str,
-    },
-    RequestSent {
-        version: u64,
-        method: String,
-        url: String,
-        status: Option<u16>,
-        duration: Duration,
-        attempt: u32,
-    },
-    Log {
-        version: Option<u64>,
-        line: String,
-    },
-    MigrationFinished(MigrationOutcome),
-}
-
-/// A migration that completed (applied, or rolled back).
-#[derive(Debug, Clone, PartialEq)]
-pub struct MigrationOutcome {
-    pub version: u64,
-    pub name: String,
-    pub direction: &'static str,
-    /// SHA-256 of the migration file that ran.
-    pub digest: String,
-    /// Variables extracted (up only). Secret values are included: the caller stores them and
-    /// masks them on display.
-    pub extracted: BTreeMap<String, String>,
-    pub duration: Duration,
-}
-
-impl MigrationOutcome {
-    fn of(
-        m: &MigrationSpec,
-        direction: &'static str,
-        extracted: BTreeMap<String, String>,
-        duration: Duration,
-    ) -> Self {
-        MigrationOutcome {
-            version: m.version,
-            name: m.name.clone(),
-            direction,
-            digest: m.digest.clone(),
-            extracted,
-            duration,
-        }
-    }
-}
-
-/// How a stage ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StageEnd {
-    Succeeded,
-    Failed(String),
-    Cancelled,
-    TimedOut,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct StageReport {
-    pub end: StageEnd,
-    /// Migrations completed by this call, in order.
-    pub migrations: Vec<MigrationOutcome>,
-    /// Every variable the stage exports after this call (history and this run).
-    pub exported: BTreeMap<String, String>,
-    /// Names of exported variables whose values are secret.
-    pub secret_exports: Vec<String>,
 }
 
 /// Why a step failed; the message is masked before it leaves the executor.
@@ -458,8 +360,13 @@ fn prepare<'a>(
                 .map_err(|e| format!("stage `{}`: {e}", task.stage))?;
         }
     }
-    let client = build_client(&task.config.client, &task.config_file, task.files.as_ref())
-        .map_err(|e| format!("stage `{}`: {e}", task.stage))?;
+    let client = build_client(
+        &task.config.client,
+        &task.config_file,
+        task.files.as_ref(),
+        &task.user_agent,
+    )
+    .map_err(|e| format!("stage `{}`: {e}", task.stage))?;
     let max_response_bytes = task
         .config
         .max_response_bytes

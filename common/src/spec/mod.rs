@@ -143,6 +143,8 @@ pub struct GlobalSpec {
     pub max_concurrent_stages: Option<Located<u64>>,
     pub rollback_on_failure: bool,
     pub retry: Option<RetrySpec>,
+    /// The agent label selector of stages that set no `runs_on` of their own.
+    pub runs_on: Vec<(String, String)>,
 }
 
 /// What a stage's failure does to the rest of the run.
@@ -482,6 +484,47 @@ impl SourceFiles for MemoryFiles {
     }
 }
 
+/// Reads through `base` and keeps the bytes of every file read, so a run can ship exactly
+/// what its plan digested (a file edited on disk during the run changes nothing).
+pub struct CapturingFiles<'a> {
+    base: &'a dyn SourceFiles,
+    read: std::cell::RefCell<BTreeMap<PathBuf, Vec<u8>>>,
+}
+
+impl std::fmt::Debug for CapturingFiles<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CapturingFiles").finish_non_exhaustive()
+    }
+}
+
+impl<'a> CapturingFiles<'a> {
+    pub fn new(base: &'a dyn SourceFiles) -> Self {
+        CapturingFiles {
+            base,
+            read: std::cell::RefCell::new(BTreeMap::new()),
+        }
+    }
+
+    /// Every file read so far, by the path it was read with (normalized).
+    pub fn into_files(self) -> BTreeMap<PathBuf, Vec<u8>> {
+        self.read.into_inner()
+    }
+}
+
+impl SourceFiles for CapturingFiles<'_> {
+    fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
+        let bytes = self.base.read(path)?;
+        self.read
+            .borrow_mut()
+            .insert(normalize(path), bytes.clone());
+        Ok(bytes)
+    }
+
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
+        self.base.list(dir)
+    }
+}
+
 /// Files from `extra` first, then from `base`: a real directory plus a few generated files
 /// (the single-stage commands give a lone `config.yaml` a one-stage stages file).
 pub struct OverlayFiles<'a> {
@@ -549,6 +592,9 @@ pub struct LoadedStage {
     pub migrate_dir: PathBuf,
     /// Sorted by version.
     pub migrations: Vec<MigrationSpec>,
+    /// Every file loading the stage read (config, migrations, body files), in read order:
+    /// what an assignment ships so the stage runs elsewhere exactly as planned.
+    pub inputs: Vec<PathBuf>,
 }
 
 impl LoadedStage {
@@ -613,6 +659,8 @@ struct Loader<'f> {
     inputs: BTreeMap<PathBuf, String>,
     /// Text of every config and migration file read, for the cross-file checks.
     sources: HashMap<PathBuf, String>,
+    /// Files read while loading the current stage.
+    stage_reads: Vec<PathBuf>,
 }
 
 impl Loader<'_> {
@@ -647,6 +695,7 @@ impl Loader<'_> {
             }
         };
         self.inputs.insert(path.to_path_buf(), sha256_hex(&bytes));
+        self.stage_reads.push(path.to_path_buf());
         if bytes.len() > self.opts.limits.max_bytes {
             self.diags
                 .error(
@@ -700,6 +749,7 @@ pub fn load_project(stages_file: &Path, files: &dyn SourceFiles, opts: LoadOptio
         diags: Diagnostics::new(),
         inputs: BTreeMap::new(),
         sources: HashMap::new(),
+        stage_reads: Vec::new(),
     };
     let Some(text) = l.read_text(&stages_file, None, "stages file") else {
         return Loaded {
@@ -721,7 +771,14 @@ pub fn load_project(stages_file: &Path, files: &dyn SourceFiles, opts: LoadOptio
     };
     let mut loaded_stages = Vec::with_capacity(spec.stages.len());
     for stage in &spec.stages {
-        loaded_stages.push(load_stage(&mut l, &stages_file, stage));
+        let config_file = beside(&stages_file, &stage.config_path.value);
+        let named_at = (stages_file.as_path(), stage.config_path.pos);
+        loaded_stages.push(load_stage(
+            &mut l,
+            &stage.name.value,
+            config_file,
+            Some(named_at),
+        ));
     }
     let mut stages = Vec::with_capacity(loaded_stages.len());
     let mut complete = true;
@@ -762,12 +819,40 @@ pub fn load_project(stages_file: &Path, files: &dyn SourceFiles, opts: LoadOptio
     }
 }
 
-fn load_stage(l: &mut Loader<'_>, stages_file: &Path, stage: &StageSpec) -> Option<LoadedStage> {
-    let config_file = beside(stages_file, &stage.config_path.value);
+/// Loads one stage from its config file alone: what an agent does with the files an
+/// assignment carries. The same parsing and per-file checks as [`load_project`]; the
+/// cross-stage checks ran where the run was planned.
+pub fn load_stage_files(
+    name: &str,
+    config_file: &Path,
+    files: &dyn SourceFiles,
+    opts: LoadOptions,
+) -> Result<LoadedStage, Diagnostics> {
+    let mut l = Loader {
+        files,
+        opts,
+        diags: Diagnostics::new(),
+        inputs: BTreeMap::new(),
+        sources: HashMap::new(),
+        stage_reads: Vec::new(),
+    };
+    match load_stage(&mut l, name, normalize(config_file), None) {
+        Some(stage) if !l.diags.has_errors() => Ok(stage),
+        _ => Err(l.diags),
+    }
+}
+
+fn load_stage(
+    l: &mut Loader<'_>,
+    name: &str,
+    config_file: PathBuf,
+    named_at: Option<(&Path, Pos)>,
+) -> Option<LoadedStage> {
+    l.stage_reads.clear();
     let text = l.read_text(
         &config_file,
-        Some((stages_file, stage.config_path.pos)),
-        &format!("stage `{}`: config file", stage.name.value),
+        named_at,
+        &format!("stage `{name}`: config file"),
     )?;
     let doc = l.parse_yaml(&config_file, &text)?;
     let config = {
@@ -775,6 +860,12 @@ fn load_stage(l: &mut Loader<'_>, stages_file: &Path, stage: &StageSpec) -> Opti
         config::read(&mut r, &doc)
     };
     l.sources.insert(config_file.clone(), text);
+    // The CA bundle is part of what the stage runs with: read (and digested) with the plan,
+    // so it travels with the stage to wherever it runs.
+    if let Some(ca) = &config.client.ca_file {
+        let path = beside(&config_file, &ca.value);
+        let _ = l.read_text(&path, Some((&config_file, ca.pos)), "client.ca_file");
+    }
     let (dir_rel, dir_pos) = match &config.migrate_dir {
         Some(d) => (d.value.clone(), d.pos),
         None => (PathBuf::from("migration"), Pos::FILE),
@@ -859,11 +950,12 @@ fn load_stage(l: &mut Loader<'_>, stages_file: &Path, stage: &StageSpec) -> Opti
             None => ok = false,
         }
     }
-    ok.then_some(LoadedStage {
+    ok.then(|| LoadedStage {
         config_file,
         config,
         migrate_dir,
         migrations,
+        inputs: std::mem::take(&mut l.stage_reads),
     })
 }
 

@@ -32,6 +32,7 @@ const GLOBAL_KEYS: &[&str] = &[
     "max_concurrent_stages",
     "rollback_on_failure",
     "retry",
+    "runs_on",
 ];
 const API_VERSIONS: &[&str] = &["apirun/v1", "baton/v1"];
 
@@ -96,6 +97,26 @@ pub(crate) fn read(r: &mut Reader<'_>, doc: &Node) -> StagesSpec {
     spec
 }
 
+/// `runs_on: {label: value, ...}`: the labels an agent needs to take a stage.
+fn read_runs_on(r: &mut Reader<'_>, v: &Node) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    match &v.value {
+        Value::Map(labels) => {
+            for (lk, lv) in labels {
+                if let Some(val) = r.string(lv, "a runs_on label") {
+                    out.push((lk.key_str().to_owned(), val));
+                }
+            }
+        }
+        _ => r.error(
+            v.pos,
+            "runs_on must be a mapping of label names to values",
+            Some("e.g. `runs_on: {env: prod}`".into()),
+        ),
+    }
+    out
+}
+
 fn read_global(r: &mut Reader<'_>, node: &Node) -> GlobalSpec {
     let mut g = GlobalSpec::default();
     let Some(entries) = r.mapping(node, "`global`", GLOBAL_KEYS, &[]) else {
@@ -125,6 +146,7 @@ fn read_global(r: &mut Reader<'_>, node: &Node) -> GlobalSpec {
                 g.rollback_on_failure = r.bool(v, "rollback_on_failure").unwrap_or(false)
             }
             "retry" => g.retry = read_retry(r, v),
+            "runs_on" => g.runs_on = read_runs_on(r, v),
             _ => {}
         }
     }
@@ -271,20 +293,7 @@ fn read_stage(r: &mut Reader<'_>, node: &Node) -> Option<StageSpec> {
                     }
                 }
             }
-            "runs_on" => match &v.value {
-                Value::Map(labels) => {
-                    for (lk, lv) in labels {
-                        if let Some(val) = r.string(lv, "a runs_on label") {
-                            stage.runs_on.push((lk.key_str().to_owned(), val));
-                        }
-                    }
-                }
-                _ => r.error(
-                    v.pos,
-                    "runs_on must be a mapping of label names to values",
-                    Some("e.g. `runs_on: {env: prod}`".into()),
-                ),
-            },
+            "runs_on" => stage.runs_on = read_runs_on(r, v),
             "retry" => stage.retry = read_retry(r, v),
             "secrets" => stage.secrets = r.string_list(v, "secrets"),
             _ => {}

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use tokio_util::sync::CancellationToken;
 
 use super::run as local;
-use super::stages::load_and_check;
+use super::stages::load_captured;
 use super::{DemoArgs, SpecArgs, EXIT_INVALID, EXIT_OK, EXIT_RUN_FAILED};
 use crate::demo::DemoApi;
 use crate::planner::{self, Selection};
@@ -52,7 +52,7 @@ pub(super) fn run(
                 file.display(),
                 api.url
             )?;
-            let (project, diags) = load_and_check(&SpecArgs {
+            let (project, diags, files) = load_captured(&SpecArgs {
                 config: file.clone(),
                 strict: false,
                 generated: None,
@@ -87,17 +87,16 @@ pub(super) fn run(
                 }
             };
             let overrides = BTreeMap::from([("api_base".to_owned(), api.url.clone())]);
-            let c = local::up_async(
-                project.clone(),
+            let planned = local::LocalProject {
+                project: project.clone(),
+                files,
                 plan,
-                store.clone(),
-                key.clone(),
+                store: store.clone(),
+                key: key.clone(),
                 overrides,
-                env.clone(),
-                out,
-                err,
-            )
-            .await?;
+                env: env.clone(),
+            };
+            let c = local::up_async(planned, out, err).await?;
             if c != EXIT_OK {
                 code = c;
             }

@@ -1,5 +1,6 @@
-//! `baton stages up` (a real run), `stages status` and `runs list|show`, in local mode:
-//! state in `.baton/` beside the stages file, stages executed in this process.
+//! `baton stages up` (a real run), `stages down`, `stages status` and `runs list|show`, in
+//! local mode: state in `.baton/` beside the stages file, stages executed in this process.
+//! The run lifecycle itself lives in [`crate::runs`]; this module submits, watches and prints.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
@@ -7,17 +8,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use baton_common::mask::Masker;
-use baton_common::spec::{DiskFiles, Project};
-use tokio::sync::mpsc;
+use baton_common::spec::Project;
 use tokio_util::sync::CancellationToken;
 
 use super::{EXIT_INVALID, EXIT_OK, EXIT_RUN_FAILED};
-use crate::planner::{History, Plan, Selection};
-use crate::scheduler::driver::{drive, LocalRun, RunDirection};
-use crate::store::{
-    now_ms, EventKind, EventRecord, Op, RunRecord, RunStatus, SledStore, StageKey, Store,
-    Transition, FORMAT,
-};
+use crate::planner::Plan;
+use crate::runner::in_process::InProcessRunner;
+pub(super) use crate::runs::{describe_selection, interrupted_run, StoreHistory};
+use crate::runs::{RunOutcome, Runs, RunsError, Submission, Submitted};
+use crate::scheduler::driver::{PlannedFiles, RunDirection};
+use crate::store::{EventKind, EventRecord, RunRecord, RunStatus, SledStore, StageKey, Store};
 
 /// Where a project's state lives unless `--state-dir` says otherwise.
 pub(super) fn default_state_dir(stages_file: &Path) -> PathBuf {
@@ -48,387 +48,124 @@ pub(super) fn open_store(
     }
 }
 
-/// The store as the planner's view of earlier runs.
-pub(super) struct StoreHistory<'a> {
-    pub store: &'a dyn Store,
-    pub project: String,
+/// A planned project, ready to run in this process.
+pub(super) struct LocalProject {
+    pub project: Project,
+    pub files: PlannedFiles,
+    pub plan: Plan,
+    pub store: Arc<SledStore>,
+    pub key: String,
+    pub overrides: BTreeMap<String, String>,
+    /// This process's environment: `valueFromEnv` and `env` in conditions.
+    pub env: BTreeMap<String, String>,
 }
 
-impl History for StoreHistory<'_> {
-    fn stage_succeeded(&self, stage: &str) -> bool {
-        matches!(
-            self.store.result(&StageKey::new(&self.project, stage)),
-            Ok(Some(_))
-        )
-    }
-
-    fn applied_versions(&self, stage: &str) -> BTreeSet<u64> {
-        self.store
-            .applied(&StageKey::new(&self.project, stage))
-            .map(|v| v.into_iter().map(|a| a.version).collect())
-            .unwrap_or_default()
+impl LocalProject {
+    /// The run service with the in-process runner, and the submission.
+    fn service(self) -> (Arc<Runs>, Submission) {
+        let runner = Arc::new(InProcessRunner::new(self.env.clone()));
+        let runs = Runs::new(self.store, runner);
+        let sub = Submission {
+            project: Arc::new(self.project),
+            files: Arc::new(self.files),
+            plan: self.plan,
+            project_key: self.key,
+            overrides: self.overrides,
+            condition_env: self.env,
+        };
+        (runs, sub)
     }
 }
 
-/// The latest run of `project` that never finished.
-pub(super) fn interrupted_run(
-    store: &dyn Store,
-    project: &str,
-) -> Result<Option<RunRecord>, crate::store::StoreError> {
-    Ok(store
-        .runs()?
-        .into_iter()
-        .rev()
-        .find(|r| r.project == project && r.direction == "up" && r.status == RunStatus::Running))
+fn runs_err(e: RunsError) -> std::io::Error {
+    std::io::Error::other(e.to_string())
 }
 
 /// Runs a planned project; resumes the stages file's interrupted run when there is one.
-#[allow(clippy::too_many_arguments)]
 pub(super) async fn up_async(
-    project: Project,
-    plan: Plan,
-    store: Arc<SledStore>,
-    key: String,
-    overrides: BTreeMap<String, String>,
-    process_env: BTreeMap<String, String>,
+    local: LocalProject,
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> std::io::Result<i32> {
-    let io_err = |e: crate::store::StoreError| std::io::Error::other(e.to_string());
-    // A run that crashed mid-way is resumed, never silently restarted.
-    let mut done = BTreeSet::new();
-    let mut next_seq = 1;
-    let run = match interrupted_run(store.as_ref(), &key).map_err(io_err)? {
-        Some(old) if old.plan_digest == plan.digest && old.selection != plan.selection => {
-            writeln!(
-                err,
-                "error: run {} ({}) was interrupted before it finished; resume it first with `baton runs resume`, then run this selection",
-                old.id,
-                describe_selection(&old.selection)
-            )?;
+    let (runs, sub) = local.service();
+    let plan = sub.plan.clone();
+    let key = sub.project_key.clone();
+    let submitted = match runs.submit_up(sub).await {
+        Ok(s) => s,
+        Err(e @ RunsError::InterruptedFirst { .. }) => {
+            writeln!(err, "error: {e}")?;
             return Ok(EXIT_INVALID);
         }
-        Some(old) if old.plan_digest == plan.digest => {
-            let events = store.events(old.id, 0).map_err(io_err)?;
-            next_seq = events.last().map_or(1, |e| e.seq + 1);
-            writeln!(
-                out,
-                "resuming run {} (interrupted before it finished)",
-                old.id
-            )?;
-            let mut in_flight: BTreeMap<(String, u64), String> = BTreeMap::new();
-            for e in &events {
-                let stage = e.stage.clone().unwrap_or_default();
-                match &e.kind {
-                    EventKind::StageSucceeded { .. } => {
-                        done.insert(stage);
-                    }
-                    EventKind::MigrationStarted { version, name, .. } => {
-                        in_flight.insert((stage, *version), name.clone());
-                    }
-                    EventKind::MigrationDone { version, .. } => {
-                        in_flight.remove(&(stage, *version));
-                    }
-                    _ => {}
-                }
-            }
-            if !done.is_empty() {
-                writeln!(
-                    out,
-                    "  already done: {}",
-                    done.iter().cloned().collect::<Vec<_>>().join(", ")
-                )?;
-            }
-            for ((stage, version), name) in &in_flight {
-                writeln!(
-                    out,
-                    "  stage {stage}: migration {version:03}_{name} was in flight when the run stopped; it is sent again with the same Idempotency-Key"
-                )?;
-            }
-            old
-        }
-        other => {
-            if let Some(old) = other {
-                // The files changed since that run was planned: it cannot resume as planned.
-                let mut abandoned = old.clone();
-                abandoned.status = RunStatus::Failed;
-                abandoned.finished_at_ms = Some(now_ms());
-                let events = store.events(old.id, 0).map_err(io_err)?;
-                let seq = events.last().map_or(1, |e| e.seq + 1);
-                let note = EventRecord {
-                    v: FORMAT,
-                    seq,
-                    at_ms: now_ms(),
-                    stage: None,
-                    kind: EventKind::Notice {
-                        message: "abandoned: the files changed since this run was planned".into(),
-                    },
-                };
-                let mut t = Transition::new();
-                t.push(Op::PutRun(abandoned)).push(Op::AppendEvent {
-                    run: old.id,
-                    event: note,
-                });
-                store.commit(t).map_err(io_err)?;
-                writeln!(err, "note: run {} was interrupted, but the files changed since it was planned; it is marked failed and a new run starts", old.id)?;
-            }
-            new_run(store.as_ref(), &key, &plan, out)?
-        }
+        Err(e) => return Err(runs_err(e)),
     };
-    let run_id = run.id;
-    let plan = Arc::new(plan);
-    let project = Arc::new(project);
-    let local = LocalRun {
-        project: project.clone(),
-        plan: plan.clone(),
-        store: store.clone(),
-        project_key: key.clone(),
-        run,
-        next_seq,
-        done,
-        process_env: process_env.clone(),
-        overrides: overrides.clone(),
-        files: Arc::new(DiskFiles),
-        direction: RunDirection::Up,
-    };
-    let Some(status) = drive_and_print(local, out, err).await? else {
+    announce(&submitted, &plan, out, err)?;
+    let run_id = submitted.run_id;
+    let outcome = watch_and_print(&runs, &submitted, &plan, out, err).await?;
+    let Some(status) = outcome.status else {
         return Ok(EXIT_RUN_FAILED);
     };
-    summary(out, store.as_ref(), &key, &plan, run_id, status)?;
+    summary(out, runs.store().as_ref(), &key, &plan, run_id, status)?;
     if status == RunStatus::Failed && plan.rollback_on_failure {
-        rollback(
-            &project,
-            &store,
-            &key,
-            run_id,
-            overrides,
-            process_env,
-            out,
-            err,
-        )
-        .await?;
+        match &outcome.rollback {
+            None if outcome.error.is_none() => writeln!(
+                out,
+                "rollback_on_failure: run {run_id} changed nothing; nothing to roll back"
+            )?,
+            None => writeln!(
+                err,
+                "error: {}",
+                outcome.error.as_deref().unwrap_or_default()
+            )?,
+            Some(rb) => {
+                writeln!(
+                    out,
+                    "\nrollback_on_failure: rolling back what run {run_id} applied in {}",
+                    rb.stages.join(", ")
+                )?;
+                let shown = Submitted {
+                    run_id: rb.run,
+                    resumed: false,
+                    first_seq: 0,
+                    plan_digest: rb.plan.digest.clone(),
+                    stages: rb.stages.len(),
+                    notes: Vec::new(),
+                };
+                announce(&shown, &rb.plan, out, err)?;
+                let o = watch_and_print(&runs, &shown, &rb.plan, out, err).await?;
+                if let Some(s) = o.status {
+                    writeln!(out, "\nrollback run {} {}", rb.run, s.as_str())?;
+                }
+            }
+        }
     }
+    runs.shutdown().await;
     Ok(match status {
         RunStatus::Succeeded | RunStatus::SucceededWithFailures => EXIT_OK,
         _ => EXIT_RUN_FAILED,
     })
 }
 
-/// Records a new run and its first event.
-fn new_run(
-    store: &dyn Store,
-    key: &str,
-    plan: &Plan,
-    out: &mut dyn Write,
-) -> std::io::Result<RunRecord> {
-    let io_err = |e: crate::store::StoreError| std::io::Error::other(e.to_string());
-    let id = store.next_id().map_err(io_err)?;
-    let uid = baton_common::ids::random_hex()?;
-    let run = RunRecord {
-        v: FORMAT,
-        id,
-        uid,
-        project: key.to_owned(),
-        direction: plan.direction.to_owned(),
-        selection: plan.selection.clone(),
-        plan_digest: plan.digest.clone(),
-        plan: serde_json::to_value(plan).unwrap_or_default(),
-        created_at_ms: now_ms(),
-        status: RunStatus::Running,
-        finished_at_ms: None,
-    };
-    let started = EventRecord {
-        v: FORMAT,
-        seq: 0,
-        at_ms: now_ms(),
-        stage: None,
-        kind: EventKind::RunStarted {
-            stages: plan.order.iter().map(|s| s.name.clone()).collect(),
-        },
-    };
-    let mut t = Transition::new();
-    t.push(Op::PutRun(run.clone())).push(Op::AppendEvent {
-        run: id,
-        event: started,
-    });
-    store.commit(t).map_err(io_err)?;
-    let what = if plan.direction == "down" {
-        "to roll back"
-    } else {
-        "to run"
-    };
-    writeln!(
-        out,
-        "run {id}: {} stage(s) {what} (plan {})",
-        plan.order.len(),
-        &plan.digest[..12]
-    )?;
-    Ok(run)
-}
-
-/// Drives a run, showing its progress; `None` when the run could not be driven.
-async fn drive_and_print(
-    local: LocalRun,
-    out: &mut dyn Write,
-    err: &mut dyn Write,
-) -> std::io::Result<Option<RunStatus>> {
-    use std::io::IsTerminal;
-    let run_id = local.run.id;
-    let stages: Vec<String> = local.plan.order.iter().map(|s| s.name.clone()).collect();
-    let cancel = CancellationToken::new();
-    let ctrl_c = cancel.clone();
-    let watcher = tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            ctrl_c.cancel();
-        }
-    });
-    let (tx, mut rx) = mpsc::channel(1024);
-    let driving = drive(local, cancel, tx);
-    tokio::pin!(driving);
-    let mut progress =
-        super::progress::Progress::new(std::io::stdout().is_terminal(), &stages, out);
-    let result = loop {
-        tokio::select! {
-            // Progress first, so it is shown in order before the summary.
-            biased;
-            Some(e) = rx.recv() => progress.event(&e)?,
-            r = &mut driving => break r,
-        }
-    };
-    watcher.abort();
-    while let Ok(e) = rx.try_recv() {
-        progress.event(&e)?;
-    }
-    progress.finish();
-    match result {
-        Ok(s) => Ok(Some(s)),
-        Err(e) => {
-            writeln!(err, "error: run {run_id} stopped: {e}")?;
-            Ok(None)
-        }
-    }
-}
-
-/// `rollback_on_failure`: rolls back what the failed run `failed_run` applied, newest first,
-/// in reverse dependency order, as a run of its own.
-#[allow(clippy::too_many_arguments)]
-async fn rollback(
-    project: &Arc<Project>,
-    store: &Arc<SledStore>,
-    key: &str,
-    failed_run: u64,
-    overrides: BTreeMap<String, String>,
-    process_env: BTreeMap<String, String>,
-    out: &mut dyn Write,
-    err: &mut dyn Write,
-) -> std::io::Result<()> {
-    let io_err = |e: crate::store::StoreError| std::io::Error::other(e.to_string());
-    // Per stage, the lowest version this run applied: everything from there up goes.
-    let mut first_applied: BTreeMap<String, u64> = BTreeMap::new();
-    for e in store.events(failed_run, 0).map_err(io_err)? {
-        if let (
-            Some(stage),
-            EventKind::MigrationDone {
-                version, direction, ..
-            },
-        ) = (&e.stage, &e.kind)
-        {
-            if direction == "up" {
-                let v = first_applied.entry(stage.clone()).or_insert(*version);
-                *v = (*v).min(*version);
-            }
-        }
-    }
-    if first_applied.is_empty() {
-        writeln!(
-            out,
-            "rollback_on_failure: run {failed_run} changed nothing; nothing to roll back"
-        )?;
-        return Ok(());
-    }
-    writeln!(
-        out,
-        "\nrollback_on_failure: rolling back what run {failed_run} applied in {}",
-        first_applied.keys().cloned().collect::<Vec<_>>().join(", ")
-    )?;
-    let history = StoreHistory {
-        store: store.as_ref(),
-        project: key.to_owned(),
-    };
-    let selection = Selection::Stages {
-        names: first_applied.keys().cloned().collect(),
-    };
-    let plan = match crate::planner::plan_down(
-        project,
-        &selection,
-        &history,
-        crate::planner::Dependents::Leave,
-    ) {
-        Ok(p) => p,
-        Err(e) => {
-            writeln!(err, "error: cannot plan the rollback: {e}")?;
-            return Ok(());
-        }
-    };
-    let to = first_applied
-        .into_iter()
-        .map(|(s, v)| (s, v.saturating_sub(1)))
-        .collect();
-    let direction = RunDirection::Down {
-        to,
-        skip_missing_down: false,
-    };
-    let run = drive_down(
-        project.clone(),
-        plan,
-        store,
-        key,
-        overrides,
-        process_env,
-        direction,
-        out,
-        err,
-    )
-    .await?;
-    if let Some((run_id, status)) = run {
-        writeln!(out, "\nrollback run {run_id} {}", status.as_str())?;
-    }
-    Ok(())
-}
-
 /// `stages down`: rolls the planned stages back, as a run.
-#[allow(clippy::too_many_arguments)]
 pub(super) async fn down_async(
-    project: Project,
-    plan: Plan,
-    store: Arc<SledStore>,
-    key: String,
-    overrides: BTreeMap<String, String>,
-    process_env: BTreeMap<String, String>,
+    local: LocalProject,
     skip_missing_down: bool,
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> std::io::Result<i32> {
+    let (runs, sub) = local.service();
+    let plan = sub.plan.clone();
     let direction = RunDirection::Down {
         to: BTreeMap::new(),
         skip_missing_down,
     };
-    let run = drive_down(
-        Arc::new(project),
-        plan,
-        &store,
-        &key,
-        overrides,
-        process_env,
-        direction,
-        out,
-        err,
-    )
-    .await?;
-    let Some((run_id, status)) = run else {
+    let submitted = runs.submit_down(sub, direction).await.map_err(runs_err)?;
+    announce(&submitted, &plan, out, err)?;
+    let outcome = watch_and_print(&runs, &submitted, &plan, out, err).await?;
+    runs.shutdown().await;
+    let Some(status) = outcome.status else {
         return Ok(EXIT_RUN_FAILED);
     };
-    writeln!(out, "\nrun {run_id} {}", status.as_str())?;
+    writeln!(out, "\nrun {} {}", submitted.run_id, status.as_str())?;
     Ok(if status == RunStatus::Succeeded {
         EXIT_OK
     } else {
@@ -436,37 +173,85 @@ pub(super) async fn down_async(
     })
 }
 
-/// Records a new down run for `plan` and drives it: `stages down` and `rollback_on_failure`.
-#[allow(clippy::too_many_arguments)]
-async fn drive_down(
-    project: Arc<Project>,
-    plan: Plan,
-    store: &Arc<SledStore>,
-    key: &str,
-    overrides: BTreeMap<String, String>,
-    process_env: BTreeMap<String, String>,
-    direction: RunDirection,
+/// What a submission says before its events: resume notes, or the new run's size.
+pub(super) fn announce(
+    s: &Submitted,
+    plan: &Plan,
     out: &mut dyn Write,
     err: &mut dyn Write,
-) -> std::io::Result<Option<(u64, RunStatus)>> {
-    let run = new_run(store.as_ref(), key, &plan, out)?;
-    let run_id = run.id;
-    let local = LocalRun {
-        project,
-        plan: Arc::new(plan),
-        store: store.clone(),
-        project_key: key.to_owned(),
-        run,
-        next_seq: 1,
-        done: BTreeSet::new(),
-        process_env,
-        overrides,
-        files: Arc::new(DiskFiles),
-        direction,
-    };
-    Ok(drive_and_print(local, out, err)
-        .await?
-        .map(|status| (run_id, status)))
+) -> std::io::Result<()> {
+    for note in &s.notes {
+        if note.starts_with("note:") {
+            writeln!(err, "{note}")?;
+        } else {
+            writeln!(out, "{note}")?;
+        }
+    }
+    if !s.resumed {
+        let what = if plan.direction == "down" {
+            "to roll back"
+        } else {
+            "to run"
+        };
+        writeln!(
+            out,
+            "run {}: {} stage(s) {what} (plan {})",
+            s.run_id,
+            plan.order.len(),
+            &plan.digest[..12.min(plan.digest.len())]
+        )?;
+    }
+    Ok(())
+}
+
+/// Shows a run's progress until it ends; Ctrl-C cancels it. The outcome's error, when the
+/// run could not be driven, is printed here.
+async fn watch_and_print(
+    runs: &Arc<Runs>,
+    s: &Submitted,
+    plan: &Plan,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> std::io::Result<RunOutcome> {
+    use std::io::IsTerminal;
+    let run_id = s.run_id;
+    let stages: Vec<String> = plan.order.iter().map(|s| s.name.clone()).collect();
+    let ctrl_c = CancellationToken::new();
+    let signal = ctrl_c.clone();
+    let watcher = tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            signal.cancel();
+        }
+    });
+    let mut rx = runs.watch(run_id, s.first_seq).map_err(runs_err)?;
+    let mut progress =
+        super::progress::Progress::new(std::io::stdout().is_terminal(), &stages, out);
+    let mut cancelled = false;
+    loop {
+        tokio::select! {
+            // Progress first, so it is shown in order before the summary.
+            biased;
+            e = rx.recv() => match e {
+                Some(e) => progress.event(&e)?,
+                None => break,
+            },
+            () = ctrl_c.cancelled(), if !cancelled => {
+                cancelled = true;
+                runs.cancel(run_id);
+            }
+        }
+    }
+    watcher.abort();
+    progress.finish();
+    let outcome = runs.outcome(run_id).await.unwrap_or(RunOutcome {
+        status: None,
+        error: Some("the run's driver is gone".to_owned()),
+        rollback: None,
+    });
+    if let (None, Some(e)) = (outcome.status, &outcome.error) {
+        writeln!(err, "error: run {run_id} stopped: {e}")?;
+    }
+    Ok(outcome)
 }
 
 fn clock(ms: u64) -> String {
@@ -693,14 +478,6 @@ pub(super) fn status(
         }
     }
     Ok(EXIT_OK)
-}
-
-fn describe_selection(selection: &Selection) -> String {
-    match selection {
-        Selection::All => "all stages".to_owned(),
-        Selection::Stages { names } => format!("--stage {}", names.join(",")),
-        Selection::Range { from, to } => format!("--from {from} --to {to}"),
-    }
 }
 
 /// `runs list`.

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 
 use baton_common::diag::{Diagnostics, Severity};
-use baton_common::spec::{load_project, DiskFiles, LoadOptions, Project};
+use baton_common::spec::{load_project, CapturingFiles, DiskFiles, LoadOptions, Project};
 use serde::Serialize;
 
 use super::{plan_view, run};
@@ -13,15 +13,26 @@ use super::{
     EXIT_OK,
 };
 use crate::planner::{self, NoHistory, Plan, PlanError, Selection};
+use crate::scheduler::driver::PlannedFiles;
 
 /// Loads the project and runs the graph checks: the whole of validation.
 pub(super) fn load_and_check(spec: &SpecArgs) -> (Option<Project>, Diagnostics) {
+    let (project, diags, _) = load_captured(spec);
+    (project, diags)
+}
+
+/// [`load_and_check`], also returning the bytes of every file it read: what a run ships.
+pub(super) fn load_captured(spec: &SpecArgs) -> (Option<Project>, Diagnostics, PlannedFiles) {
     let options = LoadOptions {
         provided: spec.provided.iter().cloned().collect(),
         ..LoadOptions::default()
     };
-    let loaded = match &spec.generated {
-        None => load_project(&spec.config, &DiskFiles, options.clone()),
+    let (loaded, files) = match &spec.generated {
+        None => {
+            let capture = CapturingFiles::new(&DiskFiles);
+            let loaded = load_project(&spec.config, &capture, options.clone());
+            (loaded, capture.into_files())
+        }
         Some(content) => {
             let mut extra = baton_common::spec::MemoryFiles::default();
             extra.insert(&spec.config, content.as_bytes());
@@ -29,7 +40,9 @@ pub(super) fn load_and_check(spec: &SpecArgs) -> (Option<Project>, Diagnostics) 
                 base: &DiskFiles,
                 extra,
             };
-            load_project(&spec.config, &files, options.clone())
+            let capture = CapturingFiles::new(&files);
+            let loaded = load_project(&spec.config, &capture, options.clone());
+            (loaded, capture.into_files())
         }
     };
     let mut diags = loaded.diagnostics;
@@ -50,7 +63,7 @@ pub(super) fn load_and_check(spec: &SpecArgs) -> (Option<Project>, Diagnostics) 
     } else {
         loaded.project
     };
-    (project, diags)
+    (project, diags, files)
 }
 
 #[derive(Serialize)]
@@ -150,7 +163,7 @@ fn up_with(
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> std::io::Result<i32> {
-    let (project, diags) = load_and_check(&args.spec);
+    let (project, diags, files) = load_captured(&args.spec);
     let Some(project) = project else {
         match args.output {
             OutputFormat::Json => {
@@ -222,9 +235,16 @@ fn up_with(
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()?;
-        return runtime.block_on(run::up_async(
-            project, plan, store, key, overrides, env, out, err,
-        ));
+        let local = run::LocalProject {
+            project,
+            files,
+            plan,
+            store,
+            key,
+            overrides,
+            env,
+        };
+        return runtime.block_on(run::up_async(local, out, err));
     }
     match args.output {
         OutputFormat::Json => {
@@ -253,7 +273,7 @@ pub(super) fn status(
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> std::io::Result<i32> {
-    let (project, store) =
+    let (project, _, store) =
         match project_with_state(&args.spec, &args.state_dir, "nothing has run yet", out, err)? {
             Ok(found) => found,
             Err(code) => return Ok(code),
@@ -289,7 +309,7 @@ pub(super) fn down(
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> std::io::Result<i32> {
-    let (project, store) = match project_with_state(
+    let (project, files, store) = match project_with_state(
         &args.spec,
         &args.state_dir,
         "nothing has run, nothing to roll back",
@@ -352,17 +372,16 @@ pub(super) fn down(
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(run::down_async(
+    let local = run::LocalProject {
         project,
+        files,
         plan,
         store,
         key,
         overrides,
         env,
-        args.skip_missing_down,
-        out,
-        err,
-    ))
+    };
+    runtime.block_on(run::down_async(local, args.skip_missing_down, out, err))
 }
 
 /// `runs resume`: `stages up` with the interrupted run's own selection; an error when there
@@ -433,8 +452,17 @@ fn project_with_state(
     no_state: &str,
     out: &mut dyn Write,
     err: &mut dyn Write,
-) -> std::io::Result<Result<(Project, std::sync::Arc<crate::store::SledStore>), i32>> {
-    let (project, diags) = load_and_check(spec);
+) -> std::io::Result<
+    Result<
+        (
+            Project,
+            PlannedFiles,
+            std::sync::Arc<crate::store::SledStore>,
+        ),
+        i32,
+    >,
+> {
+    let (project, diags, files) = load_captured(spec);
     let Some(project) = project else {
         write!(err, "{diags}")?;
         return Ok(Err(EXIT_INVALID));
@@ -447,7 +475,7 @@ fn project_with_state(
         return Ok(Err(EXIT_OK));
     }
     match run::open_store(&state_dir, err)? {
-        Some(store) => Ok(Ok((project, store))),
+        Some(store) => Ok(Ok((project, files, store))),
         None => Ok(Err(EXIT_INVALID)),
     }
 }

@@ -1,27 +1,30 @@
 //! The async driver: performs the core's actions for one run.
 //!
 //! It owns the run's event log (one writer, so sequence numbers are gapless), evaluates
-//! conditions, starts stages on the in-process executor (local mode; the gRPC transport will
-//! replace only the dispatch), times `wait_between_stages` pauses, and persists every
-//! transition before acting on it: a migration result is recorded the moment it arrives, so a
-//! stage interrupted mid-way resumes after its last recorded migration.
+//! conditions, hands stages to a [`StageRunner`] (in-process in local mode, an agent over
+//! gRPC in distributed mode: the driver does not know which), times `wait_between_stages`
+//! pauses, and persists every transition before acting on it: a migration's start is recorded
+//! before the runner may send its first request, and its result the moment it arrives, so a
+//! stage interrupted mid-way resumes after its last recorded migration with the same keys.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use baton_agent::executor::{
-    execute, AppliedMigration, Direction, StageEnd, StageEvent, StageReport, StageTask, VarLayers,
+use baton_common::spec::{Project, RetryPolicy};
+use baton_common::stage::{
+    AppliedMigration, Assignment, AttemptId, Direction, StageEnd, StageEvent, StageReport,
+    StageVars,
 };
-use baton_common::spec::{Project, RetryPolicy, SourceFiles};
-use baton_common::template::{Scope, StageOutcome, StageOutcomes};
+use baton_common::template::{Scope, StageOutcome, StageOutcomes, Template};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::core::{Action, Event, RunCore, SkipReason, StageNode};
 use crate::planner::Plan;
+use crate::runner::{RunnerEvent, RunnerMessage, Selector, StageRunner};
 use crate::store::{
     now_ms, AppliedRecord, EventKind, EventRecord, Op, RunRecord, RunStatus, StageKey,
     StageResultRecord, Store, StoreError, Transition, FORMAT,
@@ -47,11 +50,18 @@ pub enum RunDirection {
     },
 }
 
-/// Everything one local run needs.
-pub struct LocalRun {
+/// The bytes of every file the plan read, by path: what assignments ship, so a stage runs
+/// exactly what was planned even if a file changes on disk during the run.
+pub type PlannedFiles = BTreeMap<PathBuf, Vec<u8>>;
+
+/// Everything one run needs.
+pub struct RunContext {
     pub project: Arc<Project>,
     pub plan: Arc<Plan>,
+    pub files: Arc<PlannedFiles>,
     pub store: Arc<dyn Store>,
+    /// Who runs the stages.
+    pub runner: Arc<dyn StageRunner>,
     /// Names the project in the store (stage history is keyed by it).
     pub project_key: String,
     pub run: RunRecord,
@@ -59,35 +69,29 @@ pub struct LocalRun {
     pub next_seq: u64,
     /// Stages of this run that already succeeded (a resumed run).
     pub done: BTreeSet<String>,
-    /// The environment where stages run (local mode: this process's).
-    pub process_env: BTreeMap<String, String>,
+    /// Attempts each stage already had in this run before this driver (a resumed run), so
+    /// attempt numbers keep growing.
+    pub prior_attempts: BTreeMap<String, u32>,
+    /// `env "KEY"` in conditions (evaluated here, not where stages run): this process's
+    /// environment in local mode, empty on a coordinator (agents' environments stay there).
+    pub condition_env: BTreeMap<String, String>,
     /// `--set KEY=VALUE`: on top of `global.env`.
     pub overrides: BTreeMap<String, String>,
-    pub files: Arc<dyn SourceFiles + Send + Sync>,
     pub direction: RunDirection,
 }
 
-impl std::fmt::Debug for LocalRun {
+impl std::fmt::Debug for RunContext {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LocalRun")
+        f.debug_struct("RunContext")
             .field("run", &self.run.id)
             .field("project", &self.project_key)
             .finish_non_exhaustive()
     }
 }
 
-/// Messages to the driver's loop from the tasks it started.
-enum Internal {
-    Stage(usize, StageEvent),
-    /// A migration is about to touch the target: record that, then answer.
-    Started(usize, StageEvent, tokio::sync::oneshot::Sender<()>),
-    Done(usize, StageReport, u64),
-    Released(usize),
-}
-
 /// Drives a run to its end. Every event is persisted, then sent to `progress`.
 pub async fn drive(
-    run: LocalRun,
+    run: RunContext,
     cancel: CancellationToken,
     progress: mpsc::Sender<EventRecord>,
 ) -> Result<RunStatus, DriveError> {
@@ -96,7 +100,7 @@ pub async fn drive(
 }
 
 struct Driver {
-    r: LocalRun,
+    r: RunContext,
     progress: mpsc::Sender<EventRecord>,
     seq: u64,
     core: RunCore,
@@ -106,10 +110,16 @@ struct Driver {
     exports: Vec<Option<BTreeMap<String, String>>>,
     outcomes: StageOutcomes,
     started: Vec<Option<Instant>>,
+    /// Each stage's live attempt; messages about any other attempt are stale.
+    attempts: Vec<Option<AttemptId>>,
+    /// Attempts this driver started per stage.
+    attempt_counts: Vec<u32>,
+    /// Plan order index by stage name, for routing runner messages.
+    by_name: BTreeMap<String, usize>,
 }
 
 impl Driver {
-    fn new(r: LocalRun, progress: mpsc::Sender<EventRecord>) -> Self {
+    fn new(r: RunContext, progress: mpsc::Sender<EventRecord>) -> Self {
         let plan = r.plan.clone();
         let pos: BTreeMap<&str, usize> = plan
             .order
@@ -153,12 +163,15 @@ impl Driver {
         Driver {
             seq: r.next_seq,
             spec_index: plan.order.iter().map(|s| s.index).collect(),
+            by_name: pos.iter().map(|(n, k)| ((*n).to_owned(), *k)).collect(),
             r,
             progress,
             core,
             exports,
             outcomes,
             started: vec![None; n],
+            attempts: vec![None; n],
+            attempt_counts: vec![0; n],
         }
     }
 
@@ -201,9 +214,9 @@ impl Driver {
     }
 
     async fn run(&mut self, cancel: CancellationToken) -> Result<RunStatus, DriveError> {
-        let (tx, mut rx) = mpsc::channel::<Internal>(1024);
-        let mut tasks = JoinSet::new();
-        let stage_cancel = cancel.child_token();
+        let (tx, mut rx) = mpsc::channel::<RunnerMessage>(1024);
+        let (release_tx, mut release_rx) = mpsc::channel::<usize>(64);
+        let mut pauses = JoinSet::new();
         let mut queue: std::collections::VecDeque<Event> =
             std::collections::VecDeque::from([Event::Start]);
         let mut cancel_seen = false;
@@ -214,28 +227,18 @@ impl Driver {
                     // Cancellation first: stop starting stages and tell running ones.
                     () = cancel.cancelled(), if !cancel_seen => {
                         cancel_seen = true;
-                        stage_cancel.cancel();
+                        for a in self.attempts.iter().flatten() {
+                            self.r.runner.cancel(a);
+                        }
                         Event::Cancel
                     }
-                    msg = rx.recv() => match msg {
-                        Some(Internal::Stage(k, ev)) => {
-                            self.on_stage_event(k, ev).await?;
-                            continue;
-                        }
-                        Some(Internal::Started(k, ev, ack)) => {
-                            self.on_stage_event(k, ev).await?;
-                            // Durable now: the executor may send.
-                            let _ = ack.send(());
-                            continue;
-                        }
-                        Some(Internal::Done(k, report, ms)) => {
-                            let ok = self.on_stage_done(k, report, ms).await?;
-                            Event::StageFinished { stage: k, ok }
-                        }
-                        Some(Internal::Released(k)) => Event::Released { stage: k },
-                        // The driver holds a sender, so the channel never closes here.
-                        None => Event::Cancel,
+                    // What the runner reports, in the order it happened per attempt.
+                    Some(msg) = rx.recv() => match self.on_runner(msg, cancel_seen, &tx).await? {
+                        Some(e) => e,
+                        None => continue,
                     },
+                    // A `wait_between_stages` pause is over.
+                    Some(k) = release_rx.recv() => Event::Released { stage: k },
                 },
             };
             let actions = self.core.apply(event)?;
@@ -243,14 +246,15 @@ impl Driver {
                 match action {
                     Action::CheckCondition(k) => queue.push_back(self.check_condition(k).await?),
                     Action::Dispatch(k) => {
-                        self.dispatch(k, &tx, &mut tasks, stage_cancel.child_token())
-                            .await?
+                        if let Some(e) = self.dispatch(k, &tx).await? {
+                            queue.push_back(e);
+                        }
                     }
                     Action::Hold { stage, wait } => {
-                        let tx = tx.clone();
-                        tasks.spawn(async move {
+                        let release = release_tx.clone();
+                        pauses.spawn(async move {
                             tokio::time::sleep(wait).await;
-                            let _ = tx.send(Internal::Released(stage)).await;
+                            let _ = release.send(stage).await;
                         });
                     }
                     Action::Skip { stage, reason } => {
@@ -281,7 +285,7 @@ impl Driver {
                         .await?;
                     }
                     Action::Finish(status) => {
-                        tasks.abort_all();
+                        pauses.abort_all();
                         let mut run = self.r.run.clone();
                         run.status = status;
                         run.finished_at_ms = Some(now_ms());
@@ -298,9 +302,82 @@ impl Driver {
         }
     }
 
-    /// The variables a stage sees before its own config: global (with overrides), process
-    /// environment, stage env, and what it imports.
-    fn layers(&self, k: usize) -> VarLayers {
+    /// Handles one runner report; returns the core event it causes, if any.
+    async fn on_runner(
+        &mut self,
+        msg: RunnerMessage,
+        cancel_seen: bool,
+        tx: &mpsc::Sender<RunnerMessage>,
+    ) -> Result<Option<Event>, DriveError> {
+        let Some(&k) = self.by_name.get(&msg.attempt.stage) else {
+            tracing::warn!(attempt = %msg.attempt, "runner reported on a stage this run does not have");
+            return Ok(None);
+        };
+        if self.attempts[k].as_ref() != Some(&msg.attempt) {
+            tracing::warn!(attempt = %msg.attempt, "stale report for an attempt that is no longer live; ignored");
+            return Ok(None);
+        }
+        match msg.event {
+            RunnerEvent::Waiting(why) => {
+                self.record(Some(k), EventKind::Notice { message: why }, vec![])
+                    .await?;
+                Ok(None)
+            }
+            RunnerEvent::Placed { runner } => {
+                tracing::debug!(attempt = %msg.attempt, %runner, "attempt placed");
+                if runner != crate::runner::in_process::LOCAL {
+                    let message = format!("attempt {} runs on agent {runner}", msg.attempt.attempt);
+                    self.record(Some(k), EventKind::Notice { message }, vec![])
+                        .await?;
+                }
+                Ok(None)
+            }
+            RunnerEvent::Step(step) => {
+                let started = match &step {
+                    StageEvent::MigrationStarted { version, .. } => Some(*version),
+                    _ => None,
+                };
+                self.on_stage_event(k, step).await?;
+                if let Some(version) = started {
+                    // Durable now: the runner may send.
+                    self.r.runner.ack_started(&msg.attempt, version);
+                }
+                Ok(None)
+            }
+            RunnerEvent::Lost(why) => {
+                self.attempts[k] = None;
+                if cancel_seen {
+                    let report = StageReport::ended(StageEnd::Cancelled);
+                    let ok = self.on_stage_done(k, report, 0).await?;
+                    return Ok(Some(Event::StageFinished { stage: k, ok }));
+                }
+                let message = format!(
+                    "attempt {} was lost ({why}); the stage starts again after its last recorded migration, with the same idempotency keys",
+                    msg.attempt.attempt
+                );
+                self.record(Some(k), EventKind::Notice { message }, vec![])
+                    .await?;
+                Ok(self.dispatch(k, tx).await?)
+            }
+            RunnerEvent::Ended(report) => {
+                self.attempts[k] = None;
+                let ms = self.started[k].map_or(0, |t| {
+                    u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX)
+                });
+                let ok = self.on_stage_done(k, report, ms).await?;
+                // Recorded: the runner may forget the result.
+                self.r.runner.ack_ended(&msg.attempt);
+                Ok(Some(Event::StageFinished { stage: k, ok }))
+            }
+        }
+    }
+
+    /// The variables the engine gives stage `k`: `global.env` with the run's overrides, the
+    /// stage's `env`, and what it imports (this run's exports, else the last recorded ones).
+    /// Precedence, lowest first: global, where-it-runs environment, stage env, imports; the
+    /// runner adds the environment and everything below the stage (config, extracted values,
+    /// migration env).
+    fn stage_vars(&self, k: usize) -> Result<StageVars, DriveError> {
         let spec = &self.r.project.spec;
         let stage = &spec.stages[self.spec_index[k]];
         let mut global: BTreeMap<String, String> = spec
@@ -310,43 +387,44 @@ impl Driver {
             .map(|e| (e.name.value.clone(), e.value.clone()))
             .collect();
         global.extend(self.r.overrides.clone());
-        let mut from_stages = BTreeMap::new();
+        let mut imported = BTreeMap::new();
         for efs in &stage.env_from_stages {
-            let source = self
-                .r
-                .plan
-                .order
-                .iter()
-                .position(|s| s.name == efs.stage.value);
-            let vars = match source.and_then(|j| self.exports[j].clone()) {
-                Some(v) => Some(v),
+            let vars = match self.by_name.get(&efs.stage.value) {
+                Some(&j) if self.exports[j].is_some() => self.exports[j].clone(),
                 // Not in this run (or resumed): the stage's last successful result.
-                None => self
+                _ => self
                     .r
                     .store
-                    .result(&StageKey::new(&self.r.project_key, &efs.stage.value))
-                    .ok()
-                    .flatten()
+                    .result(&StageKey::new(&self.r.project_key, &efs.stage.value))?
                     .map(|r| r.exports),
             };
             if let Some(vars) = vars {
                 for v in &efs.vars {
                     if let Some(value) = vars.get(&v.value) {
-                        from_stages.insert(v.value.clone(), value.clone());
+                        imported.insert(v.value.clone(), value.clone());
                     }
                 }
             }
         }
-        VarLayers {
+        Ok(StageVars {
             global,
-            process_env: self.r.process_env.clone(),
             stage: stage
                 .env
                 .iter()
                 .map(|e| (e.name.value.clone(), e.value.clone()))
                 .collect(),
-            from_stages,
-        }
+            imported,
+        })
+    }
+
+    /// The flat scope the engine evaluates for stage `k` (conditions, `runs_on`), with the
+    /// same precedence as [`Driver::stage_vars`].
+    fn flat_vars(&self, vars: &StageVars) -> BTreeMap<String, String> {
+        let mut flat = vars.global.clone();
+        flat.extend(self.r.condition_env.clone());
+        flat.extend(vars.stage.clone());
+        flat.extend(vars.imported.clone());
+        flat
     }
 
     async fn check_condition(&mut self, k: usize) -> Result<Event, DriveError> {
@@ -357,16 +435,12 @@ impl Driver {
                 runs: true,
             });
         };
-        let layers = self.layers(k);
-        let mut vars = layers.global.clone();
-        vars.extend(layers.process_env.clone());
-        vars.extend(layers.stage);
-        vars.extend(layers.from_stages);
+        let vars = self.flat_vars(&self.stage_vars(k)?);
         let scope = Scope {
             vars: Some(&vars),
             auth: None,
             stage_outcomes: Some(&self.outcomes),
-            env: Some(&layers.process_env),
+            env: Some(&self.r.condition_env),
         };
         match cond.value.evaluate(&scope) {
             Ok(runs) => Ok(Event::ConditionChecked { stage: k, runs }),
@@ -385,13 +459,14 @@ impl Driver {
         }
     }
 
+    /// Starts an attempt of stage `k` on the runner. Returns a core event when the stage
+    /// cannot start at all (its files are missing from the plan, a `runs_on` value does not
+    /// render): then it has failed.
     async fn dispatch(
         &mut self,
         k: usize,
-        tx: &mpsc::Sender<Internal>,
-        tasks: &mut JoinSet<()>,
-        cancel: CancellationToken,
-    ) -> Result<(), DriveError> {
+        tx: &mpsc::Sender<RunnerMessage>,
+    ) -> Result<Option<Event>, DriveError> {
         let key = self.key(k);
         let applied: Vec<AppliedMigration> = self
             .r
@@ -405,23 +480,67 @@ impl Driver {
                 vars: a.vars,
             })
             .collect();
+        let vars = self.stage_vars(k)?;
+        let flat = self.flat_vars(&vars);
         let spec = &self.r.project.spec;
         let stage = &spec.stages[self.spec_index[k]];
         let loaded = &self.r.project.stages[self.spec_index[k]];
-        // The executor's gate: "migration started" goes through the stage's own forwarder.
-        let (gtx, mut grx) = mpsc::channel::<(StageEvent, tokio::sync::oneshot::Sender<()>)>(1);
-        let task = StageTask {
-            key_scope: self.r.run.key_scope(self.r.store.id()),
+        let attempt_no = self
+            .r
+            .prior_attempts
+            .get(self.name(k))
+            .copied()
+            .unwrap_or(0)
+            + self.attempt_counts[k]
+            + 1;
+        self.attempt_counts[k] += 1;
+        let id = AttemptId {
+            run: self.r.run.id,
             stage: stage.name.value.clone(),
-            config_file: PathBuf::from(&loaded.config_file),
-            config: loaded.config.clone(),
-            migrations: loaded.migrations.clone(),
-            vars: self.layers(k),
-            applied,
+            attempt: attempt_no,
+        };
+        let mut files = BTreeMap::new();
+        let mut problem = None;
+        for path in &loaded.inputs {
+            match self.r.files.get(path) {
+                Some(b) => {
+                    files.insert(path.clone(), b.clone());
+                }
+                None => {
+                    problem = Some(format!(
+                        "`{}` is not among the files the run was planned with",
+                        path.display()
+                    ))
+                }
+            }
+        }
+        let runs_on = if stage.runs_on.is_empty() {
+            &spec.global.runs_on
+        } else {
+            &stage.runs_on
+        };
+        let mut selector = Selector::new();
+        for (label, value) in runs_on {
+            let scope = Scope::with_vars(&flat);
+            match Template::parse(value).and_then(|t| t.render(&scope)) {
+                Ok(v) => {
+                    selector.insert(label.clone(), v);
+                }
+                Err(e) => {
+                    problem = Some(format!(
+                        "runs_on `{label}` cannot be rendered: {}",
+                        e.message
+                    ))
+                }
+            }
+        }
+        let assignment = Assignment {
+            attempt: id.clone(),
+            files,
+            config_file: loaded.config_file.clone(),
+            vars,
             secrets: stage.secrets.iter().map(|s| s.value.clone()).collect(),
-            retry: RetryPolicy::default()
-                .overlay(spec.global.retry.as_ref())
-                .overlay(stage.retry.as_ref()),
+            applied,
             direction: match &self.r.direction {
                 RunDirection::Up => Direction::Up,
                 RunDirection::Down {
@@ -432,43 +551,37 @@ impl Driver {
                     skip_missing_down: *skip_missing_down,
                 },
             },
+            retry: RetryPolicy::default()
+                .overlay(spec.global.retry.as_ref())
+                .overlay(stage.retry.as_ref()),
             timeout: stage.timeout.as_ref().map(|t| t.value),
-            files: self.r.files.clone(),
-            gate: Some(gate(gtx)),
+            key_scope: self.r.run.key_scope(self.r.store.id()),
+            traceparent: String::new(),
         };
-        self.started[k] = Some(Instant::now());
-        self.record(Some(k), EventKind::StageStarted { attempt: 1 }, vec![])
-            .await?;
-        let tx = tx.clone();
-        tasks.spawn(async move {
-            let started = Instant::now();
-            let (etx, mut erx) = mpsc::channel(256);
-            let exec = execute(task, cancel, etx);
-            tokio::pin!(exec);
-            let report = loop {
-                tokio::select! {
-                    // Events first, so each is recorded before the stage's end.
-                    biased;
-                    Some(ev) = erx.recv() => { let _ = tx.send(Internal::Stage(k, ev)).await; }
-                    Some((ev, ack)) = grx.recv() => {
-                        // Everything the stage emitted before this migration goes first, so the
-                        // log keeps the stage's order (the previous migration's end before the
-                        // next one's start).
-                        while let Ok(earlier) = erx.try_recv() {
-                            let _ = tx.send(Internal::Stage(k, earlier)).await;
-                        }
-                        let _ = tx.send(Internal::Started(k, ev, ack)).await;
-                    }
-                    report = &mut exec => break report,
-                }
-            };
-            while let Some(ev) = erx.recv().await {
-                let _ = tx.send(Internal::Stage(k, ev)).await;
-            }
-            let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-            let _ = tx.send(Internal::Done(k, report, ms)).await;
-        });
-        Ok(())
+        if self.started[k].is_none() {
+            self.started[k] = Some(Instant::now());
+        }
+        self.record(
+            Some(k),
+            EventKind::StageStarted {
+                attempt: attempt_no,
+            },
+            vec![],
+        )
+        .await?;
+        if let Some(message) = problem {
+            self.outcomes
+                .insert(self.name(k).to_owned(), StageOutcome::Failed);
+            self.record(Some(k), EventKind::StageFailed { message }, vec![])
+                .await?;
+            return Ok(Some(Event::StageFinished {
+                stage: k,
+                ok: false,
+            }));
+        }
+        self.attempts[k] = Some(id);
+        self.r.runner.start(assignment, selector, tx.clone());
+        Ok(None)
     }
 
     async fn on_stage_event(&mut self, k: usize, ev: StageEvent) -> Result<(), DriveError> {
@@ -603,22 +716,4 @@ impl Driver {
             }
         }
     }
-}
-
-/// The executor's gate: hands the `MigrationStarted` event to the stage's forwarder (which
-/// passes it to the driver after every earlier event of the stage) and waits until the
-/// driver has recorded it.
-fn gate(
-    gtx: mpsc::Sender<(StageEvent, tokio::sync::oneshot::Sender<()>)>,
-) -> baton_agent::executor::StepGate {
-    Arc::new(move |event| {
-        let gtx = gtx.clone();
-        Box::pin(async move {
-            let (ack, done) = tokio::sync::oneshot::channel();
-            if gtx.send((event, ack)).await.is_ok() {
-                // If the driver is gone, the run is over; nothing waits for the answer.
-                let _ = done.await;
-            }
-        })
-    })
 }

@@ -1,0 +1,743 @@
+//! The run lifecycle as a service: submit (a new run, or resume the project's interrupted
+//! one), drive, roll back on failure, watch, cancel, list. The local CLI and the
+//! coordinator's gRPC handlers call the same [`Runs`]; only the [`StageRunner`] behind it
+//! differs (in-process, or agents over gRPC).
+//!
+//! Invariants:
+//! - a run is recorded (flushed) before `submit` returns, so an acknowledged submission is
+//!   never lost;
+//! - one run at a time per project: a later submission waits in a FIFO queue, it never
+//!   cancels or overlaps the earlier one;
+//! - a run interrupted by a crash resumes as planned (same plan digest) with the same
+//!   idempotency keys; with changed files it is marked failed and a new run starts; with
+//!   another selection the submission is refused until it is resumed;
+//! - every event a watcher sees was recorded first; a watcher that falls behind reads the
+//!   store, so it never misses one.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+
+use baton_common::spec::Project;
+use tokio::sync::{broadcast, mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::planner::{History, Plan, Selection};
+use crate::runner::StageRunner;
+use crate::scheduler::driver::{drive, PlannedFiles, RunContext, RunDirection};
+use crate::store::{
+    now_ms, EventKind, EventRecord, Op, RunRecord, RunStatus, StageKey, Store, StoreError,
+    Transition, FORMAT,
+};
+
+/// Why the service refused or failed a request.
+#[derive(Debug, thiserror::Error)]
+pub enum RunsError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("run {run} ({selection}) was interrupted before it finished; resume it first with `baton runs resume`, then run this selection")]
+    InterruptedFirst { run: u64, selection: String },
+    #[error("there is no run {0} (see `baton runs list`)")]
+    UnknownRun(u64),
+    #[error("cannot create a run id: {0}")]
+    Random(#[from] std::io::Error),
+    #[error("cannot plan the rollback: {0}")]
+    Rollback(String),
+}
+
+/// A planned project to run.
+#[derive(Debug, Clone)]
+pub struct Submission {
+    pub project: Arc<Project>,
+    /// The bytes the plan read.
+    pub files: Arc<PlannedFiles>,
+    pub plan: Plan,
+    /// Names the project's history in the store.
+    pub project_key: String,
+    /// `--set KEY=VALUE`.
+    pub overrides: BTreeMap<String, String>,
+    /// `env "KEY"` in conditions (local mode: the CLI's environment; remote: empty).
+    pub condition_env: BTreeMap<String, String>,
+}
+
+/// An accepted submission.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Submitted {
+    pub run_id: u64,
+    /// True when this resumes an interrupted run rather than starting a new one.
+    pub resumed: bool,
+    /// The first event of this submission's part of the run (1 for a new run; after the
+    /// interrupted part for a resumed one).
+    pub first_seq: u64,
+    pub plan_digest: String,
+    pub stages: usize,
+    /// Lines to show before the run's events (what a resume does), secrets masked.
+    pub notes: Vec<String>,
+}
+
+/// How a run ended, once it has.
+#[derive(Debug, Clone)]
+pub struct RunOutcome {
+    /// `None`: the run could not be driven (its error is in `error`).
+    pub status: Option<RunStatus>,
+    pub error: Option<String>,
+    /// `rollback_on_failure`: the run that rolls this one back.
+    pub rollback: Option<Rollback>,
+}
+
+/// The automatic rollback of a failed run.
+#[derive(Debug, Clone)]
+pub struct Rollback {
+    pub run: u64,
+    /// The stages it rolls back (those the failed run changed).
+    pub stages: Vec<String>,
+    pub plan: Arc<Plan>,
+}
+
+/// A run this process drives now (or queued to).
+#[derive(Debug)]
+struct Live {
+    events: broadcast::Sender<EventRecord>,
+    cancel: CancellationToken,
+    outcome: watch::Receiver<Option<RunOutcome>>,
+    /// Waiting for an earlier run of its project to end.
+    queued: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// The store as the planner's view of earlier runs. Store errors are not hidden: they make
+/// the stage look pending here, and the run itself then fails on the same store.
+pub struct StoreHistory<'a> {
+    pub store: &'a dyn Store,
+    pub project: String,
+}
+
+impl std::fmt::Debug for StoreHistory<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreHistory")
+            .field("project", &self.project)
+            .finish_non_exhaustive()
+    }
+}
+
+impl History for StoreHistory<'_> {
+    fn stage_succeeded(&self, stage: &str) -> bool {
+        matches!(
+            self.store.result(&StageKey::new(&self.project, stage)),
+            Ok(Some(_))
+        )
+    }
+
+    fn applied_versions(&self, stage: &str) -> BTreeSet<u64> {
+        self.store
+            .applied(&StageKey::new(&self.project, stage))
+            .map(|v| v.into_iter().map(|a| a.version).collect())
+            .unwrap_or_default()
+    }
+}
+
+/// The run service.
+pub struct Runs {
+    store: Arc<dyn Store>,
+    runner: Arc<dyn StageRunner>,
+    live: Mutex<HashMap<u64, Live>>,
+    /// One lock per project: runs of a project take it in submission order (tokio's mutex
+    /// is fair), so a second run waits for the first.
+    queues: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Owns every driving task.
+    tasks: TaskTracker,
+    /// Cancels every run on shutdown.
+    shutdown: CancellationToken,
+}
+
+impl std::fmt::Debug for Runs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runs")
+            .field("runner", &self.runner)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The latest run of `project` that never finished.
+pub fn interrupted_run(store: &dyn Store, project: &str) -> Result<Option<RunRecord>, StoreError> {
+    Ok(store
+        .runs()?
+        .into_iter()
+        .rev()
+        .find(|r| r.project == project && r.direction == "up" && r.status == RunStatus::Running))
+}
+
+/// `--stage a,b`, `--from a --to b`, `all stages`.
+pub fn describe_selection(selection: &Selection) -> String {
+    match selection {
+        Selection::All => "all stages".to_owned(),
+        Selection::Stages { names } => format!("--stage {}", names.join(",")),
+        Selection::Range { from, to } => format!("--from {from} --to {to}"),
+    }
+}
+
+impl Runs {
+    pub fn new(store: Arc<dyn Store>, runner: Arc<dyn StageRunner>) -> Arc<Runs> {
+        Arc::new(Runs {
+            store,
+            runner,
+            live: Mutex::new(HashMap::new()),
+            queues: Mutex::new(HashMap::new()),
+            tasks: TaskTracker::new(),
+            shutdown: CancellationToken::new(),
+        })
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Live>> {
+        // A poisoned lock only means a panic elsewhere; the map is still consistent.
+        self.live
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Submits an up run: resumes the project's interrupted run when the plan is unchanged,
+    /// else records a new one. Returns once the run is durable; it is driven in the
+    /// background (see [`Runs::watch`] and [`Runs::outcome`]).
+    pub async fn submit_up(self: &Arc<Self>, s: Submission) -> Result<Submitted, RunsError> {
+        let store = self.store.clone();
+        let key = s.project_key.clone();
+        let plan = s.plan.clone();
+        let prepared = blocking(move || prepare_up(store.as_ref(), &key, &plan)).await?;
+        let submitted = Submitted {
+            run_id: prepared.run.id,
+            resumed: prepared.resumed,
+            first_seq: prepared.next_seq,
+            plan_digest: s.plan.digest.clone(),
+            stages: s.plan.order.len(),
+            notes: prepared.notes.clone(),
+        };
+        self.start(s, prepared, RunDirection::Up);
+        Ok(submitted)
+    }
+
+    /// Submits a down run (`stages down`).
+    pub async fn submit_down(
+        self: &Arc<Self>,
+        s: Submission,
+        direction: RunDirection,
+    ) -> Result<Submitted, RunsError> {
+        let store = self.store.clone();
+        let key = s.project_key.clone();
+        let plan = s.plan.clone();
+        let run = blocking(move || new_run(store.as_ref(), &key, &plan)).await?;
+        let submitted = Submitted {
+            run_id: run.id,
+            resumed: false,
+            first_seq: 0,
+            plan_digest: s.plan.digest.clone(),
+            stages: s.plan.order.len(),
+            notes: Vec::new(),
+        };
+        let prepared = Prepared {
+            run,
+            resumed: false,
+            next_seq: 1,
+            done: BTreeSet::new(),
+            prior_attempts: BTreeMap::new(),
+            notes: Vec::new(),
+        };
+        self.start(s, prepared, direction);
+        Ok(submitted)
+    }
+
+    /// Registers the run as live and spawns its driving task.
+    fn start(self: &Arc<Self>, s: Submission, p: Prepared, direction: RunDirection) {
+        let run_id = p.run.id;
+        let (events, _) = broadcast::channel(1024);
+        let (outcome_tx, outcome_rx) = watch::channel(None);
+        let cancel = self.shutdown.child_token();
+        let queued = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        self.live().insert(
+            run_id,
+            Live {
+                events: events.clone(),
+                cancel: cancel.clone(),
+                outcome: outcome_rx,
+                queued: queued.clone(),
+            },
+        );
+        let queue = {
+            let mut q = self
+                .queues
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            q.entry(s.project_key.clone()).or_default().clone()
+        };
+        let this = self.clone();
+        // Take the queue's place now, in submission order, then wait for the turn.
+        let turn = queue.lock_owned();
+        let span = tracing::info_span!("run", run = run_id, project = %s.project_key);
+        let job = Job {
+            s,
+            p,
+            direction,
+            events,
+            cancel,
+            outcome: outcome_tx,
+        };
+        self.tasks.spawn(
+            async move {
+                let _turn = turn.await;
+                queued.store(false, std::sync::atomic::Ordering::SeqCst);
+                // The project's turn covers the run's automatic rollback too.
+                let mut next = Some(job);
+                while let Some(job) = next.take() {
+                    let tx = job.outcome.clone();
+                    let (outcome, follow) = this.drive_run(job).await;
+                    let _ = tx.send(Some(outcome));
+                    next = follow;
+                }
+            }
+            .instrument(span),
+        );
+    }
+
+    /// Drives one run; returns its outcome and, for `rollback_on_failure`, the rollback run
+    /// to drive next.
+    async fn drive_run(self: &Arc<Self>, job: Job) -> (RunOutcome, Option<Job>) {
+        let Job {
+            s,
+            p,
+            direction,
+            events,
+            cancel,
+            outcome: _,
+        } = job;
+        let run_id = p.run.id;
+        let ctx = RunContext {
+            project: s.project.clone(),
+            plan: Arc::new(s.plan.clone()),
+            files: s.files.clone(),
+            store: self.store.clone(),
+            runner: self.runner.clone(),
+            project_key: s.project_key.clone(),
+            run: p.run,
+            next_seq: p.next_seq,
+            done: p.done,
+            prior_attempts: p.prior_attempts,
+            condition_env: s.condition_env.clone(),
+            overrides: s.overrides.clone(),
+            direction: direction.clone(),
+        };
+        let (tx, mut rx) = mpsc::channel(1024);
+        let forward = async {
+            while let Some(e) = rx.recv().await {
+                // No receiver only means nobody watches right now.
+                let _ = events.send(e);
+            }
+        };
+        let (result, ()) = tokio::join!(drive(ctx, cancel.clone(), tx), forward);
+        let status = match result {
+            Ok(status) => status,
+            Err(e) => {
+                tracing::error!(run = run_id, error = %e, "run stopped");
+                let outcome = RunOutcome {
+                    status: None,
+                    error: Some(e.to_string()),
+                    rollback: None,
+                };
+                return (outcome, None);
+            }
+        };
+        let mut outcome = RunOutcome {
+            status: Some(status),
+            error: None,
+            rollback: None,
+        };
+        if status == RunStatus::Failed
+            && direction == RunDirection::Up
+            && s.plan.rollback_on_failure
+            && !cancel.is_cancelled()
+        {
+            match self.rollback(&s, run_id).await {
+                Ok(Some((rb, job))) => {
+                    outcome.rollback = Some(rb);
+                    return (outcome, Some(job));
+                }
+                Ok(None) => {}
+                Err(e) => outcome.error = Some(e.to_string()),
+            }
+        }
+        (outcome, None)
+    }
+
+    /// `rollback_on_failure`: rolls back what `failed_run` applied, newest first, in reverse
+    /// dependency order, as a run of its own (queued right behind, in the same project).
+    async fn rollback(
+        self: &Arc<Self>,
+        s: &Submission,
+        failed_run: u64,
+    ) -> Result<Option<(Rollback, Job)>, RunsError> {
+        // Per stage, the lowest version this run applied: everything from there up goes.
+        let mut first_applied: BTreeMap<String, u64> = BTreeMap::new();
+        for e in self.store.events(failed_run, 0)? {
+            if let (
+                Some(stage),
+                EventKind::MigrationDone {
+                    version, direction, ..
+                },
+            ) = (&e.stage, &e.kind)
+            {
+                if direction == "up" {
+                    let v = first_applied.entry(stage.clone()).or_insert(*version);
+                    *v = (*v).min(*version);
+                }
+            }
+        }
+        if first_applied.is_empty() {
+            return Ok(None);
+        }
+        let history = StoreHistory {
+            store: self.store.as_ref(),
+            project: s.project_key.clone(),
+        };
+        let selection = Selection::Stages {
+            names: first_applied.keys().cloned().collect(),
+        };
+        let plan = crate::planner::plan_down(
+            &s.project,
+            &selection,
+            &history,
+            crate::planner::Dependents::Leave,
+        )
+        .map_err(|e| RunsError::Rollback(e.to_string()))?;
+        let stages: Vec<String> = first_applied.keys().cloned().collect();
+        let to = first_applied
+            .into_iter()
+            .map(|(s, v)| (s, v.saturating_sub(1)))
+            .collect();
+        let direction = RunDirection::Down {
+            to,
+            skip_missing_down: false,
+        };
+        let rb_plan = Arc::new(plan.clone());
+        let sub = Submission { plan, ..s.clone() };
+        // This run still holds its project's turn: drive the rollback inside it.
+        let store = self.store.clone();
+        let key = sub.project_key.clone();
+        let plan = sub.plan.clone();
+        let run = blocking(move || new_run(store.as_ref(), &key, &plan)).await?;
+        let run_id = run.id;
+        let (events, _) = broadcast::channel(1024);
+        let (outcome_tx, outcome_rx) = watch::channel(None);
+        let cancel = self.shutdown.child_token();
+        self.live().insert(
+            run_id,
+            Live {
+                events: events.clone(),
+                cancel: cancel.clone(),
+                outcome: outcome_rx,
+                queued: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            },
+        );
+        let prepared = Prepared {
+            run,
+            resumed: false,
+            next_seq: 1,
+            done: BTreeSet::new(),
+            prior_attempts: BTreeMap::new(),
+            notes: Vec::new(),
+        };
+        tracing::info!(
+            run = run_id,
+            rollback_of = failed_run,
+            "rollback_on_failure"
+        );
+        let rb = Rollback {
+            run: run_id,
+            stages,
+            plan: rb_plan,
+        };
+        let job = Job {
+            s: sub,
+            p: prepared,
+            direction,
+            events,
+            cancel,
+            outcome: outcome_tx,
+        };
+        Ok(Some((rb, job)))
+    }
+
+    /// A run's events from `from_seq` on: what is recorded, then live ones as they are
+    /// recorded, ending after `run_finished` (or at once for a finished run).
+    pub fn watch(
+        self: &Arc<Self>,
+        run: u64,
+        from_seq: u64,
+    ) -> Result<mpsc::Receiver<EventRecord>, RunsError> {
+        if self.store.run(run)?.is_none() {
+            return Err(RunsError::UnknownRun(run));
+        }
+        // Subscribe before reading the store, so nothing falls between the two.
+        let live = self.live().get(&run).map(|l| l.events.subscribe());
+        let (tx, rx) = mpsc::channel(256);
+        let store = self.store.clone();
+        self.tasks.spawn(async move {
+            let mut next = from_seq;
+            let mut live = live;
+            loop {
+                // Everything recorded from `next` on.
+                let s = store.clone();
+                let stored = match blocking(move || s.events(run, next)).await {
+                    Ok(v) => v,
+                    Err(e) => {
+                        tracing::warn!(run, error = %e, "watch stopped: store read failed");
+                        return;
+                    }
+                };
+                for e in stored {
+                    next = e.seq + 1;
+                    let end = matches!(e.kind, EventKind::RunFinished { .. });
+                    if tx.send(e).await.is_err() || end {
+                        return;
+                    }
+                }
+                let Some(sub) = live.as_mut() else {
+                    return;
+                };
+                loop {
+                    match sub.recv().await {
+                        Ok(e) if e.seq < next => continue,
+                        Ok(e) if e.seq == next => {
+                            next += 1;
+                            let end = matches!(e.kind, EventKind::RunFinished { .. });
+                            if tx.send(e).await.is_err() || end {
+                                return;
+                            }
+                        }
+                        // A gap (fell behind, or subscribed late): catch up from the store.
+                        Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => break,
+                        // The run's driver is gone: whatever it recorded is in the store.
+                        Err(broadcast::error::RecvError::Closed) => {
+                            live = None;
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    /// Waits until `run` has ended; `None` for a run this process is not driving.
+    pub async fn outcome(&self, run: u64) -> Option<RunOutcome> {
+        let mut rx = self.live().get(&run).map(|l| l.outcome.clone())?;
+        loop {
+            if let Some(o) = rx.borrow().clone() {
+                return Some(o);
+            }
+            if rx.changed().await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    /// Cancels a run this process drives: nothing new starts, runners stop in-flight
+    /// attempts. False when the run is not live here (finished, or unknown).
+    pub fn cancel(&self, run: u64) -> bool {
+        match self.live().get(&run) {
+            Some(l) if l.outcome.borrow().is_none() => {
+                l.cancel.cancel();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Every run, oldest first, with whether it waits in its project's queue.
+    pub fn list(&self) -> Result<Vec<(RunRecord, bool)>, RunsError> {
+        let live = self.live();
+        Ok(self
+            .store
+            .runs()?
+            .into_iter()
+            .map(|r| {
+                let queued = live
+                    .get(&r.id)
+                    .is_some_and(|l| l.queued.load(std::sync::atomic::Ordering::SeqCst));
+                (r, queued)
+            })
+            .collect())
+    }
+
+    /// Cancels every run and waits for their tasks (bounded by the caller).
+    pub async fn shutdown(&self) {
+        self.shutdown.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+}
+
+/// A run to drive, with where its events and outcome go.
+#[derive(Debug)]
+struct Job {
+    s: Submission,
+    p: Prepared,
+    direction: RunDirection,
+    events: broadcast::Sender<EventRecord>,
+    cancel: CancellationToken,
+    outcome: watch::Sender<Option<RunOutcome>>,
+}
+
+/// What a new or resumed run starts from.
+#[derive(Debug)]
+struct Prepared {
+    run: RunRecord,
+    /// An interrupted run picked up again.
+    resumed: bool,
+    next_seq: u64,
+    done: BTreeSet<String>,
+    prior_attempts: BTreeMap<String, u32>,
+    notes: Vec<String>,
+}
+
+/// Resume, refuse, or abandon the project's interrupted run; else record a new one.
+fn prepare_up(store: &dyn Store, key: &str, plan: &Plan) -> Result<Prepared, RunsError> {
+    match interrupted_run(store, key)? {
+        Some(old) if old.plan_digest == plan.digest && old.selection != plan.selection => {
+            Err(RunsError::InterruptedFirst {
+                run: old.id,
+                selection: describe_selection(&old.selection),
+            })
+        }
+        Some(old) if old.plan_digest == plan.digest => {
+            let events = store.events(old.id, 0)?;
+            let next_seq = events.last().map_or(1, |e| e.seq + 1);
+            let mut notes = vec![format!(
+                "resuming run {} (interrupted before it finished)",
+                old.id
+            )];
+            let mut done = BTreeSet::new();
+            let mut prior_attempts: BTreeMap<String, u32> = BTreeMap::new();
+            let mut in_flight: BTreeMap<(String, u64), String> = BTreeMap::new();
+            for e in &events {
+                let stage = e.stage.clone().unwrap_or_default();
+                match &e.kind {
+                    EventKind::StageSucceeded { .. } => {
+                        done.insert(stage);
+                    }
+                    EventKind::StageStarted { attempt } => {
+                        let n = prior_attempts.entry(stage).or_insert(0);
+                        *n = (*n).max(*attempt);
+                    }
+                    EventKind::MigrationStarted { version, name, .. } => {
+                        in_flight.insert((stage, *version), name.clone());
+                    }
+                    EventKind::MigrationDone { version, .. } => {
+                        in_flight.remove(&(stage, *version));
+                    }
+                    _ => {}
+                }
+            }
+            if !done.is_empty() {
+                notes.push(format!(
+                    "  already done: {}",
+                    done.iter().cloned().collect::<Vec<_>>().join(", ")
+                ));
+            }
+            for ((stage, version), name) in &in_flight {
+                notes.push(format!(
+                    "  stage {stage}: migration {version:03}_{name} was in flight when the run stopped; it is sent again with the same Idempotency-Key"
+                ));
+            }
+            Ok(Prepared {
+                run: old,
+                resumed: true,
+                next_seq,
+                done,
+                prior_attempts,
+                notes,
+            })
+        }
+        other => {
+            let mut notes = Vec::new();
+            if let Some(old) = other {
+                // The files changed since that run was planned: it cannot resume as planned.
+                let mut abandoned = old.clone();
+                abandoned.status = RunStatus::Failed;
+                abandoned.finished_at_ms = Some(now_ms());
+                let events = store.events(old.id, 0)?;
+                let seq = events.last().map_or(1, |e| e.seq + 1);
+                let note = EventRecord {
+                    v: FORMAT,
+                    seq,
+                    at_ms: now_ms(),
+                    stage: None,
+                    kind: EventKind::Notice {
+                        message: "abandoned: the files changed since this run was planned".into(),
+                    },
+                };
+                let mut t = Transition::new();
+                t.push(Op::PutRun(abandoned)).push(Op::AppendEvent {
+                    run: old.id,
+                    event: note,
+                });
+                store.commit(t)?;
+                notes.push(format!("note: run {} was interrupted, but the files changed since it was planned; it is marked failed and a new run starts", old.id));
+            }
+            let run = new_run(store, key, plan)?;
+            Ok(Prepared {
+                run,
+                resumed: false,
+                next_seq: 1,
+                done: BTreeSet::new(),
+                prior_attempts: BTreeMap::new(),
+                notes,
+            })
+        }
+    }
+}
+
+/// Records a new run and its first event.
+fn new_run(store: &dyn Store, key: &str, plan: &Plan) -> Result<RunRecord, RunsError> {
+    let id = store.next_id()?;
+    let uid = baton_common::ids::random_hex()?;
+    let run = RunRecord {
+        v: FORMAT,
+        id,
+        uid,
+        project: key.to_owned(),
+        direction: plan.direction.to_owned(),
+        selection: plan.selection.clone(),
+        plan_digest: plan.digest.clone(),
+        plan: serde_json::to_value(plan).unwrap_or_default(),
+        created_at_ms: now_ms(),
+        status: RunStatus::Running,
+        finished_at_ms: None,
+    };
+    let started = EventRecord {
+        v: FORMAT,
+        seq: 0,
+        at_ms: now_ms(),
+        stage: None,
+        kind: EventKind::RunStarted {
+            stages: plan.order.iter().map(|s| s.name.clone()).collect(),
+        },
+    };
+    let mut t = Transition::new();
+    t.push(Op::PutRun(run.clone())).push(Op::AppendEvent {
+        run: id,
+        event: started,
+    });
+    store.commit(t)?;
+    Ok(run)
+}
+
+/// Runs blocking store work (sled's flush) off the async workers.
+async fn blocking<T: Send + 'static, E: From<StoreError> + Send + 'static>(
+    f: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<T, E> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| E::from(StoreError::Io(format!("store task failed: {e}"))))?
+}
