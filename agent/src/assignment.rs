@@ -4,14 +4,15 @@
 //! coordinator's in-process runner in local mode and the agent's session in distributed mode,
 //! so a stage behaves the same wherever it runs.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use baton_common::spec::{load_stage_files, normalize, LoadOptions, SourceFiles};
-use baton_common::stage::{Assignment, StageEnd, StageEvent, StageReport};
-use tokio::sync::mpsc;
+use baton_common::stage::{Assignment, AttemptId, StageEnd, StageEvent, StageReport};
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::executor::{execute, StageTask, StepGate, VarLayers};
@@ -61,6 +62,102 @@ impl SourceFiles for ShippedFiles {
             .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
             .collect())
     }
+}
+
+/// The persist-then-act gates of running attempts: each migration's start waits here until
+/// whoever records it (the driver, or the coordinator over the stream) acknowledges it.
+#[derive(Debug, Clone, Default)]
+pub struct Gates(Arc<Mutex<HashMap<(AttemptId, u64), oneshot::Sender<()>>>>);
+
+impl Gates {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(AttemptId, u64), oneshot::Sender<()>>> {
+        // A poisoned lock only means a panic elsewhere; the map is still consistent.
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Migration `version` of `attempt` is recorded: let it send.
+    pub fn ack(&self, attempt: &AttemptId, version: u64) -> bool {
+        match self.lock().remove(&(attempt.clone(), version)) {
+            Some(tx) => tx.send(()).is_ok(),
+            None => false,
+        }
+    }
+
+    /// Drops every gate of `attempt` (it ended).
+    pub fn forget(&self, attempt: &AttemptId) {
+        self.lock().retain(|(a, _), _| a != attempt);
+    }
+
+    /// The executor's gate for one attempt: send `MigrationStarted` on the attempt's own
+    /// step channel (so it follows every earlier step), then wait for [`Gates::ack`] or the
+    /// attempt's cancellation.
+    fn gate(
+        &self,
+        attempt: AttemptId,
+        steps: mpsc::Sender<StageEvent>,
+        cancel: CancellationToken,
+    ) -> StepGate {
+        let gates = self.clone();
+        Arc::new(move |event| {
+            let (attempt, gates, steps, cancel) = (
+                attempt.clone(),
+                gates.clone(),
+                steps.clone(),
+                cancel.clone(),
+            );
+            Box::pin(async move {
+                let version = match &event {
+                    StageEvent::MigrationStarted { version, .. } => *version,
+                    _ => 0,
+                };
+                let (tx, rx) = oneshot::channel();
+                gates.lock().insert((attempt, version), tx);
+                if steps.send(event).await.is_ok() {
+                    tokio::select! {
+                        // A cancelled attempt never waits for an acknowledgement that won't come.
+                        () = cancel.cancelled() => {}
+                        _ = rx => {}
+                    }
+                }
+            })
+        })
+    }
+}
+
+/// Runs `a` to its end, handing every step to `report` in the order it happened (a
+/// migration's start through `gates`, so it waits for its acknowledgement), and returns how
+/// it ended. What both runners call.
+pub async fn run_reporting<F, Fut>(
+    a: Assignment,
+    host: &Host,
+    cancel: CancellationToken,
+    gates: &Gates,
+    mut report: F,
+) -> StageReport
+where
+    F: FnMut(StageEvent) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let id = a.attempt.clone();
+    let (stx, mut srx) = mpsc::channel(256);
+    let gate = gates.gate(id.clone(), stx.clone(), cancel.clone());
+    let exec = run(a, host, cancel, stx, Some(gate));
+    tokio::pin!(exec);
+    let end = loop {
+        tokio::select! {
+            // Steps first, so each is reported before the attempt's end.
+            biased;
+            Some(step) = srx.recv() => report(step).await,
+            end = &mut exec => break end,
+        }
+    };
+    while let Ok(step) = srx.try_recv() {
+        report(step).await;
+    }
+    gates.forget(&id);
+    end
 }
 
 /// Runs `a` to its end. Every failure, including files that do not load, is a

@@ -3,6 +3,7 @@
 //! - [`assignment`]: runs one stage assignment (from a coordinator, or in-process) on the
 //!   executor, with this machine's environment.
 //! - [`executor`]: runs a stage (HTTP migrations, command steps, retries, secret masking).
+//! - [`session`]: the connection to a coordinator (dial out, hello, assignments, reconnect).
 //! - [`auth`]: basic, OAuth2 and PocketBase tokens.
 //! - [`client`]: the stage's HTTP client from its `client:` options.
 //!
@@ -13,3 +14,4 @@ pub mod assignment;
 pub mod auth;
 pub mod client;
 pub mod executor;
+pub mod session;

@@ -1,21 +1,45 @@
-//! The `baton-agent` binary. The agent's connection to a coordinator and its stage executor
-//! are built by later issues; until then the binary accepts its documented flags and says
-//! plainly that it cannot run stages yet, exiting with the usage code (2).
+//! The `baton-agent` binary: parse flags, set up logging and signals, find the agent's id,
+//! and run [`baton_agent::session::run`] until SIGINT or SIGTERM.
 
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
+use baton_agent::session::{run, AgentConfig};
 use clap::Parser;
+use tokio_util::sync::CancellationToken;
 
 /// Runs baton stages near their target, dialling out to a coordinator.
 #[derive(Debug, Parser)]
 #[command(name = "baton-agent", version)]
 struct AgentArgs {
-    /// The coordinator's URL, e.g. https://baton.example:7443.
-    #[arg(long)]
-    coordinator: Option<String>,
-    /// A label the agent is enrolled with (repeatable), e.g. --label env=prod.
+    /// The coordinator's URL, e.g. https://baton.example:7600.
+    #[arg(long, env = "BATON_COORDINATOR")]
+    coordinator: String,
+    /// A label the agent offers (repeatable), e.g. --label env=prod. A stage runs here only
+    /// when its `runs_on` selector is a subset of these.
     #[arg(long = "label", value_parser = parse_label)]
     labels: Vec<(String, String)>,
+    /// How many stage attempts run at once.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
+    capacity: u32,
+    /// Where the agent keeps its state (its generated id).
+    #[arg(long, default_value = ".baton-agent")]
+    data_dir: PathBuf,
+    /// The agent's id (default: one generated on first start and kept in the data dir).
+    #[arg(long)]
+    name: Option<String>,
+    /// A file holding the bearer token the coordinator expects from agents.
+    #[arg(long, conflicts_with = "token")]
+    token_file: Option<PathBuf>,
+    /// The bearer token itself (prefer --token-file: the environment is visible to the
+    /// agent's stages).
+    #[arg(long, env = "BATON_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// A CA bundle (PEM) the coordinator's TLS certificate must chain to.
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -27,16 +51,121 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
     }
 }
 
+/// The agent's id: `--name`, else the one kept in `data_dir/agent-id`, else a new one
+/// written there (so a restarted agent is the same agent).
+fn agent_id(name: Option<String>, data_dir: &Path) -> Result<String, String> {
+    if let Some(n) = name.filter(|n| !n.trim().is_empty()) {
+        return Ok(n);
+    }
+    let file = data_dir.join("agent-id");
+    match std::fs::read_to_string(&file) {
+        Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_owned()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("cannot read {}: {e}", file.display())),
+    }
+    let random = baton_common::ids::random_hex().map_err(|e| e.to_string())?;
+    let id = format!("agent-{}", &random[..12]);
+    std::fs::create_dir_all(data_dir)
+        .and_then(|()| std::fs::write(&file, format!("{id}\n")))
+        .map_err(|e| format!("cannot keep the agent id in {}: {e}", file.display()))?;
+    Ok(id)
+}
+
+fn read_file(path: &Path, what: &str) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("cannot read the {what} `{}`: {e}", path.display()))
+}
+
 fn main() -> ExitCode {
     let args = AgentArgs::parse();
-    eprintln!(
-        "baton-agent {}: connecting to a coordinator is not available in this build yet{}; \
-         run stages locally with `baton stages up`",
-        env!("CARGO_PKG_VERSION"),
-        args.coordinator
-            .map(|c| format!(" (asked for {c})"))
-            .unwrap_or_default()
-    );
-    let _ = args.labels;
-    ExitCode::from(2)
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BATON_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let config = match config(args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        let signals = shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            signals.cancel();
+        });
+        tracing::info!(id = %config.id, labels = ?config.labels, capacity = config.capacity, "baton-agent starting");
+        match run(config, shutdown).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(1)
+            }
+        }
+    })
+}
+
+/// SIGINT or SIGTERM.
+async fn wait_for_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
+}
+
+fn config(args: AgentArgs) -> Result<AgentConfig, String> {
+    let id = agent_id(args.name, &args.data_dir)?;
+    let token = match (&args.token_file, args.token) {
+        (Some(f), _) => Some(
+            String::from_utf8(read_file(f, "token file")?)
+                .map_err(|_| format!("the token file `{}` is not text", f.display()))?,
+        ),
+        (None, t) => t,
+    };
+    let ca_pem = args
+        .ca_file
+        .as_deref()
+        .map(|f| read_file(f, "CA file"))
+        .transpose()?;
+    // The only place the agent reads its environment: stages see it as `valueFromEnv`.
+    let mut env: BTreeMap<String, String> = std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .collect();
+    // The agent's own credential is not the stages' to read.
+    env.remove("BATON_TOKEN");
+    Ok(AgentConfig {
+        coordinator: args.coordinator,
+        id,
+        labels: args.labels.into_iter().collect(),
+        capacity: args.capacity,
+        token,
+        ca_pem,
+        env,
+        backoff_initial: Duration::from_millis(500),
+        backoff_max: Duration::from_secs(30),
+    })
 }

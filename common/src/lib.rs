@@ -1,5 +1,6 @@
 //! baton-common: what both sides of baton share.
 //!
+//! - [`client`]: the client side of a connection to a coordinator (agent and CLI).
 //! - [`yaml`]: YAML with a position on every node, and input limits.
 //! - [`diag`]: validation findings (`file:line:col: severity: message`).
 //! - [`ids`]: random identifiers that are unique across machines.
@@ -12,6 +13,7 @@
 //!
 //! No sled, no reqwest, no petgraph here: this crate is pure data and parsing.
 
+pub mod client;
 pub mod condition;
 pub mod diag;
 pub mod ids;

@@ -9,9 +9,12 @@
 
 pub mod cli;
 pub mod demo;
+pub mod grpc;
 pub mod planner;
+pub mod project;
 pub mod runner;
 pub mod runs;
 pub mod scheduler;
+pub mod server;
 pub mod store;
 pub mod synthetic;

@@ -468,18 +468,23 @@ impl Runs {
         Ok(Some((rb, job)))
     }
 
-    /// A run's events from `from_seq` on: what is recorded, then live ones as they are
-    /// recorded, ending after `run_finished` (or at once for a finished run).
+    /// A run's events from `from_seq` on: what is recorded, then (with `follow`) live ones
+    /// as they are recorded, ending after `run_finished` (or at once for a finished run).
     pub fn watch(
         self: &Arc<Self>,
         run: u64,
         from_seq: u64,
+        follow: bool,
     ) -> Result<mpsc::Receiver<EventRecord>, RunsError> {
         if self.store.run(run)?.is_none() {
             return Err(RunsError::UnknownRun(run));
         }
         // Subscribe before reading the store, so nothing falls between the two.
-        let live = self.live().get(&run).map(|l| l.events.subscribe());
+        let live = if follow {
+            self.live().get(&run).map(|l| l.events.subscribe())
+        } else {
+            None
+        };
         let (tx, rx) = mpsc::channel(256);
         let store = self.store.clone();
         self.tasks.spawn(async move {

@@ -8,6 +8,7 @@
 //! The CLI's snapshot tests live beside the `baton` binary (`coordinator/tests/`) because
 //! Cargo exposes a binary's path only to its own package's tests.
 
+pub mod cluster;
 pub mod stage;
 pub mod target;
 pub mod tls;

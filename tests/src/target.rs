@@ -102,6 +102,8 @@ struct Shared {
     /// answer again and creates nothing (see [`Target::honour_idempotency_keys`]).
     honour_keys: bool,
     answered: HashMap<String, Reply>,
+    /// See [`Target::answer_unscripted_like_a_cloud`].
+    cloud: bool,
 }
 
 /// A running target. Stops when dropped.
@@ -210,6 +212,12 @@ impl Target {
         self.shared.lock().expect("target lock").honour_keys = true;
     }
 
+    /// From now on, requests with no script are answered like a resource API: `PUT`/`POST`
+    /// with 201 and `{"id": PATH, "name": LAST_SEGMENT}`, `DELETE` and `GET` with 200.
+    pub fn answer_unscripted_like_a_cloud(&self) {
+        self.shared.lock().expect("target lock").cloud = true;
+    }
+
     /// Every request so far, in arrival order.
     pub fn requests(&self) -> Vec<Recorded> {
         self.shared.lock().expect("target lock").log.clone()
@@ -237,6 +245,17 @@ impl Target {
             }
         }
         counts
+    }
+}
+
+/// A resource API's answer to a request nobody scripted.
+fn cloud_reply(method: &Method, path: &str) -> Reply {
+    let name = path.rsplit('/').next().unwrap_or_default();
+    match *method {
+        Method::PUT | Method::POST => {
+            Reply::json(201, serde_json::json!({ "id": path, "name": name }))
+        }
+        _ => Reply::json(200, serde_json::json!({ "id": path })),
     }
 }
 
@@ -279,15 +298,19 @@ async fn handle(
             Some(k) if s.honour_keys => s.answered.get(k).cloned(),
             _ => None,
         };
-        let reply = replayed.or_else(|| {
-            s.script.get_mut(&key).and_then(|q| {
-                if q.len() > 1 {
-                    q.pop_front()
-                } else {
-                    q.front().cloned()
-                }
+        let cloud = s.cloud;
+        let path = uri.path().to_owned();
+        let reply = replayed
+            .or_else(|| {
+                s.script.get_mut(&key).and_then(|q| {
+                    if q.len() > 1 {
+                        q.pop_front()
+                    } else {
+                        q.front().cloned()
+                    }
+                })
             })
-        });
+            .or_else(|| cloud.then(|| cloud_reply(&method, &path)));
         if let (Some(k), Some(r)) = (idem, &reply) {
             s.answered.entry(k).or_insert_with(|| r.clone());
         }

@@ -3,12 +3,16 @@
 //! Every command writes its data to `out` and its diagnostics to `err` and returns the
 //! process exit code: 0 success, 1 the run failed, 2 invalid input or usage (COMPAT.md).
 
+mod coordinator;
 mod demo;
 mod graph;
 mod plan_view;
 mod progress;
-mod run;
+mod remote;
+pub(crate) mod run;
 mod stages;
+
+pub use remote::RemoteArgs;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -44,9 +48,64 @@ pub enum Command {
     Down(SingleArgs),
     /// Single-stage mode: one stage's applied and pending migrations.
     Status(SingleArgs),
-    /// Past and interrupted runs, from the state directory.
+    /// Runs: from the state directory, or from a coordinator with --coordinator.
     #[command(subcommand)]
     Runs(RunsCommand),
+    /// The agents attached to a coordinator.
+    #[command(subcommand)]
+    Agents(AgentsCommand),
+    /// The coordinator service.
+    #[command(subcommand)]
+    Coordinator(CoordinatorCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AgentsCommand {
+    /// Every attached agent: id, labels, capacity, running attempts, last heartbeat.
+    List {
+        #[command(flatten)]
+        remote: RemoteArgs,
+        /// Output format.
+        #[arg(long, short = 'o', value_enum, default_value_t)]
+        output: OutputFormat,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CoordinatorCommand {
+    /// Serve AgentService and ControlService until SIGINT or SIGTERM.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:7600")]
+    pub listen: String,
+    /// Where the coordinator keeps its state (sled, the same format as local mode).
+    #[arg(long, default_value = "baton-data")]
+    pub data_dir: PathBuf,
+    /// TLS certificate chain (PEM); with --tls-key, every connection uses TLS.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// A file holding the bearer token agents must present.
+    #[arg(long)]
+    pub agent_token_file: Option<PathBuf>,
+    /// A file holding the bearer token the CLI must present.
+    #[arg(long)]
+    pub operator_token_file: Option<PathBuf>,
+    /// Allow plaintext or no tokens on an address other than loopback (prints a warning).
+    #[arg(long)]
+    pub insecure: bool,
+    /// Seconds between agent heartbeats.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    pub heartbeat_secs: u64,
+    /// Seconds shutdown waits for runs to record their end.
+    #[arg(long, default_value_t = 10)]
+    pub shutdown_grace_secs: u64,
 }
 
 #[derive(Debug, Args)]
@@ -119,7 +178,15 @@ pub struct DemoArgs {
 #[derive(Debug, Subcommand)]
 pub enum RunsCommand {
     /// Every run, oldest first.
-    List(StateArgs),
+    List {
+        #[command(flatten)]
+        state: StateArgs,
+        #[command(flatten)]
+        remote: RemoteArgs,
+        /// Output format.
+        #[arg(long, short = 'o', value_enum, default_value_t)]
+        output: OutputFormat,
+    },
     /// Resume the interrupted run of a stages file (what the next `stages up` would do).
     Resume {
         #[command(flatten)]
@@ -134,6 +201,25 @@ pub enum RunsCommand {
         run: u64,
         #[command(flatten)]
         state: StateArgs,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// Follow a run on a coordinator as it happens, from the start or a given event.
+    Watch {
+        /// The run's id.
+        run: u64,
+        /// First event to show (its sequence number; 0: from the start).
+        #[arg(long, default_value_t = 0)]
+        from_seq: u64,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// Cancel a run on a coordinator: nothing new starts, agents stop in-flight stages.
+    Cancel {
+        /// The run's id.
+        run: u64,
+        #[command(flatten)]
+        remote: RemoteArgs,
     },
 }
 
@@ -189,6 +275,8 @@ pub enum OutputFormat {
 pub struct ValidateArgs {
     #[command(flatten)]
     pub spec: SpecArgs,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
     /// Output format.
     #[arg(long, short = 'o', value_enum, default_value_t)]
     pub output: OutputFormat,
@@ -219,6 +307,11 @@ pub struct UpArgs {
     /// Set a variable on top of `global.env` (repeatable): --set api_base=http://127.0.0.1:8080
     #[arg(long = "set", value_name = "KEY=VALUE", value_parser = parse_set)]
     pub set: Vec<(String, String)>,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
+    /// With --coordinator: submit, print the run's id, and return without watching.
+    #[arg(long, requires = "coordinator")]
+    pub detach: bool,
 }
 
 fn parse_set(s: &str) -> Result<(String, String), String> {
@@ -259,12 +352,16 @@ pub struct DownArgs {
     /// Set a variable on top of `global.env` (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE", value_parser = parse_set)]
     pub set: Vec<(String, String)>,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
 }
 
 #[derive(Debug, Args)]
 pub struct StatusArgs {
     #[command(flatten)]
     pub spec: SpecArgs,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
     /// Also show each stage's exported variables (secrets masked).
     #[arg(long, short = 'v')]
     pub verbose: bool,
@@ -297,14 +394,27 @@ pub fn run(
     err: &mut dyn Write,
 ) -> std::io::Result<i32> {
     match cli.command {
+        Command::Stages(StagesCommand::Validate(a)) if a.remote.coordinator.is_some() => {
+            remote::validate(&a, &a.remote, out, err)
+        }
         Command::Stages(StagesCommand::Validate(a)) => stages::validate(&a, out, err),
         Command::Stages(StagesCommand::Up(mut a)) => {
             a.spec.provided = a.set.iter().map(|(k, _)| k.clone()).collect();
-            stages::up(&a, env, out, err)
+            if a.remote.coordinator.is_some() {
+                remote::up(&a, &a.remote, a.detach, out, err)
+            } else {
+                stages::up(&a, env, out, err)
+            }
+        }
+        Command::Stages(StagesCommand::Down(a)) if a.remote.coordinator.is_some() => {
+            not_remote("stages down", err)
         }
         Command::Stages(StagesCommand::Down(mut a)) => {
             a.spec.provided = a.set.iter().map(|(k, _)| k.clone()).collect();
             stages::down(&a, env, out, err)
+        }
+        Command::Stages(StagesCommand::Status(a)) if a.remote.coordinator.is_some() => {
+            not_remote("stages status", err)
         }
         Command::Stages(StagesCommand::Status(a)) => stages::status(&a, out, err),
         Command::Stages(StagesCommand::Graph(a)) => graph::run(&a, out, err),
@@ -319,6 +429,8 @@ pub fn run(
                 output: OutputFormat::Text,
                 state_dir: a.state_dir,
                 set: a.set,
+                remote: RemoteArgs::default(),
+                detach: false,
             };
             stages::up(&up, env, out, err)
         }
@@ -334,12 +446,14 @@ pub fn run(
                 yes: a.yes,
                 state_dir: a.state_dir,
                 set: a.set,
+                remote: RemoteArgs::default(),
             };
             stages::down(&down, env, out, err)
         }
         Command::Status(a) => {
             let status = StatusArgs {
                 spec: a.spec(),
+                remote: RemoteArgs::default(),
                 verbose: a.verbose,
                 state_dir: a.state_dir,
             };
@@ -348,9 +462,68 @@ pub fn run(
         Command::Runs(RunsCommand::Resume { state, set }) => {
             stages::resume(&state, set, env, out, err)
         }
-        Command::Runs(RunsCommand::List(a)) => stages::runs(&a, None, out, err),
-        Command::Runs(RunsCommand::Show { run, state }) => {
+        Command::Runs(RunsCommand::List { remote, output, .. }) if remote.coordinator.is_some() => {
+            remote::runs_list(&remote, output, out, err)
+        }
+        Command::Runs(RunsCommand::List { state, .. }) => stages::runs(&state, None, out, err),
+        Command::Runs(RunsCommand::Show { run, remote, .. }) if remote.coordinator.is_some() => {
+            remote::runs_watch(&remote, run, 0, false, out, err)
+        }
+        Command::Runs(RunsCommand::Show { run, state, .. }) => {
             stages::runs(&state, Some(run), out, err)
         }
+        Command::Runs(RunsCommand::Watch {
+            run,
+            from_seq,
+            remote,
+        }) => with_coordinator(
+            &remote,
+            "runs watch",
+            err,
+            |r, out, err| remote::runs_watch(r, run, from_seq, true, out, err),
+            out,
+        ),
+        Command::Runs(RunsCommand::Cancel { run, remote }) => with_coordinator(
+            &remote,
+            "runs cancel",
+            err,
+            |r, out, err| remote::runs_cancel(r, run, out, err),
+            out,
+        ),
+        Command::Agents(AgentsCommand::List { remote, output }) => with_coordinator(
+            &remote,
+            "agents list",
+            err,
+            |r, out, err| remote::agents_list(r, output, out, err),
+            out,
+        ),
+        Command::Coordinator(CoordinatorCommand::Serve(a)) => coordinator::serve(&a, err),
     }
+}
+
+/// Runs `f` when a coordinator is named; else says the command needs one.
+fn with_coordinator(
+    remote: &RemoteArgs,
+    what: &str,
+    err: &mut dyn Write,
+    f: impl FnOnce(&RemoteArgs, &mut dyn Write, &mut dyn Write) -> std::io::Result<i32>,
+    out: &mut dyn Write,
+) -> std::io::Result<i32> {
+    if remote.coordinator.is_none() {
+        writeln!(
+            err,
+            "error: `baton {what}` talks to a coordinator: pass --coordinator URL or set BATON_COORDINATOR"
+        )?;
+        return Ok(EXIT_INVALID);
+    }
+    f(remote, out, err)
+}
+
+/// A command that does not run against a coordinator yet: refuse rather than act locally.
+fn not_remote(what: &str, err: &mut dyn Write) -> std::io::Result<i32> {
+    writeln!(
+        err,
+        "error: `baton {what}` against a coordinator is not available yet; unset BATON_COORDINATOR (or drop --coordinator) to run it on local state"
+    )?;
+    Ok(EXIT_INVALID)
 }

@@ -28,7 +28,7 @@ pub(super) fn default_state_dir(stages_file: &Path) -> PathBuf {
 
 /// The store key of a project: its stages file's name, so variants of one project in one
 /// directory keep separate histories.
-pub(super) fn project_key(stages_file: &Path) -> String {
+pub(crate) fn project_key(stages_file: &Path) -> String {
     stages_file.file_name().map_or_else(
         || "stages.yaml".to_owned(),
         |n| n.to_string_lossy().into_owned(),
@@ -223,7 +223,7 @@ async fn watch_and_print(
             signal.cancel();
         }
     });
-    let mut rx = runs.watch(run_id, s.first_seq).map_err(runs_err)?;
+    let mut rx = runs.watch(run_id, s.first_seq, true).map_err(runs_err)?;
     let mut progress =
         super::progress::Progress::new(std::io::stdout().is_terminal(), &stages, out);
     let mut cancelled = false;
@@ -267,8 +267,16 @@ fn clock(ms: u64) -> String {
 /// One line per event a person would follow (request-level detail stays in the log).
 pub(super) fn print_event(out: &mut dyn Write, e: &EventRecord) -> std::io::Result<()> {
     let stage = e.stage.as_deref().unwrap_or("");
+    let Some(line) = event_text(e) else {
+        return Ok(());
+    };
+    writeln!(out, "{} {stage:<16} {line}", clock(e.at_ms))
+}
+
+/// What [`print_event`] says about an event; `None` for those it does not show.
+pub(crate) fn event_text(e: &EventRecord) -> Option<String> {
     let line = match &e.kind {
-        EventKind::RunStarted { .. } | EventKind::Log { .. } => return Ok(()),
+        EventKind::RunStarted { .. } | EventKind::Log { .. } => return None,
         EventKind::StageStarted { .. } => "started".to_owned(),
         EventKind::MigrationStarted {
             version,
@@ -308,7 +316,7 @@ pub(super) fn print_event(out: &mut dyn Write, e: &EventRecord) -> std::io::Resu
         EventKind::RunFinished { status } => format!("run {}", status.as_str()),
         EventKind::Notice { message } => message.clone(),
     };
-    writeln!(out, "{} {stage:<16} {line}", clock(e.at_ms))
+    Some(line)
 }
 
 /// The end of a run: each stage's outcome and duration, and what it exports (secrets masked).
@@ -320,12 +328,32 @@ fn summary(
     run_id: u64,
     status: RunStatus,
 ) -> std::io::Result<()> {
-    let mut outcome: BTreeMap<String, String> = BTreeMap::new();
-    for e in store.events(run_id, 0).unwrap_or_default() {
-        let Some(stage) = e.stage else { continue };
-        let text = match e.kind {
+    let events = store.events(run_id, 0).unwrap_or_default();
+    let stages: Vec<String> = plan.order.iter().map(|s| s.name.clone()).collect();
+    summary_of(out, &events, &stages, run_id, status, &|stage| {
+        store
+            .result(&StageKey::new(key, stage))
+            .ok()
+            .flatten()
+            .filter(|r| r.run_id == run_id)
+    })
+}
+
+/// [`summary`] from a run's events; `exports` gives a stage's recorded result when known.
+pub(super) fn summary_of(
+    out: &mut dyn Write,
+    events: &[EventRecord],
+    stages: &[String],
+    run_id: u64,
+    status: RunStatus,
+    exports: &dyn Fn(&str) -> Option<crate::store::StageResultRecord>,
+) -> std::io::Result<()> {
+    let mut outcome: BTreeMap<&str, String> = BTreeMap::new();
+    for e in events {
+        let Some(stage) = &e.stage else { continue };
+        let text = match &e.kind {
             EventKind::StageSucceeded { duration_ms } => {
-                format!("succeeded in {:.1}s", duration_ms as f64 / 1000.0)
+                format!("succeeded in {:.1}s", *duration_ms as f64 / 1000.0)
             }
             EventKind::StageFailed { .. } => "failed".to_owned(),
             EventKind::StageSkipped { reason } => format!("skipped ({reason})"),
@@ -336,20 +364,16 @@ fn summary(
     }
     writeln!(out)?;
     writeln!(out, "run {run_id} {}", status.as_str())?;
-    let width = plan.order.iter().map(|s| s.name.len()).max().unwrap_or(0);
-    for s in &plan.order {
+    let width = stages.iter().map(String::len).max().unwrap_or(0);
+    for name in stages {
         let state = outcome
-            .get(&s.name)
+            .get(name.as_str())
             .cloned()
             .unwrap_or_else(|| "not run".to_owned());
-        writeln!(out, "  {:width$}  {state}", s.name)?;
-        let k = StageKey::new(key, &s.name);
-        let Ok(Some(result)) = store.result(&k) else {
+        writeln!(out, "  {name:width$}  {state}")?;
+        let Some(result) = exports(name) else {
             continue;
         };
-        if result.run_id != run_id || result.exports.is_empty() {
-            continue;
-        }
         let masker = masker_for(&result.exports, &result.secret);
         for (n, v) in &result.exports {
             let shown = if result.secret.contains(n) {

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 
 use baton_common::diag::{Diagnostics, Severity};
-use baton_common::spec::{load_project, CapturingFiles, DiskFiles, LoadOptions, Project};
+use baton_common::spec::{DiskFiles, Project};
 use serde::Serialize;
 
 use super::{plan_view, run};
@@ -23,16 +23,9 @@ pub(super) fn load_and_check(spec: &SpecArgs) -> (Option<Project>, Diagnostics) 
 
 /// [`load_and_check`], also returning the bytes of every file it read: what a run ships.
 pub(super) fn load_captured(spec: &SpecArgs) -> (Option<Project>, Diagnostics, PlannedFiles) {
-    let options = LoadOptions {
-        provided: spec.provided.iter().cloned().collect(),
-        ..LoadOptions::default()
-    };
-    let (loaded, files) = match &spec.generated {
-        None => {
-            let capture = CapturingFiles::new(&DiskFiles);
-            let loaded = load_project(&spec.config, &capture, options.clone());
-            (loaded, capture.into_files())
-        }
+    let provided = spec.provided.iter().cloned().collect();
+    let loaded = match &spec.generated {
+        None => crate::project::load(&spec.config, &DiskFiles, provided, spec.strict),
         Some(content) => {
             let mut extra = baton_common::spec::MemoryFiles::default();
             extra.insert(&spec.config, content.as_bytes());
@@ -40,30 +33,10 @@ pub(super) fn load_captured(spec: &SpecArgs) -> (Option<Project>, Diagnostics, P
                 base: &DiskFiles,
                 extra,
             };
-            let capture = CapturingFiles::new(&files);
-            let loaded = load_project(&spec.config, &capture, options.clone());
-            (loaded, capture.into_files())
+            crate::project::load(&spec.config, &files, provided, spec.strict)
         }
     };
-    let mut diags = loaded.diagnostics;
-    if let Some(project) = &loaded.project {
-        diags.extend(planner::check(&project.spec, &project.stages_file));
-    } else if let Some(partial) = &loaded.partial {
-        diags.extend(planner::check(
-            partial,
-            &baton_common::spec::normalize(&spec.config),
-        ));
-    }
-    if spec.strict {
-        diags.promote_warnings();
-    }
-    diags.sort();
-    let project = if diags.has_errors() {
-        None
-    } else {
-        loaded.project
-    };
-    (project, diags, files)
+    (loaded.project, loaded.diagnostics, loaded.files)
 }
 
 #[derive(Serialize)]
@@ -165,24 +138,7 @@ fn up_with(
 ) -> std::io::Result<i32> {
     let (project, diags, files) = load_captured(&args.spec);
     let Some(project) = project else {
-        match args.output {
-            OutputFormat::Json => {
-                serde_json::to_writer_pretty(
-                    &mut *out,
-                    &serde_json::json!({ "valid": false, "diagnostics": &diags }),
-                )?;
-                writeln!(out)?;
-            }
-            OutputFormat::Text => {
-                write!(err, "{diags}")?;
-                writeln!(
-                    err,
-                    "{}: invalid: {}; nothing was run",
-                    args.spec.config.display(),
-                    summary_counts(&diags)
-                )?;
-            }
-        }
+        print_invalid(args, &diags, out, err)?;
         return Ok(EXIT_INVALID);
     };
     let selection = selection_of(&args.stage, &args.from, &args.to);
@@ -425,8 +381,50 @@ pub(super) fn resume(
         output: OutputFormat::Text,
         state_dir: args.state_dir.clone(),
         set,
+        remote: super::RemoteArgs::default(),
+        detach: false,
     };
     up_with(&up, env, Some(store), out, err)
+}
+
+/// What `stages up` says about a project that does not validate (nothing was run).
+pub(super) fn print_invalid(
+    args: &UpArgs,
+    diags: &Diagnostics,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> std::io::Result<()> {
+    match args.output {
+        OutputFormat::Json => {
+            serde_json::to_writer_pretty(
+                &mut *out,
+                &serde_json::json!({ "valid": false, "diagnostics": diags }),
+            )?;
+            writeln!(out)
+        }
+        OutputFormat::Text => {
+            write!(err, "{diags}")?;
+            writeln!(
+                err,
+                "{}: invalid: {}; nothing was run",
+                args.spec.config.display(),
+                summary_counts(diags)
+            )
+        }
+    }
+}
+
+/// `--stage` / `--from` / `--to` as the wire's fields (stages, from, to).
+pub(super) fn selection_parts(
+    stage: &[String],
+    from: &Option<String>,
+    to: &Option<String>,
+) -> (Vec<String>, String, String) {
+    match selection_of(stage, from, to) {
+        Selection::All => (Vec::new(), String::new(), String::new()),
+        Selection::Stages { names } => (names, String::new(), String::new()),
+        Selection::Range { from, to } => (Vec::new(), from, to),
+    }
 }
 
 /// `--stage` / `--from` / `--to` as a selection.

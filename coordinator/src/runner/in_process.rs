@@ -4,10 +4,9 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use baton_agent::assignment::{self, Host};
-use baton_agent::executor::StepGate;
-use baton_common::stage::{Assignment, AttemptId, StageEvent};
-use tokio::sync::{mpsc, oneshot};
+use baton_agent::assignment::{run_reporting, Gates, Host};
+use baton_common::stage::{Assignment, AttemptId};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -20,16 +19,12 @@ pub const LOCAL: &str = "local";
 #[derive(Debug, Clone)]
 pub struct InProcessRunner {
     host: Arc<Host>,
-    /// Gates waiting for the driver's acknowledgement, and each attempt's cancel token.
-    state: Arc<Mutex<State>>,
-    /// Owns every attempt task, so shutdown can wait for them.
+    /// Migration starts waiting for the driver's acknowledgement.
+    gates: Gates,
+    /// Each running attempt's cancel token.
+    cancels: Arc<Mutex<HashMap<AttemptId, CancellationToken>>>,
+    /// Owns every attempt task.
     tasks: TaskTracker,
-}
-
-#[derive(Debug, Default)]
-struct State {
-    gates: HashMap<(AttemptId, u64), oneshot::Sender<()>>,
-    cancels: HashMap<AttemptId, CancellationToken>,
 }
 
 impl InProcessRunner {
@@ -40,69 +35,26 @@ impl InProcessRunner {
                 env,
                 user_agent: String::new(),
             }),
-            state: Arc::default(),
+            gates: Gates::default(),
+            cancels: Arc::default(),
             tasks: TaskTracker::new(),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        // A poisoned lock only means a panic elsewhere; the maps are still consistent.
-        self.state
+    fn cancels(&self) -> std::sync::MutexGuard<'_, HashMap<AttemptId, CancellationToken>> {
+        // A poisoned lock only means a panic elsewhere; the map is still consistent.
+        self.cancels
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
-
-    /// Waits until every attempt task has ended.
-    pub async fn wait_idle(&self) {
-        self.tasks.close();
-        self.tasks.wait().await;
-        self.tasks.reopen();
-    }
-}
-
-/// The executor's gate: send `MigrationStarted` on the attempt's own event channel (so it
-/// follows every earlier step) and wait until the driver acknowledges it, or the attempt is
-/// cancelled.
-fn gate(
-    id: AttemptId,
-    state: Arc<Mutex<State>>,
-    steps: mpsc::Sender<StageEvent>,
-    cancel: CancellationToken,
-) -> StepGate {
-    Arc::new(move |event| {
-        let id = id.clone();
-        let state = state.clone();
-        let steps = steps.clone();
-        let cancel = cancel.clone();
-        Box::pin(async move {
-            let version = match &event {
-                StageEvent::MigrationStarted { version, .. } => *version,
-                _ => 0,
-            };
-            let (tx, rx) = oneshot::channel();
-            state
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .gates
-                .insert((id, version), tx);
-            if steps.send(event).await.is_ok() {
-                tokio::select! {
-                    // A cancelled attempt never waits for an acknowledgement that won't come.
-                    () = cancel.cancelled() => {}
-                    _ = rx => {}
-                }
-            }
-        })
-    })
 }
 
 impl StageRunner for InProcessRunner {
     fn start(&self, a: Assignment, _selector: Selector, events: mpsc::Sender<RunnerMessage>) {
         let id = a.attempt.clone();
         let cancel = CancellationToken::new();
-        self.lock().cancels.insert(id.clone(), cancel.clone());
-        let host = self.host.clone();
-        let state = self.state.clone();
+        self.cancels().insert(id.clone(), cancel.clone());
+        let this = self.clone();
         self.tasks.spawn(async move {
             let send = |event| {
                 let events = events.clone();
@@ -116,36 +68,17 @@ impl StageRunner for InProcessRunner {
                 runner: LOCAL.to_owned(),
             })
             .await;
-            let (stx, mut srx) = mpsc::channel(256);
-            let g = gate(id.clone(), state.clone(), stx.clone(), cancel.clone());
-            let exec = assignment::run(a, &host, cancel, stx, Some(g));
-            tokio::pin!(exec);
-            let report = loop {
-                tokio::select! {
-                    // Steps first, so each is reported before the attempt's end.
-                    biased;
-                    Some(step) = srx.recv() => send(RunnerEvent::Step(step)).await,
-                    report = &mut exec => break report,
-                }
-            };
-            while let Ok(step) = srx.try_recv() {
-                send(RunnerEvent::Step(step)).await;
-            }
-            {
-                let mut s = state
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                s.cancels.remove(&id);
-                s.gates.retain(|(a, _), _| a != &id);
-            }
-            send(RunnerEvent::Ended(report)).await;
+            let end = run_reporting(a, &this.host, cancel, &this.gates, |step| {
+                send(RunnerEvent::Step(step))
+            })
+            .await;
+            this.cancels().remove(&id);
+            send(RunnerEvent::Ended(end)).await;
         });
     }
 
     fn ack_started(&self, attempt: &AttemptId, version: u64) {
-        if let Some(tx) = self.lock().gates.remove(&(attempt.clone(), version)) {
-            let _ = tx.send(());
-        }
+        self.gates.ack(attempt, version);
     }
 
     fn ack_ended(&self, _attempt: &AttemptId) {
@@ -153,7 +86,7 @@ impl StageRunner for InProcessRunner {
     }
 
     fn cancel(&self, attempt: &AttemptId) {
-        if let Some(c) = self.lock().cancels.get(attempt) {
+        if let Some(c) = self.cancels().get(attempt) {
             c.cancel();
         }
     }

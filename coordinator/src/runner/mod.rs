@@ -12,6 +12,7 @@
 //! whose labels match the stage's `runs_on`). There is one driver for both.
 
 pub mod in_process;
+pub mod remote;
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -1,0 +1,149 @@
+//! `baton coordinator serve`: flags to a [`ServeConfig`], the transport-security rules,
+//! logging and signals, then [`crate::server::serve`].
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::{ServeArgs, EXIT_INVALID, EXIT_OK, EXIT_RUN_FAILED};
+use crate::server::{serve as serve_on, ServeConfig};
+
+fn read(path: &Path, what: &str) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("cannot read the {what} `{}`: {e}", path.display()))
+}
+
+fn token(path: &Option<std::path::PathBuf>, what: &str) -> Result<Option<String>, String> {
+    let Some(p) = path else { return Ok(None) };
+    let text = String::from_utf8(read(p, what)?)
+        .map_err(|_| format!("the {what} `{}` is not text", p.display()))?;
+    let t = text.trim().to_owned();
+    if t.is_empty() {
+        return Err(format!("the {what} `{}` is empty", p.display()));
+    }
+    Ok(Some(t))
+}
+
+/// The config `args` describe, or why they are refused: off loopback, plaintext and missing
+/// tokens need `--insecure` (and then each is warned about).
+pub(super) fn config(
+    args: &ServeArgs,
+    addr: SocketAddr,
+    warn: &mut dyn Write,
+) -> Result<ServeConfig, String> {
+    let mut c = ServeConfig::new(args.data_dir.clone());
+    c.agent_token = token(&args.agent_token_file, "agent token file")?;
+    c.operator_token = token(&args.operator_token_file, "operator token file")?;
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        c.tls = Some((read(cert, "TLS certificate")?, read(key, "TLS key")?));
+    }
+    c.heartbeat = Duration::from_secs(args.heartbeat_secs);
+    c.lease = c.heartbeat * 3;
+    c.shutdown_grace = Duration::from_secs(args.shutdown_grace_secs);
+    if !addr.ip().is_loopback() {
+        let mut gaps = Vec::new();
+        if c.tls.is_none() {
+            gaps.push("plaintext (no --tls-cert/--tls-key)");
+        }
+        if c.agent_token.is_none() {
+            gaps.push("no --agent-token-file");
+        }
+        if c.operator_token.is_none() {
+            gaps.push("no --operator-token-file");
+        }
+        if !gaps.is_empty() {
+            if !args.insecure {
+                return Err(format!(
+                    "{addr} is not a loopback address, and the coordinator would run with {}; add TLS and tokens, or pass --insecure to accept that",
+                    gaps.join(", ")
+                ));
+            }
+            let _ = writeln!(
+                warn,
+                "warning: --insecure: serving on {addr} with {}; anyone who reaches it can run stages",
+                gaps.join(", ")
+            );
+        }
+    }
+    Ok(c)
+}
+
+/// Runs the coordinator until SIGINT or SIGTERM.
+pub(super) fn serve(args: &ServeArgs, err: &mut dyn Write) -> std::io::Result<i32> {
+    let addr: SocketAddr = match args.listen.parse() {
+        Ok(a) => a,
+        Err(e) => {
+            writeln!(
+                err,
+                "error: --listen `{}` is not an address: {e} (write e.g. 127.0.0.1:7600)",
+                args.listen
+            )?;
+            return Ok(EXIT_INVALID);
+        }
+    };
+    let config = match config(args, addr, err) {
+        Ok(c) => c,
+        Err(e) => {
+            writeln!(err, "error: {e}")?;
+            return Ok(EXIT_INVALID);
+        }
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BATON_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .try_init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let listener = match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => l,
+            Err(e) => {
+                writeln!(err, "error: cannot listen on {addr}: {e}")?;
+                return Ok(EXIT_RUN_FAILED);
+            }
+        };
+        // The first line on stdout says where it listens (port 0 picks a free one).
+        if let Ok(bound) = listener.local_addr() {
+            println!("baton coordinator listening on {bound}");
+        }
+        let shutdown = CancellationToken::new();
+        let signal = shutdown.clone();
+        let signals = tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("signal received; shutting down");
+            signal.cancel();
+        });
+        let served = serve_on(config, listener, shutdown).await;
+        signals.abort();
+        match served {
+            Ok(()) => Ok(EXIT_OK),
+            Err(e) => {
+                writeln!(err, "error: {e}")?;
+                Ok(EXIT_RUN_FAILED)
+            }
+        }
+    })
+}
+
+/// SIGINT or SIGTERM.
+async fn wait_for_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
+}

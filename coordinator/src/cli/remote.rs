@@ -1,0 +1,533 @@
+//! The CLI against a coordinator (`--coordinator URL` or `BATON_COORDINATOR`): `stages
+//! validate|up`, `runs list|show|watch|cancel`, `agents list`. The project is loaded and
+//! validated here first, exactly as in local mode; then its files (the bytes read) are sent,
+//! and the run's events come back to the same progress view.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use baton_common::client::{endpoint, BearerToken};
+use baton_common::proto::{self, control_service_client::ControlServiceClient};
+use clap::Args;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+use super::run::{print_event, summary_of};
+use super::stages::{load_captured, print_invalid, selection_parts};
+use super::{OutputFormat, UpArgs, ValidateArgs, EXIT_INVALID, EXIT_OK, EXIT_RUN_FAILED};
+use crate::store::{EventKind, EventRecord, RunStatus};
+
+/// Exit code when the user stopped watching (Ctrl-C): the run goes on.
+pub const EXIT_STOPPED_WATCHING: i32 = 130;
+
+/// Where the coordinator is and how to talk to it.
+#[derive(Debug, Clone, Default, Args)]
+pub struct RemoteArgs {
+    /// The coordinator's URL (e.g. http://127.0.0.1:7600): run through it instead of locally.
+    #[arg(long, env = "BATON_COORDINATOR")]
+    pub coordinator: Option<String>,
+    /// A file holding the operator token the coordinator expects.
+    #[arg(long, conflicts_with = "token")]
+    pub token_file: Option<PathBuf>,
+    /// The operator token itself (prefer --token-file).
+    #[arg(long, env = "BATON_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// A CA bundle (PEM) the coordinator's TLS certificate must chain to.
+    #[arg(long)]
+    pub ca_file: Option<PathBuf>,
+}
+
+type Client = ControlServiceClient<InterceptedService<Channel, BearerToken>>;
+
+/// A failure worth one line: what the coordinator said, or why it could not be reached.
+#[derive(Debug)]
+struct Failure {
+    message: String,
+    code: i32,
+}
+
+impl From<tonic::Status> for Failure {
+    fn from(s: tonic::Status) -> Self {
+        use tonic::Code;
+        let code = match s.code() {
+            Code::InvalidArgument
+            | Code::FailedPrecondition
+            | Code::NotFound
+            | Code::Unauthenticated
+            | Code::PermissionDenied => EXIT_INVALID,
+            _ => EXIT_RUN_FAILED,
+        };
+        let message = match s.code() {
+            Code::Unavailable => format!("cannot reach the coordinator: {}", s.message()),
+            _ => s.message().to_owned(),
+        };
+        Failure { message, code }
+    }
+}
+
+fn usage(message: impl Into<String>) -> Failure {
+    Failure {
+        message: message.into(),
+        code: EXIT_INVALID,
+    }
+}
+
+async fn connect(r: &RemoteArgs) -> Result<Client, Failure> {
+    let url = r.coordinator.clone().unwrap_or_default();
+    let token = match (&r.token_file, &r.token) {
+        (Some(f), _) => Some(
+            std::fs::read_to_string(f)
+                .map_err(|e| usage(format!("cannot read the token file `{}`: {e}", f.display())))?,
+        ),
+        (None, t) => t.clone(),
+    };
+    let token = BearerToken::new(token.as_deref()).map_err(usage)?;
+    let ca = r
+        .ca_file
+        .as_deref()
+        .map(|f| {
+            std::fs::read(f)
+                .map_err(|e| usage(format!("cannot read the CA file `{}`: {e}", f.display())))
+        })
+        .transpose()?;
+    let channel = endpoint(&url, ca.as_deref())
+        .map_err(|e| usage(e.to_string()))?
+        .connect()
+        .await
+        .map_err(|e| Failure {
+            message: format!("cannot reach the coordinator at {url}: {e}"),
+            code: EXIT_RUN_FAILED,
+        })?;
+    Ok(ControlServiceClient::with_interceptor(channel, token)
+        .max_decoding_message_size(64 * 1024 * 1024)
+        .max_encoding_message_size(64 * 1024 * 1024))
+}
+
+/// Runs `fut` on a fresh runtime.
+fn block<Fut>(fut: Fut) -> std::io::Result<Result<i32, Failure>>
+where
+    Fut: std::future::Future<Output = Result<i32, Failure>>,
+{
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    Ok(runtime.block_on(fut))
+}
+
+/// The exit code of a command's result; a failure is printed as one line.
+fn finish(err: &mut dyn Write, r: Result<i32, Failure>) -> std::io::Result<i32> {
+    match r {
+        Ok(code) => Ok(code),
+        Err(fail) => {
+            writeln!(err, "error: {}", fail.message)?;
+            Ok(fail.code)
+        }
+    }
+}
+
+/// The project's files by path relative to the stages file's directory, and the stages file's
+/// own name: what the coordinator loads the project from.
+fn project_files(
+    stages_file: &Path,
+    files: BTreeMap<PathBuf, Vec<u8>>,
+) -> Result<(String, HashMap<String, Vec<u8>>), Failure> {
+    let base = stages_file.parent().unwrap_or(Path::new(""));
+    let mut out = HashMap::new();
+    for (path, bytes) in files {
+        let rel = if base.as_os_str().is_empty() {
+            path.clone()
+        } else {
+            path.strip_prefix(base).map(Path::to_path_buf).map_err(|_| {
+                usage(format!(
+                    "`{}` is outside the project's directory `{}`; a coordinator receives only files under it (move the file into the project)",
+                    path.display(),
+                    base.display()
+                ))
+            })?
+        };
+        out.insert(rel.to_string_lossy().into_owned(), bytes);
+    }
+    let name = stages_file.file_name().map_or_else(
+        || "stages.yaml".to_owned(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    Ok((name, out))
+}
+
+/// `stages validate --coordinator`: the coordinator's verdict on the files this CLI reads.
+pub fn validate(
+    args: &ValidateArgs,
+    remote: &RemoteArgs,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> std::io::Result<i32> {
+    let (_, _, files) = load_captured(&args.spec);
+    let stages_file = baton_common::spec::normalize(&args.spec.config);
+    let r = block(async {
+        let (name, files) = project_files(&stages_file, files)?;
+        let mut client = connect(remote).await?;
+        let resp = client
+            .validate(proto::ValidateRequest {
+                files,
+                stages_file: name,
+                strict: args.spec.strict,
+                provided: args.spec.provided.clone(),
+            })
+            .await?
+            .into_inner();
+        let mut errors = 0;
+        for d in &resp.diagnostics {
+            if d.severity == "error" {
+                errors += 1;
+            }
+            let _ = writeln!(
+                out,
+                "{}:{}:{}: {}: {}",
+                d.file, d.line, d.column, d.severity, d.message
+            );
+            if !d.help.is_empty() {
+                let _ = writeln!(out, "  help: {}", d.help);
+            }
+        }
+        let verdict = if errors == 0 { "valid" } else { "invalid" };
+        let _ = writeln!(
+            out,
+            "{}: {verdict} on the coordinator ({} finding(s))",
+            stages_file.display(),
+            resp.diagnostics.len()
+        );
+        Ok(if errors == 0 { EXIT_OK } else { EXIT_INVALID })
+    })?;
+    finish(err, r)
+}
+
+/// `stages up --coordinator`: submit, then watch like local mode (unless `--detach`).
+pub fn up(
+    args: &UpArgs,
+    remote: &RemoteArgs,
+    detach: bool,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> std::io::Result<i32> {
+    if args.dry_run {
+        writeln!(
+            err,
+            "error: --dry-run with --coordinator is not available yet; run `baton stages up --dry-run` without --coordinator to see the plan against local state"
+        )?;
+        return Ok(EXIT_INVALID);
+    }
+    let (project, diags, files) = load_captured(&args.spec);
+    if project.is_none() {
+        print_invalid(args, &diags, out, err)?;
+        return Ok(EXIT_INVALID);
+    }
+    if !diags.is_empty() {
+        write!(err, "{diags}")?;
+    }
+    let stages_file = baton_common::spec::normalize(&args.spec.config);
+    let (stages, from, to) = selection_parts(&args.stage, &args.from, &args.to);
+    let r = block(async {
+        let (name, files) = project_files(&stages_file, files)?;
+        let mut client = connect(remote).await?;
+        let resp = client
+            .submit_run(proto::SubmitRunRequest {
+                files,
+                stages_file: name,
+                stages,
+                from,
+                to,
+                set: args.set.iter().cloned().collect(),
+                project: String::new(),
+            })
+            .await?
+            .into_inner();
+        if detach {
+            for n in &resp.notes {
+                let _ = writeln!(err, "{n}");
+            }
+            let _ = writeln!(out, "{}", resp.run_id);
+            return Ok(EXIT_OK);
+        }
+        for n in &resp.notes {
+            let _ = writeln!(out, "{n}");
+        }
+        if !resp.notes.iter().any(|n| n.starts_with("resuming run")) {
+            let _ = writeln!(
+                out,
+                "run {}: {} stage(s) to run (plan {})",
+                resp.run_id,
+                resp.stages,
+                &resp.plan_digest[..12.min(resp.plan_digest.len())]
+            );
+        }
+        let stage_names: Vec<String> = project
+            .as_ref()
+            .map(|p| p.spec.stages.iter().map(|s| s.name.value.clone()).collect())
+            .unwrap_or_default();
+        watch(
+            &mut client,
+            resp.run_id,
+            0,
+            true,
+            &stage_names,
+            true,
+            out,
+            err,
+        )
+        .await
+    })?;
+    finish(err, r)
+}
+
+/// Follows a run's events until it finishes; prints them like local mode and, with
+/// `summarize`, the summary. Ctrl-C stops watching, never the run.
+async fn watch(
+    client: &mut Client,
+    run: u64,
+    from_seq: u64,
+    follow: bool,
+    stages: &[String],
+    summarize: bool,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> Result<i32, Failure> {
+    use std::io::IsTerminal;
+    let mut stream = client
+        .watch_run(proto::WatchRunRequest {
+            run_id: run,
+            from_seq,
+            follow,
+        })
+        .await?
+        .into_inner();
+    let mut events: Vec<EventRecord> = Vec::new();
+    let mut names: Vec<String> = stages.to_vec();
+    let mut status = None;
+    {
+        let live = summarize && std::io::stdout().is_terminal();
+        let mut progress = super::progress::Progress::new(live, &names, &mut *out);
+        loop {
+            tokio::select! {
+                // Ctrl-C first: stop watching at once.
+                _ = tokio::signal::ctrl_c() => {
+                    progress.finish();
+                    let _ = writeln!(err, "\nstopped watching run {run}; it goes on on the coordinator. `baton runs watch {run}` follows it again, `baton runs cancel {run}` cancels it.");
+                    return Ok(EXIT_STOPPED_WATCHING);
+                }
+                msg = stream.message() => match msg? {
+                    Some(e) => {
+                        let record: EventRecord = serde_json::from_str(&e.record_json).map_err(|x| Failure {
+                            message: format!("the coordinator sent an event this baton cannot read ({x}); upgrade baton"),
+                            code: EXIT_RUN_FAILED,
+                        })?;
+                        if let EventKind::RunStarted { stages } = &record.kind {
+                            names = stages.clone();
+                        }
+                        if let EventKind::RunFinished { status: s } = &record.kind {
+                            status = Some(*s);
+                        }
+                        if summarize {
+                            progress.event(&record).map_err(io_failure)?;
+                        }
+                        events.push(record);
+                    }
+                    None => break,
+                }
+            }
+        }
+        progress.finish();
+    }
+    if !summarize {
+        for e in &events {
+            match &e.kind {
+                EventKind::Log { line } => {
+                    let _ = writeln!(out, "{:<25}   | {line}", e.stage.as_deref().unwrap_or(""));
+                }
+                _ => print_event(out, e).map_err(io_failure)?,
+            }
+        }
+    }
+    let Some(status) = status else {
+        if !follow {
+            // A snapshot of a run that has not finished yet.
+            return Ok(EXIT_OK);
+        }
+        return Err(Failure {
+            message: format!("the coordinator stopped sending run {run}'s events before it finished; `baton runs watch {run}` follows it again"),
+            code: EXIT_RUN_FAILED,
+        });
+    };
+    if summarize {
+        summary_of(out, &events, &names, run, status, &|_| None).map_err(io_failure)?;
+    }
+    Ok(match status {
+        RunStatus::Succeeded | RunStatus::SucceededWithFailures => EXIT_OK,
+        _ => EXIT_RUN_FAILED,
+    })
+}
+
+fn io_failure(e: std::io::Error) -> Failure {
+    Failure {
+        message: e.to_string(),
+        code: EXIT_RUN_FAILED,
+    }
+}
+
+/// `runs watch RUN` (`follow`: until the run finishes) and `runs show RUN` (what is recorded
+/// now): each event from `from_seq` as a line.
+pub fn runs_watch(
+    remote: &RemoteArgs,
+    run: u64,
+    from_seq: u64,
+    follow: bool,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> std::io::Result<i32> {
+    let r = block(async {
+        let mut client = connect(remote).await?;
+        watch(
+            &mut client,
+            run,
+            from_seq,
+            follow,
+            &[],
+            false,
+            out,
+            &mut std::io::sink(),
+        )
+        .await
+    })?;
+    finish(err, r)
+}
+
+/// `runs cancel RUN`.
+pub fn runs_cancel(
+    remote: &RemoteArgs,
+    run: u64,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> std::io::Result<i32> {
+    let r = block(async {
+        let mut client = connect(remote).await?;
+        let resp = client
+            .cancel_run(proto::CancelRunRequest { run_id: run })
+            .await?
+            .into_inner();
+        if resp.cancelled {
+            let _ = writeln!(
+                out,
+                "run {run}: cancel requested; running stages are being stopped"
+            );
+        } else {
+            let _ = writeln!(out, "run {run} is not running; nothing to cancel");
+        }
+        Ok(EXIT_OK)
+    })?;
+    finish(err, r)
+}
+
+/// `runs list` against a coordinator.
+pub fn runs_list(
+    remote: &RemoteArgs,
+    output: OutputFormat,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> std::io::Result<i32> {
+    let r = block(async {
+        let mut client = connect(remote).await?;
+        let runs = client
+            .list_runs(proto::ListRunsRequest {})
+            .await?
+            .into_inner()
+            .runs;
+        let written = match output {
+            OutputFormat::Json => {
+                let rows: Vec<serde_json::Value> = runs
+                    .iter()
+                    .map(|r| {
+                        serde_json::json!({
+                            "id": r.run_id, "status": r.status, "direction": r.direction,
+                            "project": r.project, "selection": r.selection,
+                            "created_at_ms": r.created_at_ms,
+                        })
+                    })
+                    .collect();
+                serde_json::to_writer_pretty(&mut *out, &rows)
+                    .map_err(std::io::Error::from)
+                    .and_then(|()| writeln!(out))
+            }
+            OutputFormat::Text => runs.iter().try_for_each(|r| {
+                writeln!(
+                    out,
+                    "{:>6}  {:<24} {:<4} {:<28} {}",
+                    r.run_id, r.status, r.direction, r.project, r.selection
+                )
+            }),
+        };
+        written.map_err(io_failure)?;
+        Ok(EXIT_OK)
+    })?;
+    finish(err, r)
+}
+
+/// `agents list`.
+pub fn agents_list(
+    remote: &RemoteArgs,
+    output: OutputFormat,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> std::io::Result<i32> {
+    let r = block(async {
+        let mut client = connect(remote).await?;
+        let agents = client
+            .list_agents(proto::ListAgentsRequest {})
+            .await?
+            .into_inner()
+            .agents;
+        let labels = |l: &HashMap<String, String>| {
+            let mut v: Vec<String> = l.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            v.sort();
+            v.join(",")
+        };
+        let written = match output {
+            OutputFormat::Json => {
+                let rows: Vec<serde_json::Value> = agents
+                    .iter()
+                    .map(|a| {
+                        serde_json::json!({
+                            "id": a.agent_id,
+                            "labels": a.labels.iter().collect::<BTreeMap<_, _>>(),
+                            "capacity": a.capacity, "running": a.running,
+                            "last_seen_ms_ago": a.last_seen_ms_ago, "version": a.version,
+                        })
+                    })
+                    .collect();
+                serde_json::to_writer_pretty(&mut *out, &rows)
+                    .map_err(std::io::Error::from)
+                    .and_then(|()| writeln!(out))
+            }
+            OutputFormat::Text => writeln!(
+                out,
+                "{:<24} {:<36} {:>8} {:>7}  last heartbeat",
+                "ID", "LABELS", "CAPACITY", "RUNNING"
+            )
+            .and_then(|()| {
+                agents.iter().try_for_each(|a| {
+                    writeln!(
+                        out,
+                        "{:<24} {:<36} {:>8} {:>7}  {:.1}s ago",
+                        a.agent_id,
+                        labels(&a.labels),
+                        a.capacity,
+                        a.running,
+                        a.last_seen_ms_ago as f64 / 1000.0
+                    )
+                })
+            }),
+        };
+        written.map_err(io_failure)?;
+        Ok(EXIT_OK)
+    })?;
+    finish(err, r)
+}

@@ -1,0 +1,393 @@
+//! The coordinator's gRPC services. They convert and delegate: `AgentService` to the
+//! [`AgentRegistry`] (agent sessions), `ControlService` to the [`Runs`] service (the same one
+//! local mode uses). Domain errors become a `tonic::Status` in one function per side
+//! ([`status_of`] here, `SessionError`'s `From` for sessions).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use baton_common::proto::{self, agent_service_server, control_service_server};
+use baton_common::spec::MemoryFiles;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::planner::{self, PlanError, Selection};
+use crate::runner::remote::{deliver, AgentRegistry, Outbound};
+use crate::runs::{describe_selection, Runs, RunsError, StoreHistory, Submission};
+
+/// How long an agent may take to send its hello after opening the stream.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The one mapping from the run service's errors to gRPC statuses.
+pub fn status_of(e: RunsError) -> Status {
+    match e {
+        RunsError::InterruptedFirst { .. } => Status::failed_precondition(e.to_string()),
+        RunsError::UnknownRun(_) => Status::not_found(e.to_string()),
+        RunsError::Rollback(_) => Status::failed_precondition(e.to_string()),
+        RunsError::Store(_) | RunsError::Random(_) => Status::internal(e.to_string()),
+    }
+}
+
+/// `AgentService`: one session per `Attach` stream.
+#[derive(Debug, Clone)]
+pub struct AgentApi {
+    pub registry: AgentRegistry,
+    /// Owns the session tasks.
+    pub tasks: TaskTracker,
+    /// Ends every session on shutdown.
+    pub shutdown: CancellationToken,
+}
+
+type AttachStream = Pin<Box<dyn Stream<Item = Outbound> + Send>>;
+
+#[tonic::async_trait]
+impl agent_service_server::AgentService for AgentApi {
+    type AttachStream = AttachStream;
+
+    async fn attach(
+        &self,
+        request: Request<Streaming<proto::AgentMessage>>,
+    ) -> Result<Response<AttachStream>, Status> {
+        let mut inbound = request.into_inner();
+        let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| {
+                Status::deadline_exceeded(format!(
+                    "no hello within {}s of opening the stream",
+                    HELLO_TIMEOUT.as_secs()
+                ))
+            })??;
+        let hello = match first.and_then(|m| m.kind) {
+            Some(proto::agent_message::Kind::Hello(h)) => h,
+            _ => {
+                tracing::warn!("agent stream refused: its first message was not a hello");
+                return Err(Status::invalid_argument(
+                    "the first message of an Attach stream must be a hello",
+                ));
+            }
+        };
+        let (session, outbox, effects) = self.registry.attach(hello).map_err(|e| {
+            tracing::warn!(error = %e, "agent refused");
+            Status::from(e)
+        })?;
+        deliver(effects).await;
+        let registry = self.registry.clone();
+        let shutdown = self.shutdown.clone();
+        let span =
+            tracing::info_span!("agent_session", agent = %session.agent, session = session.id);
+        self.tasks.spawn(tracing::Instrument::instrument(
+            async move {
+                let why = loop {
+                    tokio::select! {
+                        // Shutdown first: stop reading, let the stream close.
+                        () = shutdown.cancelled() => break "the coordinator is shutting down".to_owned(),
+                        msg = inbound.message() => match msg {
+                            Ok(Some(m)) => match registry.on_message(&session, m) {
+                                Ok(effects) => deliver(effects).await,
+                                Err(e) => {
+                                    tracing::warn!(error = %e, "agent message refused; session ends");
+                                    // On the agent's own stream, so it sees why its session ended.
+                                    if let Some(tx) = registry.session_outbox(&session) {
+                                        let _ = tx.send(Err(Status::from(e))).await;
+                                    }
+                                    break "protocol error".to_owned();
+                                }
+                            },
+                            Ok(None) => break "the agent closed the stream".to_owned(),
+                            Err(status) => break format!("stream error: {}", status.message()),
+                        },
+                    }
+                };
+                deliver(registry.detach(&session, &why)).await;
+            },
+            span,
+        ));
+        Ok(Response::new(
+            Box::pin(ReceiverStream::new(outbox)) as AttachStream
+        ))
+    }
+}
+
+/// `ControlService`: what the CLI calls.
+#[derive(Debug, Clone)]
+pub struct ControlApi {
+    pub runs: Arc<Runs>,
+    pub registry: AgentRegistry,
+}
+
+/// The files a client sent, as a file system the loader reads.
+fn files_of(files: std::collections::HashMap<String, Vec<u8>>) -> MemoryFiles {
+    let mut m = MemoryFiles::default();
+    for (path, bytes) in files {
+        m.insert(PathBuf::from(path), bytes);
+    }
+    m
+}
+
+fn diagnostics(d: &baton_common::diag::Diagnostics) -> Vec<proto::Diagnostic> {
+    d.iter()
+        .map(|d| proto::Diagnostic {
+            severity: d.severity.to_string(),
+            file: d.file.display().to_string(),
+            line: d.line,
+            column: d.column,
+            message: d.message.clone(),
+            help: d.help.clone().unwrap_or_default(),
+        })
+        .collect()
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<proto::RunEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl control_service_server::ControlService for ControlApi {
+    type WatchRunStream = WatchStream;
+
+    async fn validate(
+        &self,
+        request: Request<proto::ValidateRequest>,
+    ) -> Result<Response<proto::ValidateResponse>, Status> {
+        let r = request.into_inner();
+        let files = files_of(r.files);
+        let loaded = crate::project::load(
+            &PathBuf::from(&r.stages_file),
+            &files,
+            r.provided.into_iter().collect(),
+            r.strict,
+        );
+        Ok(Response::new(proto::ValidateResponse {
+            diagnostics: diagnostics(&loaded.diagnostics),
+        }))
+    }
+
+    async fn submit_run(
+        &self,
+        request: Request<proto::SubmitRunRequest>,
+    ) -> Result<Response<proto::SubmitRunResponse>, Status> {
+        let r = request.into_inner();
+        let stages_file = PathBuf::from(&r.stages_file);
+        let set: BTreeMap<String, String> = r.set.into_iter().collect();
+        let files = files_of(r.files);
+        let loaded =
+            crate::project::load(&stages_file, &files, set.keys().cloned().collect(), false);
+        let Some(project) = loaded.project else {
+            return Err(Status::invalid_argument(format!(
+                "the project is invalid; nothing was run:\n{}",
+                loaded.diagnostics
+            )));
+        };
+        let selection = match (r.stages.is_empty(), r.from.is_empty(), r.to.is_empty()) {
+            (false, _, _) => Selection::Stages { names: r.stages },
+            (true, false, false) => Selection::Range {
+                from: r.from,
+                to: r.to,
+            },
+            _ => Selection::All,
+        };
+        let key = if r.project.is_empty() {
+            crate::cli::run::project_key(&stages_file)
+        } else {
+            r.project
+        };
+        let planned = {
+            let history = StoreHistory {
+                store: self.runs.store().as_ref(),
+                project: key.clone(),
+            };
+            planner::plan(&project, &selection, &history)
+        };
+        let plan = match planned {
+            Ok(p) => p,
+            Err(PlanError::Invalid(d)) => {
+                return Err(Status::invalid_argument(format!(
+                    "the project is invalid; nothing was run:\n{d}"
+                )))
+            }
+            Err(e) => return Err(Status::failed_precondition(e.to_string())),
+        };
+        let sub = Submission {
+            project: Arc::new(project),
+            files: Arc::new(loaded.files),
+            plan,
+            project_key: key,
+            overrides: set,
+            // Conditions' `env` is the environment where baton decides; on a coordinator
+            // that is nobody's: agents' environments stay on the agents.
+            condition_env: BTreeMap::new(),
+        };
+        let submitted = self.runs.submit_up(sub).await.map_err(status_of)?;
+        Ok(Response::new(proto::SubmitRunResponse {
+            run_id: submitted.run_id,
+            plan_digest: submitted.plan_digest,
+            notes: submitted.notes,
+            stages: u32::try_from(submitted.stages).unwrap_or(u32::MAX),
+        }))
+    }
+
+    async fn watch_run(
+        &self,
+        request: Request<proto::WatchRunRequest>,
+    ) -> Result<Response<WatchStream>, Status> {
+        let r = request.into_inner();
+        let rx = self
+            .runs
+            .watch(r.run_id, r.from_seq, r.follow)
+            .map_err(status_of)?;
+        let stream = ReceiverStream::new(rx).map(|e| {
+            Ok(proto::RunEvent {
+                seq: e.seq,
+                stage: e.stage.clone().unwrap_or_default(),
+                message: crate::cli::run::event_text(&e).unwrap_or_default(),
+                record_json: serde_json::to_string(&e)
+                    .map_err(|err| Status::internal(err.to_string()))?,
+            })
+        });
+        Ok(Response::new(Box::pin(stream) as WatchStream))
+    }
+
+    async fn cancel_run(
+        &self,
+        request: Request<proto::CancelRunRequest>,
+    ) -> Result<Response<proto::CancelRunResponse>, Status> {
+        let id = request.into_inner().run_id;
+        if self
+            .runs
+            .store()
+            .run(id)
+            .map_err(|e| status_of(e.into()))?
+            .is_none()
+        {
+            return Err(status_of(RunsError::UnknownRun(id)));
+        }
+        let cancelled = self.runs.cancel(id);
+        tracing::info!(run = id, cancelled, "cancel requested");
+        Ok(Response::new(proto::CancelRunResponse { cancelled }))
+    }
+
+    async fn list_runs(
+        &self,
+        _request: Request<proto::ListRunsRequest>,
+    ) -> Result<Response<proto::ListRunsResponse>, Status> {
+        let runs = self.runs.list().map_err(status_of)?;
+        Ok(Response::new(proto::ListRunsResponse {
+            runs: runs
+                .into_iter()
+                .map(|(r, queued)| proto::RunSummary {
+                    run_id: r.id,
+                    status: if queued {
+                        "queued".to_owned()
+                    } else {
+                        r.status.as_str().to_owned()
+                    },
+                    direction: r.direction,
+                    project: r.project,
+                    selection: describe_selection(&r.selection),
+                    created_at_ms: r.created_at_ms,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn list_agents(
+        &self,
+        _request: Request<proto::ListAgentsRequest>,
+    ) -> Result<Response<proto::ListAgentsResponse>, Status> {
+        Ok(Response::new(proto::ListAgentsResponse {
+            agents: self
+                .registry
+                .agents()
+                .into_iter()
+                .map(|a| proto::AgentSummary {
+                    agent_id: a.id,
+                    labels: a.labels.into_iter().collect(),
+                    capacity: a.capacity,
+                    running: a.running,
+                    last_seen_ms_ago: u64::try_from(a.last_seen.as_millis()).unwrap_or(u64::MAX),
+                    version: a.version,
+                })
+                .collect(),
+        }))
+    }
+}
+
+/// Checks `authorization: Bearer TOKEN` against a token read from a file, in constant time.
+#[derive(Clone)]
+pub struct BearerCheck {
+    expected: Option<Arc<Vec<u8>>>,
+    /// `agent` or `operator`, for the message.
+    who: &'static str,
+}
+
+impl std::fmt::Debug for BearerCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BearerCheck")
+            .field("who", &self.who)
+            .field("required", &self.expected.is_some())
+            .finish()
+    }
+}
+
+impl BearerCheck {
+    /// `expected: None` accepts every caller (loopback without tokens).
+    pub fn new(expected: Option<String>, who: &'static str) -> Self {
+        BearerCheck {
+            expected: expected.map(|t| Arc::new(t.into_bytes())),
+            who,
+        }
+    }
+}
+
+/// Equal lengths and bytes, in time that does not depend on where they differ.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl tonic::service::Interceptor for BearerCheck {
+    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        let Some(expected) = &self.expected else {
+            return Ok(req);
+        };
+        let given = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        match given {
+            Some(t) if constant_time_eq(t.trim().as_bytes(), expected) => Ok(req),
+            Some(_) => {
+                tracing::warn!(who = self.who, "request refused: wrong token");
+                Err(Status::unauthenticated(format!(
+                    "the {} token is wrong (check --token-file or BATON_TOKEN against the coordinator's --{}-token-file)",
+                    self.who, self.who
+                )))
+            }
+            None => {
+                tracing::warn!(who = self.who, "request refused: no token");
+                Err(Status::unauthenticated(format!(
+                    "this coordinator requires an {} token: pass --token-file FILE or set BATON_TOKEN",
+                    self.who
+                )))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn constant_time_eq_compares_bytes() {
+        assert!(super::constant_time_eq(b"secret", b"secret"));
+        assert!(!super::constant_time_eq(b"secret", b"secreT"));
+        assert!(!super::constant_time_eq(b"secret", b"secret2"));
+        assert!(!super::constant_time_eq(b"", b"x"));
+    }
+}

@@ -1,0 +1,152 @@
+//! Real processes for distributed-mode tests: `baton coordinator serve` and `baton-agent`
+//! started as the binaries users run, on 127.0.0.1 with free ports, killed when dropped.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A child process killed (SIGKILL) and reaped when dropped.
+#[derive(Debug)]
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+}
+
+impl Proc {
+    /// Sends `signal` (e.g. `libc`'s SIGTERM = 15, SIGKILL = 9) via `kill`.
+    pub fn signal(&self, signal: i32) {
+        let _ = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status();
+    }
+
+    /// Waits for the process to exit, at most `limit`; its exit code (`None`: still
+    /// running, or killed by a signal).
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The `baton-agent` binary beside `baton` (same target directory), built when missing:
+/// `cargo test` builds a package's binaries only for that package's own tests.
+pub fn agent_binary(baton: &Path) -> PathBuf {
+    let path = baton.with_file_name("baton-agent");
+    if !path.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+        let status = Command::new(cargo)
+            .args(["build", "-q", "-p", "baton-agent", "--bin", "baton-agent"])
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "building baton-agent failed");
+    }
+    path
+}
+
+/// Starts `baton coordinator serve` on a free loopback port with state in `data_dir`;
+/// returns the process and its URL (read from its first line of output).
+pub fn start_coordinator(baton: &Path, data_dir: &Path, extra: &[&str]) -> (Proc, String) {
+    let mut child = Command::new(baton)
+        .args([
+            "coordinator",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(data_dir)
+        .args(extra)
+        .env(
+            "BATON_LOG",
+            std::env::var("BATON_TEST_LOG").unwrap_or_else(|_| "warn".to_owned()),
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("baton coordinator starts");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        if let Some(Ok(first)) = lines.next() {
+            let _ = tx.send(first);
+        }
+        // Keep draining so the coordinator never blocks on a full pipe.
+        for _ in lines {}
+    });
+    let first = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the coordinator says where it listens within 30 s");
+    let addr = first
+        .rsplit(' ')
+        .next()
+        .expect("an address on the first line")
+        .to_owned();
+    (
+        Proc {
+            child,
+            name: "coordinator".to_owned(),
+        },
+        format!("http://{addr}"),
+    )
+}
+
+/// Starts `baton-agent` named `name` with `labels` (`k=v`), state under `data_dir`.
+pub fn start_agent(
+    agent: &Path,
+    url: &str,
+    name: &str,
+    labels: &[&str],
+    data_dir: &Path,
+    extra: &[&str],
+) -> Proc {
+    let mut cmd = Command::new(agent);
+    cmd.args(["--coordinator", url, "--name", name, "--data-dir"])
+        .arg(data_dir.join(name))
+        .env(
+            "BATON_LOG",
+            std::env::var("BATON_TEST_LOG").unwrap_or_else(|_| "warn".to_owned()),
+        )
+        .env_remove("BATON_TOKEN")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    for l in labels {
+        cmd.args(["--label", l]);
+    }
+    cmd.args(extra);
+    Proc {
+        child: cmd.spawn().expect("baton-agent starts"),
+        name: name.to_owned(),
+    }
+}
+
+/// Polls `check` every 50 ms until it holds or `limit` passes; the test fails with `what`.
+pub fn wait_for(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if check() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("timed out after {limit:?} waiting for {what}");
+}
