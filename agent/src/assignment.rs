@@ -25,6 +25,62 @@ pub struct Host {
     pub env: BTreeMap<String, String>,
     /// `User-Agent` of every request the stage sends.
     pub user_agent: String,
+    /// Where an attempt's files are written before it runs (an agent's `DATA_DIR/work`), so
+    /// command steps find them on disk; removed when the attempt ends. `None`: the files'
+    /// paths are used as they are (local mode, where they came from this disk).
+    pub workspace: Option<PathBuf>,
+}
+
+/// An attempt's files written under the workspace; removed when dropped.
+#[derive(Debug)]
+struct Materialized(PathBuf);
+
+impl Drop for Materialized {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `path` below `root`: its root and prefix dropped, `..` kept from climbing out.
+fn rebase(root: &Path, path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = root.to_path_buf();
+    for c in path.components() {
+        match c {
+            Component::Normal(n) => out.push(n),
+            Component::ParentDir => out.push("_parent_"),
+            Component::RootDir | Component::Prefix(_) | Component::CurDir => {}
+        }
+    }
+    out
+}
+
+/// Writes `a`'s files under `workspace` and rebases its paths there.
+fn materialize(workspace: &Path, a: &mut Assignment) -> Result<Materialized, String> {
+    let dir = workspace.join(format!(
+        "run{}-{}-{}",
+        a.attempt.run,
+        a.attempt.stage.replace(
+            |c: char| !c.is_ascii_alphanumeric() && c != '_' && c != '-',
+            "_"
+        ),
+        a.attempt.attempt
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    let guard = Materialized(dir.clone());
+    let mut files = BTreeMap::new();
+    for (path, bytes) in std::mem::take(&mut a.files) {
+        let to = rebase(&dir, &path);
+        if let Some(parent) = to.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+        }
+        std::fs::write(&to, &bytes).map_err(|e| format!("cannot write {}: {e}", to.display()))?;
+        files.insert(to, bytes);
+    }
+    a.files = files;
+    a.config_file = rebase(&dir, &a.config_file);
+    Ok(guard)
 }
 
 /// The files an assignment carries. A path it does not carry is read from this machine's
@@ -67,10 +123,13 @@ impl SourceFiles for ShippedFiles {
 /// The persist-then-act gates of running attempts: each migration's start waits here until
 /// whoever records it (the driver, or the coordinator over the stream) acknowledges it.
 #[derive(Debug, Clone, Default)]
-pub struct Gates(Arc<Mutex<HashMap<(AttemptId, u64), oneshot::Sender<()>>>>);
+pub struct Gates(Arc<Mutex<Waiting>>);
+
+/// Gates waiting, by attempt and migration version.
+type Waiting = HashMap<(AttemptId, u64), oneshot::Sender<()>>;
 
 impl Gates {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(AttemptId, u64), oneshot::Sender<()>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Waiting> {
         // A poisoned lock only means a panic elsewhere; the map is still consistent.
         self.0
             .lock()
@@ -169,6 +228,19 @@ pub async fn run(
     events: mpsc::Sender<StageEvent>,
     gate: Option<StepGate>,
 ) -> StageReport {
+    let mut a = a;
+    let _written = match &host.workspace {
+        Some(ws) => match materialize(ws, &mut a) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                return StageReport::ended(StageEnd::Failed(format!(
+                    "stage `{}`: cannot write its files where it runs: {e}",
+                    a.attempt.stage
+                )))
+            }
+        },
+        None => None,
+    };
     let files = Arc::new(ShippedFiles::new(a.files));
     let stage = match load_stage_files(
         &a.attempt.stage,

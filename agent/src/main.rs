@@ -24,7 +24,8 @@ struct AgentArgs {
     /// How many stage attempts run at once.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
     capacity: u32,
-    /// Where the agent keeps its state (its generated id).
+    /// Where the agent keeps its state (its generated id) and writes the files of the stages
+    /// it runs (under `work/`, removed when each ends).
     #[arg(long, default_value = ".baton-agent")]
     data_dir: PathBuf,
     /// The agent's id (default: one generated on first start and kept in the data dir).
@@ -165,6 +166,7 @@ fn config(args: AgentArgs) -> Result<AgentConfig, String> {
         token,
         ca_pem,
         env,
+        workspace: args.data_dir.join("work"),
         backoff_initial: Duration::from_millis(500),
         backoff_max: Duration::from_secs(30),
     })

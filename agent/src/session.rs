@@ -44,6 +44,8 @@ pub struct AgentConfig {
     pub ca_pem: Option<Vec<u8>>,
     /// This process's environment: `valueFromEnv` and credentials are read here only.
     pub env: BTreeMap<String, String>,
+    /// Where attempts' files are written while they run.
+    pub workspace: std::path::PathBuf,
     /// Reconnect backoff: the first wait's upper bound, doubling up to `backoff_max`.
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
@@ -80,6 +82,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     let host = Arc::new(Host {
         env: config.env.clone(),
         user_agent: config.user_agent(),
+        workspace: Some(config.workspace.clone()),
     });
     let token = BearerToken::new(config.token.as_deref()).map_err(AgentError::Token)?;
     let endpoint = endpoint(&config.coordinator, config.ca_pem.as_deref())?;

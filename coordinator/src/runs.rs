@@ -206,7 +206,14 @@ impl Runs {
         let store = self.store.clone();
         let key = s.project_key.clone();
         let plan = s.plan.clone();
-        let prepared = blocking(move || prepare_up(store.as_ref(), &key, &plan)).await?;
+        // Runs this process drives (or queued) are not interrupted: a new run queues behind.
+        let live: BTreeSet<u64> = self
+            .live()
+            .iter()
+            .filter(|(_, l)| l.outcome.borrow().is_none())
+            .map(|(id, _)| *id)
+            .collect();
+        let prepared = blocking(move || prepare_up(store.as_ref(), &key, &plan, &live)).await?;
         let submitted = Submitted {
             run_id: prepared.run.id,
             resumed: prepared.resumed,
@@ -606,9 +613,21 @@ struct Prepared {
     notes: Vec<String>,
 }
 
-/// Resume, refuse, or abandon the project's interrupted run; else record a new one.
-fn prepare_up(store: &dyn Store, key: &str, plan: &Plan) -> Result<Prepared, RunsError> {
-    match interrupted_run(store, key)? {
+/// Resume, refuse, or abandon the project's interrupted run (one still marked running that
+/// nobody drives: not in `live`); else record a new one.
+fn prepare_up(
+    store: &dyn Store,
+    key: &str,
+    plan: &Plan,
+    live: &BTreeSet<u64>,
+) -> Result<Prepared, RunsError> {
+    let interrupted = store.runs()?.into_iter().rev().find(|r| {
+        r.project == key
+            && r.direction == "up"
+            && r.status == RunStatus::Running
+            && !live.contains(&r.id)
+    });
+    match interrupted {
         Some(old) if old.plan_digest == plan.digest && old.selection != plan.selection => {
             Err(RunsError::InterruptedFirst {
                 run: old.id,

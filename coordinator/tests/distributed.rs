@@ -275,3 +275,509 @@ async fn stages_go_to_the_agents_their_labels_select_and_match_local_mode() {
     assert_eq!(remote, here);
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// A one-stage project whose stage `s` runs `migrations` (file name -> YAML), with
+/// `runs_on` when given.
+fn one_stage(dir: &Path, file: &str, runs_on: Option<&str>, migrations: &[(&str, &str)]) {
+    let runs_on = runs_on.map_or(String::new(), |r| format!("    runs_on: {r}\n"));
+    write(
+        &dir.join(file),
+        &format!("stages:\n  - name: s\n    config_path: s/config.yaml\n{runs_on}global:\n  env:\n    api: http://127.0.0.1:9\n"),
+    );
+    write(&dir.join("s/config.yaml"), "migrate_dir: migration\n");
+    for (name, yaml) in migrations {
+        write(&dir.join("s/migration").join(name), yaml);
+    }
+}
+
+fn put(path: &str) -> String {
+    format!("up:\n  request:\n    method: PUT\n    url: '{{{{.api}}}}{path}'\n")
+}
+
+/// `runs list` rows of a coordinator, by run id: status.
+fn run_statuses(url: &str) -> BTreeMap<u64, String> {
+    let out = Command::new(baton_bin())
+        .args(["runs", "list", "-o", "json", "--coordinator", url])
+        .env_remove("BATON_TOKEN")
+        .output()
+        .unwrap();
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    rows.iter()
+        .filter_map(|r| Some((r["id"].as_u64()?, r["status"].as_str()?.to_owned())))
+        .collect()
+}
+
+/// Submits with `--detach`; returns the run id.
+async fn submit(dir: &Path, url: &str, file: &str, set: &str) -> u64 {
+    let (code, out) = baton(
+        dir,
+        &[
+            "stages",
+            "up",
+            "-c",
+            file,
+            "--coordinator",
+            url,
+            "--detach",
+            "--set",
+            set,
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    out.lines()
+        .rev()
+        .find_map(|l| l.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no run id in: {out}"))
+}
+
+/// A stage whose `runs_on` no agent matches waits, says why, and starts as soon as a
+/// matching agent attaches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_waits_for_a_matching_agent_and_starts_when_one_attaches() {
+    let root = temp("waiting");
+    let target = Target::start().await;
+    target.answer_unscripted_like_a_cloud();
+    let project = root.join("project");
+    one_stage(
+        &project,
+        "stages.yaml",
+        Some("{region: norwayeast}"),
+        &[("001_thing.yaml", &put("/things/one"))],
+    );
+    let (_coordinator, url) = start_coordinator(&baton_bin(), &root.join("data"), &[]);
+    let agent = agent_binary(&baton_bin());
+    let _we = start_agent(&agent, &url, "agent-we", &["region=westeurope"], &root, &[]);
+    wait_attached(&url, 1, None).await;
+    let set = format!("api={}", target.url());
+    let run = submit(&project, &url, "stages.yaml", &set).await;
+    let run_s = run.to_string();
+    let (u, r) = (url.clone(), run_s.clone());
+    wait_until(
+        "the run to say why it waits",
+        Duration::from_secs(30),
+        move || {
+            let out = Command::new(baton_bin())
+                .args(["runs", "show", &r, "--coordinator", &u])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout)
+                .contains("waiting for an agent with region=norwayeast")
+        },
+    )
+    .await;
+    assert!(
+        target.requests().is_empty(),
+        "nothing may run before a matching agent attaches"
+    );
+    assert_eq!(
+        run_statuses(&url).get(&run).map(String::as_str),
+        Some("running")
+    );
+
+    let _no = start_agent(&agent, &url, "agent-no", &["region=norwayeast"], &root, &[]);
+    let (code, out) = baton(&project, &["runs", "watch", &run_s, "--coordinator", &url]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("run succeeded"), "{out}");
+    assert_eq!(
+        senders(&target, "/things/"),
+        BTreeSet::from(["agent-no".to_owned()])
+    );
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// `runs watch` shows events while the run is still going, and `--from-seq` starts later in
+/// the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_streams_live_and_from_a_sequence_number() {
+    let root = temp("watch");
+    let target = Target::start().await;
+    target.answer_unscripted_like_a_cloud();
+    target.on(
+        "PUT",
+        "/slow/1",
+        vec![Reply::json(201, serde_json::json!({"id": "x"})).delayed(Duration::from_secs(3))],
+    );
+    let project = root.join("project");
+    one_stage(
+        &project,
+        "stages.yaml",
+        None,
+        &[
+            ("001_fast.yaml", &put("/fast/1")),
+            ("002_slow.yaml", &put("/slow/1")),
+        ],
+    );
+    let (_coordinator, url) = start_coordinator(&baton_bin(), &root.join("data"), &[]);
+    let _a = start_agent(
+        &agent_binary(&baton_bin()),
+        &url,
+        "agent-a",
+        &[],
+        &root,
+        &[],
+    );
+    wait_attached(&url, 1, None).await;
+    let run = submit(
+        &project,
+        &url,
+        "stages.yaml",
+        &format!("api={}", target.url()),
+    )
+    .await;
+
+    // A watcher process: each line as it arrives, with whether the run was still running.
+    let (u, r) = (url.clone(), run.to_string());
+    let seen = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        let mut child = Command::new(baton_bin())
+            .args(["runs", "watch", &r, "-o", "json", "--coordinator", &u])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut live = None;
+        let mut lines = Vec::new();
+        for line in std::io::BufReader::new(child.stdout.take().unwrap()).lines() {
+            let line = line.unwrap();
+            let e: serde_json::Value = serde_json::from_str(&line).unwrap();
+            if live.is_none()
+                && e["kind"]["type"] == "migration_started"
+                && e["kind"]["version"] == 2
+            {
+                live = Some(run_statuses(&u).get(&run).cloned());
+            }
+            lines.push(e);
+        }
+        (child.wait().unwrap().code(), live, lines)
+    })
+    .await
+    .unwrap();
+    let (code, live, events) = seen;
+    assert_eq!(code, Some(0));
+    assert_eq!(
+        live,
+        Some(Some("running".to_owned())),
+        "the slow migration's start was shown while the run ran"
+    );
+    let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert_eq!(
+        seqs,
+        (0..seqs.len() as u64).collect::<Vec<_>>(),
+        "every event once, in order"
+    );
+
+    let from = events
+        .iter()
+        .find(|e| e["kind"]["type"] == "migration_started" && e["kind"]["version"] == 2)
+        .unwrap()["seq"]
+        .as_u64()
+        .unwrap();
+    let (code, out) = baton(
+        &project,
+        &[
+            "runs",
+            "watch",
+            &run.to_string(),
+            "--from-seq",
+            &from.to_string(),
+            "-o",
+            "json",
+            "--coordinator",
+            &url,
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    let later: Vec<u64> = out
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .map(|e| e["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(later, (from..seqs.len() as u64).collect::<Vec<_>>());
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// Whether a process exists.
+fn alive(pid: &str) -> bool {
+    Command::new("kill")
+        .args(["-0", pid])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// `runs cancel` stops a stage running on an agent: its long command step is killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_stops_in_flight_stages_on_the_agents() {
+    let root = temp("cancel");
+    let pidfile = root.join("sleep.pid");
+    let project = root.join("project");
+    let step = format!(
+        "up:\n  command:\n    program: sh\n    args: [\"-c\", \"echo $$ > {}; exec sleep 60\"]\n",
+        pidfile.display()
+    );
+    one_stage(&project, "stages.yaml", None, &[("001_long.yaml", &step)]);
+    let (_coordinator, url) = start_coordinator(&baton_bin(), &root.join("data"), &[]);
+    let _a = start_agent(
+        &agent_binary(&baton_bin()),
+        &url,
+        "agent-a",
+        &[],
+        &root,
+        &[],
+    );
+    wait_attached(&url, 1, None).await;
+    let run = submit(&project, &url, "stages.yaml", "api=http://127.0.0.1:9").await;
+    let p = pidfile.clone();
+    wait_until(
+        "the command step to start",
+        Duration::from_secs(30),
+        move || std::fs::read_to_string(&p).is_ok_and(|s| !s.trim().is_empty()),
+    )
+    .await;
+    let pid = std::fs::read_to_string(&pidfile).unwrap().trim().to_owned();
+    assert!(alive(&pid));
+    let (code, out) = baton(
+        &project,
+        &["runs", "cancel", &run.to_string(), "--coordinator", &url],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("cancel requested"), "{out}");
+    let p = pid.clone();
+    wait_until(
+        "the command step to be killed",
+        Duration::from_secs(15),
+        move || !alive(&p),
+    )
+    .await;
+    let (code, out) = baton(
+        &project,
+        &["runs", "watch", &run.to_string(), "--coordinator", &url],
+    )
+    .await;
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("run cancelled"), "{out}");
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// A second run of the same project waits in a queue until the first ends; it never
+/// overlaps or cancels it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_run_of_the_same_project_is_queued() {
+    let root = temp("queue");
+    let target = Target::start().await;
+    target.answer_unscripted_like_a_cloud();
+    target.on(
+        "PUT",
+        "/q/1",
+        vec![Reply::json(201, serde_json::json!({"id": "q"})).delayed(Duration::from_secs(2))],
+    );
+    let project = root.join("project");
+    one_stage(
+        &project,
+        "stages.yaml",
+        None,
+        &[("001_q.yaml", &put("/q/1"))],
+    );
+    let (_coordinator, url) = start_coordinator(&baton_bin(), &root.join("data"), &[]);
+    let _a = start_agent(
+        &agent_binary(&baton_bin()),
+        &url,
+        "agent-a",
+        &[],
+        &root,
+        &["--capacity", "4"],
+    );
+    wait_attached(&url, 1, None).await;
+    let set = format!("api={}", target.url());
+    let first = submit(&project, &url, "stages.yaml", &set).await;
+    let second = submit(&project, &url, "stages.yaml", &set).await;
+    assert_ne!(first, second);
+    let statuses = run_statuses(&url);
+    assert_eq!(
+        statuses.get(&second).map(String::as_str),
+        Some("queued"),
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.get(&first).map(String::as_str),
+        Some("running"),
+        "{statuses:?}"
+    );
+    for run in [first, second] {
+        let (code, out) = baton(
+            &project,
+            &["runs", "watch", &run.to_string(), "--coordinator", &url],
+        )
+        .await;
+        assert_eq!(code, 0, "{out}");
+    }
+    // The second run found the migration recorded by the first and sent nothing.
+    assert_eq!(target.requests_to("PUT", "/q/1").len(), 1);
+    assert_eq!(target.max_in_flight(), 1);
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// With token files, agents and operators must present the right token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_required_and_wrong_ones_refused() {
+    let root = temp("tokens");
+    write(&root.join("agent.token"), "agent-secret-1\n");
+    write(&root.join("operator.token"), "operator-secret-2\n");
+    let (_coordinator, url) = start_coordinator(
+        &baton_bin(),
+        &root.join("data"),
+        &[
+            "--agent-token-file",
+            root.join("agent.token").to_str().unwrap(),
+            "--operator-token-file",
+            root.join("operator.token").to_str().unwrap(),
+        ],
+    );
+    let agent = agent_binary(&baton_bin());
+    let mut none = start_agent(&agent, &url, "agent-none", &[], &root, &[]);
+    let mut wrong = start_agent(
+        &agent,
+        &url,
+        "agent-wrong",
+        &[],
+        &root,
+        &["--token", "guess"],
+    );
+    let _right = start_agent(
+        &agent,
+        &url,
+        "agent-right",
+        &[],
+        &root,
+        &["--token-file", root.join("agent.token").to_str().unwrap()],
+    );
+    let (n, w) = tokio::task::spawn_blocking(move || {
+        (
+            none.wait_exit(Duration::from_secs(30)),
+            wrong.wait_exit(Duration::from_secs(30)),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(n, Some(1), "an agent without a token stops with an error");
+    assert_eq!(
+        w,
+        Some(1),
+        "an agent with a wrong token stops with an error"
+    );
+
+    let (code, out) = baton(&root, &["agents", "list", "--coordinator", &url]).await;
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("requires an operator token"), "{out}");
+    let (code, out) = baton(
+        &root,
+        &[
+            "agents",
+            "list",
+            "--coordinator",
+            &url,
+            "--token",
+            "operator-secret-x",
+        ],
+    )
+    .await;
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("token is wrong"), "{out}");
+    wait_attached(&url, 1, Some("operator-secret-2")).await;
+    assert_eq!(
+        attached(&url, Some("operator-secret-2")),
+        vec!["agent-right".to_owned()]
+    );
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// The agent is killed with SIGKILL mid-migration and restarted: no recorded migration is
+/// sent again; the one in flight at most once more, with the same `Idempotency-Key`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_killed_mid_migration_resumes_without_duplicates() {
+    let root = temp("crash");
+    let target = Target::start().await;
+    target.answer_unscripted_like_a_cloud();
+    let (_coordinator, url) = start_coordinator(&baton_bin(), &root.join("data"), &[]);
+    let agent = agent_binary(&baton_bin());
+    let project = root.join("project");
+    // One round per migration the kill lands in; each round its own project (stages file).
+    for round in 1..=3u64 {
+        let file = format!("stages-{round}.yaml");
+        let paths: Vec<String> = (1..=3).map(|v| format!("/r{round}/{v}")).collect();
+        let migrations: Vec<(String, String)> = paths
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (format!("00{}_step.yaml", i + 1), put(p)))
+            .collect();
+        let refs: Vec<(&str, &str)> = migrations
+            .iter()
+            .map(|(a, b)| (a.as_str(), b.as_str()))
+            .collect();
+        one_stage(&project, &file, None, &refs);
+        // The migration the kill lands in answers slowly.
+        let slow = &paths[usize::try_from(round - 1).unwrap()];
+        target.on(
+            "PUT",
+            slow,
+            vec![Reply::json(201, serde_json::json!({"id": slow})).delayed(Duration::from_secs(2))],
+        );
+        let mut a = start_agent(&agent, &url, "agent-a", &[], &root, &[]);
+        wait_attached(&url, 1, None).await;
+        let run = submit(&project, &url, &file, &format!("api={}", target.url())).await;
+        let t = target.clone_handle();
+        let s = slow.clone();
+        wait_until(
+            "the slow migration to reach the target",
+            Duration::from_secs(30),
+            move || !t.requests_to("PUT", &s).is_empty(),
+        )
+        .await;
+        a.signal(9);
+        let _ = a.wait_exit(Duration::from_secs(10));
+        drop(a);
+        let _a = start_agent(&agent, &url, "agent-a", &[], &root, &[]);
+        let (code, out) = baton(
+            &project,
+            &["runs", "watch", &run.to_string(), "--coordinator", &url],
+        )
+        .await;
+        assert_eq!(code, 0, "round {round}: {out}");
+        assert!(
+            out.contains("was lost"),
+            "round {round}: the log says the attempt was lost:\n{out}"
+        );
+        for (i, p) in paths.iter().enumerate() {
+            let sent = target.requests_to("PUT", p);
+            let keys: BTreeSet<String> = sent
+                .iter()
+                .map(|r| r.header("idempotency-key").unwrap().to_owned())
+                .collect();
+            assert_eq!(
+                keys.len(),
+                1,
+                "round {round}: {p} carried one key: {keys:?}"
+            );
+            let before = i + 1 < usize::try_from(round).unwrap();
+            if before {
+                assert_eq!(sent.len(), 1, "round {round}: recorded {p} was sent again");
+            } else if p == slow {
+                assert!(
+                    sent.len() <= 2,
+                    "round {round}: in-flight {p} sent {} times",
+                    sent.len()
+                );
+            } else {
+                assert_eq!(
+                    sent.len(),
+                    1,
+                    "round {round}: {p} sent {} times",
+                    sent.len()
+                );
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&root);
+}

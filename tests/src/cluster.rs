@@ -47,19 +47,22 @@ impl Drop for Proc {
     }
 }
 
-/// The `baton-agent` binary beside `baton` (same target directory), built when missing:
-/// `cargo test` builds a package's binaries only for that package's own tests.
+/// The `baton-agent` binary beside `baton` (same target directory), brought up to date
+/// first: `cargo test` builds a package's binaries only for that package's own tests, so
+/// the one there may be missing or stale. Built once per test process.
 pub fn agent_binary(baton: &Path) -> PathBuf {
-    let path = baton.with_file_name("baton-agent");
-    if !path.exists() {
+    static BUILT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let ok = BUILT.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-        let status = Command::new(cargo)
-            .args(["build", "-q", "-p", "baton-agent", "--bin", "baton-agent"])
-            .status()
-            .expect("cargo runs");
-        assert!(status.success(), "building baton-agent failed");
-    }
-    path
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "-q", "-p", "baton-agent", "--bin", "baton-agent"]);
+        if baton.components().any(|c| c.as_os_str() == "release") {
+            cmd.arg("--release");
+        }
+        cmd.status().is_ok_and(|s| s.success())
+    });
+    assert!(*ok, "building baton-agent failed");
+    baton.with_file_name("baton-agent")
 }
 
 /// Starts `baton coordinator serve` on a free loopback port with state in `data_dir`;

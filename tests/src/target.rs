@@ -218,6 +218,11 @@ impl Target {
         self.shared.lock().expect("target lock").cloud = true;
     }
 
+    /// A handle on the request log that can move to another thread.
+    pub fn clone_handle(&self) -> TargetLog {
+        TargetLog(self.shared.clone())
+    }
+
     /// Every request so far, in arrival order.
     pub fn requests(&self) -> Vec<Recorded> {
         self.shared.lock().expect("target lock").log.clone()
@@ -256,6 +261,24 @@ fn cloud_reply(method: &Method, path: &str) -> Reply {
             Reply::json(201, serde_json::json!({ "id": path, "name": name }))
         }
         _ => Reply::json(200, serde_json::json!({ "id": path })),
+    }
+}
+
+/// The request log of a [`Target`], readable from any thread.
+#[derive(Debug, Clone)]
+pub struct TargetLog(Arc<Mutex<Shared>>);
+
+impl TargetLog {
+    /// Requests to `METHOD /path` so far.
+    pub fn requests_to(&self, method: &str, path: &str) -> Vec<Recorded> {
+        self.0
+            .lock()
+            .expect("target lock")
+            .log
+            .iter()
+            .filter(|r| r.method == method && r.path == path)
+            .cloned()
+            .collect()
     }
 }
 

@@ -203,6 +203,9 @@ pub enum RunsCommand {
         state: StateArgs,
         #[command(flatten)]
         remote: RemoteArgs,
+        /// Output format (json: one event per line, with its sequence number).
+        #[arg(long, short = 'o', value_enum, default_value_t)]
+        output: OutputFormat,
     },
     /// Follow a run on a coordinator as it happens, from the start or a given event.
     Watch {
@@ -213,6 +216,9 @@ pub enum RunsCommand {
         from_seq: u64,
         #[command(flatten)]
         remote: RemoteArgs,
+        /// Output format (json: one event per line, with its sequence number).
+        #[arg(long, short = 'o', value_enum, default_value_t)]
+        output: OutputFormat,
     },
     /// Cancel a run on a coordinator: nothing new starts, agents stop in-flight stages.
     Cancel {
@@ -466,8 +472,13 @@ pub fn run(
             remote::runs_list(&remote, output, out, err)
         }
         Command::Runs(RunsCommand::List { state, .. }) => stages::runs(&state, None, out, err),
-        Command::Runs(RunsCommand::Show { run, remote, .. }) if remote.coordinator.is_some() => {
-            remote::runs_watch(&remote, run, 0, false, out, err)
+        Command::Runs(RunsCommand::Show {
+            run,
+            remote,
+            output,
+            ..
+        }) if remote.coordinator.is_some() => {
+            remote::runs_watch(&remote, run, 0, false, output, out, err)
         }
         Command::Runs(RunsCommand::Show { run, state, .. }) => {
             stages::runs(&state, Some(run), out, err)
@@ -476,11 +487,12 @@ pub fn run(
             run,
             from_seq,
             remote,
+            output,
         }) => with_coordinator(
             &remote,
             "runs watch",
             err,
-            |r, out, err| remote::runs_watch(r, run, from_seq, true, out, err),
+            |r, out, err| remote::runs_watch(r, run, from_seq, true, output, out, err),
             out,
         ),
         Command::Runs(RunsCommand::Cancel { run, remote }) => with_coordinator(

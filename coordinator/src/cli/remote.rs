@@ -272,6 +272,7 @@ pub fn up(
             true,
             &stage_names,
             true,
+            false,
             out,
             err,
         )
@@ -282,6 +283,7 @@ pub fn up(
 
 /// Follows a run's events until it finishes; prints them like local mode and, with
 /// `summarize`, the summary. Ctrl-C stops watching, never the run.
+#[allow(clippy::too_many_arguments)]
 async fn watch(
     client: &mut Client,
     run: u64,
@@ -289,6 +291,7 @@ async fn watch(
     follow: bool,
     stages: &[String],
     summarize: bool,
+    json: bool,
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> Result<i32, Failure> {
@@ -305,13 +308,20 @@ async fn watch(
     let mut names: Vec<String> = stages.to_vec();
     let mut status = None;
     {
-        let live = summarize && std::io::stdout().is_terminal();
-        let mut progress = super::progress::Progress::new(live, &names, &mut *out);
+        let mut show = if summarize {
+            let live = std::io::stdout().is_terminal();
+            Show::Progress(super::progress::Progress::new(live, &names, &mut *out))
+        } else {
+            Show::Lines {
+                out: &mut *out,
+                json,
+            }
+        };
         loop {
             tokio::select! {
                 // Ctrl-C first: stop watching at once.
                 _ = tokio::signal::ctrl_c() => {
-                    progress.finish();
+                    show.finish();
                     let _ = writeln!(err, "\nstopped watching run {run}; it goes on on the coordinator. `baton runs watch {run}` follows it again, `baton runs cancel {run}` cancels it.");
                     return Ok(EXIT_STOPPED_WATCHING);
                 }
@@ -327,26 +337,14 @@ async fn watch(
                         if let EventKind::RunFinished { status: s } = &record.kind {
                             status = Some(*s);
                         }
-                        if summarize {
-                            progress.event(&record).map_err(io_failure)?;
-                        }
+                        show.event(&record, &e.record_json).map_err(io_failure)?;
                         events.push(record);
                     }
                     None => break,
                 }
             }
         }
-        progress.finish();
-    }
-    if !summarize {
-        for e in &events {
-            match &e.kind {
-                EventKind::Log { line } => {
-                    let _ = writeln!(out, "{:<25}   | {line}", e.stage.as_deref().unwrap_or(""));
-                }
-                _ => print_event(out, e).map_err(io_failure)?,
-            }
-        }
+        show.finish();
     }
     let Some(status) = status else {
         if !follow {
@@ -367,6 +365,40 @@ async fn watch(
     })
 }
 
+/// Where watched events go: the progress view (`stages up`), or one line each (`runs
+/// watch|show`: text as local `runs show` prints it, or the stored JSON record).
+enum Show<'o> {
+    Progress(super::progress::Progress<'o>),
+    Lines { out: &'o mut dyn Write, json: bool },
+}
+
+impl Show<'_> {
+    fn event(&mut self, e: &EventRecord, raw: &str) -> std::io::Result<()> {
+        match self {
+            Show::Progress(p) => p.event(e),
+            Show::Lines { out, json: true } => {
+                writeln!(out, "{raw}")?;
+                out.flush()
+            }
+            Show::Lines { out, json: false } => {
+                match &e.kind {
+                    EventKind::Log { line } => {
+                        writeln!(out, "{:<25}   | {line}", e.stage.as_deref().unwrap_or(""))?
+                    }
+                    _ => print_event(*out, e)?,
+                }
+                out.flush()
+            }
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Show::Progress(p) = self {
+            p.finish();
+        }
+    }
+}
+
 fn io_failure(e: std::io::Error) -> Failure {
     Failure {
         message: e.to_string(),
@@ -381,9 +413,11 @@ pub fn runs_watch(
     run: u64,
     from_seq: u64,
     follow: bool,
+    output: OutputFormat,
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> std::io::Result<i32> {
+    let json = output == OutputFormat::Json;
     let r = block(async {
         let mut client = connect(remote).await?;
         watch(
@@ -393,6 +427,7 @@ pub fn runs_watch(
             follow,
             &[],
             false,
+            json,
             out,
             &mut std::io::sink(),
         )

@@ -34,6 +34,7 @@ impl InProcessRunner {
             host: Arc::new(Host {
                 env,
                 user_agent: String::new(),
+                workspace: None,
             }),
             gates: Gates::default(),
             cancels: Arc::default(),

@@ -113,7 +113,7 @@ struct Registry {
 #[derive(Debug)]
 pub enum Effect {
     ToDriver(mpsc::Sender<RunnerMessage>, RunnerMessage),
-    ToAgent(mpsc::Sender<Outbound>, proto::CoordinatorMessage),
+    ToAgent(mpsc::Sender<Outbound>, Box<proto::CoordinatorMessage>),
 }
 
 /// Sends effects, waiting for room (from async code that may wait: sessions).
@@ -125,7 +125,7 @@ pub async fn deliver(effects: Vec<Effect>) {
                 let _ = tx.send(m).await;
             }
             Effect::ToAgent(tx, m) => {
-                let _ = tx.send(Ok(m)).await;
+                let _ = tx.send(Ok(*m)).await;
             }
         }
     }
@@ -137,7 +137,7 @@ fn deliver_now(effects: Vec<Effect>) {
     for e in effects {
         let full = match e {
             Effect::ToDriver(tx, m) => tx.try_send(m).is_err(),
-            Effect::ToAgent(tx, m) => tx.try_send(Ok(m)).is_err(),
+            Effect::ToAgent(tx, m) => tx.try_send(Ok(*m)).is_err(),
         };
         if full {
             tracing::warn!("a message was dropped: its receiver is gone or not reading");
@@ -145,8 +145,8 @@ fn deliver_now(effects: Vec<Effect>) {
     }
 }
 
-fn coordinator_message(kind: proto::coordinator_message::Kind) -> proto::CoordinatorMessage {
-    proto::CoordinatorMessage { kind: Some(kind) }
+fn coordinator_message(kind: proto::coordinator_message::Kind) -> Box<proto::CoordinatorMessage> {
+    Box::new(proto::CoordinatorMessage { kind: Some(kind) })
 }
 
 /// The registry of attached agents; cheap to clone.
@@ -209,7 +209,7 @@ impl AgentRegistry {
                 lease_ms: u64::try_from(self.lease.as_millis()).unwrap_or(u64::MAX),
             }));
         // First on the stream, before any assignment placed below.
-        let _ = tx.try_send(Ok(welcome));
+        let _ = tx.try_send(Ok(*welcome));
         tracing::info!(agent = %hello.agent_id, session, labels = ?hello.labels, capacity = hello.capacity, "agent attached");
         r.agents.insert(
             hello.agent_id.clone(),
