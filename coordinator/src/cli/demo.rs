@@ -31,6 +31,9 @@ pub(super) fn run(
     } else {
         args.config.clone()
     };
+    if args.distributed {
+        return distributed(&files, env, out, err);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -113,6 +116,117 @@ pub(super) fn run(
         }
         stop.cancel();
         let _ = std::fs::remove_dir_all(&state_root);
+        Ok(code)
+    })
+}
+
+/// `baton demo --distributed`: the same examples through a coordinator and two agents, all
+/// in this process tree and talking real gRPC over loopback: the coordinator serves on a free
+/// port with its state in a temporary directory, the agents dial out to it, and each example
+/// is submitted and watched exactly as `stages up --coordinator` does.
+fn distributed(
+    files: &[PathBuf],
+    env: BTreeMap<String, String>,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> std::io::Result<i32> {
+    use baton_agent::session::AgentConfig;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let stop = CancellationToken::new();
+        let api = DemoApi::start(stop.clone()).await?;
+        let root = std::env::temp_dir().join(format!("baton-demo-dist-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let mut config = crate::server::ServeConfig::new(root.join("coordinator"));
+        config.shutdown_grace = std::time::Duration::from_secs(5);
+        let server = tokio::spawn(crate::server::serve(config, listener, stop.clone()));
+        let mut agents = Vec::new();
+        for (id, region) in [("demo-agent-1", "westeurope"), ("demo-agent-2", "uksouth")] {
+            let agent = AgentConfig {
+                coordinator: url.clone(),
+                id: id.to_owned(),
+                labels: BTreeMap::from([("region".to_owned(), region.to_owned())]),
+                capacity: 4,
+                token: None,
+                ca_pem: None,
+                env: env.clone(),
+                workspace: root.join(id),
+                backoff_initial: std::time::Duration::from_millis(100),
+                backoff_max: std::time::Duration::from_secs(2),
+            };
+            agents.push(tokio::spawn(baton_agent::session::run(agent, stop.clone())));
+        }
+        writeln!(
+            out,
+            "demo cloud API on {}; coordinator on {url} (state in {}); agents demo-agent-1 (region=westeurope) and demo-agent-2 (region=uksouth)",
+            api.url,
+            root.display()
+        )?;
+        let remote = super::RemoteArgs {
+            coordinator: Some(url.clone()),
+            ..super::RemoteArgs::default()
+        };
+        let mut code = EXIT_OK;
+        for file in files {
+            writeln!(
+                out,
+                "\n=== baton stages up --coordinator {url} --config {} --set api_base={}",
+                file.display(),
+                api.url
+            )?;
+            let (project, diags, captured) = load_captured(&SpecArgs {
+                config: file.clone(),
+                strict: false,
+                generated: None,
+                provided: vec!["api_base".to_owned()],
+            });
+            let Some(project) = project else {
+                write!(err, "{diags}")?;
+                writeln!(
+                    err,
+                    "hint: run `baton demo --distributed` from the repository root, where examples/ is"
+                )?;
+                code = EXIT_INVALID;
+                break;
+            };
+            let submission = super::remote::Submit {
+                stages_file: &project.stages_file,
+                files: captured,
+                stage_names: project.spec.stages.iter().map(|s| s.name.value.clone()).collect(),
+                selection: (Vec::new(), String::new(), String::new()),
+                set: [("api_base".to_owned(), api.url.clone())].into(),
+                detach: false,
+            };
+            let result = match super::remote::connect(&remote).await {
+                Ok(mut client) => super::remote::submit_and_watch(&mut client, submission, out, err).await,
+                Err(e) => Err(e),
+            };
+            let c = super::remote::finish(err, result)?;
+            if c != EXIT_OK {
+                code = c;
+            }
+        }
+        writeln!(
+            out,
+            "\nthe demo API now holds {} resources:",
+            api.resources().len()
+        )?;
+        for r in api.resources() {
+            writeln!(out, "  {r}")?;
+        }
+        stop.cancel();
+        for a in agents {
+            let _ = a.await;
+        }
+        if let Ok(Err(e)) = server.await {
+            writeln!(err, "error: the coordinator stopped: {e}")?;
+            code = EXIT_RUN_FAILED;
+        }
+        let _ = std::fs::remove_dir_all(&root);
         Ok(code)
     })
 }

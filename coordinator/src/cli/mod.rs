@@ -8,7 +8,7 @@ mod demo;
 mod graph;
 mod plan_view;
 mod progress;
-mod remote;
+pub(crate) mod remote;
 pub(crate) mod run;
 mod stages;
 
@@ -173,6 +173,10 @@ pub struct DemoArgs {
     /// Stages files to run, in order (default: the bundled examples).
     #[arg(long, short = 'c')]
     pub config: Vec<PathBuf>,
+    /// Run them through a coordinator and two agents (in this process tree, real gRPC over
+    /// loopback) instead of locally.
+    #[arg(long)]
+    pub distributed: bool,
 }
 
 #[derive(Debug, Subcommand)]

@@ -38,11 +38,11 @@ pub struct RemoteArgs {
     pub ca_file: Option<PathBuf>,
 }
 
-type Client = ControlServiceClient<InterceptedService<Channel, BearerToken>>;
+pub(super) type Client = ControlServiceClient<InterceptedService<Channel, BearerToken>>;
 
 /// A failure worth one line: what the coordinator said, or why it could not be reached.
 #[derive(Debug)]
-struct Failure {
+pub(super) struct Failure {
     message: String,
     code: i32,
 }
@@ -73,7 +73,7 @@ fn usage(message: impl Into<String>) -> Failure {
     }
 }
 
-async fn connect(r: &RemoteArgs) -> Result<Client, Failure> {
+pub(super) async fn connect(r: &RemoteArgs) -> Result<Client, Failure> {
     let url = r.coordinator.clone().unwrap_or_default();
     let token = match (&r.token_file, &r.token) {
         (Some(f), _) => Some(
@@ -116,7 +116,7 @@ where
 }
 
 /// The exit code of a command's result; a failure is printed as one line.
-fn finish(err: &mut dyn Write, r: Result<i32, Failure>) -> std::io::Result<i32> {
+pub(super) fn finish(err: &mut dyn Write, r: Result<i32, Failure>) -> std::io::Result<i32> {
     match r {
         Ok(code) => Ok(code),
         Err(fail) => {
@@ -226,59 +226,90 @@ pub fn up(
         write!(err, "{diags}")?;
     }
     let stages_file = baton_common::spec::normalize(&args.spec.config);
-    let (stages, from, to) = selection_parts(&args.stage, &args.from, &args.to);
+    let stage_names: Vec<String> = project
+        .as_ref()
+        .map(|p| p.spec.stages.iter().map(|s| s.name.value.clone()).collect())
+        .unwrap_or_default();
+    let submission = Submit {
+        stages_file: &stages_file,
+        files,
+        stage_names,
+        selection: selection_parts(&args.stage, &args.from, &args.to),
+        set: args.set.iter().cloned().collect(),
+        detach,
+    };
     let r = block(async {
-        let (name, files) = project_files(&stages_file, files)?;
         let mut client = connect(remote).await?;
-        let resp = client
-            .submit_run(proto::SubmitRunRequest {
-                files,
-                stages_file: name,
-                stages,
-                from,
-                to,
-                set: args.set.iter().cloned().collect(),
-                project: String::new(),
-            })
-            .await?
-            .into_inner();
-        if detach {
-            for n in &resp.notes {
-                let _ = writeln!(err, "{n}");
-            }
-            let _ = writeln!(out, "{}", resp.run_id);
-            return Ok(EXIT_OK);
-        }
-        for n in &resp.notes {
-            let _ = writeln!(out, "{n}");
-        }
-        if !resp.notes.iter().any(|n| n.starts_with("resuming run")) {
-            let _ = writeln!(
-                out,
-                "run {}: {} stage(s) to run (plan {})",
-                resp.run_id,
-                resp.stages,
-                &resp.plan_digest[..12.min(resp.plan_digest.len())]
-            );
-        }
-        let stage_names: Vec<String> = project
-            .as_ref()
-            .map(|p| p.spec.stages.iter().map(|s| s.name.value.clone()).collect())
-            .unwrap_or_default();
-        watch(
-            &mut client,
-            resp.run_id,
-            0,
-            true,
-            &stage_names,
-            true,
-            false,
-            out,
-            err,
-        )
-        .await
+        submit_and_watch(&mut client, submission, out, err).await
     })?;
     finish(err, r)
+}
+
+/// A project to submit, as loaded here.
+pub(super) struct Submit<'a> {
+    pub stages_file: &'a Path,
+    pub files: BTreeMap<PathBuf, Vec<u8>>,
+    /// For the progress view until the run's own list arrives.
+    pub stage_names: Vec<String>,
+    /// `--stage`, `--from`, `--to` as the wire has them.
+    pub selection: (Vec<String>, String, String),
+    pub set: HashMap<String, String>,
+    /// Print the run id and return instead of watching.
+    pub detach: bool,
+}
+
+/// Submits a project and (unless detached) watches its run to the end, like local mode.
+pub(super) async fn submit_and_watch(
+    client: &mut Client,
+    s: Submit<'_>,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> Result<i32, Failure> {
+    let (name, files) = project_files(s.stages_file, s.files)?;
+    let (stages, from, to) = s.selection;
+    let resp = client
+        .submit_run(proto::SubmitRunRequest {
+            files,
+            stages_file: name,
+            stages,
+            from,
+            to,
+            set: s.set,
+            project: String::new(),
+        })
+        .await?
+        .into_inner();
+    if s.detach {
+        for n in &resp.notes {
+            let _ = writeln!(err, "{n}");
+        }
+        let _ = writeln!(out, "{}", resp.run_id);
+        return Ok(EXIT_OK);
+    }
+    for n in &resp.notes {
+        let _ = writeln!(out, "{n}");
+    }
+    if !resp.notes.iter().any(|n| n.starts_with("resuming run")) {
+        let _ = writeln!(
+            out,
+            "run {}: {} stage(s) to run (plan {})",
+            resp.run_id,
+            resp.stages,
+            &resp.plan_digest[..12.min(resp.plan_digest.len())]
+        );
+    }
+    watch(
+        client,
+        resp.run_id,
+        0,
+        true,
+        &s.stage_names,
+        true,
+        false,
+        out,
+        err,
+    )
+    .await
 }
 
 /// Follows a run's events until it finishes; prints them like local mode and, with
