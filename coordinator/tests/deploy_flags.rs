@@ -29,6 +29,9 @@ fn flags(text: &str) -> BTreeSet<String> {
         .collect()
 }
 
+/// Which lines of a file name flags.
+type LinePick = Box<dyn Fn(&str) -> bool>;
+
 #[test]
 fn every_flag_in_deploy_files_exists() {
     let baton = PathBuf::from(env!("CARGO_BIN_EXE_baton"));
@@ -37,7 +40,7 @@ fn every_flag_in_deploy_files_exists() {
     let agent_help = help(&agent, &[]);
     let deploy = repo().join("deploy");
     // (file, lines that name flags, the help they must be in)
-    let cases: Vec<(&str, Box<dyn Fn(&str) -> bool>, &str)> = vec![
+    let cases: Vec<(&str, LinePick, &str)> = vec![
         (
             "systemd/baton-coordinator.service",
             Box::new(|l: &str| !l.trim_start().starts_with('#')),
