@@ -200,9 +200,13 @@ where
     Fut: Future<Output = ()>,
 {
     let id = a.attempt.clone();
+    // The attempt's span joins the run's trace through the assignment's traceparent.
+    let span =
+        tracing::info_span!("attempt", run = id.run, stage = %id.stage, attempt = id.attempt);
+    baton_common::telemetry::adopt(&span, &a.traceparent);
     let (stx, mut srx) = mpsc::channel(256);
     let gate = gates.gate(id.clone(), stx.clone(), cancel.clone());
-    let exec = run(a, host, cancel, stx, Some(gate));
+    let exec = tracing::Instrument::instrument(run(a, host, cancel, stx, Some(gate)), span);
     tokio::pin!(exec);
     let end = loop {
         tokio::select! {

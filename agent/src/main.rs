@@ -41,6 +41,10 @@ struct AgentArgs {
     /// A CA bundle (PEM) the coordinator's TLS certificate must chain to.
     #[arg(long)]
     ca_file: Option<PathBuf>,
+    /// Export spans over OTLP/gRPC to this collector (e.g. http://127.0.0.1:4317); off when
+    /// not given.
+    #[arg(long)]
+    otlp_endpoint: Option<String>,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -79,14 +83,7 @@ fn read_file(path: &Path, what: &str) -> Result<Vec<u8>, String> {
 
 fn main() -> ExitCode {
     let args = AgentArgs::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("BATON_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    let otlp = args.otlp_endpoint.clone();
     let config = match config(args) {
         Ok(c) => c,
         Err(e) => {
@@ -105,6 +102,13 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async {
+        let telemetry = match baton_common::telemetry::init("baton-agent", otlp.as_deref()) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+        };
         let shutdown = CancellationToken::new();
         let signals = shutdown.clone();
         tokio::spawn(async move {
@@ -112,13 +116,16 @@ fn main() -> ExitCode {
             signals.cancel();
         });
         tracing::info!(id = %config.id, labels = ?config.labels, capacity = config.capacity, "baton-agent starting");
-        match run(config, shutdown).await {
+        let code = match run(config, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {e}");
                 ExitCode::from(1)
             }
-        }
+        };
+        // The last spans, off the async workers (the exporter blocks while it flushes).
+        let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+        code
     })
 }
 

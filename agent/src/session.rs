@@ -24,7 +24,6 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
 use crate::assignment::{run_reporting, Gates, Host};
 
@@ -260,30 +259,26 @@ fn handle(
             lock(running).insert(id.clone(), cancel.clone());
             let (out, host, gates, running) =
                 (out.clone(), host.clone(), gates.clone(), running.clone());
-            let span = tracing::info_span!("attempt", run = id.run, stage = %id.stage, attempt = id.attempt);
-            tasks.spawn(
-                async move {
-                    tracing::info!("attempt started");
-                    let end = run_reporting(a, &host, cancel, &gates, |step| {
-                        let out = out.clone();
-                        let wire = event_to_wire(&id, &step);
-                        async move {
-                            // A closed stream ends the session, which stops this attempt.
-                            let _ = out
-                                .send(message(agent_message::Kind::StageEvent(wire)))
-                                .await;
-                        }
-                    })
+            tasks.spawn(async move {
+                tracing::info!(attempt = %id, "attempt started");
+                let end = run_reporting(a, &host, cancel, &gates, |step| {
+                    let out = out.clone();
+                    let wire = event_to_wire(&id, &step);
+                    async move {
+                        // A closed stream ends the session, which stops this attempt.
+                        let _ = out
+                            .send(message(agent_message::Kind::StageEvent(wire)))
+                            .await;
+                    }
+                })
+                .await;
+                tracing::info!(attempt = %id, end = ?end.end, "attempt ended");
+                let result = result_to_wire(&id, &end);
+                let _ = out
+                    .send(message(agent_message::Kind::StageResult(result)))
                     .await;
-                    tracing::info!(end = ?end.end, "attempt ended");
-                    let result = result_to_wire(&id, &end);
-                    let _ = out
-                        .send(message(agent_message::Kind::StageResult(result)))
-                        .await;
-                    lock(&running).remove(&id);
-                }
-                .instrument(span),
-            );
+                lock(&running).remove(&id);
+            });
             Ok(())
         }
         Some(coordinator_message::Kind::StepAck(ack)) => {

@@ -9,6 +9,7 @@
 //!   and checked into validated types.
 //! - [`stage`]: the stage contract between the engine and whoever runs a stage, and its
 //!   wire form.
+//! - [`telemetry`]: logging and OTLP span export for the binaries, trace propagation.
 //! - [`proto`]: the generated gRPC types; they never leave this crate's API unconverted.
 //!
 //! No sled, no reqwest, no petgraph here: this crate is pure data and parsing.
@@ -20,6 +21,7 @@ pub mod ids;
 pub mod mask;
 pub mod spec;
 pub mod stage;
+pub mod telemetry;
 pub mod template;
 pub mod yaml;
 

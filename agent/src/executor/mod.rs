@@ -436,9 +436,12 @@ async fn run_up(
         let step = m.up.as_ref().ok_or_else(|| {
             StepError::failed(format!("{}: migration has no `up` step", m.file.display()))
         })?;
-        let got = run_step(ctx, m, step, &vars, Direction::Up)
-            .await
-            .map_err(|e| in_migration(m, "up", e))?;
+        let span =
+            tracing::info_span!("migration", version = m.version, name = %m.name, direction = "up");
+        let got =
+            tracing::Instrument::instrument(run_step(ctx, m, step, &vars, Direction::Up), span)
+                .await
+                .map_err(|e| in_migration(m, "up", e))?;
         let outcome = MigrationOutcome::of(m, "up", got.clone(), started.elapsed());
         extracted.insert(m.version, got);
         ctx.emit(StageEvent::MigrationFinished(outcome.clone()))
@@ -507,7 +510,8 @@ async fn run_down(
         let started = Instant::now();
         ctx.started(m, "down").await;
         let vars = scope_for(ctx, extracted, Some(m.version), m);
-        run_step(
+        let span = tracing::info_span!("migration", version = m.version, name = %m.name, direction = "down");
+        let step = run_step(
             ctx,
             m,
             step,
@@ -516,9 +520,10 @@ async fn run_down(
                 to,
                 skip_missing_down: false,
             },
-        )
-        .await
-        .map_err(|e| in_migration(m, "down", e))?;
+        );
+        tracing::Instrument::instrument(step, span)
+            .await
+            .map_err(|e| in_migration(m, "down", e))?;
         extracted.remove(&m.version);
         let outcome = MigrationOutcome::of(m, "down", BTreeMap::new(), started.elapsed());
         ctx.emit(StageEvent::MigrationFinished(outcome.clone()))

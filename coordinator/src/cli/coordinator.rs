@@ -90,18 +90,19 @@ pub(super) fn serve(args: &ServeArgs, err: &mut dyn Write) -> std::io::Result<i3
             return Ok(EXIT_INVALID);
         }
     };
-    let _ = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("BATON_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .try_init();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async {
+        let telemetry =
+            match baton_common::telemetry::init("baton-coordinator", args.otlp_endpoint.as_deref())
+            {
+                Ok(t) => t,
+                Err(e) => {
+                    writeln!(err, "error: {e}")?;
+                    return Ok(EXIT_INVALID);
+                }
+            };
         let listener = match tokio::net::TcpListener::bind(addr).await {
             Ok(l) => l,
             Err(e) => {
@@ -122,6 +123,8 @@ pub(super) fn serve(args: &ServeArgs, err: &mut dyn Write) -> std::io::Result<i3
         });
         let served = serve_on(config, listener, shutdown).await;
         signals.abort();
+        // The last spans, off the async workers (the exporter blocks while it flushes).
+        let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
         match served {
             Ok(()) => Ok(EXIT_OK),
             Err(e) => {

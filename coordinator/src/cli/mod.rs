@@ -106,6 +106,10 @@ pub struct ServeArgs {
     /// Seconds shutdown waits for runs to record their end.
     #[arg(long, default_value_t = 10)]
     pub shutdown_grace_secs: u64,
+    /// Export spans over OTLP/gRPC to this collector (e.g. http://127.0.0.1:4317); off when
+    /// not given.
+    #[arg(long)]
+    pub otlp_endpoint: Option<String>,
 }
 
 #[derive(Debug, Args)]

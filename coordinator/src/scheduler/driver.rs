@@ -114,6 +114,8 @@ struct Driver {
     attempts: Vec<Option<AttemptId>>,
     /// Attempts this driver started per stage.
     attempt_counts: Vec<u32>,
+    /// Each live attempt's `stage` span (a child of the run's); closed when it ends.
+    spans: Vec<Option<tracing::Span>>,
     /// Plan order index by stage name, for routing runner messages.
     by_name: BTreeMap<String, usize>,
 }
@@ -172,6 +174,7 @@ impl Driver {
             started: vec![None; n],
             attempts: vec![None; n],
             attempt_counts: vec![0; n],
+            spans: vec![None; n],
         }
     }
 
@@ -346,6 +349,7 @@ impl Driver {
             }
             RunnerEvent::Lost(why) => {
                 self.attempts[k] = None;
+                self.spans[k] = None;
                 if cancel_seen {
                     let report = StageReport::ended(StageEnd::Cancelled);
                     let ok = self.on_stage_done(k, report, 0).await?;
@@ -361,6 +365,7 @@ impl Driver {
             }
             RunnerEvent::Ended(report) => {
                 self.attempts[k] = None;
+                self.spans[k] = None;
                 let ms = self.started[k].map_or(0, |t| {
                     u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX)
                 });
@@ -558,6 +563,9 @@ impl Driver {
             key_scope: self.r.run.key_scope(self.r.store.id()),
             traceparent: String::new(),
         };
+        let span = tracing::info_span!("stage", stage = %stage.name.value, attempt = attempt_no);
+        let mut assignment = assignment;
+        assignment.traceparent = baton_common::telemetry::traceparent(&span);
         if self.started[k].is_none() {
             self.started[k] = Some(Instant::now());
         }
@@ -580,6 +588,7 @@ impl Driver {
             }));
         }
         self.attempts[k] = Some(id);
+        self.spans[k] = Some(span);
         self.r.runner.start(assignment, selector, tx.clone());
         Ok(None)
     }
