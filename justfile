@@ -12,6 +12,10 @@ test:
 demo:
     cargo run -q --bin baton -- demo
 
+# The same through a coordinator and two agents (one process tree, gRPC over loopback).
+demo-distributed:
+    cargo run -q --bin baton -- demo --distributed
+
 lint:
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets -- -D warnings

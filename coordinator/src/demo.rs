@@ -33,7 +33,12 @@ pub struct DemoApi {
 
 impl DemoApi {
     pub async fn start(stop: CancellationToken) -> std::io::Result<DemoApi> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        DemoApi::start_on("127.0.0.1:0", stop).await
+    }
+
+    /// Starts the API on `addr` (a loopback address; port 0 picks a free one).
+    pub async fn start_on(addr: &str, stop: CancellationToken) -> std::io::Result<DemoApi> {
+        let listener = TcpListener::bind(addr).await?;
         let url = format!("http://{}", listener.local_addr()?);
         let cloud = Arc::new(Mutex::new(Cloud::default()));
         let router = Router::new().fallback(handle).with_state(cloud.clone());

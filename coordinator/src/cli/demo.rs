@@ -34,6 +34,9 @@ pub(super) fn run(
     if args.distributed {
         return distributed(&files, env, out, err);
     }
+    if args.api_only {
+        return api_only(&args.listen, out, err);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -228,5 +231,39 @@ fn distributed(
         }
         let _ = std::fs::remove_dir_all(&root);
         Ok(code)
+    })
+}
+
+/// `baton demo --api-only`: the demo cloud API alone, until Ctrl-C.
+fn api_only(listen: &str, out: &mut dyn Write, err: &mut dyn Write) -> std::io::Result<i32> {
+    let loopback = listen
+        .parse::<std::net::SocketAddr>()
+        .map(|a| a.ip().is_loopback())
+        .unwrap_or(false);
+    if !loopback {
+        writeln!(
+            err,
+            "error: --listen `{listen}` must be a loopback address such as 127.0.0.1:8080 (the demo API is for this machine only)"
+        )?;
+        return Ok(EXIT_INVALID);
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let stop = CancellationToken::new();
+        let api = match DemoApi::start_on(listen, stop.clone()).await {
+            Ok(a) => a,
+            Err(e) => {
+                writeln!(err, "error: cannot listen on {listen}: {e}")?;
+                return Ok(EXIT_RUN_FAILED);
+            }
+        };
+        writeln!(out, "demo cloud API on {}; Ctrl-C stops it", api.url)?;
+        out.flush()?;
+        let _ = tokio::signal::ctrl_c().await;
+        writeln!(out, "the demo API held {} resources", api.resources().len())?;
+        stop.cancel();
+        Ok(EXIT_OK)
     })
 }

@@ -179,8 +179,15 @@ pub struct DemoArgs {
     pub config: Vec<PathBuf>,
     /// Run them through a coordinator and two agents (in this process tree, real gRPC over
     /// loopback) instead of locally.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "api_only")]
     pub distributed: bool,
+    /// Only serve the demo cloud API (on --listen) until Ctrl-C, for trying the examples by
+    /// hand, e.g. through a coordinator.
+    #[arg(long)]
+    pub api_only: bool,
+    /// With --api-only: where the demo API listens (loopback).
+    #[arg(long, default_value = "127.0.0.1:8080", requires = "api_only")]
+    pub listen: String,
 }
 
 #[derive(Debug, Subcommand)]
