@@ -24,6 +24,11 @@ lint:
 bench:
     cargo bench -p baton-coordinator --bench plan
 
+# Distributed mode: dispatch gaps, a 500-stage DAG, coordinator memory with 1,000 agents
+# (results: docs/benchmarks.md). BENCH_PARTS=dispatch,dag,memory picks parts.
+bench-distributed:
+    cargo bench -p baton-coordinator --bench distributed
+
 # A fuzzing campaign; CI runs the same targets for 30 s each.
 fuzz target="spec" seconds="600":
     cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run {{target}} -- -max_total_time={{seconds}} -max_len=4096

@@ -104,6 +104,8 @@ struct Shared {
     answered: HashMap<String, Reply>,
     /// See [`Target::answer_unscripted_like_a_cloud`].
     cloud: bool,
+    /// Per request, in arrival order: its path, when it arrived, when it was answered.
+    timings: Vec<(String, std::time::Instant, std::time::Instant)>,
 }
 
 /// A running target. Stops when dropped.
@@ -218,6 +220,12 @@ impl Target {
         self.shared.lock().expect("target lock").cloud = true;
     }
 
+    /// Per request, in arrival order: its path, when it arrived and when the handler answered
+    /// (for benchmarks: the gap between one stage's last answer and the next one's request).
+    pub fn timings(&self) -> Vec<(String, std::time::Instant, std::time::Instant)> {
+        self.shared.lock().expect("target lock").timings.clone()
+    }
+
     /// A handle on the request log that can move to another thread.
     pub fn clone_handle(&self) -> TargetLog {
         TargetLog(self.shared.clone())
@@ -295,6 +303,7 @@ async fn handle(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let arrived = std::time::Instant::now();
     let recorded = Recorded {
         method: method.to_string(),
         path: uri.path().to_owned(),
@@ -346,7 +355,12 @@ async fn handle(
     if !reply.delay.is_zero() {
         tokio::time::sleep(reply.delay).await;
     }
-    shared.lock().expect("target lock").in_flight -= 1;
+    {
+        let mut s = shared.lock().expect("target lock");
+        s.in_flight -= 1;
+        s.timings
+            .push((uri.path().to_owned(), arrived, std::time::Instant::now()));
+    }
     let mut response = (
         StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
         reply.body,
