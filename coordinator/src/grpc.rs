@@ -20,6 +20,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::planner::{self, PlanError, Selection};
 use crate::runner::remote::{deliver, AgentRegistry, Outbound};
 use crate::runs::{describe_selection, Runs, RunsError, StoreHistory, Submission};
+use crate::scheduler::driver::RunDirection;
 
 /// How long an agent may take to send its hello after opening the stream.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -195,11 +196,16 @@ impl control_service_server::ControlService for ControlApi {
         } else {
             r.project
         };
-        let planned = {
-            let history = StoreHistory {
-                store: self.runs.store().as_ref(),
-                project: key.clone(),
+        let history = StoreHistory::of(self.runs.store().as_ref(), &key, &project)
+            .map_err(|e| status_of(e.into()))?;
+        let planned = if r.down {
+            let dependents = if r.cascade {
+                planner::Dependents::Cascade
+            } else {
+                planner::Dependents::Refuse
             };
+            planner::plan_down(&project, &selection, &history, dependents)
+        } else {
             planner::plan(&project, &selection, &history)
         };
         let plan = match planned {
@@ -221,7 +227,26 @@ impl control_service_server::ControlService for ControlApi {
             // that is nobody's: agents' environments stay on the agents.
             condition_env: BTreeMap::new(),
         };
-        let submitted = self.runs.submit_up(sub).await.map_err(status_of)?;
+        let submitted = if r.down {
+            if sub.plan.order.iter().all(|s| s.pending.is_empty()) {
+                return Ok(Response::new(proto::SubmitRunResponse {
+                    run_id: 0,
+                    plan_digest: sub.plan.digest.clone(),
+                    notes: vec![
+                        "nothing to roll back: no selected stage has applied migrations".to_owned(),
+                    ],
+                    stages: 0,
+                }));
+            }
+            let direction = RunDirection::Down {
+                to: BTreeMap::new(),
+                skip_missing_down: r.skip_missing_down,
+            };
+            self.runs.submit_down(sub, direction).await
+        } else {
+            self.runs.submit_up(sub).await
+        }
+        .map_err(status_of)?;
         Ok(Response::new(proto::SubmitRunResponse {
             run_id: submitted.run_id,
             plan_digest: submitted.plan_digest,
@@ -289,6 +314,41 @@ impl control_service_server::ControlService for ControlApi {
                     project: r.project,
                     selection: describe_selection(&r.selection),
                     created_at_ms: r.created_at_ms,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn stages_status(
+        &self,
+        request: Request<proto::StagesStatusRequest>,
+    ) -> Result<Response<proto::StagesStatusResponse>, Status> {
+        let r = request.into_inner();
+        let stages_file = PathBuf::from(&r.stages_file);
+        let files = files_of(r.files);
+        let loaded = crate::project::load(&stages_file, &files, Default::default(), false);
+        let Some(project) = loaded.project else {
+            return Err(Status::invalid_argument(format!(
+                "the project is invalid:\n{}",
+                loaded.diagnostics
+            )));
+        };
+        let key = if r.project.is_empty() {
+            crate::cli::run::project_key(&stages_file)
+        } else {
+            r.project
+        };
+        let states = crate::status::stage_states(&project, self.runs.store().as_ref(), &key)
+            .map_err(|e| status_of(e.into()))?;
+        Ok(Response::new(proto::StagesStatusResponse {
+            stages: states
+                .into_iter()
+                .map(|s| proto::StageState {
+                    name: s.name,
+                    applied: s.applied,
+                    pending: s.pending,
+                    last: s.last,
+                    exports: s.exports,
                 })
                 .collect(),
         }))

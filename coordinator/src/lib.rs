@@ -16,5 +16,6 @@ pub mod runner;
 pub mod runs;
 pub mod scheduler;
 pub mod server;
+pub mod status;
 pub mod store;
 pub mod synthetic;

@@ -105,34 +105,54 @@ struct Live {
     queued: Arc<std::sync::atomic::AtomicBool>,
 }
 
-/// The store as the planner's view of earlier runs. Store errors are not hidden: they make
-/// the stage look pending here, and the run itself then fails on the same store.
-pub struct StoreHistory<'a> {
-    pub store: &'a dyn Store,
-    pub project: String,
+/// The store as the planner's view of earlier runs, read once before planning: a store that
+/// cannot be read is an error there, never "nothing applied".
+#[derive(Debug, Clone, Default)]
+pub struct StoreHistory {
+    succeeded: BTreeSet<String>,
+    applied: BTreeMap<String, BTreeSet<u64>>,
 }
 
-impl std::fmt::Debug for StoreHistory<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StoreHistory")
-            .field("project", &self.project)
-            .finish_non_exhaustive()
+impl StoreHistory {
+    /// The history of `stages` of `project`.
+    pub fn read<'a>(
+        store: &dyn Store,
+        project: &str,
+        stages: impl IntoIterator<Item = &'a str>,
+    ) -> Result<StoreHistory, StoreError> {
+        let mut h = StoreHistory::default();
+        for stage in stages {
+            let key = StageKey::new(project, stage);
+            if store.result(&key)?.is_some() {
+                h.succeeded.insert(stage.to_owned());
+            }
+            let versions: BTreeSet<u64> = store
+                .applied(&key)?
+                .into_iter()
+                .map(|a| a.version)
+                .collect();
+            h.applied.insert(stage.to_owned(), versions);
+        }
+        Ok(h)
+    }
+
+    /// The history of every stage of `project`'s spec.
+    pub fn of(store: &dyn Store, key: &str, project: &Project) -> Result<StoreHistory, StoreError> {
+        StoreHistory::read(
+            store,
+            key,
+            project.spec.stages.iter().map(|s| s.name.value.as_str()),
+        )
     }
 }
 
-impl History for StoreHistory<'_> {
+impl History for StoreHistory {
     fn stage_succeeded(&self, stage: &str) -> bool {
-        matches!(
-            self.store.result(&StageKey::new(&self.project, stage)),
-            Ok(Some(_))
-        )
+        self.succeeded.contains(stage)
     }
 
     fn applied_versions(&self, stage: &str) -> BTreeSet<u64> {
-        self.store
-            .applied(&StageKey::new(&self.project, stage))
-            .map(|v| v.into_iter().map(|a| a.version).collect())
-            .unwrap_or_default()
+        self.applied.get(stage).cloned().unwrap_or_default()
     }
 }
 
@@ -403,10 +423,7 @@ impl Runs {
         if first_applied.is_empty() {
             return Ok(None);
         }
-        let history = StoreHistory {
-            store: self.store.as_ref(),
-            project: s.project_key.clone(),
-        };
+        let history = StoreHistory::of(self.store.as_ref(), &s.project_key, &s.project)?;
         let selection = Selection::Stages {
             names: first_applied.keys().cloned().collect(),
         };

@@ -152,28 +152,6 @@ fn senders(target: &Target, part: &str) -> BTreeSet<String> {
         .collect()
 }
 
-/// Every stage's exported variables, from a store (the target's URL stripped).
-fn exports(
-    store_dir: &Path,
-    project: &str,
-    stages: &[&str],
-    api: &str,
-) -> BTreeMap<String, BTreeMap<String, String>> {
-    let store = SledStore::open(store_dir).unwrap();
-    stages
-        .iter()
-        .map(|s| {
-            let r = store.result(&StageKey::new(project, s)).unwrap().unwrap();
-            let vars = r
-                .exports
-                .into_iter()
-                .map(|(k, v)| (k, v.replace(api, "API")))
-                .collect();
-            ((*s).to_owned(), vars)
-        })
-        .collect()
-}
-
 const STAGES: [&str; 4] = [
     "prerequisite_stage",
     "dependent_stage1",
@@ -259,20 +237,84 @@ async fn stages_go_to_the_agents_their_labels_select_and_match_local_mode() {
     };
     assert_eq!(shape(&target), shape(&local_target));
 
+    // `stages status` through the coordinator says what local mode's says.
+    let (code, remote_status) = baton(
+        &project,
+        &["stages", "status", "--verbose", "--coordinator", &url],
+    )
+    .await;
+    assert_eq!(code, 0, "{remote_status}");
+    let (code, local_status) = baton(&local, &["stages", "status", "--verbose"]).await;
+    assert_eq!(code, 0, "{local_status}");
+    assert!(
+        remote_status.contains("export   resourceGroupId="),
+        "{remote_status}"
+    );
+    assert_eq!(
+        remote_status.replace(&target.url(), "API"),
+        local_status.replace(&local_target.url(), "API")
+    );
+
+    // `stages down` through the coordinator rolls every stage back on its agent.
+    let (code, out) = baton(
+        &project,
+        &[
+            "stages",
+            "down",
+            "--yes",
+            "--coordinator",
+            &url,
+            "--set",
+            &set,
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    let deletes = target
+        .requests()
+        .iter()
+        .filter(|r| r.method == "DELETE")
+        .count();
+    assert_eq!(deletes, 7, "one DELETE per applied migration:\n{out}");
+    assert_eq!(
+        senders(&target, "stage2"),
+        BTreeSet::from(["agent-uk".to_owned()])
+    );
+    let (_, after) = baton(&project, &["stages", "status", "--coordinator", &url]).await;
+    assert!(
+        after.contains("dependent_stage1: 0 applied, 2 pending"),
+        "{after}"
+    );
+    let (code, out) = baton(
+        &project,
+        &[
+            "stages",
+            "down",
+            "--yes",
+            "--coordinator",
+            &url,
+            "--set",
+            &set,
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("nothing to roll back"), "{out}");
+
     coordinator.signal(15);
     assert_eq!(
         coordinator.wait_exit(Duration::from_secs(20)),
         Some(0),
         "SIGTERM stops the coordinator cleanly"
     );
-    let remote = exports(&root.join("data"), "stages.yaml", &STAGES, &target.url());
-    let here = exports(
-        &local.join(".baton"),
-        "stages.yaml",
-        &STAGES,
-        &local_target.url(),
-    );
-    assert_eq!(remote, here);
+    // The coordinator's store holds no stage result after the rollback.
+    let remote = SledStore::open(&root.join("data")).unwrap();
+    for stage in STAGES {
+        assert!(remote
+            .result(&StageKey::new("stages.yaml", stage))
+            .unwrap()
+            .is_none());
+    }
     let _ = std::fs::remove_dir_all(&root);
 }
 
@@ -513,7 +555,7 @@ async fn cancel_stops_in_flight_stages_on_the_agents() {
     let pidfile = root.join("sleep.pid");
     let project = root.join("project");
     let step = format!(
-        "up:\n  command:\n    program: sh\n    args: [\"-c\", \"echo $$ > {}; exec sleep 60\"]\n",
+        "up:\n  command:\n    program: sh\n    args: [\"-c\", \"echo going to sleep; echo $$ > {}; exec sleep 60\"]\n",
         pidfile.display()
     );
     one_stage(&project, "stages.yaml", None, &[("001_long.yaml", &step)]);
@@ -537,6 +579,20 @@ async fn cancel_stops_in_flight_stages_on_the_agents() {
     .await;
     let pid = std::fs::read_to_string(&pidfile).unwrap().trim().to_owned();
     assert!(alive(&pid));
+    // The step's output is in the run's log while it runs.
+    let (u, r) = (url.clone(), run.to_string());
+    wait_until(
+        "the step's output in `runs logs`",
+        Duration::from_secs(15),
+        move || {
+            let out = Command::new(baton_bin())
+                .args(["runs", "logs", &r, "--stage", "s", "--coordinator", &u])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).contains("| going to sleep")
+        },
+    )
+    .await;
     let (code, out) = baton(
         &project,
         &["runs", "cancel", &run.to_string(), "--coordinator", &url],

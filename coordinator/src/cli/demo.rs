@@ -81,9 +81,12 @@ pub(super) fn run(
                 }
             };
             let key = local::project_key(&project.stages_file);
-            let history = local::StoreHistory {
-                store: store.as_ref(),
-                project: key.clone(),
+            let history = match local::StoreHistory::of(store.as_ref(), &key, &project) {
+                Ok(h) => h,
+                Err(e) => {
+                    writeln!(err, "error: {e}")?;
+                    return Ok(EXIT_RUN_FAILED);
+                }
             };
             let plan = match planner::plan(&project, &Selection::All, &history) {
                 Ok(p) => p,
@@ -107,7 +110,7 @@ pub(super) fn run(
                 code = c;
             }
             writeln!(out, "\n=== baton stages status --config {}", file.display())?;
-            local::status(&project, store.as_ref(), &key, true, out)?;
+            local::status(&project, store.as_ref(), &key, true, out, err)?;
         }
         writeln!(
             out,
@@ -203,6 +206,7 @@ fn distributed(
                 selection: (Vec::new(), String::new(), String::new()),
                 set: [("api_base".to_owned(), api.url.clone())].into(),
                 detach: false,
+                down: None,
             };
             let result = match super::remote::connect(&remote).await {
                 Ok(mut client) => super::remote::submit_and_watch(&mut client, submission, out, err).await,

@@ -235,6 +235,21 @@ pub enum RunsCommand {
         #[arg(long, short = 'o', value_enum, default_value_t)]
         output: OutputFormat,
     },
+    /// A run's log lines (command output, notes), from the state directory or a coordinator.
+    Logs {
+        /// The run's id.
+        run: u64,
+        /// Only this stage's lines.
+        #[arg(long)]
+        stage: Option<String>,
+        /// Keep printing lines as they are recorded until the run finishes (coordinator).
+        #[arg(long, short = 'f')]
+        follow: bool,
+        #[command(flatten)]
+        state: StateArgs,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
     /// Cancel a run on a coordinator: nothing new starts, agents stop in-flight stages.
     Cancel {
         /// The run's id.
@@ -427,15 +442,16 @@ pub fn run(
                 stages::up(&a, env, out, err)
             }
         }
-        Command::Stages(StagesCommand::Down(a)) if a.remote.coordinator.is_some() => {
-            not_remote("stages down", err)
+        Command::Stages(StagesCommand::Down(mut a)) if a.remote.coordinator.is_some() => {
+            a.spec.provided = a.set.iter().map(|(k, _)| k.clone()).collect();
+            remote::down(&a, out, err)
         }
         Command::Stages(StagesCommand::Down(mut a)) => {
             a.spec.provided = a.set.iter().map(|(k, _)| k.clone()).collect();
             stages::down(&a, env, out, err)
         }
         Command::Stages(StagesCommand::Status(a)) if a.remote.coordinator.is_some() => {
-            not_remote("stages status", err)
+            remote::status(&a, out, err)
         }
         Command::Stages(StagesCommand::Status(a)) => stages::status(&a, out, err),
         Command::Stages(StagesCommand::Graph(a)) => graph::run(&a, out, err),
@@ -510,6 +526,18 @@ pub fn run(
             |r, out, err| remote::runs_watch(r, run, from_seq, true, output, out, err),
             out,
         ),
+        Command::Runs(RunsCommand::Logs {
+            run,
+            stage,
+            follow,
+            remote,
+            ..
+        }) if remote.coordinator.is_some() => {
+            remote::runs_logs(&remote, run, stage.as_deref(), follow, out, err)
+        }
+        Command::Runs(RunsCommand::Logs {
+            run, stage, state, ..
+        }) => stages::logs(&state, run, stage.as_deref(), out, err),
         Command::Runs(RunsCommand::Cancel { run, remote }) => with_coordinator(
             &remote,
             "runs cancel",
@@ -544,13 +572,4 @@ fn with_coordinator(
         return Ok(EXIT_INVALID);
     }
     f(remote, out, err)
-}
-
-/// A command that does not run against a coordinator yet: refuse rather than act locally.
-fn not_remote(what: &str, err: &mut dyn Write) -> std::io::Result<i32> {
-    writeln!(
-        err,
-        "error: `baton {what}` against a coordinator is not available yet; unset BATON_COORDINATOR (or drop --coordinator) to run it on local state"
-    )?;
-    Ok(EXIT_INVALID)
 }

@@ -15,7 +15,10 @@ use tonic::transport::Channel;
 
 use super::run::{print_event, summary_of};
 use super::stages::{load_captured, print_invalid, selection_parts};
-use super::{OutputFormat, UpArgs, ValidateArgs, EXIT_INVALID, EXIT_OK, EXIT_RUN_FAILED};
+use super::{
+    DownArgs, OutputFormat, StatusArgs, UpArgs, ValidateArgs, EXIT_INVALID, EXIT_OK,
+    EXIT_RUN_FAILED,
+};
 use crate::store::{EventKind, EventRecord, RunStatus};
 
 /// Exit code when the user stopped watching (Ctrl-C): the run goes on.
@@ -237,10 +240,145 @@ pub fn up(
         selection: selection_parts(&args.stage, &args.from, &args.to),
         set: args.set.iter().cloned().collect(),
         detach,
+        down: None,
     };
     let r = block(async {
         let mut client = connect(remote).await?;
         submit_and_watch(&mut client, submission, out, err).await
+    })?;
+    finish(err, r)
+}
+
+/// `stages down --coordinator`: rolls the selected stages back through the coordinator.
+pub fn down(args: &DownArgs, out: &mut dyn Write, err: &mut dyn Write) -> std::io::Result<i32> {
+    if args.dry_run {
+        writeln!(
+            err,
+            "error: --dry-run with --coordinator is not available yet; `baton stages status --coordinator URL` shows what is applied"
+        )?;
+        return Ok(EXIT_INVALID);
+    }
+    let (project, diags, files) = load_captured(&args.spec);
+    let Some(project) = project else {
+        write!(err, "{diags}")?;
+        return Ok(EXIT_INVALID);
+    };
+    let (stages, from, to) = selection_parts(&args.stage, &args.from, &args.to);
+    if !args.yes {
+        use std::io::IsTerminal;
+        if !std::io::stdin().is_terminal() {
+            writeln!(err, "error: `stages down` changes the target; add --yes to confirm (stdin is not a terminal)")?;
+            return Ok(EXIT_INVALID);
+        }
+        let what = if stages.is_empty() && from.is_empty() {
+            "every applied stage".to_owned()
+        } else if stages.is_empty() {
+            format!("--from {from} --to {to}")
+        } else {
+            stages.join(", ")
+        };
+        write!(
+            out,
+            "roll back {what} on the coordinator? type `yes` to confirm: "
+        )?;
+        out.flush()?;
+        let mut answer = String::new();
+        std::io::stdin().read_line(&mut answer)?;
+        if answer.trim() != "yes" {
+            writeln!(out, "nothing was rolled back")?;
+            return Ok(EXIT_INVALID);
+        }
+    }
+    let submission = Submit {
+        stages_file: &project.stages_file,
+        files,
+        stage_names: project
+            .spec
+            .stages
+            .iter()
+            .map(|s| s.name.value.clone())
+            .collect(),
+        selection: (stages, from, to),
+        set: args.set.iter().cloned().collect(),
+        detach: false,
+        down: Some((args.cascade, args.skip_missing_down)),
+    };
+    let r = block(async {
+        let mut client = connect(&args.remote).await?;
+        submit_and_watch(&mut client, submission, out, err).await
+    })?;
+    finish(err, r)
+}
+
+/// `stages status --coordinator`: the project's stages as the coordinator's history has them.
+pub fn status(args: &StatusArgs, out: &mut dyn Write, err: &mut dyn Write) -> std::io::Result<i32> {
+    let (project, diags, files) = load_captured(&args.spec);
+    let Some(project) = project else {
+        write!(err, "{diags}")?;
+        return Ok(EXIT_INVALID);
+    };
+    let r = block(async {
+        let (name, files) = project_files(&project.stages_file, files)?;
+        let mut client = connect(&args.remote).await?;
+        let resp = client
+            .stages_status(proto::StagesStatusRequest {
+                files,
+                stages_file: name,
+                project: String::new(),
+            })
+            .await?
+            .into_inner();
+        let states: Vec<crate::status::StageState> = resp
+            .stages
+            .into_iter()
+            .map(|s| crate::status::StageState {
+                name: s.name,
+                applied: s.applied,
+                pending: s.pending,
+                last: s.last,
+                exports: s.exports,
+            })
+            .collect();
+        crate::status::write(&states, args.verbose, out).map_err(io_failure)?;
+        Ok(EXIT_OK)
+    })?;
+    finish(err, r)
+}
+
+/// `runs logs RUN`: the run's log lines (command output, notes), optionally of one stage;
+/// `follow` keeps printing them as they are recorded until the run finishes.
+pub fn runs_logs(
+    remote: &RemoteArgs,
+    run: u64,
+    stage: Option<&str>,
+    follow: bool,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> std::io::Result<i32> {
+    let r = block(async {
+        let mut client = connect(remote).await?;
+        let mut stream = client
+            .watch_run(proto::WatchRunRequest {
+                run_id: run,
+                from_seq: 0,
+                follow,
+            })
+            .await?
+            .into_inner();
+        while let Some(e) = stream.message().await? {
+            let Ok(record) = serde_json::from_str::<EventRecord>(&e.record_json) else {
+                continue;
+            };
+            if stage.is_some_and(|s| record.stage.as_deref() != Some(s)) {
+                continue;
+            }
+            if let Some(line) = super::run::log_line(&record) {
+                writeln!(out, "{line}")
+                    .and_then(|()| out.flush())
+                    .map_err(io_failure)?;
+            }
+        }
+        Ok(EXIT_OK)
     })?;
     finish(err, r)
 }
@@ -256,6 +394,8 @@ pub(super) struct Submit<'a> {
     pub set: HashMap<String, String>,
     /// Print the run id and return instead of watching.
     pub detach: bool,
+    /// `stages down`: `Some((cascade, skip_missing_down))`.
+    pub down: Option<(bool, bool)>,
 }
 
 /// Submits a project and (unless detached) watches its run to the end, like local mode.
@@ -276,9 +416,19 @@ pub(super) async fn submit_and_watch(
             to,
             set: s.set,
             project: String::new(),
+            down: s.down.is_some(),
+            cascade: s.down.is_some_and(|(c, _)| c),
+            skip_missing_down: s.down.is_some_and(|(_, k)| k),
         })
         .await?
         .into_inner();
+    if resp.run_id == 0 {
+        // A down submission with nothing to roll back records no run.
+        for n in &resp.notes {
+            let _ = writeln!(out, "{n}");
+        }
+        return Ok(EXIT_OK);
+    }
     if s.detach {
         for n in &resp.notes {
             let _ = writeln!(err, "{n}");
@@ -412,11 +562,9 @@ impl Show<'_> {
                 out.flush()
             }
             Show::Lines { out, json: false } => {
-                match &e.kind {
-                    EventKind::Log { line } => {
-                        writeln!(out, "{:<25}   | {line}", e.stage.as_deref().unwrap_or(""))?
-                    }
-                    _ => print_event(*out, e)?,
+                match super::run::log_line(e) {
+                    Some(line) => writeln!(out, "{line}")?,
+                    None => print_event(*out, e)?,
                 }
                 out.flush()
             }

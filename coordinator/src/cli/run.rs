@@ -2,12 +2,11 @@
 //! local mode: state in `.baton/` beside the stages file, stages executed in this process.
 //! The run lifecycle itself lives in [`crate::runs`]; this module submits, watches and prints.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use baton_common::mask::Masker;
 use baton_common::spec::Project;
 use tokio_util::sync::CancellationToken;
 
@@ -17,7 +16,7 @@ use crate::runner::in_process::InProcessRunner;
 pub(super) use crate::runs::{describe_selection, interrupted_run, StoreHistory};
 use crate::runs::{RunOutcome, Runs, RunsError, Submission, Submitted};
 use crate::scheduler::driver::{PlannedFiles, RunDirection};
-use crate::store::{EventKind, EventRecord, RunRecord, RunStatus, SledStore, StageKey, Store};
+use crate::store::{EventKind, EventRecord, RunStatus, SledStore, StageKey, Store};
 
 /// Where a project's state lives unless `--state-dir` says otherwise.
 pub(super) fn default_state_dir(stages_file: &Path) -> PathBuf {
@@ -374,29 +373,11 @@ pub(super) fn summary_of(
         let Some(result) = exports(name) else {
             continue;
         };
-        let masker = masker_for(&result.exports, &result.secret);
-        for (n, v) in &result.exports {
-            let shown = if result.secret.contains(n) {
-                "***".to_owned()
-            } else {
-                masker.mask(v)
-            };
-            writeln!(out, "  {:width$}    {n}={shown}", "")?;
+        for line in crate::status::export_lines(&result.exports, &result.secret) {
+            writeln!(out, "  {:width$}    {line}", "")?;
         }
     }
     Ok(())
-}
-
-/// A masker for the secret values among `vars`.
-pub(super) fn masker_for(vars: &BTreeMap<String, String>, secret: &[String]) -> Masker {
-    let mut m = Masker::new();
-    for name in secret {
-        if let Some(v) = vars.get(name) {
-            // A short value cannot be masked by value; mask by name below instead.
-            let _ = m.add(name, v);
-        }
-    }
-    m
 }
 
 /// `stages status`: per stage, applied and pending migrations and the last result.
@@ -406,99 +387,58 @@ pub(super) fn status(
     key: &str,
     verbose: bool,
     out: &mut dyn Write,
+    err: &mut dyn Write,
 ) -> std::io::Result<i32> {
-    let runs: BTreeMap<u64, RunRecord> = store
-        .runs()
-        .unwrap_or_default()
-        .into_iter()
-        .map(|r| (r.id, r))
-        .collect();
-    // Each stage's most recent outcome: one pass over this project's runs, newest first.
-    let names: BTreeSet<&str> = project
-        .spec
-        .stages
-        .iter()
-        .map(|s| s.name.value.as_str())
-        .collect();
-    let mut last_outcome: BTreeMap<String, (u64, String)> = BTreeMap::new();
-    for run in runs.values().rev().filter(|r| r.project == key) {
-        if last_outcome.len() == names.len() {
-            break;
+    match crate::status::stage_states(project, store, key) {
+        Ok(states) => {
+            crate::status::write(&states, verbose, out)?;
+            Ok(EXIT_OK)
         }
-        for e in store
-            .events(run.id, 0)
-            .unwrap_or_default()
-            .into_iter()
-            .rev()
-        {
-            let Some(stage) = e.stage else { continue };
-            let what = match e.kind {
-                EventKind::StageSucceeded { .. } => "succeeded".to_owned(),
-                EventKind::StageFailed { message } => format!("failed: {message}"),
-                EventKind::StageSkipped { reason } => format!("skipped ({reason})"),
-                EventKind::StageNotRun { .. } => "not run".to_owned(),
-                EventKind::StageStarted { .. } if run.status == RunStatus::Running => {
-                    "interrupted".to_owned()
-                }
-                _ => continue,
-            };
-            let label = if run.direction == "down" {
-                format!("{what} (down)")
-            } else {
-                what
-            };
-            last_outcome.entry(stage).or_insert((run.id, label));
+        Err(e) => {
+            writeln!(err, "error: {e}")?;
+            Ok(EXIT_RUN_FAILED)
         }
     }
-    for (spec, loaded) in project.spec.stages.iter().zip(&project.stages) {
-        let k = StageKey::new(key, &spec.name.value);
-        let applied = store.applied(&k).unwrap_or_default();
-        let applied_versions: BTreeSet<u64> = applied.iter().map(|a| a.version).collect();
-        let pending: Vec<String> = loaded
-            .migrations
-            .iter()
-            .filter(|m| !applied_versions.contains(&m.version))
-            .map(|m| format!("{:03}_{}", m.version, m.name))
-            .collect();
-        let result = store.result(&k).ok().flatten();
-        let last = match last_outcome.get(&spec.name.value) {
-            Some((run, what)) => format!("last run {run}: {what}"),
-            None => "never run".to_owned(),
-        };
-        writeln!(
-            out,
-            "{}: {} applied, {} pending; {last}",
-            spec.name.value,
-            applied.len(),
-            pending.len()
-        )?;
-        for a in &applied {
-            let file = loaded.migrations.iter().find(|m| m.version == a.version);
-            let note = match file {
-                None => " (file removed)",
-                Some(m) if m.digest != a.digest => " (modified after apply)",
-                Some(_) => "",
-            };
-            let run = runs.get(&a.run_id).map_or(String::new(), |r| {
-                format!(", run {} {}", r.id, r.status.as_str())
-            });
-            writeln!(out, "  applied  {:03}_{}{note}{run}", a.version, a.name)?;
+}
+
+/// A run's log line as `runs show` and `runs logs` print it: `HH:MM:SS stage | line`; `None`
+/// for events that are not log lines.
+pub(super) fn log_line(e: &EventRecord) -> Option<String> {
+    match &e.kind {
+        EventKind::Log { line } => Some(format!(
+            "{} {:<16}   | {line}",
+            clock(e.at_ms),
+            e.stage.as_deref().unwrap_or("")
+        )),
+        _ => None,
+    }
+}
+
+/// `runs logs RUN` on a local state directory.
+pub(super) fn runs_logs(
+    store: &dyn Store,
+    id: u64,
+    stage: Option<&str>,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> std::io::Result<i32> {
+    let events = match store.events(id, 0) {
+        Ok(e) => e,
+        Err(e) => {
+            writeln!(err, "error: {e}")?;
+            return Ok(EXIT_RUN_FAILED);
         }
-        for p in &pending {
-            writeln!(out, "  pending  {p}")?;
-        }
-        if verbose {
-            if let Some(r) = &result {
-                let masker = masker_for(&r.exports, &r.secret);
-                for (n, v) in &r.exports {
-                    let shown = if r.secret.contains(n) {
-                        "***".to_owned()
-                    } else {
-                        masker.mask(v)
-                    };
-                    writeln!(out, "  export   {n}={shown}")?;
-                }
-            }
+    };
+    if matches!(store.run(id), Ok(None)) {
+        writeln!(err, "error: there is no run {id} (see `baton runs list`)")?;
+        return Ok(EXIT_INVALID);
+    }
+    for e in events
+        .iter()
+        .filter(|e| stage.is_none_or(|s| e.stage.as_deref() == Some(s)))
+    {
+        if let Some(line) = log_line(e) {
+            writeln!(out, "{line}")?;
         }
     }
     Ok(EXIT_OK)
@@ -540,16 +480,17 @@ pub(super) fn runs_show(
         run.project,
         &run.plan_digest[..12.min(run.plan_digest.len())]
     )?;
-    for e in store.events(id, 0).unwrap_or_default() {
-        if let EventKind::Log { line } = &e.kind {
-            writeln!(
-                out,
-                "{} {:<16}   | {line}",
-                clock(e.at_ms),
-                e.stage.as_deref().unwrap_or("")
-            )?;
-        } else {
-            print_event(out, &e)?;
+    let events = match store.events(id, 0) {
+        Ok(e) => e,
+        Err(e) => {
+            writeln!(err, "error: {e}")?;
+            return Ok(EXIT_RUN_FAILED);
+        }
+    };
+    for e in &events {
+        match log_line(e) {
+            Some(line) => writeln!(out, "{line}")?,
+            None => print_event(out, e)?,
         }
     }
     Ok(EXIT_OK)

@@ -159,14 +159,13 @@ fn up_with(
         }
     };
     let planned = match &store {
-        Some(s) => planner::plan(
-            &project,
-            &selection,
-            &run::StoreHistory {
-                store: s.as_ref(),
-                project: key.clone(),
-            },
-        ),
+        Some(s) => match run::StoreHistory::of(s.as_ref(), &key, &project) {
+            Ok(history) => planner::plan(&project, &selection, &history),
+            Err(e) => {
+                writeln!(err, "error: {e}")?;
+                return Ok(EXIT_INVALID);
+            }
+        },
         None => planner::plan(&project, &selection, &NoHistory),
     };
     let plan = match planned {
@@ -240,6 +239,7 @@ pub(super) fn status(
         &run::project_key(&project.stages_file),
         args.verbose,
         out,
+        err,
     )
 }
 
@@ -257,6 +257,21 @@ pub(super) fn runs(
         None => run::runs_list(store.as_ref(), out),
         Some(id) => run::runs_show(store.as_ref(), id, out, err),
     }
+}
+
+/// `runs logs RUN` on the stages file's state directory.
+pub(super) fn logs(
+    args: &StateArgs,
+    run: u64,
+    stage: Option<&str>,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> std::io::Result<i32> {
+    let stages_file = baton_common::spec::normalize(&args.config);
+    let Some(store) = existing_store(args, &stages_file, err)? else {
+        return Ok(EXIT_INVALID);
+    };
+    run::runs_logs(store.as_ref(), run, stage, out, err)
 }
 
 pub(super) fn down(
@@ -282,9 +297,12 @@ pub(super) fn down(
     } else {
         planner::Dependents::Refuse
     };
-    let history = run::StoreHistory {
-        store: store.as_ref(),
-        project: key.clone(),
+    let history = match run::StoreHistory::of(store.as_ref(), &key, &project) {
+        Ok(h) => h,
+        Err(e) => {
+            writeln!(err, "error: {e}")?;
+            return Ok(EXIT_INVALID);
+        }
     };
     let plan = match planner::plan_down(&project, &selection, &history, dependents) {
         Ok(p) => p,

@@ -95,7 +95,7 @@ pub async fn drive(
     cancel: CancellationToken,
     progress: mpsc::Sender<EventRecord>,
 ) -> Result<RunStatus, DriveError> {
-    let mut d = Driver::new(run, progress);
+    let mut d = Driver::new(run, progress)?;
     d.run(cancel).await
 }
 
@@ -121,7 +121,7 @@ struct Driver {
 }
 
 impl Driver {
-    fn new(r: RunContext, progress: mpsc::Sender<EventRecord>) -> Self {
+    fn new(r: RunContext, progress: mpsc::Sender<EventRecord>) -> Result<Self, DriveError> {
         let plan = r.plan.clone();
         let pos: BTreeMap<&str, usize> = plan
             .order
@@ -159,10 +159,10 @@ impl Driver {
                 core.preset_succeeded(k);
                 outcomes.insert(s.name.clone(), StageOutcome::Succeeded);
                 let key = StageKey::new(&r.project_key, &s.name);
-                exports[k] = r.store.result(&key).ok().flatten().map(|res| res.exports);
+                exports[k] = r.store.result(&key)?.map(|res| res.exports);
             }
         }
-        Driver {
+        Ok(Driver {
             seq: r.next_seq,
             spec_index: plan.order.iter().map(|s| s.index).collect(),
             by_name: pos.iter().map(|(n, k)| ((*n).to_owned(), *k)).collect(),
@@ -175,7 +175,7 @@ impl Driver {
             attempts: vec![None; n],
             attempt_counts: vec![0; n],
             spans: vec![None; n],
-        }
+        })
     }
 
     fn name(&self, k: usize) -> &str {

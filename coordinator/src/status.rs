@@ -1,0 +1,164 @@
+//! What `stages status` reports about a project, computed from the store: per stage, the
+//! applied migrations (with a note when a file changed or is gone, and the run that applied
+//! each), the pending ones, the last run that touched it and how the stage ended there, and its
+//! exported variables with secret values masked. Local mode and the coordinator compute it
+//! here; the CLI renders it with [`write`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+
+use baton_common::mask::Masker;
+use baton_common::spec::Project;
+
+use crate::store::{EventKind, RunRecord, RunStatus, StageKey, Store, StoreError};
+
+/// One stage's status, ready to show.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StageState {
+    pub name: String,
+    /// `001_create_vpc (modified after apply), run 3 succeeded`, lowest version first.
+    pub applied: Vec<String>,
+    /// `002_setup_security`, lowest version first.
+    pub pending: Vec<String>,
+    /// `last run 3: succeeded`, or `never run`.
+    pub last: String,
+    /// `name=value`, secret values as `***` and secrets inside values masked.
+    pub exports: Vec<String>,
+}
+
+/// A masker for the secret values among `vars`.
+pub fn masker_for(vars: &BTreeMap<String, String>, secret: &[String]) -> Masker {
+    let mut m = Masker::new();
+    for name in secret {
+        if let Some(v) = vars.get(name) {
+            // A short value cannot be masked by value; it is masked by name instead.
+            let _ = m.add(name, v);
+        }
+    }
+    m
+}
+
+/// `name=value` lines of exported variables, secrets masked.
+pub fn export_lines(vars: &BTreeMap<String, String>, secret: &[String]) -> Vec<String> {
+    let masker = masker_for(vars, secret);
+    vars.iter()
+        .map(|(n, v)| {
+            let shown = if secret.contains(n) {
+                "***".to_owned()
+            } else {
+                masker.mask(v)
+            };
+            format!("{n}={shown}")
+        })
+        .collect()
+}
+
+/// The status of every stage of `project` (stored under `key`).
+pub fn stage_states(
+    project: &Project,
+    store: &dyn Store,
+    key: &str,
+) -> Result<Vec<StageState>, StoreError> {
+    let runs: BTreeMap<u64, RunRecord> = store.runs()?.into_iter().map(|r| (r.id, r)).collect();
+    // Each stage's most recent outcome: one pass over this project's runs, newest first.
+    let names: BTreeSet<&str> = project
+        .spec
+        .stages
+        .iter()
+        .map(|s| s.name.value.as_str())
+        .collect();
+    let mut last_outcome: BTreeMap<String, (u64, String)> = BTreeMap::new();
+    for run in runs.values().rev().filter(|r| r.project == key) {
+        if last_outcome.len() == names.len() {
+            break;
+        }
+        for e in store.events(run.id, 0)?.into_iter().rev() {
+            let Some(stage) = e.stage else { continue };
+            let what = match e.kind {
+                EventKind::StageSucceeded { .. } => "succeeded".to_owned(),
+                EventKind::StageFailed { message } => format!("failed: {message}"),
+                EventKind::StageSkipped { reason } => format!("skipped ({reason})"),
+                EventKind::StageNotRun { .. } => "not run".to_owned(),
+                EventKind::StageStarted { .. } if run.status == RunStatus::Running => {
+                    "interrupted".to_owned()
+                }
+                _ => continue,
+            };
+            let label = if run.direction == "down" {
+                format!("{what} (down)")
+            } else {
+                what
+            };
+            last_outcome.entry(stage).or_insert((run.id, label));
+        }
+    }
+    let mut states = Vec::with_capacity(project.spec.stages.len());
+    for (spec, loaded) in project.spec.stages.iter().zip(&project.stages) {
+        let k = StageKey::new(key, &spec.name.value);
+        let applied = store.applied(&k)?;
+        let applied_versions: BTreeSet<u64> = applied.iter().map(|a| a.version).collect();
+        let pending = loaded
+            .migrations
+            .iter()
+            .filter(|m| !applied_versions.contains(&m.version))
+            .map(|m| format!("{:03}_{}", m.version, m.name))
+            .collect();
+        let applied = applied
+            .iter()
+            .map(|a| {
+                let file = loaded.migrations.iter().find(|m| m.version == a.version);
+                let note = match file {
+                    None => " (file removed)",
+                    Some(m) if m.digest != a.digest => " (modified after apply)",
+                    Some(_) => "",
+                };
+                let run = runs.get(&a.run_id).map_or(String::new(), |r| {
+                    format!(", run {} {}", r.id, r.status.as_str())
+                });
+                format!("{:03}_{}{note}{run}", a.version, a.name)
+            })
+            .collect();
+        let last = match last_outcome.get(&spec.name.value) {
+            Some((run, what)) => format!("last run {run}: {what}"),
+            None => "never run".to_owned(),
+        };
+        let exports = store
+            .result(&k)?
+            .map(|r| export_lines(&r.exports, &r.secret))
+            .unwrap_or_default();
+        states.push(StageState {
+            name: spec.name.value.clone(),
+            applied,
+            pending,
+            last,
+            exports,
+        });
+    }
+    Ok(states)
+}
+
+/// Renders `states` as `stages status` prints them; `verbose` adds exported variables.
+pub fn write(states: &[StageState], verbose: bool, out: &mut dyn Write) -> std::io::Result<()> {
+    for s in states {
+        writeln!(
+            out,
+            "{}: {} applied, {} pending; {}",
+            s.name,
+            s.applied.len(),
+            s.pending.len(),
+            s.last
+        )?;
+        for a in &s.applied {
+            writeln!(out, "  applied  {a}")?;
+        }
+        for p in &s.pending {
+            writeln!(out, "  pending  {p}")?;
+        }
+        if verbose {
+            for e in &s.exports {
+                writeln!(out, "  export   {e}")?;
+            }
+        }
+    }
+    Ok(())
+}
