@@ -112,7 +112,7 @@ fn main() -> ExitCode {
         let shutdown = CancellationToken::new();
         let signals = shutdown.clone();
         tokio::spawn(async move {
-            wait_for_signal().await;
+            baton_common::telemetry::shutdown_signal().await;
             signals.cancel();
         });
         tracing::info!(id = %config.id, labels = ?config.labels, capacity = config.capacity, "baton-agent starting");
@@ -127,22 +127,6 @@ fn main() -> ExitCode {
         let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
         code
     })
-}
-
-/// SIGINT or SIGTERM.
-async fn wait_for_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = term => {}
-    }
 }
 
 fn config(args: AgentArgs) -> Result<AgentConfig, String> {

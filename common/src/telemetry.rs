@@ -4,7 +4,7 @@
 //! agent's attempt and migration spans, joined by the W3C `traceparent` each assignment
 //! carries ([`traceparent`] on the coordinator's side, [`adopt`] on the agent's).
 //!
-//! Only binaries call [`init`]; libraries just emit spans.
+//! Only binaries call [`init`] and [`shutdown_signal`]; libraries just emit spans.
 
 use std::collections::HashMap;
 
@@ -96,4 +96,21 @@ pub fn adopt(span: &tracing::Span, traceparent: &str) {
         HashMap::from([("traceparent".to_owned(), traceparent.to_owned())]);
     let cx = TraceContextPropagator::new().extract(&carrier);
     let _ = span.set_parent(cx);
+}
+
+/// Resolves on SIGINT or SIGTERM: when a binary starts its ordered shutdown.
+pub async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            // No SIGTERM handler can be installed: Ctrl-C alone ends the wait.
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
 }

@@ -276,22 +276,36 @@ impl Runs {
         Ok(submitted)
     }
 
-    /// Registers the run as live and spawns its driving task.
-    fn start(self: &Arc<Self>, s: Submission, p: Prepared, direction: RunDirection) {
-        let run_id = p.run.id;
+    /// Makes `run_id` live: where its events go, its cancel token, where its outcome goes.
+    fn register(
+        &self,
+        run_id: u64,
+        queued: Arc<std::sync::atomic::AtomicBool>,
+    ) -> (
+        broadcast::Sender<EventRecord>,
+        CancellationToken,
+        watch::Sender<Option<RunOutcome>>,
+    ) {
         let (events, _) = broadcast::channel(1024);
         let (outcome_tx, outcome_rx) = watch::channel(None);
         let cancel = self.shutdown.child_token();
-        let queued = Arc::new(std::sync::atomic::AtomicBool::new(true));
         self.live().insert(
             run_id,
             Live {
                 events: events.clone(),
                 cancel: cancel.clone(),
                 outcome: outcome_rx,
-                queued: queued.clone(),
+                queued,
             },
         );
+        (events, cancel, outcome_tx)
+    }
+
+    /// Registers the run as live and spawns its driving task.
+    fn start(self: &Arc<Self>, s: Submission, p: Prepared, direction: RunDirection) {
+        let run_id = p.run.id;
+        let queued = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (events, cancel, outcome_tx) = self.register(run_id, queued.clone());
         let queue = {
             let mut q = self
                 .queues
@@ -451,18 +465,8 @@ impl Runs {
         let plan = sub.plan.clone();
         let run = blocking(move || new_run(store.as_ref(), &key, &plan)).await?;
         let run_id = run.id;
-        let (events, _) = broadcast::channel(1024);
-        let (outcome_tx, outcome_rx) = watch::channel(None);
-        let cancel = self.shutdown.child_token();
-        self.live().insert(
-            run_id,
-            Live {
-                events: events.clone(),
-                cancel: cancel.clone(),
-                outcome: outcome_rx,
-                queued: Arc::new(std::sync::atomic::AtomicBool::new(false)),
-            },
-        );
+        let (events, cancel, outcome_tx) =
+            self.register(run_id, Arc::new(std::sync::atomic::AtomicBool::new(false)));
         let prepared = Prepared {
             run,
             resumed: false,

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use baton_coordinator::store::{SledStore, StageKey, Store};
 use baton_e2e::cluster::{agent_binary, start_agent, start_coordinator, wait_for, Proc};
+use baton_e2e::files::{copy_dir, write};
 use baton_e2e::target::{Reply, Target};
 
 fn repo() -> PathBuf {
@@ -28,26 +29,6 @@ fn temp(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
-}
-
-fn copy_dir(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for entry in std::fs::read_dir(src).unwrap() {
-        let entry = entry.unwrap();
-        let to = dst.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            if entry.file_name() != ".baton" {
-                copy_dir(&entry.path(), &to);
-            }
-        } else {
-            std::fs::copy(entry.path(), &to).unwrap();
-        }
-    }
-}
-
-fn write(path: &Path, content: &str) {
-    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    std::fs::write(path, content).unwrap();
 }
 
 /// Runs `baton` in `dir` off the async runtime (the target must keep serving meanwhile).

@@ -7,6 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use baton_e2e::files::copy_dir;
 use baton_e2e::target::{Reply, Target};
 use serde_json::json;
 
@@ -20,21 +21,6 @@ fn copy_project(src: &Path, name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dst);
     copy_dir(src, &dst);
     dst
-}
-
-fn copy_dir(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for entry in std::fs::read_dir(src).unwrap() {
-        let entry = entry.unwrap();
-        let to = dst.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            if entry.file_name() != ".baton" {
-                copy_dir(&entry.path(), &to);
-            }
-        } else {
-            std::fs::copy(entry.path(), &to).unwrap();
-        }
-    }
 }
 
 /// Runs `baton` in `dir` off the async runtime (the target must keep serving meanwhile).

@@ -6,12 +6,13 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use baton_e2e::cluster::{agent_binary, start_agent, start_coordinator, wait_for};
+use baton_e2e::files::write;
 use baton_e2e::target::Target;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
@@ -55,11 +56,6 @@ impl TraceService for Collector {
             partial_success: None,
         }))
     }
-}
-
-fn write(path: &Path, content: &str) {
-    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    std::fs::write(path, content).unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,5 +1,7 @@
 //! baton-e2e: the harness for baton's end-to-end tests.
 //!
+//! - [`cluster`]: the real `baton coordinator serve` and `baton-agent` processes.
+//! - [`files`]: copying and writing project files.
 //! - [`target`]: a recording target API (HTTP or HTTPS on 127.0.0.1) answering from a script.
 //! - [`tls`]: a private CA and a server certificate for TLS tests.
 //! - [`stage`]: one-stage projects on disk, loaded by the real spec loader, run by the
@@ -9,6 +11,7 @@
 //! Cargo exposes a binary's path only to its own package's tests.
 
 pub mod cluster;
+pub mod files;
 pub mod stage;
 pub mod target;
 pub mod tls;

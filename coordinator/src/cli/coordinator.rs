@@ -117,7 +117,7 @@ pub(super) fn serve(args: &ServeArgs, err: &mut dyn Write) -> std::io::Result<i3
         let shutdown = CancellationToken::new();
         let signal = shutdown.clone();
         let signals = tokio::spawn(async move {
-            wait_for_signal().await;
+            baton_common::telemetry::shutdown_signal().await;
             tracing::info!("signal received; shutting down");
             signal.cancel();
         });
@@ -133,20 +133,4 @@ pub(super) fn serve(args: &ServeArgs, err: &mut dyn Write) -> std::io::Result<i3
             }
         }
     })
-}
-
-/// SIGINT or SIGTERM.
-async fn wait_for_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = term => {}
-    }
 }

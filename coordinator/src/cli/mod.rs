@@ -556,6 +556,20 @@ pub fn run(
     }
 }
 
+/// Asks `question` on a terminal; true when the answer is `yes`. Destructive commands call
+/// it unless `--yes` was given (and refuse without a terminal before that).
+fn confirm(question: &str, out: &mut dyn Write) -> std::io::Result<bool> {
+    write!(out, "{question} type `yes` to confirm: ")?;
+    out.flush()?;
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer)?;
+    if answer.trim() == "yes" {
+        return Ok(true);
+    }
+    writeln!(out, "nothing was rolled back")?;
+    Ok(false)
+}
+
 /// Runs `f` when a coordinator is named; else says the command needs one.
 fn with_coordinator(
     remote: &RemoteArgs,

@@ -277,15 +277,7 @@ pub fn down(args: &DownArgs, out: &mut dyn Write, err: &mut dyn Write) -> std::i
         } else {
             stages.join(", ")
         };
-        write!(
-            out,
-            "roll back {what} on the coordinator? type `yes` to confirm: "
-        )?;
-        out.flush()?;
-        let mut answer = String::new();
-        std::io::stdin().read_line(&mut answer)?;
-        if answer.trim() != "yes" {
-            writeln!(out, "nothing was rolled back")?;
+        if !super::confirm(&format!("roll back {what} on the coordinator?"), out)? {
             return Ok(EXIT_INVALID);
         }
     }

@@ -333,12 +333,7 @@ pub(super) fn down(
             return Ok(EXIT_INVALID);
         }
         plan_view::write_text(&plan, out)?;
-        write!(out, "\nroll these back? type `yes` to confirm: ")?;
-        out.flush()?;
-        let mut answer = String::new();
-        std::io::stdin().read_line(&mut answer)?;
-        if answer.trim() != "yes" {
-            writeln!(out, "nothing was rolled back")?;
+        if !super::confirm("\nroll these back?", out)? {
             return Ok(EXIT_INVALID);
         }
     }

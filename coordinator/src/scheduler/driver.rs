@@ -89,6 +89,10 @@ impl std::fmt::Debug for RunContext {
     }
 }
 
+/// How many attempts a stage gets in one run when its runner keeps losing them (an agent
+/// that dies on it every time must not loop forever).
+const MAX_ATTEMPTS: u32 = 3;
+
 /// Drives a run to its end. Every event is persisted, then sent to `progress`.
 pub async fn drive(
     run: RunContext,
@@ -352,6 +356,15 @@ impl Driver {
                 self.spans[k] = None;
                 if cancel_seen {
                     let report = StageReport::ended(StageEnd::Cancelled);
+                    let ok = self.on_stage_done(k, report, 0).await?;
+                    return Ok(Some(Event::StageFinished { stage: k, ok }));
+                }
+                if self.attempt_counts[k] >= MAX_ATTEMPTS {
+                    let message = format!(
+                        "attempt {} was lost ({why}); the stage was lost {MAX_ATTEMPTS} times in this run and is not started again",
+                        msg.attempt.attempt
+                    );
+                    let report = StageReport::ended(StageEnd::Failed(message));
                     let ok = self.on_stage_done(k, report, 0).await?;
                     return Ok(Some(Event::StageFinished { stage: k, ok }));
                 }

@@ -1,0 +1,27 @@
+//! Project files for tests: copying a bundled example, writing a file with its directories.
+
+use std::path::Path;
+
+/// Copies the directory `src` to `dst`, leaving out state directories (`.baton`).
+pub fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).expect("create the copy's directory");
+    for entry in std::fs::read_dir(src).expect("read the source directory") {
+        let entry = entry.expect("a directory entry");
+        let to = dst.join(entry.file_name());
+        if entry.file_type().expect("a file type").is_dir() {
+            if entry.file_name() != ".baton" {
+                copy_dir(&entry.path(), &to);
+            }
+        } else {
+            std::fs::copy(entry.path(), &to).expect("copy a file");
+        }
+    }
+}
+
+/// Writes `content` to `path`, creating its directories.
+pub fn write(path: &Path, content: &str) {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).expect("create the file's directory");
+    }
+    std::fs::write(path, content).expect("write the file");
+}
