@@ -818,3 +818,114 @@ async fn agent_killed_mid_migration_resumes_without_duplicates() {
     }
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// TLS with a private CA: agents and the CLI that trust it get through; a client that does
+/// not, or speaks plaintext, does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_a_private_ca() {
+    let root = temp("tls");
+    let tls = baton_e2e::tls::TlsMaterial::generate();
+    write(&root.join("cert.pem"), &tls.server_cert_pem);
+    write(&root.join("key.pem"), &tls.server_key_pem);
+    write(&root.join("ca.pem"), &tls.ca_pem);
+    let (cert, key, ca) = (
+        root.join("cert.pem").display().to_string(),
+        root.join("key.pem").display().to_string(),
+        root.join("ca.pem").display().to_string(),
+    );
+    let (_coordinator, plain) = start_coordinator(
+        &baton_bin(),
+        &root.join("data"),
+        &["--tls-cert", &cert, "--tls-key", &key],
+    );
+    let url = plain.replace("http://127.0.0.1", "https://localhost");
+    let target = Target::start().await;
+    target.answer_unscripted_like_a_cloud();
+    let _a = start_agent(
+        &agent_binary(&baton_bin()),
+        &url,
+        "agent-tls",
+        &[],
+        &root,
+        &["--ca-file", &ca],
+    );
+
+    let (u, c) = (url.clone(), ca.clone());
+    wait_until(
+        "the agent to attach over TLS",
+        Duration::from_secs(30),
+        move || {
+            let out = Command::new(baton_bin())
+                .args([
+                    "agents",
+                    "list",
+                    "-o",
+                    "json",
+                    "--coordinator",
+                    &u,
+                    "--ca-file",
+                    &c,
+                ])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).contains("agent-tls")
+        },
+    )
+    .await;
+    let project = root.join("project");
+    one_stage(
+        &project,
+        "stages.yaml",
+        None,
+        &[("001_thing.yaml", &put("/tls/1"))],
+    );
+    let set = format!("api={}", target.url());
+    let (code, out) = baton(
+        &project,
+        &[
+            "stages",
+            "up",
+            "--coordinator",
+            &url,
+            "--ca-file",
+            &ca,
+            "--set",
+            &set,
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(target.requests_to("PUT", "/tls/1").len(), 1);
+
+    // Not trusting the CA, or plaintext to a TLS port: refused.
+    let (code, out) = baton(&project, &["agents", "list", "--coordinator", &url]).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("cannot reach the coordinator"), "{out}");
+    let (code, out) = baton(&project, &["agents", "list", "--coordinator", &plain]).await;
+    assert_ne!(code, 0, "{out}");
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// Off loopback, plaintext and missing tokens need --insecure; the refusal names what is
+/// missing and nothing is bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serving_off_loopback_without_tls_and_tokens_is_refused() {
+    let root = temp("insecure");
+    let (code, out) = baton(
+        &root,
+        &[
+            "coordinator",
+            "serve",
+            "--listen",
+            "0.0.0.0:0",
+            "--data-dir",
+            "data",
+        ],
+    )
+    .await;
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("is not a loopback address"), "{out}");
+    assert!(out.contains("--insecure"), "{out}");
+    assert!(!root.join("data").exists(), "nothing was started");
+    let _ = std::fs::remove_dir_all(&root);
+}

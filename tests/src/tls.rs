@@ -10,6 +10,9 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 pub struct TlsMaterial {
     /// The CA certificate, PEM: what a client must trust.
     pub ca_pem: String,
+    /// The server certificate and its private key, PEM (for servers configured by files).
+    pub server_cert_pem: String,
+    pub server_key_pem: String,
     server_cert: CertificateDer<'static>,
     server_key: Vec<u8>,
 }
@@ -27,6 +30,8 @@ impl TlsMaterial {
         let cert = params.signed_by(&key, &issuer).expect("server cert");
         TlsMaterial {
             ca_pem: ca_cert.pem(),
+            server_cert_pem: cert.pem(),
+            server_key_pem: key.serialize_pem(),
             server_cert: CertificateDer::from(cert.der().to_vec()),
             server_key: key.serialize_der(),
         }

@@ -502,7 +502,9 @@ pub fn run(
         Command::Runs(RunsCommand::List { remote, output, .. }) if remote.coordinator.is_some() => {
             remote::runs_list(&remote, output, out, err)
         }
-        Command::Runs(RunsCommand::List { state, .. }) => stages::runs(&state, None, out, err),
+        Command::Runs(RunsCommand::List { state, output, .. }) => {
+            stages::runs(&state, None, output, out, err)
+        }
         Command::Runs(RunsCommand::Show {
             run,
             remote,
@@ -512,7 +514,7 @@ pub fn run(
             remote::runs_watch(&remote, run, 0, false, output, out, err)
         }
         Command::Runs(RunsCommand::Show { run, state, .. }) => {
-            stages::runs(&state, Some(run), out, err)
+            stages::runs(&state, Some(run), OutputFormat::Text, out, err)
         }
         Command::Runs(RunsCommand::Watch {
             run,

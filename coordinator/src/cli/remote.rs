@@ -647,30 +647,18 @@ pub fn runs_list(
             .await?
             .into_inner()
             .runs;
-        let written = match output {
-            OutputFormat::Json => {
-                let rows: Vec<serde_json::Value> = runs
-                    .iter()
-                    .map(|r| {
-                        serde_json::json!({
-                            "id": r.run_id, "status": r.status, "direction": r.direction,
-                            "project": r.project, "selection": r.selection,
-                            "created_at_ms": r.created_at_ms,
-                        })
-                    })
-                    .collect();
-                serde_json::to_writer_pretty(&mut *out, &rows)
-                    .map_err(std::io::Error::from)
-                    .and_then(|()| writeln!(out))
-            }
-            OutputFormat::Text => runs.iter().try_for_each(|r| {
-                writeln!(
-                    out,
-                    "{:>6}  {:<24} {:<4} {:<28} {}",
-                    r.run_id, r.status, r.direction, r.project, r.selection
-                )
-            }),
-        };
+        let rows: Vec<super::run::RunRow> = runs
+            .into_iter()
+            .map(|r| super::run::RunRow {
+                id: r.run_id,
+                status: r.status,
+                direction: r.direction,
+                project: r.project,
+                selection: r.selection,
+                created_at_ms: r.created_at_ms,
+            })
+            .collect();
+        let written = super::run::write_runs(&rows, output, out);
         written.map_err(io_failure)?;
         Ok(EXIT_OK)
     })?;

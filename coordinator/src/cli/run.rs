@@ -444,20 +444,63 @@ pub(super) fn runs_logs(
     Ok(EXIT_OK)
 }
 
-/// `runs list`.
-pub(super) fn runs_list(store: &dyn Store, out: &mut dyn Write) -> std::io::Result<i32> {
-    for r in store.runs().unwrap_or_default() {
-        let selection = describe_selection(&r.selection);
+/// One row of `runs list`, local or from a coordinator.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(super) struct RunRow {
+    pub id: u64,
+    pub status: String,
+    pub direction: String,
+    pub project: String,
+    pub selection: String,
+    pub created_at_ms: u64,
+}
+
+/// `runs list` as a table or JSON.
+pub(super) fn write_runs(
+    rows: &[RunRow],
+    output: super::OutputFormat,
+    out: &mut dyn Write,
+) -> std::io::Result<()> {
+    if output == super::OutputFormat::Json {
+        serde_json::to_writer_pretty(&mut *out, rows)?;
+        return writeln!(out);
+    }
+    for r in rows {
         writeln!(
             out,
             "{:>6}  {:<24} {:<4} {:<28} {}",
-            r.id,
-            r.status.as_str(),
-            r.direction,
-            r.project,
-            selection
+            r.id, r.status, r.direction, r.project, r.selection
         )?;
     }
+    Ok(())
+}
+
+/// `runs list` on a state directory.
+pub(super) fn runs_list(
+    store: &dyn Store,
+    output: super::OutputFormat,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> std::io::Result<i32> {
+    let runs = match store.runs() {
+        Ok(r) => r,
+        Err(e) => {
+            writeln!(err, "error: {e}")?;
+            return Ok(EXIT_RUN_FAILED);
+        }
+    };
+    let rows: Vec<RunRow> = runs
+        .into_iter()
+        .map(|r| RunRow {
+            id: r.id,
+            status: r.status.as_str().to_owned(),
+            selection: describe_selection(&r.selection),
+            direction: r.direction,
+            project: r.project,
+            created_at_ms: r.created_at_ms,
+        })
+        .collect();
+    write_runs(&rows, output, out)?;
     Ok(EXIT_OK)
 }
 

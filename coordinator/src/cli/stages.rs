@@ -246,6 +246,7 @@ pub(super) fn status(
 pub(super) fn runs(
     args: &StateArgs,
     id: Option<u64>,
+    output: OutputFormat,
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> std::io::Result<i32> {
@@ -254,7 +255,7 @@ pub(super) fn runs(
         return Ok(EXIT_INVALID);
     };
     match id {
-        None => run::runs_list(store.as_ref(), out),
+        None => run::runs_list(store.as_ref(), output, out, err),
         Some(id) => run::runs_show(store.as_ref(), id, out, err),
     }
 }
