@@ -10,6 +10,7 @@
 //! - [`stage`]: the stage contract between the engine and whoever runs a stage, and its
 //!   wire form.
 //! - [`telemetry`]: logging and OTLP span export for the binaries, trace propagation.
+//! - [`vars`]: where a stage's variables come from and which wins (the precedence rule).
 //! - [`proto`]: the generated gRPC types; they never leave this crate's API unconverted.
 //!
 //! No sled, no reqwest, no petgraph here: this crate is pure data and parsing.
@@ -23,6 +24,7 @@ pub mod spec;
 pub mod stage;
 pub mod telemetry;
 pub mod template;
+pub mod vars;
 pub mod yaml;
 
 /// Generated from `proto/baton/v1/*.proto`.

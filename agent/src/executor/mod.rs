@@ -27,6 +27,7 @@ use baton_common::spec::{
     MigrationSpec, RetryPolicy, SourceFiles, StageConfigSpec, StepAction, StepSpec,
 };
 use baton_common::template::{Scope, TemplateError, TemplateErrorKind};
+use baton_common::vars::{self, Layer, Layers};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -127,6 +128,8 @@ pub(crate) struct StageCtx<'a> {
     pub events: &'a mpsc::Sender<StageEvent>,
     /// The stage's variables before any migration (config env included).
     pub base: BTreeMap<String, String>,
+    /// The same by layer, for each migration's scope.
+    pub layers: Layers<BTreeMap<String, String>>,
     pub max_response_bytes: usize,
 }
 
@@ -314,14 +317,7 @@ fn prepare<'a>(
     events: &'a mpsc::Sender<StageEvent>,
 ) -> Result<StageCtx<'a>, String> {
     let mut masker = Masker::new();
-    let mut base = task.vars.global.clone();
-    base.extend(
-        task.vars
-            .process_env
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone())),
-    );
-    base.extend(task.vars.stage.iter().map(|(k, v)| (k.clone(), v.clone())));
+    let mut config_env = BTreeMap::new();
     for entry in &task.config.env {
         let value = match &entry.secret_from {
             Some(var) => {
@@ -338,14 +334,16 @@ fn prepare<'a>(
             }
             None => entry.value.clone(),
         };
-        base.insert(entry.name.value.clone(), value);
+        config_env.insert(entry.name.value.clone(), value);
     }
-    base.extend(
-        task.vars
-            .from_stages
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone())),
-    );
+    let mut layers = Layers::new();
+    layers
+        .set(Layer::Global, task.vars.global.clone())
+        .set(Layer::Environment, task.vars.process_env.clone())
+        .set(Layer::StageEnv, task.vars.stage.clone())
+        .set(Layer::ConfigEnv, config_env)
+        .set(Layer::Imported, task.vars.from_stages.clone());
+    let base = layers.flatten(vars::STAGE);
     for name in task
         .secrets
         .iter()
@@ -381,30 +379,35 @@ fn prepare<'a>(
         cancel,
         events,
         base,
+        layers,
         max_response_bytes,
     })
 }
 
-/// The variables in scope for a migration: base, then everything extracted by earlier
-/// migrations, then the migration's own `env`.
+/// The variables in scope for a migration (see `baton_common::vars`): the stage's layers,
+/// everything extracted by earlier migrations (those up to `upto` when rolling back), then
+/// the migration's own `env`.
 fn scope_for(
     ctx: &StageCtx<'_>,
     extracted: &BTreeMap<u64, BTreeMap<String, String>>,
     upto: Option<u64>,
     m: &MigrationSpec,
 ) -> BTreeMap<String, String> {
-    let mut vars = ctx.base.clone();
+    let mut earlier = BTreeMap::new();
     for (version, e) in extracted {
         if upto.is_none_or(|u| *version <= u) {
-            vars.extend(e.iter().map(|(k, v)| (k.clone(), v.clone())));
+            earlier.extend(e.iter().map(|(k, v)| (k.clone(), v.clone())));
         }
     }
-    vars.extend(
+    let mut layers = ctx.layers.clone();
+    layers.set(Layer::Extracted, earlier).set(
+        Layer::MigrationEnv,
         m.env
             .iter()
-            .map(|e| (e.name.value.clone(), e.value.clone())),
+            .map(|e| (e.name.value.clone(), e.value.clone()))
+            .collect(),
     );
-    vars
+    layers.flatten(vars::MIGRATION)
 }
 
 async fn run_up(

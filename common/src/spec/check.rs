@@ -1,11 +1,12 @@
 //! Checks across files: does every variable a template reads have a source?
 //!
-//! Sources, per COMPAT.md's precedence: `global.env`, the environment where the stage runs,
+//! Sources, per the precedence in `crate::vars`: `global.env`, the environment where the stage runs,
 //! the stage's `env` (stages.yaml and config.yaml), `env_from_stages`, values extracted by
 //! earlier migrations of the stage, and the migration's own `env`. The process environment is
 //! unknown until the stage runs, so an unprovided variable is a *warning*; a missing `.auth.X`
 //! or `auth_name` is an error (auth is only ever defined in the config).
 
+use crate::vars::{self, Layer, Layers};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::mask::MIN_SECRET_LEN;
@@ -33,16 +34,33 @@ pub(super) fn variables(
     let stage_names: Vec<&str> = spec.stages.iter().map(|s| s.name.value.as_str()).collect();
     let index = spec.index();
     for (stage, loaded) in spec.stages.iter().zip(stages) {
-        let mut base = global.clone();
-        base.extend(stage.env.iter().map(|e| e.name.value.as_str()));
-        base.extend(
-            stage
-                .env_from_stages
-                .iter()
-                .flat_map(|f| f.vars.iter().map(|v| v.value.as_str())),
-        );
-        let stage_level = base.clone();
-        base.extend(loaded.config.env.iter().map(|e| e.name.value.as_str()));
+        // The environment where the stage runs is unknown here: its layer stays empty.
+        let mut layers: Layers<BTreeSet<&str>> = Layers::new();
+        layers
+            .set(Layer::Global, global.clone())
+            .set(
+                Layer::StageEnv,
+                stage.env.iter().map(|e| e.name.value.as_str()).collect(),
+            )
+            .set(
+                Layer::ConfigEnv,
+                loaded
+                    .config
+                    .env
+                    .iter()
+                    .map(|e| e.name.value.as_str())
+                    .collect(),
+            )
+            .set(
+                Layer::Imported,
+                stage
+                    .env_from_stages
+                    .iter()
+                    .flat_map(|f| f.vars.iter().map(|v| v.value.as_str()))
+                    .collect(),
+            );
+        let stage_level = layers.flatten(vars::ENGINE);
+        let base = layers.flatten(vars::STAGE);
         let auth_names: Vec<&str> = loaded
             .config
             .auth
@@ -104,9 +122,17 @@ pub(super) fn variables(
                 continue;
             };
             let mut r = Reader::new(&m.file, text, diags);
-            let mut scope: BTreeSet<&str> = base.clone();
-            scope.extend(extracted.iter().map(String::as_str));
-            scope.extend(m.env.iter().map(|e| e.name.value.as_str()));
+            let mut migration = layers.clone();
+            migration
+                .set(
+                    Layer::Extracted,
+                    extracted.iter().map(String::as_str).collect(),
+                )
+                .set(
+                    Layer::MigrationEnv,
+                    m.env.iter().map(|e| e.name.value.as_str()).collect(),
+                );
+            let scope = migration.flatten(vars::MIGRATION);
             if let Some(up) = &m.up {
                 check_step(&mut r, stage, up, &scope, &auth_names);
             }

@@ -10,6 +10,7 @@
 //! stage appears after all its selected dependencies); `waves[i]` holds the stages whose
 //! longest dependency chain within the selection has length `i`.
 
+use baton_common::vars::{Layer, Layers};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::path::Path;
@@ -465,12 +466,17 @@ pub fn plan(
             .map(|m| (m.version, m.name.clone()))
             .collect();
         let forecast = s.condition.as_ref().map(|c| {
-            let mut vars = global_vars.clone();
-            vars.extend(
+            // What the engine will evaluate, less what only the run knows (the environment,
+            // imports): a missing one makes the forecast "at run time".
+            let mut layers = Layers::new();
+            layers.set(Layer::Global, global_vars.clone()).set(
+                Layer::StageEnv,
                 s.env
                     .iter()
-                    .map(|e| (e.name.value.clone(), e.value.clone())),
+                    .map(|e| (e.name.value.clone(), e.value.clone()))
+                    .collect(),
             );
+            let vars = layers.flatten(baton_common::vars::ENGINE);
             match c.value.evaluate(&Scope::with_vars(&vars)) {
                 Ok(true) => ConditionForecast::Runs,
                 Ok(false) => ConditionForecast::Skipped,

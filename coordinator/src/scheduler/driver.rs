@@ -18,6 +18,7 @@ use baton_common::stage::{
     StageVars,
 };
 use baton_common::template::{Scope, StageOutcome, StageOutcomes, Template};
+use baton_common::vars::{Layer, Layers};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -390,11 +391,10 @@ impl Driver {
         }
     }
 
-    /// The variables the engine gives stage `k`: `global.env` with the run's overrides, the
-    /// stage's `env`, and what it imports (this run's exports, else the last recorded ones).
-    /// Precedence, lowest first: global, where-it-runs environment, stage env, imports; the
-    /// runner adds the environment and everything below the stage (config, extracted values,
-    /// migration env).
+    /// The variables the engine gives stage `k` (the layers it knows; see
+    /// `baton_common::vars`): `global.env` with the run's overrides, the stage's `env`, and
+    /// what it imports (this run's exports, else the last recorded ones). The runner adds the
+    /// environment where the stage runs and everything the stage's own files define.
     fn stage_vars(&self, k: usize) -> Result<StageVars, DriveError> {
         let spec = &self.r.project.spec;
         let stage = &spec.stages[self.spec_index[k]];
@@ -435,14 +435,15 @@ impl Driver {
         })
     }
 
-    /// The flat scope the engine evaluates for stage `k` (conditions, `runs_on`), with the
-    /// same precedence as [`Driver::stage_vars`].
+    /// The flat scope the engine evaluates for a stage (its condition, its `runs_on`).
     fn flat_vars(&self, vars: &StageVars) -> BTreeMap<String, String> {
-        let mut flat = vars.global.clone();
-        flat.extend(self.r.condition_env.clone());
-        flat.extend(vars.stage.clone());
-        flat.extend(vars.imported.clone());
-        flat
+        let mut layers = Layers::new();
+        layers
+            .set(Layer::Global, vars.global.clone())
+            .set(Layer::Environment, self.r.condition_env.clone())
+            .set(Layer::StageEnv, vars.stage.clone())
+            .set(Layer::Imported, vars.imported.clone());
+        layers.flatten(baton_common::vars::ENGINE)
     }
 
     async fn check_condition(&mut self, k: usize) -> Result<Event, DriveError> {
