@@ -99,7 +99,7 @@ impl SourceFiles for ShippedFiles {
     fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
         match self.0.get(&normalize(path)) {
             Some(b) => Ok(b.clone()),
-            None if path.is_absolute() => std::fs::read(path),
+            None if path.is_absolute() => baton_common::spec::DiskFiles.read(path),
             None => Err(io::Error::new(
                 io::ErrorKind::NotFound,
                 format!("`{}` did not travel with the assignment", path.display()),

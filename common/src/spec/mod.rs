@@ -425,22 +425,47 @@ pub trait SourceFiles {
     fn read(&self, path: &Path) -> io::Result<Vec<u8>>;
     /// File names (not paths) directly inside `dir`.
     fn list(&self, dir: &Path) -> io::Result<Vec<String>>;
+    /// Reads at most `limit + 1` bytes, so a caller that refuses more than `limit` never
+    /// holds much more (sources that are already in memory just read).
+    fn read_limited(&self, path: &Path, limit: usize) -> io::Result<Vec<u8>> {
+        let _ = limit;
+        self.read(path)
+    }
 }
 
-/// The local file system.
+/// The local file system. Only regular files are read (a device, a FIFO or a directory
+/// named as a spec, body or CA file is an error, not an endless read or a hang); symbolic
+/// links are followed to what they point at.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct DiskFiles;
 
 impl SourceFiles for DiskFiles {
     fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
-        std::fs::read(path)
+        self.read_limited(path, usize::MAX - 1)
+    }
+
+    fn read_limited(&self, path: &Path, limit: usize) -> io::Result<Vec<u8>> {
+        use std::io::Read;
+        // Before opening: opening a FIFO blocks until someone writes to it.
+        if !std::fs::metadata(path)?.is_file() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "it is not a regular file (a device, FIFO or directory cannot be read as one)",
+            ));
+        }
+        let file = std::fs::File::open(path)?;
+        let mut bytes = Vec::new();
+        let cap = u64::try_from(limit).unwrap_or(u64::MAX).saturating_add(1);
+        file.take(cap).read_to_end(&mut bytes)?;
+        Ok(bytes)
     }
 
     fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
         let mut out = Vec::new();
         for entry in std::fs::read_dir(dir)? {
             let entry = entry?;
-            if entry.file_type()?.is_file() {
+            // Follows symbolic links: a linked migration file counts like any other.
+            if std::fs::metadata(entry.path()).is_ok_and(|m| m.is_file()) {
                 out.push(entry.file_name().to_string_lossy().into_owned());
             }
         }
@@ -520,6 +545,14 @@ impl SourceFiles for CapturingFiles<'_> {
         Ok(bytes)
     }
 
+    fn read_limited(&self, path: &Path, limit: usize) -> io::Result<Vec<u8>> {
+        let bytes = self.base.read_limited(path, limit)?;
+        self.read
+            .borrow_mut()
+            .insert(normalize(path), bytes.clone());
+        Ok(bytes)
+    }
+
     fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
         self.base.list(dir)
     }
@@ -543,6 +576,12 @@ impl std::fmt::Debug for OverlayFiles<'_> {
 impl SourceFiles for OverlayFiles<'_> {
     fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
         self.extra.read(path).or_else(|_| self.base.read(path))
+    }
+
+    fn read_limited(&self, path: &Path, limit: usize) -> io::Result<Vec<u8>> {
+        self.extra
+            .read(path)
+            .or_else(|_| self.base.read_limited(path, limit))
     }
 
     fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
@@ -671,7 +710,7 @@ impl Loader<'_> {
         named_at: Option<(&Path, Pos)>,
         what: &str,
     ) -> Option<String> {
-        let bytes = match self.files.read(path) {
+        let bytes = match self.files.read_limited(path, self.opts.limits.max_bytes) {
             Ok(b) => b,
             Err(e) => {
                 let (file, pos) = named_at.unwrap_or((path, Pos::FILE));
@@ -701,9 +740,9 @@ impl Loader<'_> {
                 .error(
                     path,
                     Pos::FILE,
+                    // Reading stopped one byte past the limit, so the real size is not known.
                     format!(
-                        "file is {} bytes, more than the limit of {} bytes",
-                        bytes.len(),
+                        "file is larger than the limit: more than the limit of {} bytes",
                         self.opts.limits.max_bytes
                     ),
                 )
@@ -711,7 +750,11 @@ impl Loader<'_> {
             return None;
         }
         match String::from_utf8(bytes) {
-            Ok(s) => Some(s),
+            // A UTF-8 byte-order mark (editors on Windows write one) is not content.
+            Ok(s) => Some(match s.strip_prefix('\u{feff}') {
+                Some(rest) => rest.to_owned(),
+                None => s,
+            }),
             Err(e) => {
                 self.diags.error(
                     path,

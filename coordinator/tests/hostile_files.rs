@@ -1,0 +1,184 @@
+//! Odd files are refused or read as written, never followed into a hang or a huge read:
+//! devices and FIFOs named as spec files, a UTF-8 byte-order mark, symlinked migrations, and a
+//! body file edited while its run is going. Through the real `baton` binary.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use baton_e2e::files::write;
+use baton_e2e::target::{Reply, Target};
+
+fn temp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("baton-hostile-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Runs `baton` in `dir`, off the async runtime; at most 60 s (a hang fails the test).
+async fn baton(dir: &Path, args: &[&str]) -> (i32, String) {
+    let dir = dir.to_path_buf();
+    let args: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
+    tokio::task::spawn_blocking(move || {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_baton"))
+            .args(&args)
+            .current_dir(&dir)
+            .env_remove("BATON_COORDINATOR")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while child.try_wait().unwrap().is_none() {
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("baton {args:?} hung for 60 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let out = child.wait_with_output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code().unwrap_or(-1), text)
+    })
+    .await
+    .unwrap()
+}
+
+fn stage_project(dir: &Path, config_path: &str) {
+    write(
+        &dir.join("stages.yaml"),
+        &format!("stages:\n  - name: s\n    config_path: {config_path}\n"),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_and_fifos_are_not_read_as_files() {
+    let dir = temp("devices");
+    stage_project(&dir, "/dev/zero");
+    let (code, out) = baton(&dir, &["stages", "validate"]).await;
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("/dev/zero") && out.contains("not a regular file"),
+        "{out}"
+    );
+
+    let fifo = dir.join("config.fifo");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    stage_project(&dir, "config.fifo");
+    let (code, out) = baton(&dir, &["stages", "validate"]).await;
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("config.fifo") && out.contains("not a regular file"),
+        "{out}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_byte_order_mark_is_not_content() {
+    let dir = temp("bom");
+    write(
+        &dir.join("stages.yaml"),
+        "\u{feff}stages:\n  - name: s\n    config_path: s/config.yaml\n",
+    );
+    write(
+        &dir.join("s/config.yaml"),
+        "\u{feff}migrate_dir: migration\n",
+    );
+    write(
+        &dir.join("s/migration/001_a.yaml"),
+        "\u{feff}up:\n  request:\n    method: GET\n    url: http://127.0.0.1:9/a\n",
+    );
+    let (code, out) = baton(&dir, &["stages", "validate"]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("valid: 1 stages, 1 migrations"), "{out}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn symlinked_migrations_are_followed() {
+    let dir = temp("symlink");
+    stage_project(&dir, "s/config.yaml");
+    write(&dir.join("s/config.yaml"), "migrate_dir: migration\n");
+    write(
+        &dir.join("shared/002_b.yaml"),
+        "up:\n  request:\n    method: GET\n    url: http://127.0.0.1:9/b\n",
+    );
+    write(
+        &dir.join("s/migration/001_a.yaml"),
+        "up:\n  request:\n    method: GET\n    url: http://127.0.0.1:9/a\n",
+    );
+    std::os::unix::fs::symlink(
+        dir.join("shared/002_b.yaml"),
+        dir.join("s/migration/002_b.yaml"),
+    )
+    .unwrap();
+    let (code, out) = baton(&dir, &["stages", "validate"]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("valid: 1 stages, 2 migrations"), "{out}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The run sends the body file's bytes as they were when the run was planned, not as they
+/// are when the request goes out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_file_edited_during_the_run_is_sent_as_planned() {
+    let dir = temp("body");
+    let target = Target::start().await;
+    target.on(
+        "POST",
+        "/slow",
+        vec![Reply::json(201, serde_json::json!({})).delayed(Duration::from_secs(2))],
+    );
+    target.on(
+        "POST",
+        "/body",
+        vec![Reply::json(201, serde_json::json!({}))],
+    );
+    write(
+        &dir.join("stages.yaml"),
+        "stages:\n  - name: s\n    config_path: s/config.yaml\nglobal:\n  env:\n    api: http://127.0.0.1:9\n",
+    );
+    write(&dir.join("s/config.yaml"), "migrate_dir: migration\n");
+    write(
+        &dir.join("s/migration/001_slow.yaml"),
+        "up:\n  request:\n    method: POST\n    url: '{{.api}}/slow'\n",
+    );
+    write(
+        &dir.join("s/migration/002_body.yaml"),
+        "up:\n  request:\n    method: POST\n    url: '{{.api}}/body'\n    body_file: body.json\n",
+    );
+    write(&dir.join("s/migration/body.json"), "{\"planned\": true}");
+    let set = format!("api={}", target.url());
+    let run = {
+        let dir = dir.clone();
+        tokio::spawn(async move { baton(&dir, &["stages", "up", "--set", &set]).await })
+    };
+    // While the first migration waits for its answer, the body file changes.
+    let log = target.clone_handle();
+    tokio::task::spawn_blocking(move || {
+        baton_e2e::cluster::wait_for("the slow request", Duration::from_secs(30), || {
+            !log.requests_to("POST", "/slow").is_empty()
+        })
+    })
+    .await
+    .unwrap();
+    write(&dir.join("s/migration/body.json"), "{\"edited\": true}");
+    let (code, out) = run.await.unwrap();
+    assert_eq!(code, 0, "{out}");
+    let sent = target.requests_to("POST", "/body");
+    assert_eq!(sent.len(), 1, "{out}");
+    assert_eq!(sent[0].body, "{\"planned\": true}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
