@@ -631,3 +631,43 @@ async fn two_state_directories_never_share_an_idempotency_key() {
     let repeated: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
     assert!(repeated.is_empty(), "keys sent by both runs: {repeated:?}");
 }
+
+/// `baton stages up | head -1`: the reader goes away after one line; the run still runs to
+/// its end (every request sent, the run recorded as succeeded) and the exit code is its result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_stdout_never_stops_a_run() {
+    use std::io::BufRead;
+    let target = Target::start().await;
+    script_seed001(&target);
+    let dir = copy_project(&repo().join("examples/stages"), "closed-stdout");
+    let set = format!("api_base={}", target.url());
+    let code = {
+        let dir = dir.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut child = Command::new(env!("CARGO_BIN_EXE_baton"))
+                .args(["stages", "up", "--set", &set])
+                .current_dir(&dir)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            let mut first = String::new();
+            std::io::BufReader::new(child.stdout.take().unwrap())
+                .read_line(&mut first)
+                .unwrap();
+            // The reader (and with it the pipe) is gone now, like `head -1` exiting.
+            child.wait().unwrap().code()
+        })
+        .await
+        .unwrap()
+    };
+    assert_eq!(code, Some(0));
+    assert_eq!(target.requests().len(), 9, "the run stopped half-way");
+    let (_, status) = baton(&dir, &["stages", "status"]).await;
+    assert!(!status.contains("interrupted"), "{status}");
+    assert_eq!(
+        status.matches("0 pending; last run 1: succeeded").count(),
+        4,
+        "{status}"
+    );
+}

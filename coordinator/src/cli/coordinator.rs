@@ -112,7 +112,10 @@ pub(super) fn serve(args: &ServeArgs, err: &mut dyn Write) -> std::io::Result<i3
         };
         // The first line on stdout says where it listens (port 0 picks a free one).
         if let Ok(bound) = listener.local_addr() {
-            println!("baton coordinator listening on {bound}");
+            // A closed stdout only means nobody reads it.
+            let mut stdout = std::io::stdout();
+            let _ = writeln!(stdout, "baton coordinator listening on {bound}");
+            let _ = stdout.flush();
         }
         let shutdown = CancellationToken::new();
         let signal = shutdown.clone();
