@@ -671,3 +671,69 @@ async fn a_closed_stdout_never_stops_a_run() {
         "{status}"
     );
 }
+
+/// Ctrl-C (SIGINT) or SIGTERM in the middle of a stage: the run always ends `cancelled`, the
+/// stage's command is stopped (not orphaned), and
+/// `rollback_on_failure` never rolls back a cancelled run. Several rounds, since the race
+/// between the cancel and the step's own failure is what is being ruled out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_always_cancels_and_never_rolls_back() {
+    let target = Target::start().await;
+    target.answer_unscripted_like_a_cloud();
+    for round in 0..5 {
+        let dir =
+            std::env::temp_dir().join(format!("baton-local-sigint-{round}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let pidfile = dir.join("sleep.pid");
+        let files = [
+            ("stages.yaml".to_owned(), "stages:\n  - name: s\n    config_path: s/config.yaml\nglobal:\n  env:\n    api: http://127.0.0.1:9\n  rollback_on_failure: true\n".to_owned()),
+            ("s/config.yaml".to_owned(), "migrate_dir: migration\n".to_owned()),
+            ("s/migration/001_put.yaml".to_owned(), "up:\n  request:\n    method: PUT\n    url: '{{.api}}/things/1'\ndown:\n  method: DELETE\n  url: '{{.api}}/things/1'\n".to_owned()),
+            ("s/migration/002_sleep.yaml".to_owned(), format!("up:\n  command:\n    program: sh\n    args: [\"-c\", \"echo $$ > {}; exec sleep 30\"]\n", pidfile.display())),
+        ];
+        for (path, content) in &files {
+            baton_e2e::files::write(&dir.join(path), content);
+        }
+        let set = format!("api={}", target.url());
+        let (dir2, pid2) = (dir.clone(), pidfile.clone());
+        let (code, text) = tokio::task::spawn_blocking(move || {
+            let child = Command::new(env!("CARGO_BIN_EXE_baton"))
+                .args(["stages", "up", "--set", &set])
+                .current_dir(&dir2)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            baton_e2e::cluster::wait_for(
+                "the command step",
+                std::time::Duration::from_secs(30),
+                || std::fs::read_to_string(&pid2).is_ok_and(|s| !s.trim().is_empty()),
+            );
+            let _ = Command::new("kill")
+                .args(["-INT", &child.id().to_string()])
+                .status();
+            let out = child.wait_with_output().unwrap();
+            (
+                out.status.code(),
+                format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                ),
+            )
+        })
+        .await
+        .unwrap();
+        assert_eq!(code, Some(1), "round {round}: {text}");
+        assert!(text.contains("run 1 cancelled"), "round {round}: {text}");
+        assert!(
+            !text.contains("rolling back"),
+            "round {round}: a cancel was rolled back:\n{text}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    assert!(
+        target.requests().iter().all(|r| r.method != "DELETE"),
+        "nothing was rolled back"
+    );
+}

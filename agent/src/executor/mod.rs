@@ -290,6 +290,9 @@ async fn run(
     report.end = match result {
         Ok(()) => StageEnd::Succeeded,
         Err(StepError::Cancelled) => StageEnd::Cancelled,
+        // A step that failed because it was being stopped (its request dropped, its process
+        // group killed) was cancelled: whichever noticed first, the stage ends the same way.
+        Err(StepError::Failed(_)) if ctx.cancel.is_cancelled() => StageEnd::Cancelled,
         Err(StepError::Failed(msg)) => StageEnd::Failed(ctx.mask(&msg)),
     };
     for vars in extracted.values() {

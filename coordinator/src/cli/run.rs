@@ -217,10 +217,11 @@ async fn watch_and_print(
     let stages: Vec<String> = plan.order.iter().map(|s| s.name.clone()).collect();
     let ctrl_c = CancellationToken::new();
     let signal = ctrl_c.clone();
+    // SIGINT (Ctrl-C) or SIGTERM: cancel the run; its stages stop (command steps: their
+    // whole process group) and the run records that it was cancelled.
     let watcher = tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            signal.cancel();
-        }
+        baton_common::telemetry::shutdown_signal().await;
+        signal.cancel();
     });
     let mut rx = runs.watch(run_id, s.first_seq, true).map_err(runs_err)?;
     let mut progress =
