@@ -255,7 +255,7 @@ impl Runs {
         let store = self.store.clone();
         let key = s.project_key.clone();
         let plan = s.plan.clone();
-        let run = blocking(move || new_run(store.as_ref(), &key, &plan)).await?;
+        let run = blocking(move || new_run(store.as_ref(), &key, &plan, None)).await?;
         let submitted = Submitted {
             run_id: run.id,
             resumed: false,
@@ -463,7 +463,7 @@ impl Runs {
         let store = self.store.clone();
         let key = sub.project_key.clone();
         let plan = sub.plan.clone();
-        let run = blocking(move || new_run(store.as_ref(), &key, &plan)).await?;
+        let run = blocking(move || new_run(store.as_ref(), &key, &plan, None)).await?;
         let run_id = run.id;
         let (events, cancel, outcome_tx) =
             self.register(run_id, Arc::new(std::sync::atomic::AtomicBool::new(false)));
@@ -706,6 +706,13 @@ fn prepare_up(
         }
         other => {
             let mut notes = Vec::new();
+            // The abandoned run's random id carries over: a migration it had in flight is sent
+            // again with the key it was first sent with, so a target that honours keys does
+            // not apply it twice (the new run never sends anything else the old one did).
+            let inherit = other
+                .as_ref()
+                .map(|o| o.uid.clone())
+                .filter(|u| !u.is_empty());
             if let Some(old) = other {
                 // The files changed since that run was planned: it cannot resume as planned.
                 let mut abandoned = old.clone();
@@ -728,9 +735,9 @@ fn prepare_up(
                     event: note,
                 });
                 store.commit(t)?;
-                notes.push(format!("note: run {} was interrupted, but the files changed since it was planned; it is marked failed and a new run starts", old.id));
+                notes.push(format!("note: run {} was interrupted, but the files changed since it was planned; it is marked failed and a new run starts (a migration it had in flight is sent with the same Idempotency-Key)", old.id));
             }
-            let run = new_run(store, key, plan)?;
+            let run = new_run(store, key, plan, inherit)?;
             Ok(Prepared {
                 run,
                 resumed: false,
@@ -743,10 +750,19 @@ fn prepare_up(
     }
 }
 
-/// Records a new run and its first event.
-fn new_run(store: &dyn Store, key: &str, plan: &Plan) -> Result<RunRecord, RunsError> {
+/// Records a new run and its first event; `uid` is the run's random id when it continues an
+/// abandoned run (else a new one is drawn).
+fn new_run(
+    store: &dyn Store,
+    key: &str,
+    plan: &Plan,
+    uid: Option<String>,
+) -> Result<RunRecord, RunsError> {
     let id = store.next_id()?;
-    let uid = baton_common::ids::random_hex()?;
+    let uid = match uid {
+        Some(u) => u,
+        None => baton_common::ids::random_hex()?,
+    };
     let run = RunRecord {
         v: FORMAT,
         id,

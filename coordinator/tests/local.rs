@@ -737,3 +737,71 @@ async fn ctrl_c_always_cancels_and_never_rolls_back() {
         "nothing was rolled back"
     );
 }
+
+/// After a crash with a migration in flight, editing the files (here, a comment) starts a
+/// new run; the in-flight migration is sent again with the key it was first sent with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edit_after_a_crash_keeps_the_in_flight_key() {
+    let target = Target::start().await;
+    target.answer_unscripted_like_a_cloud();
+    target.on(
+        "PUT",
+        "/a/1",
+        vec![Reply::json(201, json!({"id": "a1"})).delayed(std::time::Duration::from_secs(3))],
+    );
+    let dir = std::env::temp_dir().join(format!("baton-local-edit-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let stages = "stages:\n  - name: s\n    config_path: s/config.yaml\nglobal:\n  env:\n    api: http://127.0.0.1:9\n";
+    baton_e2e::files::write(&dir.join("stages.yaml"), stages);
+    baton_e2e::files::write(&dir.join("s/config.yaml"), "migrate_dir: migration\n");
+    for v in 1..=2 {
+        baton_e2e::files::write(
+            &dir.join(format!("s/migration/00{v}_put.yaml")),
+            &format!("up:\n  request:\n    method: PUT\n    url: '{{{{.api}}}}/a/{v}'\n"),
+        );
+    }
+    let set = format!("api={}", target.url());
+    let (d, s, log) = (dir.clone(), set.clone(), target.clone_handle());
+    tokio::task::spawn_blocking(move || {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_baton"))
+            .args(["stages", "up", "--set", &s])
+            .current_dir(&d)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        baton_e2e::cluster::wait_for(
+            "the first request",
+            std::time::Duration::from_secs(30),
+            || !log.requests_to("PUT", "/a/1").is_empty(),
+        );
+        child.kill().unwrap();
+        child.wait().unwrap();
+    })
+    .await
+    .unwrap();
+    baton_e2e::files::write(
+        &dir.join("stages.yaml"),
+        &format!("# edited after the crash\n{stages}"),
+    );
+    // sled lets go of its lock shortly after the killed process is gone (bounded wait).
+    let mut result = (0, String::new());
+    for _ in 0..100 {
+        result = baton(&dir, &["stages", "up", "--set", &set]).await;
+        if !result.1.contains("in use by another baton process") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let (code, out) = result;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("files changed"), "{out}");
+    let first = target.requests_to("PUT", "/a/1");
+    assert_eq!(first.len(), 2, "{out}");
+    assert_eq!(
+        first[0].header("idempotency-key"),
+        first[1].header("idempotency-key"),
+        "the in-flight migration was re-sent under a new key"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
