@@ -588,7 +588,7 @@ async fn wait_health_check_runs_before_migrations() {
     );
     target.on("POST", "/x", vec![Reply::status(201)]);
     let d = StageDir::new(&target.url());
-    d.write("s/config.yaml", "migrate_dir: migration\nwait:\n  url: '{{.api}}/health'\n  status: 200\n  interval: 20ms\n  timeout: 10s\n");
+    d.write("s/config.yaml", "migrate_dir: migration\nwait:\n  url: '{{.api}}/health'\n  status: 200\n  interval: 100ms\n  timeout: 10s\n");
     d.migration(
         "001_x.yaml",
         "up:\n  request:\n    method: POST\n    url: '{{.api}}/x'\n",

@@ -577,7 +577,11 @@ pub(super) async fn wait_until_healthy(ctx: &StageCtx<'_>) -> Result<(), StepErr
         }
     }
     let timeout = wait.timeout.unwrap_or(Duration::from_secs(60));
-    let interval = wait.interval.unwrap_or(Duration::from_secs(2));
+    // Validation refuses shorter ones; the floor holds whatever the files say.
+    let interval = wait
+        .interval
+        .unwrap_or(Duration::from_secs(2))
+        .max(baton_common::spec::MIN_WAIT_INTERVAL);
     let deadline = Instant::now() + timeout;
     ctx.emit(StageEvent::Log {
         version: None,

@@ -8,6 +8,9 @@ use super::read::{style_of, Reader};
 use super::stages::{read_env_map, read_retry};
 use super::{AuthKind, AuthSpec, ClientSpec, EnvEntry, Located, StageConfigSpec, Tmpl, WaitSpec};
 
+/// The shortest pause between two health checks (`wait.interval`).
+pub const MIN_WAIT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+
 const CONFIG_KEYS: &[&str] = &[
     "migrate_dir",
     "env",
@@ -370,7 +373,20 @@ fn read_wait(r: &mut Reader<'_>, node: &Node) -> Option<WaitSpec> {
             "method" => wait.method = r.string(v, "wait.method").map(|m| m.to_ascii_uppercase()),
             "status" => wait.status = r.u64(v, "wait.status").and_then(|s| u16::try_from(s).ok()),
             "timeout" => wait.timeout = r.duration(v, "wait.timeout").map(|d| d.value),
-            "interval" => wait.interval = r.duration(v, "wait.interval").map(|d| d.value),
+            "interval" => {
+                wait.interval = r.duration(v, "wait.interval").map(|d| d.value);
+                if wait.interval.is_some_and(|i| i < MIN_WAIT_INTERVAL) {
+                    r.error(
+                        v.pos,
+                        format!(
+                            "wait.interval must be at least {} ms; a shorter one polls the target in a hot loop",
+                            MIN_WAIT_INTERVAL.as_millis()
+                        ),
+                        Some("e.g. `interval: 2s` (the default)".into()),
+                    );
+                    wait.interval = None;
+                }
+            }
             "headers" => wait.headers = super::migration::read_pairs(r, v, "wait.headers"),
             _ => {}
         }

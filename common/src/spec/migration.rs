@@ -50,6 +50,12 @@ pub fn parse_file_name(file_name: &str) -> Result<(u64, String), String> {
         .parse::<u64>()
         .map_err(|_| "version number is too large".to_owned())?;
     let name = stem[digits..].trim_start_matches(['_', '-']).to_owned();
+    if let Some(c) = name.chars().find(|c| c.is_control()) {
+        return Err(format!(
+            "the name holds the control character U+{:04X}; rename the file",
+            u32::from(c)
+        ));
+    }
     Ok((version, name))
 }
 

@@ -11,6 +11,7 @@
 
 mod check;
 mod config;
+pub use config::MIN_WAIT_INTERVAL;
 pub mod duration;
 mod migration;
 mod read;

@@ -115,7 +115,30 @@ impl<'a> Reader<'a> {
             self.error(node.pos, format!("{what} must not be empty"), None);
             return None;
         }
+        if !self.no_control_chars(node.pos, &s.value, what) {
+            return None;
+        }
         Some(s)
+    }
+
+    /// Names (stages, variables, files) hold no control characters: a NUL or a newline in
+    /// one makes two different names look the same, in logs and in the store's keys.
+    pub fn no_control_chars(&mut self, pos: Pos, value: &str, what: &str) -> bool {
+        match value.chars().find(|c| c.is_control()) {
+            None => true,
+            Some(c) => {
+                self.error(
+                    pos,
+                    format!(
+                        "{what} `{}` contains the control character U+{:04X}",
+                        value.escape_debug(),
+                        u32::from(c)
+                    ),
+                    Some("use printable characters only".into()),
+                );
+                false
+            }
+        }
     }
 
     pub fn bool(&mut self, node: &Node, what: &str) -> Option<bool> {

@@ -174,6 +174,9 @@ pub(crate) fn read_env_map(r: &mut Reader<'_>, node: &Node, what: &str) -> Vec<E
     };
     let mut out = Vec::new();
     for (k, v) in entries {
+        if !r.no_control_chars(k.pos, k.key_str(), &format!("`{what}` name")) {
+            continue;
+        }
         let value = match &v.value {
             Value::Scalar(s, _) => s.clone(),
             Value::Null => String::new(),

@@ -264,3 +264,51 @@ fn variables_given_on_the_command_line_count_as_provided() {
         loaded.diagnostics
     );
 }
+
+#[test]
+fn control_characters_in_names_are_errors() {
+    let loaded = project(&[
+        (
+            "stages.yaml",
+            "stages:\n  - name: \"app\\u0000\"\n    config_path: s/config.yaml\n    env:\n      \"re\\ngion\": eu\n",
+        ),
+        ("s/config.yaml", "migrate_dir: migration\n"),
+        ("s/migration/001_a.yaml", "up:\n  request:\n    method: GET\n    url: http://x/a\n"),
+    ]);
+    assert!(loaded.project.is_none());
+    let text = loaded.diagnostics.to_string();
+    assert!(
+        text.contains("stage name `app\\0` contains the control character U+0000"),
+        "{text}"
+    );
+    assert!(
+        text.contains("contains the control character U+000A"),
+        "{text}"
+    );
+    assert!(super::migration::parse_file_name("001_a\u{7}b.yaml").is_err());
+}
+
+#[test]
+fn a_wait_interval_under_the_minimum_is_an_error() {
+    let loaded = project(&[
+        (
+            "stages.yaml",
+            "stages:\n  - name: s\n    config_path: s/config.yaml\n",
+        ),
+        (
+            "s/config.yaml",
+            "migrate_dir: migration\nwait:\n  url: http://x/health\n  interval: 0s\n",
+        ),
+        (
+            "s/migration/001_a.yaml",
+            "up:\n  request:\n    method: GET\n    url: http://x/a\n",
+        ),
+    ]);
+    assert!(loaded.project.is_none());
+    let text = loaded.diagnostics.to_string();
+    assert!(text.contains("s/config.yaml:4:"), "{text}");
+    assert!(
+        text.contains("wait.interval must be at least 100 ms"),
+        "{text}"
+    );
+}

@@ -53,6 +53,10 @@ impl SledStore {
                     message: other.to_string(),
                 },
             })?;
+        restrict(dir).map_err(|e| StoreError::Open {
+            dir: shown.clone(),
+            message: format!("cannot make it private to its owner: {e}"),
+        })?;
         let tree = |name: &str| {
             db.open_tree(name).map_err(|e| StoreError::Open {
                 dir: shown.clone(),
@@ -88,6 +92,23 @@ fn store_id(db: &sled::Db, meta: &sled::Tree) -> Result<String, String> {
         .map_err(|e| e.to_string())?;
     db.flush().map_err(|e| e.to_string())?;
     Ok(id)
+}
+
+/// The state directory and what is in it are its owner's alone (0700 / 0600): it holds run
+/// history and exported variables. The directory's mode also covers files sled adds later.
+fn restrict(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let mode = if entry.file_type()?.is_dir() {
+            0o700
+        } else {
+            0o600
+        };
+        std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(mode))?;
+    }
+    Ok(())
 }
 
 fn io(e: sled::Error) -> StoreError {

@@ -200,3 +200,28 @@ fn a_second_open_of_the_same_directory_is_refused() {
         "{err}"
     );
 }
+
+#[test]
+fn the_state_directory_is_private_to_its_owner() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("baton-store-mode-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    {
+        let s = SledStore::open(&dir).unwrap();
+        suite(&s);
+    }
+    // Reopened: whatever sled wrote meanwhile is made private too.
+    let _s = SledStore::open(&dir);
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&dir), 0o700);
+    let mut files = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_file() {
+            assert_eq!(mode(&entry.path()), 0o600, "{}", entry.path().display());
+            files += 1;
+        }
+    }
+    assert!(files > 0, "sled wrote no file");
+    let _ = std::fs::remove_dir_all(&dir);
+}
