@@ -63,12 +63,32 @@ fn render(ctx: &StageCtx<'_>, auth: &AuthSpec, field: &str, t: &Tmpl) -> Result<
         })
 }
 
+/// A credential written in the config (a password, a client secret): a secret from the
+/// moment it is rendered, like the tokens derived from it. One too short to mask is noted,
+/// not fatal: the request it authenticates can still be made.
+async fn credential(ctx: &StageCtx<'_>, auth: &AuthSpec, field: &str, value: &str) {
+    let name = format!("auth.{}.{field}", auth.name.value);
+    if value.is_empty() || ctx.add_secret(&name, value).is_ok() {
+        return;
+    }
+    let line = format!(
+        "auth `{}`: {field} is shorter than 4 characters and cannot be masked",
+        auth.name.value
+    );
+    ctx.emit(crate::executor::StageEvent::Log {
+        version: None,
+        line,
+    })
+    .await;
+}
+
 async fn acquire(ctx: &StageCtx<'_>, auth: &AuthSpec) -> Result<Token, StepError> {
     let name = &auth.name.value;
     match &auth.kind {
         AuthKind::Basic { username, password } => {
             let user = render(ctx, auth, "username", username)?;
             let pass = render(ctx, auth, "password", password)?;
+            credential(ctx, auth, "password", &pass).await;
             let bare = base64_encode(format!("{user}:{pass}").as_bytes());
             Ok(Token {
                 header: format!("Basic {bare}"),
@@ -79,6 +99,11 @@ async fn acquire(ctx: &StageCtx<'_>, auth: &AuthSpec) -> Result<Token, StepError
             let mut values = BTreeMap::new();
             for (k, t) in fields {
                 values.insert(k.as_str(), render(ctx, auth, k, t)?);
+            }
+            for secret in ["client_secret", "password"] {
+                if let Some(v) = values.get(secret) {
+                    credential(ctx, auth, secret, v).await;
+                }
             }
             let token_url = values.get("token_url").cloned().unwrap_or_default();
             let mut form = vec![("grant_type", grant_type.clone())];
@@ -129,9 +154,11 @@ async fn acquire(ctx: &StageCtx<'_>, auth: &AuthSpec) -> Result<Token, StepError
             password,
         } => {
             let base = render(ctx, auth, "base_url", base_url)?;
+            let pass = render(ctx, auth, "password", password)?;
+            credential(ctx, auth, "password", &pass).await;
             let body = serde_json::json!({
                 "identity": render(ctx, auth, "email", email)?,
-                "password": render(ctx, auth, "password", password)?,
+                "password": pass,
             });
             let base = base.trim_end_matches('/');
             // PocketBase 0.23 and later authenticate superusers as a collection; older

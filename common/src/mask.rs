@@ -59,7 +59,7 @@ impl Masker {
             // JSON escaping of the JSON-escaped form (a JSON document inside a JSON string).
             json_escape(&json_escape(value)),
         ];
-        for f in forms {
+        for f in forms.into_iter().chain(url_encodings(value)) {
             if f.len() >= MIN_SECRET_LEN && !self.needles.contains(&f) {
                 self.needles.push(f);
             }
@@ -98,6 +98,39 @@ impl Masker {
         }
         out
     }
+}
+
+/// Every common URL encoding of `value`: RFC 3986 (only unreserved characters kept),
+/// JavaScript's `encodeURIComponent` (also `!'()*` kept) and HTML form encoding (`*-._`
+/// kept), each with spaces as `%20` and as `+`, and hex digits in upper and lower case.
+fn url_encodings(value: &str) -> Vec<String> {
+    let rfc3986 = |c: u8| c.is_ascii_alphanumeric() || b"-._~".contains(&c);
+    let component = |c: u8| rfc3986(c) || b"!'()*".contains(&c);
+    let form = |c: u8| c.is_ascii_alphanumeric() || b"*-._".contains(&c);
+    let keeps: [&dyn Fn(u8) -> bool; 3] = [&rfc3986, &component, &form];
+    let mut out = Vec::new();
+    for keep in keeps {
+        for plus in [false, true] {
+            for lower in [false, true] {
+                let mut s = String::with_capacity(value.len() * 3);
+                for &b in value.as_bytes() {
+                    if keep(b) {
+                        s.push(char::from(b));
+                    } else if b == b' ' && plus {
+                        s.push('+');
+                    } else if lower {
+                        s.push_str(&format!("%{b:02x}"));
+                    } else {
+                        s.push_str(&format!("%{b:02X}"));
+                    }
+                }
+                if !out.contains(&s) {
+                    out.push(s);
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Masks a stream of text chunks. Text that could be the start of a secret is held back until
@@ -163,6 +196,22 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    #[test]
+    fn every_common_url_encoding_is_masked() {
+        let m = masker("se cret!'()*é");
+        for encoded in [
+            "se%20cret%21%27%28%29%2A%C3%A9", // RFC 3986, upper hex
+            "se%20cret%21%27%28%29%2a%c3%a9", // RFC 3986, lower hex
+            "se+cret%21%27%28%29*%C3%A9",     // HTML form encoding
+            "se+cret%21%27%28%29*%c3%a9",     // form encoding, lower hex
+            "se%20cret!'()*%C3%A9",           // encodeURIComponent
+            "se+cret!'()*%C3%A9",             // encodeURIComponent, + for spaces
+        ] {
+            let text = format!("GET /x?q={encoded}&y=1");
+            assert_eq!(m.mask(&text), "GET /x?q=***&y=1", "{encoded}");
+        }
+    }
 
     fn masker(secret: &str) -> Masker {
         let mut m = Masker::new();

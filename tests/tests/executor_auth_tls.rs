@@ -295,3 +295,55 @@ async fn tls_version_bounds_apply() {
     let (report, events) = run(d.task(Direction::Up, vec![])).await;
     assert_eq!(report.end, StageEnd::Succeeded, "{}", event_text(&events));
 }
+
+/// Credentials written in the config are secrets too, not only the tokens made from them:
+/// a token endpoint that echoes the client secret in its error does not put it in the
+/// stage's error, and a basic-auth password in a URL is masked in the events.
+#[tokio::test]
+async fn literal_auth_credentials_are_masked() {
+    let target = Target::start().await;
+    target.on(
+        "POST",
+        "/token",
+        vec![Reply::json(
+            401,
+            json!({"error": "invalid_client", "got": "sekrit-client-42"}),
+        )],
+    );
+    let d = StageDir::new(&target.url());
+    d.write(
+        "s/config.yaml",
+        "migrate_dir: migration\nauth:\n  - type: oauth2\n    name: main\n    config:\n      grant_type: client_credentials\n      token_url: '{{.api}}/token'\n      client_id: c\n      client_secret: sekrit-client-42\n",
+    );
+    d.migration("001_x.yaml", CALL_WITH_AUTH);
+    let (report, events) = run(d.task(Direction::Up, vec![])).await;
+    let msg = failed(&report.end);
+    assert!(msg.contains("failed with status 401"), "{msg}");
+    assert!(!msg.contains("sekrit-client-42"), "{msg}");
+    assert!(!format!("{events:?}").contains("sekrit-client-42"));
+}
+
+/// `REGION=eu` read with `valueFromEnv` is a fine value: too short to mask, it does not fail
+/// the stage; the stage's log says it is not masked.
+#[tokio::test]
+async fn a_short_value_from_env_does_not_fail_the_stage() {
+    let target = Target::start().await;
+    target.on("POST", "/x", vec![Reply::status(201)]);
+    let d = StageDir::new(&target.url());
+    d.write(
+        "s/config.yaml",
+        "migrate_dir: migration\nenv:\n  - name: region\n    valueFromEnv: REGION\n",
+    );
+    d.migration(
+        "001_x.yaml",
+        "up:\n  request:\n    method: POST\n    url: '{{.api}}/x?r={{.region}}'\n",
+    );
+    let env = BTreeMap::from([("REGION".to_owned(), "eu".to_owned())]);
+    let (report, events) = run(d.task_with_env(Direction::Up, vec![], env)).await;
+    assert_eq!(report.end, StageEnd::Succeeded, "{events:?}");
+    assert_eq!(target.requests_to("POST", "/x")[0].query, "r=eu");
+    assert!(
+        format!("{events:?}").contains("`region` is shorter than 4 characters"),
+        "{events:?}"
+    );
+}

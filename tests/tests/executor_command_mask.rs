@@ -186,8 +186,11 @@ async fn secrets_are_masked_in_every_form() {
     assert!(msg.contains("raw=*** b64=*** url=*** json=***"), "{msg}");
 }
 
+/// A value from the environment too short to mask (`PIN=123`) used to fail the stage; a
+/// short value is a fine value (`REGION=eu`), so the stage runs and its log says the value
+/// is not masked.
 #[tokio::test]
-async fn secrets_shorter_than_four_characters_are_refused() {
+async fn secrets_shorter_than_four_characters_are_noted_not_fatal() {
     let d = StageDir::new("http://127.0.0.1:9");
     d.write(
         "s/config.yaml",
@@ -195,10 +198,9 @@ async fn secrets_shorter_than_four_characters_are_refused() {
     );
     d.migration("001_x.yaml", "up:\n  command:\n    program: 'true'\n");
     let env = BTreeMap::from([("PIN".to_owned(), "123".to_owned())]);
-    let (report, _) = run(d.task_with_env(Direction::Up, vec![], env)).await;
-    assert!(
-        failed(&report.end).contains("secret `pin` is 3 characters long; secrets need at least 4")
-    );
+    let (report, events) = run(d.task_with_env(Direction::Up, vec![], env)).await;
+    assert_eq!(report.end, StageEnd::Succeeded);
+    assert!(format!("{events:?}").contains("`pin` is shorter than 4 characters"));
 }
 
 #[tokio::test]

@@ -267,13 +267,21 @@ async fn run(
         exported: BTreeMap::new(),
         secret_exports: Vec::new(),
     };
-    let mut ctx = match prepare(task, cancel, events) {
+    let mut notes = Vec::new();
+    let mut ctx = match prepare(task, cancel, events, &mut notes) {
         Ok(ctx) => ctx,
         Err(msg) => {
             report.end = StageEnd::Failed(msg);
             return report;
         }
     };
+    for line in notes {
+        ctx.emit(StageEvent::Log {
+            version: None,
+            line,
+        })
+        .await;
+    }
     // Variables extracted so far, oldest migration first; later values win.
     let mut extracted: BTreeMap<u64, BTreeMap<String, String>> = task
         .applied
@@ -313,11 +321,20 @@ async fn run(
     report
 }
 
-/// Builds the stage's base variables, its masker and its HTTP client.
+/// What the stage's log says about a secret value too short to mask. It does not fail the
+/// stage (`REGION=eu` from the environment is a fine value); validation warns about short
+/// literal secrets.
+fn short_note(name: &str) -> String {
+    format!("`{name}` is shorter than 4 characters, too short to be masked; it is shown as it is")
+}
+
+/// Builds the stage's base variables, its masker and its HTTP client; `notes` collects lines
+/// for the stage's log.
 fn prepare<'a>(
     task: &'a StageTask,
     cancel: CancellationToken,
     events: &'a mpsc::Sender<StageEvent>,
+    notes: &mut Vec<String>,
 ) -> Result<StageCtx<'a>, String> {
     let mut masker = Masker::new();
     let mut config_env = BTreeMap::new();
@@ -330,9 +347,9 @@ fn prepare<'a>(
                         task.stage, entry.name.value
                     )
                 })?;
-                masker
-                    .add(&entry.name.value, value)
-                    .map_err(|e| format!("stage `{}`: {e}", task.stage))?;
+                if masker.add(&entry.name.value, value).is_err() {
+                    notes.push(short_note(&entry.name.value));
+                }
                 value.clone()
             }
             None => entry.value.clone(),
@@ -356,9 +373,9 @@ fn prepare<'a>(
             .get(name)
             .or_else(|| task.applied.iter().rev().find_map(|a| a.vars.get(name)));
         if let Some(value) = value {
-            masker
-                .add(name, value)
-                .map_err(|e| format!("stage `{}`: {e}", task.stage))?;
+            if masker.add(name, value).is_err() {
+                notes.push(short_note(name));
+            }
         }
     }
     let client = build_client(
