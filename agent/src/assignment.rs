@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::executor::{execute, StageTask, StepGate, VarLayers};
 
 /// Where the stage runs, as the executor needs to know it.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub struct Host {
     /// The environment of the process that runs the stage: the only source of
     /// `valueFromEnv` values and of `env` in conditions and templates.
@@ -29,6 +29,8 @@ pub struct Host {
     /// command steps find them on disk; removed when the attempt ends. `None`: the files'
     /// paths are used as they are (local mode, where they came from this disk).
     pub workspace: Option<PathBuf>,
+    /// HTTP clients shared by every stage this host runs.
+    pub clients: Arc<crate::client::ClientCache>,
 }
 
 /// An attempt's files written under the workspace; removed when dropped.
@@ -280,6 +282,7 @@ pub async fn run(
         files,
         gate,
         user_agent: host.user_agent.clone(),
+        clients: Some(host.clients.clone()),
     };
     execute(task, cancel, events).await
 }

@@ -2,6 +2,7 @@
 //! request of the stage (health check, auth, migrations) goes through it, so the TLS options
 //! apply to all of them.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -10,19 +11,99 @@ use baton_common::spec::{beside, ClientSpec, SourceFiles, TlsVersion};
 /// Per-request timeout unless `client.timeout` says otherwise (COMPAT.md).
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Builds the stage's client. `config_file` anchors a relative `ca_file`; an empty
-/// `user_agent` means `baton/VERSION`.
+/// What makes two clients the same: every option that shapes one, the CA bytes included.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct ClientKey {
+    insecure: bool,
+    min_tls: Option<u8>,
+    max_tls: Option<u8>,
+    timeout: Option<Duration>,
+    ca: Option<Vec<u8>>,
+    user_agent: String,
+}
+
+/// Clients built so far by one runner (an agent, or local mode's in-process runner), one per
+/// distinct configuration: the system's root certificates are loaded once per client
+/// instead of once per stage, and connections to a target are kept alive and reused across
+/// stages and migrations. It lives as long as its runner (and so its async runtime, which
+/// drives the pooled connections). Bounded: past [`MAX_CLIENTS`] distinct configurations it
+/// starts over.
+#[derive(Debug, Default)]
+pub struct ClientCache(std::sync::Mutex<HashMap<ClientKey, reqwest::Client>>);
+
+/// Distinct client configurations kept at once.
+const MAX_CLIENTS: usize = 64;
+
+fn tls_code(v: Option<TlsVersion>) -> Option<u8> {
+    v.map(|v| match v {
+        TlsVersion::V1_2 => 12,
+        TlsVersion::V1_3 => 13,
+    })
+}
+
+/// The stage's client: from `cache` when a stage with the same options built one, else new
+/// (and kept there). `config_file` anchors a relative `ca_file`; an empty `user_agent` means
+/// `baton/VERSION`.
 pub fn build_client(
     spec: &ClientSpec,
     config_file: &Path,
     files: &dyn SourceFiles,
     user_agent: &str,
+    cache: Option<&ClientCache>,
 ) -> Result<reqwest::Client, String> {
     let user_agent = if user_agent.is_empty() {
         concat!("baton/", env!("CARGO_PKG_VERSION"))
     } else {
         user_agent
     };
+    let ca =
+        match &spec.ca_file {
+            Some(ca) => {
+                let path = beside(config_file, &ca.value);
+                Some(files.read(&path).map_err(|e| {
+                    format!("client.ca_file `{}` cannot be read: {e}", path.display())
+                })?)
+            }
+            None => None,
+        };
+    let key = ClientKey {
+        insecure: spec.insecure,
+        min_tls: tls_code(spec.min_tls_version),
+        max_tls: tls_code(spec.max_tls_version),
+        timeout: spec.timeout,
+        ca,
+        user_agent: user_agent.to_owned(),
+    };
+    let Some(cache) = cache else {
+        return new_client(spec, config_file, &key);
+    };
+    // A poisoned lock only means a panic elsewhere; the map is still consistent.
+    if let Some(c) = cache
+        .0
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .get(&key)
+    {
+        return Ok(c.clone());
+    }
+    let client = new_client(spec, config_file, &key)?;
+    let mut map = cache
+        .0
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if map.len() >= MAX_CLIENTS {
+        map.clear();
+    }
+    map.insert(key, client.clone());
+    Ok(client)
+}
+
+fn new_client(
+    spec: &ClientSpec,
+    config_file: &Path,
+    key: &ClientKey,
+) -> Result<reqwest::Client, String> {
+    let user_agent = key.user_agent.as_str();
     let mut b = reqwest::Client::builder()
         .use_rustls_tls()
         .timeout(spec.timeout.unwrap_or(DEFAULT_REQUEST_TIMEOUT))
@@ -40,12 +121,9 @@ pub fn build_client(
     if let Some(v) = spec.max_tls_version {
         b = b.max_tls_version(version(v));
     }
-    if let Some(ca) = &spec.ca_file {
+    if let (Some(ca), Some(pem)) = (&spec.ca_file, &key.ca) {
         let path = beside(config_file, &ca.value);
-        let pem = files
-            .read(&path)
-            .map_err(|e| format!("client.ca_file `{}` cannot be read: {e}", path.display()))?;
-        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+        let certs = reqwest::Certificate::from_pem_bundle(pem).map_err(|e| {
             format!(
                 "client.ca_file `{}` is not a PEM certificate: {e}",
                 path.display()
@@ -69,5 +147,29 @@ fn version(v: TlsVersion) -> reqwest::tls::Version {
     match v {
         TlsVersion::V1_2 => reqwest::tls::Version::TLS_1_2,
         TlsVersion::V1_3 => reqwest::tls::Version::TLS_1_3,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_client_per_distinct_configuration() {
+        let cache = ClientCache::default();
+        let files = baton_common::spec::MemoryFiles::default();
+        let spec = ClientSpec::default();
+        let config = Path::new("s/config.yaml");
+        for _ in 0..3 {
+            build_client(&spec, config, &files, "", Some(&cache)).expect("client");
+        }
+        assert_eq!(cache.0.lock().expect("lock").len(), 1);
+        let insecure = ClientSpec {
+            insecure: true,
+            ..ClientSpec::default()
+        };
+        build_client(&insecure, config, &files, "", Some(&cache)).expect("client");
+        build_client(&spec, config, &files, "baton-agent/x (a)", Some(&cache)).expect("client");
+        assert_eq!(cache.0.lock().expect("lock").len(), 3);
     }
 }

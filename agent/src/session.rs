@@ -82,6 +82,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         env: config.env.clone(),
         user_agent: config.user_agent(),
         workspace: Some(config.workspace.clone()),
+        clients: Arc::default(),
     });
     let token = BearerToken::new(config.token.as_deref()).map_err(AgentError::Token)?;
     let endpoint = endpoint(&config.coordinator, config.ca_pem.as_deref())?;

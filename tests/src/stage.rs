@@ -101,6 +101,7 @@ impl StageDir {
         StageTask {
             key_scope: "store-1/run-1".to_owned(),
             user_agent: String::new(),
+            clients: None,
             stage: "s".to_owned(),
             config_file: stage.config_file,
             config: stage.config,

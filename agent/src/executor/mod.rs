@@ -82,6 +82,8 @@ pub struct StageTask {
     /// `User-Agent` of every request (`baton/VERSION` locally, `baton-agent/VERSION (ID)` on
     /// an agent, so a target's log shows which agent sent what).
     pub user_agent: String,
+    /// The runner's HTTP clients, shared across its stages; `None`: a client of its own.
+    pub clients: Option<Arc<crate::client::ClientCache>>,
 }
 
 /// See [`StageTask::gate`].
@@ -383,6 +385,7 @@ fn prepare<'a>(
         &task.config_file,
         task.files.as_ref(),
         &task.user_agent,
+        task.clients.as_deref(),
     )
     .map_err(|e| format!("stage `{}`: {e}", task.stage))?;
     let max_response_bytes = task

@@ -35,6 +35,7 @@ impl InProcessRunner {
                 env,
                 user_agent: String::new(),
                 workspace: None,
+                clients: Arc::default(),
             }),
             gates: Gates::default(),
             cancels: Arc::default(),
