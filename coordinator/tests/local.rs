@@ -805,3 +805,26 @@ async fn an_edit_after_a_crash_keeps_the_in_flight_key() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `runs_on` picks agents; local mode has none, and says so instead of ignoring it silently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_on_in_local_mode_gets_a_notice() {
+    let dir = std::env::temp_dir().join(format!("baton-local-runs-on-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    baton_e2e::files::write(
+        &dir.join("stages.yaml"),
+        "stages:\n  - name: s\n    config_path: s/config.yaml\n    runs_on: {env: prod}\n",
+    );
+    baton_e2e::files::write(&dir.join("s/config.yaml"), "migrate_dir: migration\n");
+    baton_e2e::files::write(
+        &dir.join("s/migration/001_a.yaml"),
+        "up:\n  request:\n    method: GET\n    url: http://127.0.0.1:9/a\n",
+    );
+    let (code, out) = baton(&dir, &["stages", "up", "--dry-run"]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("notice: s set runs_on; local mode runs every stage on this machine"),
+        "{out}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -173,6 +173,8 @@ fn read_auth_list(r: &mut Reader<'_>, node: &Node) -> Vec<AuthSpec> {
 
 const OAUTH2_FIELDS: &[&str] = &[
     "token_url",
+    // apirun's docs show it (the authorization endpoint); the grants baton runs do not use it.
+    "auth_url",
     "client_id",
     "client_secret",
     "username",
@@ -359,6 +361,10 @@ fn field(fields: &[(String, Tmpl)], name: &str) -> Option<Tmpl> {
 }
 
 fn read_wait(r: &mut Reader<'_>, node: &Node) -> Option<WaitSpec> {
+    // `wait:` with nothing under it (apirun's templates leave it so): no health check.
+    if matches!(node.value, Value::Null) {
+        return None;
+    }
     let entries = r.mapping(
         node,
         "`wait`",
@@ -391,12 +397,9 @@ fn read_wait(r: &mut Reader<'_>, node: &Node) -> Option<WaitSpec> {
             _ => {}
         }
     }
-    let Some(url) = url else {
-        r.error(
-            node.pos,
-            "`wait` has no `url`",
-            Some("add `url: <health check URL>`".into()),
-        );
+    // No url (or an empty one) means no health check, as in apirun.
+    let Some(url) = url.filter(|u| !u.template.source().trim().is_empty()) else {
+        r.notice(node.pos, "`wait` has no `url`: no health check runs");
         return None;
     };
     wait.url = Some(url);

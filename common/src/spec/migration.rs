@@ -11,7 +11,17 @@ use super::{
     ResponseSpec, RetryOnLost, StepAction, StepSpec, Tmpl,
 };
 
-const MIGRATION_KEYS: &[&str] = &["up", "down", "env", "retry", "retry_on_lost"];
+/// `apiVersion` and `kind` are accepted at a migration's root, as in stages files (apirun's
+/// examples carry them); they change nothing.
+const MIGRATION_KEYS: &[&str] = &[
+    "up",
+    "down",
+    "env",
+    "retry",
+    "retry_on_lost",
+    "apiVersion",
+    "kind",
+];
 const REQUEST_KEYS: &[&str] = &[
     "method",
     "url",

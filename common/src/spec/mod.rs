@@ -605,11 +605,16 @@ pub fn normalize(path: &Path) -> PathBuf {
     for c in path.components() {
         match c {
             Component::CurDir => {}
-            Component::ParentDir => {
-                if !out.pop() || out.as_os_str().is_empty() && path.is_relative() {
-                    out.push("..");
+            Component::ParentDir => match out.components().next_back() {
+                // `dir/..` is where `dir` is.
+                Some(Component::Normal(_)) => {
+                    out.pop();
                 }
-            }
+                // `/..` is `/`.
+                Some(Component::RootDir | Component::Prefix(_)) => {}
+                // Above the start of a relative path: keep climbing.
+                _ => out.push(".."),
+            },
             other => out.push(other.as_os_str()),
         }
     }
@@ -942,11 +947,23 @@ fn load_stage(
         }
         match parse_file_name(&file_name) {
             Ok((v, n)) => candidates.push((v, n, file_name)),
-            Err(why) => {
+            // A numbered file that does not parse is a broken migration.
+            Err(why) if file_name.starts_with(|c: char| c.is_ascii_digit()) => {
                 l.diags.error(
                     &migrate_dir.join(&file_name),
                     Pos::FILE,
                     format!("bad migration file name `{file_name}`: {why}"),
+                );
+            }
+            // Anything else (the config file itself, notes) is not a migration: apirun
+            // passes over such files, and so does baton, saying so.
+            Err(_) => {
+                l.diags.notice(
+                    &migrate_dir.join(&file_name),
+                    Pos::FILE,
+                    format!(
+                        "`{file_name}` is not a migration file (`NNN_name.yaml`); it is ignored"
+                    ),
                 );
             }
         }

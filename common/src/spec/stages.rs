@@ -277,7 +277,8 @@ fn read_stage(r: &mut Reader<'_>, node: &Node) -> Option<StageSpec> {
                 }
             }
             "condition" => {
-                if let Some(text) = r.string(v, "condition") {
+                // `condition: ""` (or only spaces) means no condition, as in apirun.
+                if let Some(text) = r.string(v, "condition").filter(|t| !t.trim().is_empty()) {
                     match Condition::parse(&text) {
                         Ok(c) => {
                             stage.condition = Some(Located {

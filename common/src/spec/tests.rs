@@ -198,10 +198,37 @@ fn duplicate_versions_and_bad_names() {
         text.contains("duplicate migration version 1: `001_again.yaml` and `001_create_vpc.yaml`"),
         "{text}"
     );
+    // Not numbered: not a migration, passed over with a notice (as apirun does).
     assert!(
-        text.contains("bad migration file name `vpc.yaml`"),
+        text.contains(
+            "notice: `vpc.yaml` is not a migration file (`NNN_name.yaml`); it is ignored"
+        ),
         "{text}"
     );
+}
+
+/// apirun keeps a stage's config.yaml inside its migration directory (`migrate_dir: .`):
+/// the config file there is not a migration and does not make the project invalid.
+#[test]
+fn a_config_file_inside_the_migration_directory_is_ignored() {
+    let loaded = project(&[
+        (
+            "stages.yaml",
+            "stages:\n  - name: s\n    config_path: s/config.yaml\n",
+        ),
+        ("s/config.yaml", "migrate_dir: .\n"),
+        (
+            "s/001_a.yaml",
+            "up:\n  request:\n    method: GET\n    url: http://x/a\n",
+        ),
+    ]);
+    let text = loaded.diagnostics.to_string();
+    assert!(loaded.project.is_some(), "{text}");
+    assert!(
+        text.contains("`config.yaml` is not a migration file"),
+        "{text}"
+    );
+    assert_eq!(loaded.project.unwrap().stages[0].migrations.len(), 1);
 }
 
 #[test]
@@ -311,4 +338,104 @@ fn a_wait_interval_under_the_minimum_is_an_error() {
         text.contains("wait.interval must be at least 100 ms"),
         "{text}"
     );
+}
+
+#[test]
+fn normalize_resolves_parent_directories() {
+    for (input, expected) in [
+        ("dir/../x", "x"),
+        ("a/b/../../c", "c"),
+        ("../x", "../x"),
+        ("../../x", "../../x"),
+        ("a/../../x", "../x"),
+        ("./a/./b", "a/b"),
+        ("/a/../x", "/x"),
+        ("/../x", "/x"),
+        ("dir/..", "."),
+    ] {
+        assert_eq!(normalize(Path::new(input)), Path::new(expected), "{input}");
+    }
+}
+
+/// apirun's layout with configs in their own directory: `migrate_dir: ../migrations` from
+/// `configs/stage.yaml` is `migrations/` beside `configs/`.
+#[test]
+fn migrate_dir_climbing_out_of_the_config_directory() {
+    let loaded = project(&[
+        (
+            "stages.yaml",
+            "stages:\n  - name: s\n    config_path: configs/stage.yaml\n",
+        ),
+        ("configs/stage.yaml", "migrate_dir: ../migrations\n"),
+        (
+            "migrations/001_a.yaml",
+            "up:\n  request:\n    method: GET\n    url: http://x/a\n",
+        ),
+    ]);
+    assert!(loaded.project.is_some(), "{}", loaded.diagnostics);
+    assert_eq!(
+        loaded.project.unwrap().stages[0].migrate_dir,
+        Path::new("migrations")
+    );
+}
+
+/// apirun accepts an empty `wait:` and `condition: ""`: no health check, no condition.
+#[test]
+fn empty_wait_and_empty_condition_mean_none() {
+    let loaded = project(&[
+        (
+            "stages.yaml",
+            "stages:\n  - name: s\n    config_path: s/config.yaml\n    condition: \"\"\n",
+        ),
+        ("s/config.yaml", "migrate_dir: migration\nwait:\n"),
+        (
+            "s/migration/001_a.yaml",
+            "up:\n  request:\n    method: GET\n    url: http://x/a\n",
+        ),
+    ]);
+    let text = loaded.diagnostics.to_string();
+    let project = loaded.project.expect(&text);
+    assert!(project.spec.stages[0].condition.is_none());
+    assert!(project.stages[0].config.wait.is_none());
+    let loaded = super::tests::project(&[
+        (
+            "stages.yaml",
+            "stages:\n  - name: s\n    config_path: s/config.yaml\n",
+        ),
+        (
+            "s/config.yaml",
+            "migrate_dir: migration\nwait:\n  timeout: 5s\n",
+        ),
+        (
+            "s/migration/001_a.yaml",
+            "up:\n  request:\n    method: GET\n    url: http://x/a\n",
+        ),
+    ]);
+    let text = loaded.diagnostics.to_string();
+    assert!(loaded.project.is_some(), "{text}");
+    assert!(
+        text.contains("notice: `wait` has no `url`: no health check runs"),
+        "{text}"
+    );
+}
+
+/// Forms apirun's files use: `apiVersion`/`kind` at a migration's root, `auth_url` in an
+/// oauth2 `grant_config`: accepted, with no warning.
+#[test]
+fn apirun_migration_header_and_auth_url_are_accepted() {
+    let loaded = project(&[
+        ("stages.yaml", "stages:\n  - name: s\n    config_path: s/config.yaml\n"),
+        (
+            "s/config.yaml",
+            "migrate_dir: migration\nauth:\n  - type: oauth2\n    name: main\n    config:\n      grant_type: client_credentials\n      grant_config:\n        token_url: http://x/token\n        auth_url: http://x/authorize\n        client_id: c\n        client_secret: s3cret-value\n",
+        ),
+        (
+            "s/migration/001_a.yaml",
+            "apiVersion: apirun/v1\nkind: Migration\nup:\n  request:\n    method: GET\n    url: http://x/a\n",
+        ),
+    ]);
+    let text = loaded.diagnostics.to_string();
+    assert!(loaded.project.is_some(), "{text}");
+    assert!(!text.contains("warning"), "{text}");
+    assert!(!text.contains("unknown key"), "{text}");
 }

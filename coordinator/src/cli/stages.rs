@@ -179,6 +179,21 @@ fn up_with(
             return Ok(EXIT_INVALID);
         }
     };
+    // `runs_on` chooses agents; here there are none.
+    let routed: Vec<&str> = project
+        .spec
+        .stages
+        .iter()
+        .filter(|s| !s.runs_on.is_empty() || !project.spec.global.runs_on.is_empty())
+        .map(|s| s.name.value.as_str())
+        .collect();
+    if !routed.is_empty() {
+        writeln!(
+            err,
+            "notice: {} set runs_on; local mode runs every stage on this machine (runs_on picks agents when a coordinator runs the stages)",
+            routed.join(", ")
+        )?;
+    }
     if !args.dry_run {
         if !diags.is_empty() {
             write!(err, "{diags}")?;
