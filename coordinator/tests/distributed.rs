@@ -25,33 +25,12 @@ fn baton_bin() -> PathBuf {
 
 /// A fresh temporary directory for one test.
 fn temp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("baton-dist-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    baton_e2e::files::temp_dir(&format!("dist-{name}"))
 }
 
 /// Runs `baton` in `dir` off the async runtime (the target must keep serving meanwhile).
 async fn baton(dir: &Path, args: &[&str]) -> (i32, String) {
-    let dir = dir.to_path_buf();
-    let args: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
-    tokio::task::spawn_blocking(move || {
-        let out = Command::new(baton_bin())
-            .args(&args)
-            .current_dir(&dir)
-            .env_remove("BATON_COORDINATOR")
-            .env_remove("BATON_TOKEN")
-            .output()
-            .expect("baton runs");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.code().unwrap_or(-1), text)
-    })
-    .await
-    .unwrap()
+    baton_e2e::cli::run(&baton_bin(), dir, args).await
 }
 
 /// Polls (off the runtime) until `check` holds.

@@ -12,43 +12,12 @@ use baton_e2e::files::write;
 use baton_e2e::target::{Reply, Target};
 
 fn temp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("baton-hostile-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    baton_e2e::files::temp_dir(&format!("hostile-{name}"))
 }
 
-/// Runs `baton` in `dir`, off the async runtime; at most 60 s (a hang fails the test).
+/// Runs `baton` in `dir`, off the async runtime, with a time limit (a hang fails the test).
 async fn baton(dir: &Path, args: &[&str]) -> (i32, String) {
-    let dir = dir.to_path_buf();
-    let args: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
-    tokio::task::spawn_blocking(move || {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_baton"))
-            .args(&args)
-            .current_dir(&dir)
-            .env_remove("BATON_COORDINATOR")
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while child.try_wait().unwrap().is_none() {
-            if std::time::Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("baton {args:?} hung for 60 s");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let out = child.wait_with_output().unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.code().unwrap_or(-1), text)
-    })
-    .await
-    .unwrap()
+    baton_e2e::cli::run(Path::new(env!("CARGO_BIN_EXE_baton")), dir, args).await
 }
 
 fn stage_project(dir: &Path, config_path: &str) {

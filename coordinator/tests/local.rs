@@ -25,23 +25,7 @@ fn copy_project(src: &Path, name: &str) -> PathBuf {
 
 /// Runs `baton` in `dir` off the async runtime (the target must keep serving meanwhile).
 async fn baton(dir: &Path, args: &[&str]) -> (i32, String) {
-    let dir = dir.to_path_buf();
-    let args: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
-    tokio::task::spawn_blocking(move || {
-        let out = Command::new(env!("CARGO_BIN_EXE_baton"))
-            .args(&args)
-            .current_dir(&dir)
-            .output()
-            .expect("baton runs");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.code().unwrap_or(-1), text)
-    })
-    .await
-    .unwrap()
+    baton_e2e::cli::run(Path::new(env!("CARGO_BIN_EXE_baton")), dir, args).await
 }
 
 fn script_seed001(target: &Target) {

@@ -25,3 +25,12 @@ pub fn write(path: &Path, content: &str) {
     }
     std::fs::write(path, content).expect("write the file");
 }
+
+/// A fresh (emptied) directory under the system's temporary directory, named for the test
+/// and this process.
+pub fn temp_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("baton-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create the test's directory");
+    dir
+}

@@ -20,6 +20,37 @@ const EXAMPLES: &[&str] = &[
     "examples/multi-stage/stages.yaml",
 ];
 
+/// Loads a bundled example (with `api_base` provided by the demo); `None` after printing
+/// why when it does not load (`command` names the demo in the hint).
+fn load_example(
+    file: &std::path::Path,
+    command: &str,
+    err: &mut dyn Write,
+) -> std::io::Result<
+    Option<(
+        baton_common::spec::Project,
+        crate::scheduler::driver::PlannedFiles,
+    )>,
+> {
+    let (project, diags, files) = load_captured(&SpecArgs {
+        config: file.to_path_buf(),
+        strict: false,
+        generated: None,
+        provided: vec!["api_base".to_owned()],
+    });
+    match project {
+        Some(p) => Ok(Some((p, files))),
+        None => {
+            write!(err, "{diags}")?;
+            writeln!(
+                err,
+                "hint: run `{command}` from the repository root, where examples/ is"
+            )?;
+            Ok(None)
+        }
+    }
+}
+
 pub(super) fn run(
     args: &DemoArgs,
     env: BTreeMap<String, String>,
@@ -58,18 +89,7 @@ pub(super) fn run(
                 file.display(),
                 api.url
             )?;
-            let (project, diags, files) = load_captured(&SpecArgs {
-                config: file.clone(),
-                strict: false,
-                generated: None,
-                provided: vec!["api_base".to_owned()],
-            });
-            let Some(project) = project else {
-                write!(err, "{diags}")?;
-                writeln!(
-                    err,
-                    "hint: run `baton demo` from the repository root, where examples/ is"
-                )?;
+            let Some((project, files)) = load_example(file, "baton demo", err)? else {
                 return Ok(EXIT_INVALID);
             };
             let state_dir = state_root.join(i.to_string());
@@ -184,18 +204,8 @@ fn distributed(
                 file.display(),
                 api.url
             )?;
-            let (project, diags, captured) = load_captured(&SpecArgs {
-                config: file.clone(),
-                strict: false,
-                generated: None,
-                provided: vec!["api_base".to_owned()],
-            });
-            let Some(project) = project else {
-                write!(err, "{diags}")?;
-                writeln!(
-                    err,
-                    "hint: run `baton demo --distributed` from the repository root, where examples/ is"
-                )?;
+            let Some((project, captured)) = load_example(file, "baton demo --distributed", err)?
+            else {
                 code = EXIT_INVALID;
                 break;
             };
