@@ -28,7 +28,9 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// The one mapping from the run service's errors to gRPC statuses.
 pub fn status_of(e: RunsError) -> Status {
     match e {
-        RunsError::InterruptedFirst { .. } => Status::failed_precondition(e.to_string()),
+        RunsError::InterruptedFirst { .. } | RunsError::InterruptedOther { .. } => {
+            Status::failed_precondition(e.to_string())
+        }
         RunsError::UnknownRun(_) => Status::not_found(e.to_string()),
         RunsError::Rollback(_) => Status::failed_precondition(e.to_string()),
         RunsError::Store(_) | RunsError::Random(_) => Status::internal(e.to_string()),

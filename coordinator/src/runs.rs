@@ -38,6 +38,8 @@ pub enum RunsError {
     Store(#[from] StoreError),
     #[error("run {run} ({selection}) was interrupted before it finished; resume it first with `baton runs resume`, then run this selection")]
     InterruptedFirst { run: u64, selection: String },
+    #[error("run {run} ({what}) was interrupted before it finished; resume it first with `baton runs resume` (it changed the target; starting something else now would lose track of that)")]
+    InterruptedOther { run: u64, what: String },
     #[error("there is no run {0} (see `baton runs list`)")]
     UnknownRun(u64),
     #[error("cannot create a run id: {0}")]
@@ -178,13 +180,13 @@ impl std::fmt::Debug for Runs {
     }
 }
 
-/// The latest run of `project` that never finished.
+/// The latest run of `project` (up or down) that never finished.
 pub fn interrupted_run(store: &dyn Store, project: &str) -> Result<Option<RunRecord>, StoreError> {
     Ok(store
         .runs()?
         .into_iter()
         .rev()
-        .find(|r| r.project == project && r.direction == "up" && r.status == RunStatus::Running))
+        .find(|r| r.project == project && r.status == RunStatus::Running))
 }
 
 /// `--stage a,b`, `--from a --to b`, `all stages`.
@@ -226,14 +228,10 @@ impl Runs {
         let store = self.store.clone();
         let key = s.project_key.clone();
         let plan = s.plan.clone();
-        // Runs this process drives (or queued) are not interrupted: a new run queues behind.
-        let live: BTreeSet<u64> = self
-            .live()
-            .iter()
-            .filter(|(_, l)| l.outcome.borrow().is_none())
-            .map(|(id, _)| *id)
-            .collect();
-        let prepared = blocking(move || prepare_up(store.as_ref(), &key, &plan, &live)).await?;
+        let live = self.live_ids();
+        let prepared =
+            blocking(move || prepare(store.as_ref(), &key, &plan, &live, &RunDirection::Up))
+                .await?;
         let submitted = Submitted {
             run_id: prepared.run.id,
             resumed: prepared.resumed,
@@ -255,25 +253,41 @@ impl Runs {
         let store = self.store.clone();
         let key = s.project_key.clone();
         let plan = s.plan.clone();
-        let run = blocking(move || new_run(store.as_ref(), &key, &plan, None)).await?;
+        let live = self.live_ids();
+        let asked = direction.clone();
+        let prepared =
+            blocking(move || prepare(store.as_ref(), &key, &plan, &live, &asked)).await?;
         let submitted = Submitted {
-            run_id: run.id,
-            resumed: false,
-            first_seq: 0,
+            run_id: prepared.run.id,
+            resumed: prepared.resumed,
+            first_seq: if prepared.resumed {
+                prepared.next_seq
+            } else {
+                0
+            },
             plan_digest: s.plan.digest.clone(),
             stages: s.plan.order.len(),
-            notes: Vec::new(),
+            notes: prepared.notes.clone(),
         };
-        let prepared = Prepared {
-            run,
-            resumed: false,
-            next_seq: 1,
-            done: BTreeSet::new(),
-            prior_attempts: BTreeMap::new(),
-            notes: Vec::new(),
+        // A resumed run goes on as it began (its stored extent), whatever this call asked.
+        let direction = match &prepared.run.down {
+            Some(d) if prepared.resumed => RunDirection::Down {
+                to: d.to.clone(),
+                skip_missing_down: d.skip_missing_down,
+            },
+            _ => direction,
         };
         self.start(s, prepared, direction);
         Ok(submitted)
+    }
+
+    /// Runs this process drives or has queued: not interrupted (a new run queues behind).
+    fn live_ids(&self) -> BTreeSet<u64> {
+        self.live()
+            .iter()
+            .filter(|(_, l)| l.outcome.borrow().is_none())
+            .map(|(id, _)| *id)
+            .collect()
     }
 
     /// Makes `run_id` live: where its events go, its cancel token, where its outcome goes.
@@ -463,7 +477,8 @@ impl Runs {
         let store = self.store.clone();
         let key = sub.project_key.clone();
         let plan = sub.plan.clone();
-        let run = blocking(move || new_run(store.as_ref(), &key, &plan, None)).await?;
+        let record = down_record(&direction);
+        let run = blocking(move || new_run(store.as_ref(), &key, &plan, None, record)).await?;
         let run_id = run.id;
         let (events, cancel, outcome_tx) =
             self.register(run_id, Arc::new(std::sync::atomic::AtomicBool::new(false)));
@@ -634,20 +649,45 @@ struct Prepared {
     notes: Vec<String>,
 }
 
+/// What a down direction stores with its run.
+fn down_record(direction: &RunDirection) -> Option<crate::store::DownRecord> {
+    match direction {
+        RunDirection::Up => None,
+        RunDirection::Down {
+            to,
+            skip_missing_down,
+        } => Some(crate::store::DownRecord {
+            to: to.clone(),
+            skip_missing_down: *skip_missing_down,
+        }),
+    }
+}
+
 /// Resume, refuse, or abandon the project's interrupted run (one still marked running that
-/// nobody drives: not in `live`); else record a new one.
-fn prepare_up(
+/// nobody drives: not in `live`); else record a new one. An interrupted run of the other
+/// direction (an up run when rolling back, a rollback when applying) must be resumed first.
+fn prepare(
     store: &dyn Store,
     key: &str,
     plan: &Plan,
     live: &BTreeSet<u64>,
+    direction: &RunDirection,
 ) -> Result<Prepared, RunsError> {
-    let interrupted = store.runs()?.into_iter().rev().find(|r| {
-        r.project == key
-            && r.direction == "up"
-            && r.status == RunStatus::Running
-            && !live.contains(&r.id)
-    });
+    let interrupted = store
+        .runs()?
+        .into_iter()
+        .rev()
+        .find(|r| r.project == key && r.status == RunStatus::Running && !live.contains(&r.id));
+    if let Some(old) = &interrupted {
+        if old.direction != plan.direction {
+            let what = match (old.direction.as_str(), &old.down) {
+                ("up", _) => "stages up".to_owned(),
+                (_, Some(d)) if !d.to.is_empty() => "the rollback of a failed run".to_owned(),
+                _ => "stages down".to_owned(),
+            };
+            return Err(RunsError::InterruptedOther { run: old.id, what });
+        }
+    }
     match interrupted {
         Some(old) if old.plan_digest == plan.digest && old.selection != plan.selection => {
             Err(RunsError::InterruptedFirst {
@@ -737,7 +777,7 @@ fn prepare_up(
                 store.commit(t)?;
                 notes.push(format!("note: run {} was interrupted, but the files changed since it was planned; it is marked failed and a new run starts (a migration it had in flight is sent with the same Idempotency-Key)", old.id));
             }
-            let run = new_run(store, key, plan, inherit)?;
+            let run = new_run(store, key, plan, inherit, down_record(direction))?;
             Ok(Prepared {
                 run,
                 resumed: false,
@@ -751,12 +791,13 @@ fn prepare_up(
 }
 
 /// Records a new run and its first event; `uid` is the run's random id when it continues an
-/// abandoned run (else a new one is drawn).
+/// abandoned run (else a new one is drawn); `down` how a down run rolls back.
 fn new_run(
     store: &dyn Store,
     key: &str,
     plan: &Plan,
     uid: Option<String>,
+    down: Option<crate::store::DownRecord>,
 ) -> Result<RunRecord, RunsError> {
     let id = store.next_id()?;
     let uid = match uid {
@@ -775,6 +816,7 @@ fn new_run(
         created_at_ms: now_ms(),
         status: RunStatus::Running,
         finished_at_ms: None,
+        down,
     };
     let started = EventRecord {
         v: FORMAT,

@@ -91,7 +91,7 @@ pub(super) async fn up_async(
     let key = sub.project_key.clone();
     let submitted = match runs.submit_up(sub).await {
         Ok(s) => s,
-        Err(e @ RunsError::InterruptedFirst { .. }) => {
+        Err(e @ (RunsError::InterruptedFirst { .. } | RunsError::InterruptedOther { .. })) => {
             writeln!(err, "error: {e}")?;
             return Ok(EXIT_INVALID);
         }
@@ -157,7 +157,14 @@ pub(super) async fn down_async(
         to: BTreeMap::new(),
         skip_missing_down,
     };
-    let submitted = runs.submit_down(sub, direction).await.map_err(runs_err)?;
+    let submitted = match runs.submit_down(sub, direction).await {
+        Ok(s) => s,
+        Err(e @ (RunsError::InterruptedFirst { .. } | RunsError::InterruptedOther { .. })) => {
+            writeln!(err, "error: {e}")?;
+            return Ok(EXIT_INVALID);
+        }
+        Err(e) => return Err(runs_err(e)),
+    };
     announce(&submitted, &plan, out, err)?;
     let outcome = watch_and_print(&runs, &submitted, &plan, out, err).await?;
     runs.shutdown().await;

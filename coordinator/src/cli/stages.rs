@@ -391,6 +391,9 @@ pub(super) fn resume(
         )?;
         return Ok(EXIT_INVALID);
     };
+    if run.direction == "down" {
+        return resume_down(args, &run, store, set, env, out, err);
+    }
     let (stage, from, to) = match run.selection {
         Selection::All => (Vec::new(), None, None),
         Selection::Stages { names } => (names, None, None),
@@ -414,6 +417,68 @@ pub(super) fn resume(
         detach: false,
     };
     up_with(&up, env, Some(store), out, err)
+}
+
+/// Resumes an interrupted down run (`stages down`, or the rollback of a failed run) as it
+/// began: the same selection, each stage as far back as it was going.
+fn resume_down(
+    args: &StateArgs,
+    run: &crate::store::RunRecord,
+    store: std::sync::Arc<crate::store::SledStore>,
+    set: Vec<(String, String)>,
+    env: BTreeMap<String, String>,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> std::io::Result<i32> {
+    let spec = SpecArgs {
+        config: args.config.clone(),
+        strict: false,
+        generated: None,
+        provided: set.iter().map(|(k, _)| k.clone()).collect(),
+    };
+    let (project, diags, files) = load_captured(&spec);
+    let Some(project) = project else {
+        write!(err, "{diags}")?;
+        return Ok(EXIT_INVALID);
+    };
+    let key = run::project_key(&project.stages_file);
+    let history = match run::StoreHistory::of(store.as_ref(), &key, &project) {
+        Ok(h) => h,
+        Err(e) => {
+            writeln!(err, "error: {e}")?;
+            return Ok(EXIT_INVALID);
+        }
+    };
+    let plan = match planner::plan_down(
+        &project,
+        &run.selection,
+        &history,
+        planner::Dependents::Leave,
+    ) {
+        Ok(p) => p,
+        Err(e) => {
+            writeln!(
+                err,
+                "error: cannot plan run {}'s rollback again: {e}",
+                run.id
+            )?;
+            return Ok(EXIT_INVALID);
+        }
+    };
+    let skip_missing_down = run.down.as_ref().is_some_and(|d| d.skip_missing_down);
+    let local = run::LocalProject {
+        project,
+        files,
+        plan,
+        store,
+        key,
+        overrides: set.into_iter().collect(),
+        env,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(run::down_async(local, skip_missing_down, out, err))
 }
 
 /// What `stages up` says about a project that does not validate (nothing was run).

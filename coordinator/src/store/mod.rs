@@ -82,6 +82,17 @@ pub struct RunRecord {
     pub created_at_ms: u64,
     pub status: RunStatus,
     pub finished_at_ms: Option<u64>,
+    /// A down run: how far each stage goes back, so an interrupted one resumes as it began.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub down: Option<DownRecord>,
+}
+
+/// How a down run rolls back (`stages down`, or the rollback of a failed run).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DownRecord {
+    /// Per stage, the version to roll back to (absent: all of its migrations).
+    pub to: BTreeMap<String, u64>,
+    pub skip_missing_down: bool,
 }
 
 impl RunRecord {

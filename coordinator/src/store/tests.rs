@@ -17,6 +17,7 @@ fn run(id: u64, status: RunStatus) -> RunRecord {
         created_at_ms: 1,
         status,
         finished_at_ms: None,
+        down: None,
     }
 }
 
