@@ -891,3 +891,37 @@ async fn an_interrupted_down_is_resumed_not_forgotten() {
     let (_, status) = baton(&dir, &["stages", "status"]).await;
     assert!(status.contains("s: 0 applied, 2 pending"), "{status}");
 }
+
+/// A secret imported with `env_from_stages` stays secret in the importing stage: its command
+/// output, the run's log and `runs show` mask it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_imported_secret_stays_secret() {
+    let target = Target::start().await;
+    target.on(
+        "POST",
+        "/db",
+        vec![Reply::json(201, json!({"password": "imported-pw-7731"}))],
+    );
+    let dir = baton_e2e::files::temp_dir("local-imported-secret");
+    baton_e2e::files::write(
+        &dir.join("stages.yaml"),
+        "stages:\n  - name: db\n    config_path: db/config.yaml\n    secrets: [db_password]\n  - name: app\n    config_path: app/config.yaml\n    depends_on: [db]\n    env_from_stages:\n      - stage: db\n        vars: [db_password]\nglobal:\n  env:\n    api: http://127.0.0.1:9\n",
+    );
+    baton_e2e::files::write(&dir.join("db/config.yaml"), "migrate_dir: migration\n");
+    baton_e2e::files::write(
+        &dir.join("db/migration/001_db.yaml"),
+        "up:\n  request:\n    method: POST\n    url: '{{.api}}/db'\n  response:\n    env_from:\n      db_password: password\n",
+    );
+    baton_e2e::files::write(&dir.join("app/config.yaml"), "migrate_dir: migration\n");
+    baton_e2e::files::write(
+        &dir.join("app/migration/001_use.yaml"),
+        "up:\n  command:\n    program: sh\n    args: [\"-c\", \"echo connecting with $P\"]\n    env:\n      P: '{{.db_password}}'\n",
+    );
+    let set = format!("api={}", target.url());
+    let (code, out) = baton(&dir, &["stages", "up", "--set", &set]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(!out.contains("imported-pw-7731"), "{out}");
+    let (_, shown) = baton(&dir, &["runs", "show", "1"]).await;
+    assert!(shown.contains("connecting with ***"), "{shown}");
+    assert!(!shown.contains("imported-pw-7731"), "{shown}");
+}

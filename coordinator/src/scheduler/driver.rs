@@ -90,6 +90,13 @@ impl std::fmt::Debug for RunContext {
     }
 }
 
+/// What a finished stage exported, and which names are secret.
+#[derive(Debug, Clone)]
+struct Exports {
+    vars: BTreeMap<String, String>,
+    secret: Vec<String>,
+}
+
 /// How many attempts a stage gets in one run when its runner keeps losing them (an agent
 /// that dies on it every time must not loop forever).
 const MAX_ATTEMPTS: u32 = 3;
@@ -112,7 +119,7 @@ struct Driver {
     /// Plan order index -> index into `project.spec.stages`.
     spec_index: Vec<usize>,
     /// What each stage of this run exported, once it succeeded.
-    exports: Vec<Option<BTreeMap<String, String>>>,
+    exports: Vec<Option<Exports>>,
     outcomes: StageOutcomes,
     started: Vec<Option<Instant>>,
     /// Each stage's live attempt; messages about any other attempt are stale.
@@ -164,7 +171,10 @@ impl Driver {
                 core.preset_succeeded(k);
                 outcomes.insert(s.name.clone(), StageOutcome::Succeeded);
                 let key = StageKey::new(&r.project_key, &s.name);
-                exports[k] = r.store.result(&key)?.map(|res| res.exports);
+                exports[k] = r.store.result(&key)?.map(|res| Exports {
+                    vars: res.exports,
+                    secret: res.secret,
+                });
             }
         }
         Ok(Driver {
@@ -405,25 +415,7 @@ impl Driver {
             .map(|e| (e.name.value.clone(), e.value.clone()))
             .collect();
         global.extend(self.r.overrides.clone());
-        let mut imported = BTreeMap::new();
-        for efs in &stage.env_from_stages {
-            let vars = match self.by_name.get(&efs.stage.value) {
-                Some(&j) if self.exports[j].is_some() => self.exports[j].clone(),
-                // Not in this run (or resumed): the stage's last successful result.
-                _ => self
-                    .r
-                    .store
-                    .result(&StageKey::new(&self.r.project_key, &efs.stage.value))?
-                    .map(|r| r.exports),
-            };
-            if let Some(vars) = vars {
-                for v in &efs.vars {
-                    if let Some(value) = vars.get(&v.value) {
-                        imported.insert(v.value.clone(), value.clone());
-                    }
-                }
-            }
-        }
+        let (imported, _) = self.imports(k)?;
         Ok(StageVars {
             global,
             stage: stage
@@ -433,6 +425,40 @@ impl Driver {
                 .collect(),
             imported,
         })
+    }
+
+    /// What stage `k` imports with `env_from_stages` (this run's exports, else the last
+    /// recorded ones), and which of those names were secret where they came from: secretness
+    /// travels with the value.
+    fn imports(&self, k: usize) -> Result<(BTreeMap<String, String>, Vec<String>), DriveError> {
+        let stage = &self.r.project.spec.stages[self.spec_index[k]];
+        let mut imported = BTreeMap::new();
+        let mut secret = Vec::new();
+        for efs in &stage.env_from_stages {
+            let source = match self.by_name.get(&efs.stage.value) {
+                Some(&j) if self.exports[j].is_some() => self.exports[j].clone(),
+                // Not in this run (or resumed): the stage's last successful result.
+                _ => self
+                    .r
+                    .store
+                    .result(&StageKey::new(&self.r.project_key, &efs.stage.value))?
+                    .map(|r| Exports {
+                        vars: r.exports,
+                        secret: r.secret,
+                    }),
+            };
+            if let Some(source) = source {
+                for v in &efs.vars {
+                    if let Some(value) = source.vars.get(&v.value) {
+                        imported.insert(v.value.clone(), value.clone());
+                        if source.secret.contains(&v.value) && !secret.contains(&v.value) {
+                            secret.push(v.value.clone());
+                        }
+                    }
+                }
+            }
+        }
+        Ok((imported, secret))
     }
 
     /// The flat scope the engine evaluates for a stage (its condition, its `runs_on`).
@@ -558,7 +584,17 @@ impl Driver {
             files,
             config_file: loaded.config_file.clone(),
             vars,
-            secrets: stage.secrets.iter().map(|s| s.value.clone()).collect(),
+            secrets: {
+                // Declared here, plus what was secret where an import came from.
+                let mut names: Vec<String> =
+                    stage.secrets.iter().map(|s| s.value.clone()).collect();
+                for n in self.imports(k)?.1 {
+                    if !names.contains(&n) {
+                        names.push(n);
+                    }
+                }
+                names
+            },
             applied,
             direction: match &self.r.direction {
                 RunDirection::Up => Direction::Up,
@@ -709,7 +745,10 @@ impl Driver {
                         },
                     }
                 };
-                self.exports[k] = Some(report.exported);
+                self.exports[k] = Some(Exports {
+                    vars: report.exported,
+                    secret: report.secret_exports,
+                });
                 self.outcomes
                     .insert(self.name(k).to_owned(), StageOutcome::Succeeded);
                 self.record(Some(k), EventKind::StageSucceeded { duration_ms }, vec![op])
