@@ -100,7 +100,9 @@ pub struct Rollback {
 /// A run this process drives now (or queued to).
 #[derive(Debug)]
 struct Live {
-    events: broadcast::Sender<EventRecord>,
+    /// Live events for watchers; dropped once the run ends (its log is in the store), so a
+    /// long-lived coordinator does not keep every finished run's buffer.
+    events: Option<broadcast::Sender<EventRecord>>,
     cancel: CancellationToken,
     outcome: watch::Receiver<Option<RunOutcome>>,
     /// Waiting for an earlier run of its project to end.
@@ -306,7 +308,7 @@ impl Runs {
         self.live().insert(
             run_id,
             Live {
-                events: events.clone(),
+                events: Some(events.clone()),
                 cancel: cancel.clone(),
                 outcome: outcome_rx,
                 queued,
@@ -347,8 +349,12 @@ impl Runs {
                 let mut next = Some(job);
                 while let Some(job) = next.take() {
                     let tx = job.outcome.clone();
+                    let id = job.p.run.id;
                     let (outcome, follow) = this.drive_run(job).await;
                     let _ = tx.send(Some(outcome));
+                    if let Some(l) = this.live().get_mut(&id) {
+                        l.events = None;
+                    }
                     next = follow;
                 }
             }
@@ -524,7 +530,9 @@ impl Runs {
         }
         // Subscribe before reading the store, so nothing falls between the two.
         let live = if follow {
-            self.live().get(&run).map(|l| l.events.subscribe())
+            self.live()
+                .get(&run)
+                .and_then(|l| l.events.as_ref().map(broadcast::Sender::subscribe))
         } else {
             None
         };
