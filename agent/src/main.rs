@@ -132,10 +132,7 @@ fn main() -> ExitCode {
 fn config(args: AgentArgs) -> Result<AgentConfig, String> {
     let id = agent_id(args.name, &args.data_dir)?;
     let token = match (&args.token_file, args.token) {
-        (Some(f), _) => Some(
-            String::from_utf8(read_file(f, "token file")?)
-                .map_err(|_| format!("the token file `{}` is not text", f.display()))?,
-        ),
+        (Some(f), _) => Some(baton_common::client::token_from_file(f)?),
         (None, t) => t,
     };
     let ca_pem = args

@@ -50,6 +50,19 @@ pub fn endpoint(url: &str, ca_pem: Option<&[u8]>) -> Result<Endpoint, ClientErro
     Ok(e)
 }
 
+/// A bearer token kept in a file (agents, operators and the coordinator all keep theirs so):
+/// the file's text without surrounding whitespace; an empty or unreadable file is an error
+/// naming it.
+pub fn token_from_file(path: &std::path::Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read the token file `{}`: {e}", path.display()))?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(format!("the token file `{}` is empty", path.display()));
+    }
+    Ok(token.to_owned())
+}
+
 /// Adds `authorization: Bearer TOKEN` to every call (nothing when there is no token).
 #[derive(Clone, Default)]
 pub struct BearerToken(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);

@@ -194,7 +194,7 @@ impl control_service_server::ControlService for ControlApi {
             _ => Selection::All,
         };
         let key = if r.project.is_empty() {
-            crate::cli::run::project_key(&stages_file)
+            crate::runs::project_key(&stages_file)
         } else {
             r.project
         };
@@ -270,7 +270,7 @@ impl control_service_server::ControlService for ControlApi {
             Ok(proto::RunEvent {
                 seq: e.seq,
                 stage: e.stage.clone().unwrap_or_default(),
-                message: crate::cli::run::event_text(&e).unwrap_or_default(),
+                message: crate::status::event_text(&e).unwrap_or_default(),
                 record_json: serde_json::to_string(&e)
                     .map_err(|err| Status::internal(err.to_string()))?,
             })
@@ -336,7 +336,7 @@ impl control_service_server::ControlService for ControlApi {
             )));
         };
         let key = if r.project.is_empty() {
-            crate::cli::run::project_key(&stages_file)
+            crate::runs::project_key(&stages_file)
         } else {
             r.project
         };

@@ -15,6 +15,7 @@
 //!   store, so it never misses one.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use baton_common::spec::Project;
@@ -180,6 +181,15 @@ impl std::fmt::Debug for Runs {
             .field("runner", &self.runner)
             .finish_non_exhaustive()
     }
+}
+
+/// The store key of a project: its stages file's name, so variants of one project in one
+/// directory keep separate histories.
+pub fn project_key(stages_file: &Path) -> String {
+    stages_file.file_name().map_or_else(
+        || "stages.yaml".to_owned(),
+        |n| n.to_string_lossy().into_owned(),
+    )
 }
 
 /// The latest run of `project` (up or down) that never finished.

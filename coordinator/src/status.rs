@@ -10,7 +10,7 @@ use std::io::Write;
 use baton_common::mask::Masker;
 use baton_common::spec::Project;
 
-use crate::store::{EventKind, RunRecord, RunStatus, StageKey, Store, StoreError};
+use crate::store::{EventKind, EventRecord, RunRecord, RunStatus, StageKey, Store, StoreError};
 
 /// One stage's status, ready to show.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -161,4 +161,51 @@ pub fn write(states: &[StageState], verbose: bool, out: &mut dyn Write) -> std::
         }
     }
     Ok(())
+}
+
+/// The line people read for an event (the CLI's progress and `runs show`, the `message` of
+/// a watched event); `None` for those it does not show.
+pub fn event_text(e: &EventRecord) -> Option<String> {
+    let line = match &e.kind {
+        EventKind::RunStarted { .. } | EventKind::Log { .. } => return None,
+        EventKind::StageStarted { .. } => "started".to_owned(),
+        EventKind::MigrationStarted {
+            version,
+            name,
+            direction,
+        } => format!("{version:03}_{name} {direction}..."),
+        EventKind::Request {
+            method,
+            url,
+            status,
+            duration_ms,
+            attempt,
+            ..
+        } => {
+            let status = status.map_or_else(|| "no answer".to_owned(), |s| s.to_string());
+            let retry = if *attempt > 1 {
+                format!(" (attempt {attempt})")
+            } else {
+                String::new()
+            };
+            format!("  {method} {url} -> {status} in {duration_ms} ms{retry}")
+        }
+        EventKind::MigrationDone {
+            version,
+            name,
+            direction,
+            duration_ms,
+        } => {
+            format!("{version:03}_{name} {direction} done in {duration_ms} ms")
+        }
+        EventKind::StageSucceeded { duration_ms } => {
+            format!("succeeded in {:.1}s", *duration_ms as f64 / 1000.0)
+        }
+        EventKind::StageFailed { message } => format!("FAILED: {message}"),
+        EventKind::StageSkipped { reason } => format!("skipped ({reason})"),
+        EventKind::StageNotRun { reason } => format!("not run: {reason}"),
+        EventKind::RunFinished { status } => format!("run {}", status.as_str()),
+        EventKind::Notice { message } => message.clone(),
+    };
+    Some(line)
 }

@@ -15,15 +15,10 @@ fn read(path: &Path, what: &str) -> Result<Vec<u8>, String> {
     std::fs::read(path).map_err(|e| format!("cannot read the {what} `{}`: {e}", path.display()))
 }
 
-fn token(path: &Option<std::path::PathBuf>, what: &str) -> Result<Option<String>, String> {
-    let Some(p) = path else { return Ok(None) };
-    let text = String::from_utf8(read(p, what)?)
-        .map_err(|_| format!("the {what} `{}` is not text", p.display()))?;
-    let t = text.trim().to_owned();
-    if t.is_empty() {
-        return Err(format!("the {what} `{}` is empty", p.display()));
-    }
-    Ok(Some(t))
+fn token(path: &Option<std::path::PathBuf>) -> Result<Option<String>, String> {
+    path.as_deref()
+        .map(baton_common::client::token_from_file)
+        .transpose()
 }
 
 /// The config `args` describe, or why they are refused: off loopback, plaintext and missing
@@ -34,8 +29,8 @@ pub(super) fn config(
     warn: &mut dyn Write,
 ) -> Result<ServeConfig, String> {
     let mut c = ServeConfig::new(args.data_dir.clone());
-    c.agent_token = token(&args.agent_token_file, "agent token file")?;
-    c.operator_token = token(&args.operator_token_file, "operator token file")?;
+    c.agent_token = token(&args.agent_token_file)?;
+    c.operator_token = token(&args.operator_token_file)?;
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
         c.tls = Some((read(cert, "TLS certificate")?, read(key, "TLS key")?));
     }

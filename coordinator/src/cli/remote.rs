@@ -79,10 +79,7 @@ fn usage(message: impl Into<String>) -> Failure {
 pub(super) async fn connect(r: &RemoteArgs) -> Result<Client, Failure> {
     let url = r.coordinator.clone().unwrap_or_default();
     let token = match (&r.token_file, &r.token) {
-        (Some(f), _) => Some(
-            std::fs::read_to_string(f)
-                .map_err(|e| usage(format!("cannot read the token file `{}`: {e}", f.display())))?,
-        ),
+        (Some(f), _) => Some(baton_common::client::token_from_file(f).map_err(usage)?),
         (None, t) => t.clone(),
     };
     let token = BearerToken::new(token.as_deref()).map_err(usage)?;

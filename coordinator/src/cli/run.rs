@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use super::{EXIT_INVALID, EXIT_OK, EXIT_RUN_FAILED};
 use crate::planner::Plan;
 use crate::runner::in_process::InProcessRunner;
-pub(super) use crate::runs::{describe_selection, interrupted_run, StoreHistory};
+pub(super) use crate::runs::{describe_selection, interrupted_run, project_key, StoreHistory};
 use crate::runs::{RunOutcome, Runs, RunsError, Submission, Submitted};
 use crate::scheduler::driver::{PlannedFiles, RunDirection};
 use crate::store::{EventKind, EventRecord, RunStatus, SledStore, StageKey, Store};
@@ -23,15 +23,6 @@ pub(super) fn default_state_dir(stages_file: &Path) -> PathBuf {
     stages_file
         .parent()
         .map_or_else(|| PathBuf::from(".baton"), |p| p.join(".baton"))
-}
-
-/// The store key of a project: its stages file's name, so variants of one project in one
-/// directory keep separate histories.
-pub(crate) fn project_key(stages_file: &Path) -> String {
-    stages_file.file_name().map_or_else(
-        || "stages.yaml".to_owned(),
-        |n| n.to_string_lossy().into_owned(),
-    )
 }
 
 pub(super) fn open_store(
@@ -60,6 +51,21 @@ pub(super) struct LocalProject {
 }
 
 impl LocalProject {
+    /// `stages up` on a runtime of its own.
+    pub fn up(self, out: &mut dyn Write, err: &mut dyn Write) -> std::io::Result<i32> {
+        runtime()?.block_on(up_async(self, out, err))
+    }
+
+    /// `stages down` on a runtime of its own.
+    pub fn down(
+        self,
+        skip_missing_down: bool,
+        out: &mut dyn Write,
+        err: &mut dyn Write,
+    ) -> std::io::Result<i32> {
+        runtime()?.block_on(down_async(self, skip_missing_down, out, err))
+    }
+
     /// The run service with the in-process runner, and the submission.
     fn service(self) -> (Arc<Runs>, Submission) {
         let runner = Arc::new(InProcessRunner::new(self.env.clone()));
@@ -74,6 +80,12 @@ impl LocalProject {
         };
         (runs, sub)
     }
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
 }
 
 fn runs_err(e: RunsError) -> std::io::Error {
@@ -274,56 +286,10 @@ fn clock(ms: u64) -> String {
 /// One line per event a person would follow (request-level detail stays in the log).
 pub(super) fn print_event(out: &mut dyn Write, e: &EventRecord) -> std::io::Result<()> {
     let stage = e.stage.as_deref().unwrap_or("");
-    let Some(line) = event_text(e) else {
+    let Some(line) = crate::status::event_text(e) else {
         return Ok(());
     };
     writeln!(out, "{} {stage:<16} {line}", clock(e.at_ms))
-}
-
-/// What [`print_event`] says about an event; `None` for those it does not show.
-pub(crate) fn event_text(e: &EventRecord) -> Option<String> {
-    let line = match &e.kind {
-        EventKind::RunStarted { .. } | EventKind::Log { .. } => return None,
-        EventKind::StageStarted { .. } => "started".to_owned(),
-        EventKind::MigrationStarted {
-            version,
-            name,
-            direction,
-        } => format!("{version:03}_{name} {direction}..."),
-        EventKind::Request {
-            method,
-            url,
-            status,
-            duration_ms,
-            attempt,
-            ..
-        } => {
-            let status = status.map_or_else(|| "no answer".to_owned(), |s| s.to_string());
-            let retry = if *attempt > 1 {
-                format!(" (attempt {attempt})")
-            } else {
-                String::new()
-            };
-            format!("  {method} {url} -> {status} in {duration_ms} ms{retry}")
-        }
-        EventKind::MigrationDone {
-            version,
-            name,
-            direction,
-            duration_ms,
-        } => {
-            format!("{version:03}_{name} {direction} done in {duration_ms} ms")
-        }
-        EventKind::StageSucceeded { duration_ms } => {
-            format!("succeeded in {:.1}s", *duration_ms as f64 / 1000.0)
-        }
-        EventKind::StageFailed { message } => format!("FAILED: {message}"),
-        EventKind::StageSkipped { reason } => format!("skipped ({reason})"),
-        EventKind::StageNotRun { reason } => format!("not run: {reason}"),
-        EventKind::RunFinished { status } => format!("run {}", status.as_str()),
-        EventKind::Notice { message } => message.clone(),
-    };
-    Some(line)
 }
 
 /// The end of a run: each stage's outcome and duration, and what it exports (secrets masked).

@@ -202,9 +202,6 @@ fn up_with(
             return Ok(EXIT_INVALID);
         };
         let overrides: BTreeMap<String, String> = args.set.iter().cloned().collect();
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()?;
         let local = run::LocalProject {
             project,
             files,
@@ -214,7 +211,7 @@ fn up_with(
             overrides,
             env,
         };
-        return runtime.block_on(run::up_async(local, out, err));
+        return local.up(out, err);
     }
     match args.output {
         OutputFormat::Json => {
@@ -354,9 +351,6 @@ pub(super) fn down(
         }
     }
     let overrides: BTreeMap<String, String> = args.set.iter().cloned().collect();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
     let local = run::LocalProject {
         project,
         files,
@@ -366,7 +360,7 @@ pub(super) fn down(
         overrides,
         env,
     };
-    runtime.block_on(run::down_async(local, args.skip_missing_down, out, err))
+    local.down(args.skip_missing_down, out, err)
 }
 
 /// `runs resume`: `stages up` with the interrupted run's own selection; an error when there
@@ -475,10 +469,7 @@ fn resume_down(
         overrides: set.into_iter().collect(),
         env,
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(run::down_async(local, skip_missing_down, out, err))
+    local.down(skip_missing_down, out, err)
 }
 
 /// What `stages up` says about a project that does not validate (nothing was run).

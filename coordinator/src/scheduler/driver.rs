@@ -405,7 +405,8 @@ impl Driver {
     /// `baton_common::vars`): `global.env` with the run's overrides, the stage's `env`, and
     /// what it imports (this run's exports, else the last recorded ones). The runner adds the
     /// environment where the stage runs and everything the stage's own files define.
-    fn stage_vars(&self, k: usize) -> Result<StageVars, DriveError> {
+    /// Also returns the imported names that were secret at their source.
+    fn stage_vars(&self, k: usize) -> Result<(StageVars, Vec<String>), DriveError> {
         let spec = &self.r.project.spec;
         let stage = &spec.stages[self.spec_index[k]];
         let mut global: BTreeMap<String, String> = spec
@@ -415,8 +416,8 @@ impl Driver {
             .map(|e| (e.name.value.clone(), e.value.clone()))
             .collect();
         global.extend(self.r.overrides.clone());
-        let (imported, _) = self.imports(k)?;
-        Ok(StageVars {
+        let (imported, secret) = self.imports(k)?;
+        let vars = StageVars {
             global,
             stage: stage
                 .env
@@ -424,7 +425,8 @@ impl Driver {
                 .map(|e| (e.name.value.clone(), e.value.clone()))
                 .collect(),
             imported,
-        })
+        };
+        Ok((vars, secret))
     }
 
     /// What stage `k` imports with `env_from_stages` (this run's exports, else the last
@@ -480,7 +482,7 @@ impl Driver {
                 runs: true,
             });
         };
-        let vars = self.flat_vars(&self.stage_vars(k)?);
+        let vars = self.flat_vars(&self.stage_vars(k)?.0);
         let scope = Scope {
             vars: Some(&vars),
             auth: None,
@@ -525,7 +527,7 @@ impl Driver {
                 vars: a.vars,
             })
             .collect();
-        let vars = self.stage_vars(k)?;
+        let (vars, imported_secrets) = self.stage_vars(k)?;
         let flat = self.flat_vars(&vars);
         let spec = &self.r.project.spec;
         let stage = &spec.stages[self.spec_index[k]];
@@ -588,7 +590,7 @@ impl Driver {
                 // Declared here, plus what was secret where an import came from.
                 let mut names: Vec<String> =
                     stage.secrets.iter().map(|s| s.value.clone()).collect();
-                for n in self.imports(k)?.1 {
+                for n in imported_secrets {
                     if !names.contains(&n) {
                         names.push(n);
                     }
