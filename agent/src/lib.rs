@@ -14,4 +14,5 @@ pub mod assignment;
 pub mod auth;
 pub mod client;
 pub mod executor;
+pub mod outbox;
 pub mod session;

@@ -24,10 +24,19 @@ struct AgentArgs {
     /// How many stage attempts run at once.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
     capacity: u32,
-    /// Where the agent keeps its state (its generated id) and writes the files of the stages
-    /// it runs (under `work/`, removed when each ends).
+    /// Where the agent keeps its state: its generated id, its outbox of results not yet
+    /// acknowledged by the coordinator (`outbox/`), and the files of the stages it runs
+    /// (under `work/`, removed when each ends). One agent per data directory.
     #[arg(long, default_value = ".baton-agent")]
     data_dir: PathBuf,
+    /// HTTP/2 keepalive ping interval to the coordinator; a ping unanswered within half of it
+    /// ends the connection, so a half-open one is noticed (e.g. 10s, 2s).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    keepalive: Duration,
+    /// On SIGTERM/SIGINT, how long running attempts get to stop and their results to reach
+    /// the coordinator (what is not sent stays in the outbox for the next start).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    shutdown_grace: Duration,
     /// The agent's id (default: one generated on first start and kept in the data dir).
     #[arg(long)]
     name: Option<String>,
@@ -45,6 +54,16 @@ struct AgentArgs {
     /// not given.
     #[arg(long)]
     otlp_endpoint: Option<String>,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    match baton_common::spec::duration::parse(s) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        Ok(_) => Err("must be more than zero".to_owned()),
+        Err(e) => Err(format!(
+            "`{s}` is not a duration ({e}); write e.g. 10s or 500ms"
+        )),
+    }
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -146,16 +165,13 @@ fn config(args: AgentArgs) -> Result<AgentConfig, String> {
         .collect();
     // The agent's own credential is not the stages' to read.
     env.remove("BATON_TOKEN");
-    Ok(AgentConfig {
-        coordinator: args.coordinator,
-        id,
-        labels: args.labels.into_iter().collect(),
-        capacity: args.capacity,
-        token,
-        ca_pem,
-        env,
-        workspace: args.data_dir.join("work"),
-        backoff_initial: Duration::from_millis(500),
-        backoff_max: Duration::from_secs(30),
-    })
+    let mut c = AgentConfig::new(&args.coordinator, &id, args.data_dir);
+    c.labels = args.labels.into_iter().collect();
+    c.capacity = args.capacity;
+    c.token = token;
+    c.ca_pem = ca_pem;
+    c.env = env;
+    c.keepalive = args.keepalive;
+    c.shutdown_grace = args.shutdown_grace;
+    Ok(c)
 }

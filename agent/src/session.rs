@@ -5,27 +5,35 @@
 //! Per session: one `Attach` stream. The coordinator's `Welcome` comes first; then
 //! assignments (each runs on the executor, at most `capacity` at once as the coordinator
 //! places them), step acknowledgements (the persist-then-act gate: a migration's first request
-//! waits for one), cancellations, result acknowledgements. Heartbeats go up every interval.
+//! waits for one), lease renewals (one per heartbeat), cancellations, result
+//! acknowledgements, rejections and drain.
 //!
-//! When a session ends, the attempts it held are stopped (command steps: their process group)
-//! and the coordinator re-dispatches them; a recorded migration is never sent again and the
-//! one in flight is re-sent with the same idempotency key. (Keeping attempts alive across a
-//! short disconnect, with leases and an outbox, is the fault-tolerance work.)
+//! Attempts belong to the agent, not to a session: a dropped connection does not stop them.
+//! Each holds a lease the coordinator renews in answer to heartbeats; when a lease has not
+//! been renewed for the lease period L the agent stops the attempt and reports it lost
+//! (nothing new starts for it: a migration's start also needs the coordinator's
+//! acknowledgement). What the coordinator must not miss (a migration's end, an attempt's
+//! result) goes through the [`Outbox`]: journaled and flushed before it is sent, re-sent on
+//! every new session until the coordinator acknowledges the result or rejects the attempt.
+//! A restarted agent names the attempts its outbox holds in its hello and reports the ones
+//! that were running when it stopped as lost.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use baton_common::client::{endpoint, BearerToken, ClientError};
 use baton_common::proto::{self, agent_message, agent_service_client, coordinator_message};
 use baton_common::stage::wire::{attempt_of, event_to_wire, result_to_wire};
-use baton_common::stage::{Assignment, AttemptId};
-use tokio::sync::mpsc;
-use tokio::task::JoinSet;
+use baton_common::stage::{Assignment, AttemptId, StageEnd, StageEvent};
+use tokio::sync::{mpsc, Notify};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::assignment::{run_reporting, Gates, Host};
+use crate::outbox::{Outbox, OutboxError};
 
 /// How the agent runs, from its flags and environment.
 #[derive(Debug, Clone)]
@@ -43,14 +51,39 @@ pub struct AgentConfig {
     pub ca_pem: Option<Vec<u8>>,
     /// This process's environment: `valueFromEnv` and credentials are read here only.
     pub env: BTreeMap<String, String>,
-    /// Where attempts' files are written while they run.
-    pub workspace: std::path::PathBuf,
+    /// The agent's own state: the outbox (`outbox/`) and the files of running attempts
+    /// (`work/`).
+    pub data_dir: std::path::PathBuf,
     /// Reconnect backoff: the first wait's upper bound, doubling up to `backoff_max`.
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
+    /// HTTP/2 keepalive ping interval on the connection to the coordinator; a ping not
+    /// answered within half of it ends the connection (a half-open one is noticed).
+    pub keepalive: Duration,
+    /// On shutdown, how long running attempts get to stop and their results to be sent.
+    pub shutdown_grace: Duration,
 }
 
 impl AgentConfig {
+    /// Defaults (no labels, capacity 4, backoff 0.5 s doubling to 30 s, keepalive 10 s) for
+    /// everything but the coordinator, the id and the data directory.
+    pub fn new(coordinator: &str, id: &str, data_dir: std::path::PathBuf) -> Self {
+        AgentConfig {
+            coordinator: coordinator.to_owned(),
+            id: id.to_owned(),
+            labels: BTreeMap::new(),
+            capacity: 4,
+            token: None,
+            ca_pem: None,
+            env: BTreeMap::new(),
+            data_dir,
+            backoff_initial: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(30),
+            keepalive: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+
     /// `User-Agent` of every request the agent's stages send.
     pub fn user_agent(&self) -> String {
         format!("baton-agent/{} ({})", env!("CARGO_PKG_VERSION"), self.id)
@@ -66,14 +99,267 @@ pub enum AgentError {
     Token(String),
     #[error("the coordinator refused this agent: {0}")]
     Refused(String),
+    #[error(transparent)]
+    Outbox(#[from] OutboxError),
 }
 
 /// How a session ended.
 enum SessionEnd {
-    /// Shutdown was asked for.
+    /// Shutdown was asked for and the session wound down.
     Shutdown,
+    /// The coordinator drained the agent and nothing is left to run or send.
+    Drained,
     /// The session was accepted, then ended: reconnect from the first backoff step.
     AfterWelcome(String),
+}
+
+/// Live messages kept for the next session while none is up; beyond this, the oldest log
+/// lines and request notes are dropped (a migration's start, its end and results never are).
+const MAX_QUEUED: usize = 10_000;
+
+/// An attempt running on this agent.
+#[derive(Debug)]
+struct Held {
+    cancel: CancellationToken,
+    /// When its lease was last renewed (the send time of the heartbeat the renewal answers).
+    renewed: Instant,
+    /// Set when the agent gave it up (lease expired, revoked, shutdown): its result is
+    /// reported as lost.
+    lost: Option<String>,
+}
+
+/// What waits to be sent.
+#[derive(Debug)]
+enum Item {
+    /// Sent at most once: progress, logs, a migration's start (re-sent until acknowledged
+    /// through `gates_sent`).
+    Live(proto::AgentMessage),
+    /// In the outbox under this sequence number.
+    Journaled(u64),
+}
+
+/// The agent's state across sessions.
+struct Shared {
+    host: Arc<Host>,
+    outbox: Outbox,
+    gates: Gates,
+    held: Mutex<HashMap<AttemptId, Held>>,
+    queue: Mutex<VecDeque<Item>>,
+    wake: Notify,
+    /// Outbox entries handed to some session and not yet acknowledged: re-sent on the next.
+    handed: Mutex<BTreeSet<u64>>,
+    /// Migration starts sent and not yet acknowledged: re-sent on the next session.
+    gates_sent: Mutex<BTreeMap<(AttemptId, u64), proto::AgentMessage>>,
+    /// The lease period the coordinator announced (none before the first welcome).
+    lease: Mutex<Option<Duration>>,
+    draining: AtomicBool,
+    tasks: TaskTracker,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A poisoned lock only means a panic elsewhere; the data is still consistent.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn message(kind: agent_message::Kind) -> proto::AgentMessage {
+    proto::AgentMessage { kind: Some(kind) }
+}
+
+impl Shared {
+    /// Attempts to name in hello and heartbeats: running, or ended with a result not yet
+    /// acknowledged.
+    fn holding(&self) -> Vec<AttemptId> {
+        let mut ids: BTreeSet<AttemptId> = lock(&self.held).keys().cloned().collect();
+        ids.extend(self.outbox.attempts());
+        ids.into_iter().collect()
+    }
+
+    /// Nothing runs, nothing waits to be sent or acknowledged.
+    fn idle(&self) -> bool {
+        lock(&self.held).is_empty()
+            && lock(&self.queue).is_empty()
+            && self.outbox.attempts().is_empty()
+    }
+
+    fn push(&self, item: Item) {
+        let mut q = lock(&self.queue);
+        if q.len() >= MAX_QUEUED {
+            let droppable = q.iter().position(|i| {
+                matches!(i, Item::Live(proto::AgentMessage { kind: Some(agent_message::Kind::StageEvent(e)) })
+                    if matches!(e.kind, Some(proto::stage_event::Kind::Log(_)) | Some(proto::stage_event::Kind::RequestSent(_))))
+            });
+            if let Some(i) = droppable {
+                q.remove(i);
+                tracing::warn!("the coordinator is unreachable and the queue is full: an old log line was dropped");
+            }
+        }
+        q.push_back(item);
+        drop(q);
+        self.wake.notify_one();
+    }
+
+    /// Journals `m` (flushed) and queues it; if the journal fails, sends it anyway.
+    async fn journal_and_queue(&self, m: proto::AgentMessage) {
+        let outbox = self.outbox.clone();
+        let copy = m.clone();
+        match tokio::task::spawn_blocking(move || outbox.journal(&copy)).await {
+            Ok(Ok(seq)) => self.push(Item::Journaled(seq)),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "cannot journal a result; sending it without a copy");
+                self.push(Item::Live(m));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "journal task failed; sending the result without a copy");
+                self.push(Item::Live(m));
+            }
+        }
+    }
+
+    /// The next message to send, marked as handed to a session.
+    fn pop(&self) -> Option<proto::AgentMessage> {
+        loop {
+            let item = lock(&self.queue).pop_front()?;
+            match item {
+                Item::Live(m) => {
+                    if let Some(key) = gate_key(&m) {
+                        lock(&self.gates_sent).insert(key, m.clone());
+                    }
+                    return Some(m);
+                }
+                Item::Journaled(seq) => {
+                    // Gone: acknowledged (or rejected) before it was sent.
+                    let Some(m) = self.outbox.get(seq) else {
+                        continue;
+                    };
+                    lock(&self.handed).insert(seq);
+                    return Some(m);
+                }
+            }
+        }
+    }
+
+    /// What an earlier session sent and nobody acknowledged, in the order it happened.
+    fn replay(&self) -> Vec<proto::AgentMessage> {
+        let handed = lock(&self.handed).clone();
+        let mut out: Vec<proto::AgentMessage> = self
+            .outbox
+            .entries()
+            .into_iter()
+            .filter(|(seq, _)| handed.contains(seq))
+            .map(|(_, m)| m)
+            .collect();
+        out.extend(lock(&self.gates_sent).values().cloned());
+        out
+    }
+
+    /// The coordinator recorded `attempt`'s result (or will never apply it): drop its
+    /// journaled messages.
+    fn settle(self: &Arc<Self>, attempt: AttemptId) {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || match this.outbox.drop_attempt(&attempt) {
+            Ok(dropped) => lock(&this.handed).retain(|s| !dropped.contains(s)),
+            Err(e) => {
+                tracing::error!(error = %e, %attempt, "cannot drop an acknowledged result from the outbox; it will be sent again")
+            }
+        });
+    }
+
+    /// Gives `attempt` up: it is stopped and reported lost with `why`.
+    fn give_up(&self, attempt: &AttemptId, why: &str) {
+        if let Some(h) = lock(&self.held).get_mut(attempt) {
+            if h.lost.is_none() {
+                tracing::warn!(%attempt, why, "giving the attempt up");
+                h.lost = Some(why.to_owned());
+            }
+            h.cancel.cancel();
+        }
+    }
+
+    /// Starts an assigned attempt on the executor.
+    fn start(self: &Arc<Self>, a: Assignment) -> Result<(), String> {
+        let id = a.attempt.clone();
+        let cancel = CancellationToken::new();
+        {
+            let mut held = lock(&self.held);
+            if held.contains_key(&id) {
+                return Err(format!("{id} was assigned twice"));
+            }
+            held.insert(
+                id.clone(),
+                Held {
+                    cancel: cancel.clone(),
+                    renewed: Instant::now(),
+                    lost: None,
+                },
+            );
+        }
+        let this = self.clone();
+        self.tasks.spawn(async move {
+            tracing::info!(attempt = %id, "attempt started");
+            let report_to = this.clone();
+            let report_id = id.clone();
+            let mut end = run_reporting(a, &this.host, cancel, &this.gates, move |step| {
+                let this = report_to.clone();
+                let msg = message(agent_message::Kind::StageEvent(event_to_wire(
+                    &report_id, &step,
+                )));
+                async move {
+                    if matches!(step, StageEvent::MigrationFinished(_)) {
+                        this.journal_and_queue(msg).await;
+                    } else {
+                        this.push(Item::Live(msg));
+                    }
+                }
+            })
+            .await;
+            let lost = lock(&this.held).get(&id).and_then(|h| h.lost.clone());
+            if let Some(why) = lost {
+                if end.end != StageEnd::Succeeded {
+                    end.end = StageEnd::Lost(why);
+                }
+            }
+            tracing::info!(attempt = %id, end = ?end.end, "attempt ended");
+            let result = message(agent_message::Kind::StageResult(result_to_wire(&id, &end)));
+            this.journal_and_queue(result).await;
+            lock(&this.held).remove(&id);
+            lock(&this.gates_sent).retain(|(a, _), _| a != &id);
+        });
+        Ok(())
+    }
+
+    /// Gives up every attempt whose lease has not been renewed for the lease period.
+    fn expire_leases(&self) {
+        let Some(lease) = *lock(&self.lease) else {
+            return;
+        };
+        let expired: Vec<AttemptId> = lock(&self.held)
+            .iter()
+            .filter(|(_, h)| h.lost.is_none() && h.renewed.elapsed() > lease)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in expired {
+            self.give_up(
+                &id,
+                &format!(
+                    "its lease was not renewed for {} ms (the coordinator was unreachable)",
+                    lease.as_millis()
+                ),
+            );
+        }
+    }
+}
+
+/// `(attempt, version)` of a migration's start, the message its gate waits on.
+fn gate_key(m: &proto::AgentMessage) -> Option<(AttemptId, u64)> {
+    match &m.kind {
+        Some(agent_message::Kind::StageEvent(e)) => match &e.kind {
+            Some(proto::stage_event::Kind::MigrationStarted(s)) => {
+                Some((attempt_of(e.attempt.clone(), "StageEvent").ok()?, s.version))
+            }
+            _ => None,
+        },
+        _ => None,
+    }
 }
 
 /// Runs the agent until `shutdown`: sessions one after another, with backoff between.
@@ -81,18 +367,86 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     let host = Arc::new(Host {
         env: config.env.clone(),
         user_agent: config.user_agent(),
-        workspace: Some(config.workspace.clone()),
+        workspace: Some(config.data_dir.join("work")),
         clients: Arc::default(),
     });
     let token = BearerToken::new(config.token.as_deref()).map_err(AgentError::Token)?;
-    let endpoint = endpoint(&config.coordinator, config.ca_pem.as_deref())?;
+    let endpoint = endpoint(&config.coordinator, config.ca_pem.as_deref())?
+        .http2_keep_alive_interval(config.keepalive)
+        .keep_alive_timeout(config.keepalive / 2);
+    let dir = config.data_dir.clone();
+    let outbox = tokio::task::spawn_blocking(move || Outbox::open(&dir))
+        .await
+        .map_err(|e| OutboxError::Io(e.to_string()))??;
+    let check = outbox.clone();
+    let interrupted = tokio::task::spawn_blocking(move || check.close_interrupted())
+        .await
+        .map_err(|e| OutboxError::Io(e.to_string()))??;
+    for a in &interrupted {
+        tracing::warn!(attempt = %a, "the attempt was running when the agent stopped; reporting it lost");
+    }
+    // Whatever the outbox holds may have been sent before the restart: re-send it all.
+    let handed: BTreeSet<u64> = outbox.entries().into_iter().map(|(s, _)| s).collect();
+    let shared = Arc::new(Shared {
+        host,
+        outbox,
+        gates: Gates::default(),
+        held: Mutex::default(),
+        queue: Mutex::default(),
+        wake: Notify::new(),
+        handed: Mutex::new(handed),
+        gates_sent: Mutex::default(),
+        lease: Mutex::new(None),
+        draining: AtomicBool::new(false),
+        tasks: TaskTracker::new(),
+    });
+    let watchdog = {
+        let shared = shared.clone();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    _ = tick.tick() => shared.expire_leases(),
+                }
+            }
+        })
+    };
+    let ended = sessions(&config, &endpoint, &token, &shared, &shutdown).await;
+    watchdog.abort();
+    // Whatever still runs stops now; its result stays in the outbox for the next start.
+    for id in lock(&shared.held).keys().cloned().collect::<Vec<_>>() {
+        shared.give_up(&id, "the agent is shutting down");
+    }
+    shared.tasks.close();
+    if tokio::time::timeout(config.shutdown_grace, shared.tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("attempts did not stop within the shutdown grace; abandoning them");
+    }
+    ended
+}
+
+async fn sessions(
+    config: &AgentConfig,
+    endpoint: &tonic::transport::Endpoint,
+    token: &BearerToken,
+    shared: &Arc<Shared>,
+    shutdown: &CancellationToken,
+) -> Result<(), AgentError> {
     let mut backoff = config.backoff_initial;
     loop {
         if shutdown.is_cancelled() {
             return Ok(());
         }
-        match session(&config, &endpoint, &token, &host, &shutdown).await {
+        match session(config, endpoint, token, shared, shutdown).await {
             Ok(SessionEnd::Shutdown) => return Ok(()),
+            Ok(SessionEnd::Drained) => {
+                tracing::info!("drained: nothing left to run; exiting");
+                return Ok(());
+            }
             Ok(SessionEnd::AfterWelcome(why)) => {
                 tracing::warn!(why, "session ended; reconnecting");
                 backoff = config.backoff_initial;
@@ -135,23 +489,11 @@ fn full_jitter(bound: Duration) -> Duration {
     bound.mul_f64(frac)
 }
 
-fn message(kind: agent_message::Kind) -> proto::AgentMessage {
-    proto::AgentMessage { kind: Some(kind) }
-}
-
-/// Running attempts of a session, by id: their cancel tokens.
-type Running = Arc<Mutex<HashMap<AttemptId, CancellationToken>>>;
-
-fn lock(r: &Running) -> std::sync::MutexGuard<'_, HashMap<AttemptId, CancellationToken>> {
-    // A poisoned lock only means a panic elsewhere; the map is still consistent.
-    r.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 async fn session(
     config: &AgentConfig,
     endpoint: &tonic::transport::Endpoint,
     token: &BearerToken,
-    host: &Arc<Host>,
+    shared: &Arc<Shared>,
     shutdown: &CancellationToken,
 ) -> Result<SessionEnd, tonic::Status> {
     let channel = tokio::select! {
@@ -162,12 +504,12 @@ async fn session(
         agent_service_client::AgentServiceClient::with_interceptor(channel, token.clone())
             .max_decoding_message_size(64 * 1024 * 1024)
             .max_encoding_message_size(64 * 1024 * 1024);
-    let (out, out_rx) = mpsc::channel::<proto::AgentMessage>(1024);
+    let (out, out_rx) = mpsc::channel::<proto::AgentMessage>(256);
     let hello = message(agent_message::Kind::Hello(proto::AgentHello {
         agent_id: config.id.clone(),
         labels: config.labels.clone().into_iter().collect(),
         capacity: config.capacity,
-        held_attempts: Vec::new(),
+        held_attempts: shared.holding().iter().map(Into::into).collect(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
     }));
     // The channel was just made; it has room.
@@ -187,104 +529,100 @@ async fn session(
         }
     };
     tracing::info!(session = %welcome.session_id, coordinator = %config.coordinator, "attached");
-    let heartbeat = Duration::from_millis(welcome.heartbeat_interval_ms.max(100));
-    let gates = Gates::default();
-    let running: Running = Arc::default();
-    let mut tasks = JoinSet::new();
+    let heartbeat = Duration::from_millis(welcome.heartbeat_interval_ms.max(50));
+    *lock(&shared.lease) = Some(Duration::from_millis(welcome.lease_ms.max(100)));
+    // What earlier sessions sent and nobody acknowledged goes first, in order.
+    let mut replay: VecDeque<proto::AgentMessage> = shared.replay().into();
     let mut tick = tokio::time::interval(heartbeat);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Send times of heartbeats not yet answered, oldest first.
+    let mut beats: VecDeque<Instant> = VecDeque::new();
+    let mut stopping: Option<tokio::time::Instant> = None;
     let end = loop {
+        let draining = shared.draining.load(Ordering::SeqCst);
+        if (stopping.is_some() || draining) && shared.idle() {
+            break if stopping.is_some() {
+                SessionEnd::Shutdown
+            } else {
+                SessionEnd::Drained
+            };
+        }
+        let ready = !replay.is_empty() || !lock(&shared.queue).is_empty();
+        let deadline =
+            stopping.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
         tokio::select! {
-            // Shutdown first: stop taking work.
-            () = shutdown.cancelled() => break SessionEnd::Shutdown,
-            // Finished attempt tasks: nothing to do but reap them.
-            Some(_) = tasks.join_next() => {}
+            () = shutdown.cancelled(), if stopping.is_none() => {
+                // Stop the attempts; their results go out on this session if it lasts.
+                for id in lock(&shared.held).keys().cloned().collect::<Vec<_>>() {
+                    shared.give_up(&id, "the agent is shutting down");
+                }
+                stopping = Some(tokio::time::Instant::now() + config.shutdown_grace);
+            }
+            () = tokio::time::sleep_until(deadline), if stopping.is_some() => break SessionEnd::Shutdown,
             _ = tick.tick() => {
-                let held: Vec<proto::AttemptRef> = lock(&running).keys().map(Into::into).collect();
+                let held: Vec<proto::AttemptRef> = shared.holding().iter().map(Into::into).collect();
                 let beat = message(agent_message::Kind::Heartbeat(proto::Heartbeat { running: held }));
-                if out.send(beat).await.is_err() {
-                    break SessionEnd::AfterWelcome("the stream to the coordinator closed".to_owned());
+                match out.try_send(beat) {
+                    Ok(()) => beats.push_back(Instant::now()),
+                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                        break SessionEnd::AfterWelcome("the stream to the coordinator closed".to_owned());
+                    }
+                    // The stream is backed up; the next tick tries again.
+                    Err(mpsc::error::TrySendError::Full(_)) => {}
                 }
             }
+            permit = out.reserve(), if ready => match permit {
+                Ok(permit) => {
+                    let next = match replay.pop_front() {
+                        Some(m) => Some(m),
+                        None => shared.pop(),
+                    };
+                    if let Some(m) = next {
+                        permit.send(m);
+                    }
+                }
+                Err(_) => break SessionEnd::AfterWelcome("the stream to the coordinator closed".to_owned()),
+            },
+            () = shared.wake.notified(), if !ready => {}
             msg = inbound.message() => match msg {
                 Ok(Some(m)) => {
-                    if let Err(why) = handle(m, &out, host, &gates, &running, &mut tasks) {
+                    if let Err(why) = handle(m, shared, &mut beats) {
                         tracing::error!(error = %why, "protocol error from the coordinator; ending the session");
                         break SessionEnd::AfterWelcome(why);
                     }
                 }
                 Ok(None) => break SessionEnd::AfterWelcome("the coordinator closed the stream".to_owned()),
                 Err(status) if fatal(&status) => {
-                    stop_all(&running, &mut tasks).await;
+                    for id in lock(&shared.held).keys().cloned().collect::<Vec<_>>() {
+                        shared.give_up(&id, "the coordinator refused this agent");
+                    }
                     return Err(status);
                 }
                 Err(status) => break SessionEnd::AfterWelcome(format!("stream error: {}", status.message())),
             },
         }
     };
-    stop_all(&running, &mut tasks).await;
+    // Anything replayed but not sent goes out again on the next session (it is still
+    // journaled or still in `gates_sent`).
+    drop(replay);
     Ok(end)
-}
-
-/// Cancels every attempt of the session and waits (bounded) for them to stop.
-async fn stop_all(running: &Running, tasks: &mut JoinSet<()>) {
-    for c in lock(running).values() {
-        c.cancel();
-    }
-    let waited = tokio::time::timeout(Duration::from_secs(10), async {
-        while tasks.join_next().await.is_some() {}
-    })
-    .await;
-    if waited.is_err() {
-        tracing::warn!("attempts did not stop within 10 s; abandoning them");
-        tasks.abort_all();
-    }
 }
 
 /// One message from the coordinator. `Err` is a protocol error that ends the session.
 fn handle(
     m: proto::CoordinatorMessage,
-    out: &mpsc::Sender<proto::AgentMessage>,
-    host: &Arc<Host>,
-    gates: &Gates,
-    running: &Running,
-    tasks: &mut JoinSet<()>,
+    shared: &Arc<Shared>,
+    beats: &mut VecDeque<Instant>,
 ) -> Result<(), String> {
     match m.kind {
         Some(coordinator_message::Kind::Assignment(a)) => {
             let a = Assignment::try_from(a).map_err(|e| format!("malformed assignment: {e}"))?;
-            let id = a.attempt.clone();
-            if lock(running).contains_key(&id) {
-                return Err(format!("{id} was assigned twice"));
-            }
-            let cancel = CancellationToken::new();
-            lock(running).insert(id.clone(), cancel.clone());
-            let (out, host, gates, running) =
-                (out.clone(), host.clone(), gates.clone(), running.clone());
-            tasks.spawn(async move {
-                tracing::info!(attempt = %id, "attempt started");
-                let end = run_reporting(a, &host, cancel, &gates, |step| {
-                    let out = out.clone();
-                    let wire = event_to_wire(&id, &step);
-                    async move {
-                        // A closed stream ends the session, which stops this attempt.
-                        let _ = out
-                            .send(message(agent_message::Kind::StageEvent(wire)))
-                            .await;
-                    }
-                })
-                .await;
-                tracing::info!(attempt = %id, end = ?end.end, "attempt ended");
-                let result = result_to_wire(&id, &end);
-                let _ = out
-                    .send(message(agent_message::Kind::StageResult(result)))
-                    .await;
-                lock(&running).remove(&id);
-            });
-            Ok(())
+            shared.start(a)
         }
         Some(coordinator_message::Kind::StepAck(ack)) => {
             let id = attempt_of(ack.attempt, "StepAck").map_err(|e| e.to_string())?;
-            if !gates.ack(&id, ack.version) {
+            lock(&shared.gates_sent).remove(&(id.clone(), ack.version));
+            if !shared.gates.ack(&id, ack.version) {
                 tracing::debug!(attempt = %id, version = ack.version, "step acknowledged after its attempt stopped");
             }
             Ok(())
@@ -292,14 +630,47 @@ fn handle(
         Some(coordinator_message::Kind::Cancel(c)) => {
             let id = attempt_of(c.attempt, "CancelAttempt").map_err(|e| e.to_string())?;
             tracing::info!(attempt = %id, reason = %c.reason, "cancel");
-            if let Some(token) = lock(running).get(&id) {
-                token.cancel();
+            if let Some(h) = lock(&shared.held).get(&id) {
+                h.cancel.cancel();
             }
             Ok(())
         }
         Some(coordinator_message::Kind::ResultAck(ack)) => {
             let id = attempt_of(ack.attempt, "ResultAck").map_err(|e| e.to_string())?;
-            tracing::debug!(attempt = %id, "result recorded by the coordinator");
+            tracing::debug!(attempt = %id, already = ack.already_applied, "result recorded by the coordinator");
+            shared.settle(id);
+            Ok(())
+        }
+        Some(coordinator_message::Kind::Rejected(r)) => {
+            let id = attempt_of(r.attempt, "Rejected").map_err(|e| e.to_string())?;
+            tracing::warn!(attempt = %id, reason = %r.reason, "the coordinator rejected the attempt's messages");
+            shared.give_up(&id, &r.reason);
+            lock(&shared.gates_sent).retain(|(a, _), _| a != &id);
+            shared.settle(id);
+            Ok(())
+        }
+        Some(coordinator_message::Kind::Lease(l)) => {
+            // Answers come in heartbeat order; a renewal counts from its heartbeat's send.
+            let sent = beats.pop_front().unwrap_or_else(Instant::now);
+            let mut held = lock(&shared.held);
+            for r in l.renewed {
+                if let Ok(id) = AttemptId::try_from(r) {
+                    if let Some(h) = held.get_mut(&id) {
+                        h.renewed = h.renewed.max(sent);
+                    }
+                }
+            }
+            drop(held);
+            for r in l.revoked {
+                if let Ok(id) = AttemptId::try_from(r) {
+                    shared.give_up(&id, "the coordinator no longer holds its lease");
+                }
+            }
+            Ok(())
+        }
+        Some(coordinator_message::Kind::Drain(_)) => {
+            tracing::info!("drain: no new work; finishing what runs, then exiting");
+            shared.draining.store(true, Ordering::SeqCst);
             Ok(())
         }
         Some(coordinator_message::Kind::Welcome(_)) => {

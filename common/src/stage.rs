@@ -25,6 +25,10 @@ pub struct AttemptId {
     pub stage: String,
     /// From 1; a stage dispatched again in the same run gets the next number.
     pub attempt: u32,
+    /// Fencing token from the coordinator's store: strictly larger for every new attempt, so
+    /// a message from a replaced attempt is recognised as stale. 0 in local mode (one
+    /// process, nothing to fence).
+    pub token: u64,
 }
 
 impl std::fmt::Display for AttemptId {
@@ -168,6 +172,9 @@ pub enum StageEnd {
     Failed(String),
     Cancelled,
     TimedOut,
+    /// The runner gave the attempt up without finishing it (an agent whose lease expired, or
+    /// that restarted mid-way); a migration it had started is in doubt.
+    Lost(String),
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -104,18 +104,14 @@ async fn cluster(name: &str, capacity: u32) -> Cluster {
         stop.clone(),
     ));
     for i in 0..2 {
-        let config = AgentConfig {
-            coordinator: url.clone(),
-            id: format!("bench-agent-{i}"),
-            labels: BTreeMap::new(),
-            capacity,
-            token: None,
-            ca_pem: None,
-            env: BTreeMap::new(),
-            workspace: root.join(format!("agent-{i}")),
-            backoff_initial: Duration::from_millis(20),
-            backoff_max: Duration::from_millis(200),
-        };
+        let mut config = AgentConfig::new(
+            &url,
+            &format!("bench-agent-{i}"),
+            root.join(format!("agent-{i}")),
+        );
+        config.capacity = capacity;
+        config.backoff_initial = Duration::from_millis(20);
+        config.backoff_max = Duration::from_millis(200);
         tokio::spawn(baton_agent::session::run(config, stop.clone()));
     }
     // Both agents attached before timing starts.
@@ -206,6 +202,7 @@ async fn run_local(name: &str, files: &MemoryFiles, api: &str) -> Duration {
         project_key: "stages.yaml".into(),
         overrides: [("api".to_owned(), api.to_owned())].into(),
         condition_env: BTreeMap::new(),
+        request: None,
     };
     let submitted = runs.submit_up(sub).await.expect("submit");
     let outcome = runs.outcome(submitted.run_id).await.expect("outcome");

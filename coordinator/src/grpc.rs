@@ -20,7 +20,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::planner::{self, PlanError, Selection};
 use crate::runner::remote::{deliver, AgentRegistry, Outbound};
 use crate::runs::{describe_selection, Runs, RunsError, StoreHistory, Submission};
-use crate::scheduler::driver::RunDirection;
+use crate::scheduler::driver::{Resolution, RunDirection};
 
 /// How long an agent may take to send its hello after opening the stream.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -32,9 +32,87 @@ pub fn status_of(e: RunsError) -> Status {
             Status::failed_precondition(e.to_string())
         }
         RunsError::UnknownRun(_) => Status::not_found(e.to_string()),
-        RunsError::Rollback(_) => Status::failed_precondition(e.to_string()),
+        RunsError::Rollback(_) | RunsError::Resolve(_) => {
+            Status::failed_precondition(e.to_string())
+        }
+        RunsError::NotLive(_) => Status::failed_precondition(e.to_string()),
         RunsError::Store(_) | RunsError::Random(_) => Status::internal(e.to_string()),
     }
+}
+
+/// Loads and plans a submission as the CLI sent it: what `SubmitRun` does, and what a
+/// restarted coordinator does again from the stored request. `rollback`: plan the rollback
+/// of a failed run instead (per stage, the version to roll back to).
+pub fn submission_of(
+    runs: &Runs,
+    r: proto::SubmitRunRequest,
+    rollback: Option<&BTreeMap<String, u64>>,
+) -> Result<Submission, Status> {
+    let request = Arc::new(r.clone());
+    let stages_file = PathBuf::from(&r.stages_file);
+    let set: BTreeMap<String, String> = r.set.into_iter().collect();
+    let files = files_of(r.files);
+    let loaded = crate::project::load(&stages_file, &files, set.keys().cloned().collect(), false);
+    let Some(project) = loaded.project else {
+        return Err(Status::invalid_argument(format!(
+            "the project is invalid; nothing was run:\n{}",
+            loaded.diagnostics
+        )));
+    };
+    let selection = match (r.stages.is_empty(), r.from.is_empty(), r.to.is_empty()) {
+        (false, _, _) => Selection::Stages { names: r.stages },
+        (true, false, false) => Selection::Range {
+            from: r.from,
+            to: r.to,
+        },
+        _ => Selection::All,
+    };
+    let key = if r.project.is_empty() {
+        crate::runs::project_key(&stages_file)
+    } else {
+        r.project
+    };
+    let history =
+        StoreHistory::of(runs.store().as_ref(), &key, &project).map_err(|e| status_of(e.into()))?;
+    let planned = match rollback {
+        Some(to) => planner::plan_down(
+            &project,
+            &Selection::Stages {
+                names: to.keys().cloned().collect(),
+            },
+            &history,
+            planner::Dependents::Leave,
+        ),
+        None if r.down => {
+            let dependents = if r.cascade {
+                planner::Dependents::Cascade
+            } else {
+                planner::Dependents::Refuse
+            };
+            planner::plan_down(&project, &selection, &history, dependents)
+        }
+        None => planner::plan(&project, &selection, &history),
+    };
+    let plan = match planned {
+        Ok(p) => p,
+        Err(PlanError::Invalid(d)) => {
+            return Err(Status::invalid_argument(format!(
+                "the project is invalid; nothing was run:\n{d}"
+            )))
+        }
+        Err(e) => return Err(Status::failed_precondition(e.to_string())),
+    };
+    Ok(Submission {
+        project: Arc::new(project),
+        files: Arc::new(loaded.files),
+        plan,
+        project_key: key,
+        overrides: set,
+        // Conditions' `env` is the environment where baton decides; on a coordinator that
+        // is nobody's: agents' environments stay on the agents.
+        condition_env: BTreeMap::new(),
+        request: Some(request),
+    })
 }
 
 /// `AgentService`: one session per `Attach` stream.
@@ -174,62 +252,10 @@ impl control_service_server::ControlService for ControlApi {
         request: Request<proto::SubmitRunRequest>,
     ) -> Result<Response<proto::SubmitRunResponse>, Status> {
         let r = request.into_inner();
-        let stages_file = PathBuf::from(&r.stages_file);
-        let set: BTreeMap<String, String> = r.set.into_iter().collect();
-        let files = files_of(r.files);
-        let loaded =
-            crate::project::load(&stages_file, &files, set.keys().cloned().collect(), false);
-        let Some(project) = loaded.project else {
-            return Err(Status::invalid_argument(format!(
-                "the project is invalid; nothing was run:\n{}",
-                loaded.diagnostics
-            )));
-        };
-        let selection = match (r.stages.is_empty(), r.from.is_empty(), r.to.is_empty()) {
-            (false, _, _) => Selection::Stages { names: r.stages },
-            (true, false, false) => Selection::Range {
-                from: r.from,
-                to: r.to,
-            },
-            _ => Selection::All,
-        };
-        let key = if r.project.is_empty() {
-            crate::runs::project_key(&stages_file)
-        } else {
-            r.project
-        };
-        let history = StoreHistory::of(self.runs.store().as_ref(), &key, &project)
-            .map_err(|e| status_of(e.into()))?;
-        let planned = if r.down {
-            let dependents = if r.cascade {
-                planner::Dependents::Cascade
-            } else {
-                planner::Dependents::Refuse
-            };
-            planner::plan_down(&project, &selection, &history, dependents)
-        } else {
-            planner::plan(&project, &selection, &history)
-        };
-        let plan = match planned {
-            Ok(p) => p,
-            Err(PlanError::Invalid(d)) => {
-                return Err(Status::invalid_argument(format!(
-                    "the project is invalid; nothing was run:\n{d}"
-                )))
-            }
-            Err(e) => return Err(Status::failed_precondition(e.to_string())),
-        };
-        let sub = Submission {
-            project: Arc::new(project),
-            files: Arc::new(loaded.files),
-            plan,
-            project_key: key,
-            overrides: set,
-            // Conditions' `env` is the environment where baton decides; on a coordinator
-            // that is nobody's: agents' environments stay on the agents.
-            condition_env: BTreeMap::new(),
-        };
-        let submitted = if r.down {
+        let down = r.down;
+        let skip_missing_down = r.skip_missing_down;
+        let sub = submission_of(&self.runs, r, None)?;
+        let submitted = if down {
             if sub.plan.order.iter().all(|s| s.pending.is_empty()) {
                 return Ok(Response::new(proto::SubmitRunResponse {
                     run_id: 0,
@@ -242,7 +268,7 @@ impl control_service_server::ControlService for ControlApi {
             }
             let direction = RunDirection::Down {
                 to: BTreeMap::new(),
-                skip_missing_down: r.skip_missing_down,
+                skip_missing_down,
             };
             self.runs.submit_down(sub, direction).await
         } else {
@@ -254,6 +280,58 @@ impl control_service_server::ControlService for ControlApi {
             plan_digest: submitted.plan_digest,
             notes: submitted.notes,
             stages: u32::try_from(submitted.stages).unwrap_or(u32::MAX),
+        }))
+    }
+
+    async fn resolve_stage(
+        &self,
+        request: Request<proto::ResolveStageRequest>,
+    ) -> Result<Response<proto::ResolveStageResponse>, Status> {
+        let r = request.into_inner();
+        let Some(resolution) = Resolution::parse(&r.resolution) else {
+            return Err(Status::invalid_argument(format!(
+                "`{}` is not a resolution: use succeeded, failed or retry",
+                r.resolution
+            )));
+        };
+        let by = if r.decided_by.trim().is_empty() {
+            "an unnamed operator".to_owned()
+        } else {
+            r.decided_by
+        };
+        self.runs
+            .resolve(r.run_id, &r.stage, resolution, &by)
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(proto::ResolveStageResponse {}))
+    }
+
+    async fn drain_agent(
+        &self,
+        request: Request<proto::DrainAgentRequest>,
+    ) -> Result<Response<proto::DrainAgentResponse>, Status> {
+        let id = request.into_inner().agent_id;
+        match self.registry.drain(&id) {
+            Some(running) => Ok(Response::new(proto::DrainAgentResponse { running })),
+            None => Err(Status::not_found(format!(
+                "no agent `{id}` is attached (see `baton agents list`)"
+            ))),
+        }
+    }
+
+    async fn health(
+        &self,
+        _request: Request<proto::HealthRequest>,
+    ) -> Result<Response<proto::HealthResponse>, Status> {
+        Ok(Response::new(match self.runs.health() {
+            None => proto::HealthResponse {
+                status: "ok".to_owned(),
+                error: String::new(),
+            },
+            Some(e) => proto::HealthResponse {
+                status: "degraded".to_owned(),
+                error: e,
+            },
         }))
     }
 
@@ -372,6 +450,7 @@ impl control_service_server::ControlService for ControlApi {
                     running: a.running,
                     last_seen_ms_ago: u64::try_from(a.last_seen.as_millis()).unwrap_or(u64::MAX),
                     version: a.version,
+                    draining: a.draining,
                 })
                 .collect(),
         }))

@@ -24,9 +24,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use baton_common::stage::AttemptId;
+use prost::Message;
+
 use crate::planner::{History, Plan, Selection};
+use crate::runner::remote::Verdict;
 use crate::runner::StageRunner;
-use crate::scheduler::driver::{drive, PlannedFiles, RunContext, RunDirection};
+use crate::scheduler::driver::{
+    drive, Control, PlannedFiles, Resolution, RunContext, RunDirection,
+};
 use crate::store::{
     now_ms, EventKind, EventRecord, Op, RunRecord, RunStatus, StageKey, Store, StoreError,
     Transition, FORMAT,
@@ -47,6 +53,10 @@ pub enum RunsError {
     Random(#[from] std::io::Error),
     #[error("cannot plan the rollback: {0}")]
     Rollback(String),
+    #[error("run {0} is not running on this coordinator (see `baton runs list`)")]
+    NotLive(u64),
+    #[error("{0}")]
+    Resolve(String),
 }
 
 /// A planned project to run.
@@ -62,6 +72,9 @@ pub struct Submission {
     pub overrides: BTreeMap<String, String>,
     /// `env "KEY"` in conditions (local mode: the CLI's environment; remote: empty).
     pub condition_env: BTreeMap<String, String>,
+    /// A coordinator keeps the submission as the CLI sent it with each run it records, so
+    /// it can rebuild the run after a restart; local mode re-reads its files instead.
+    pub request: Option<Arc<baton_common::proto::SubmitRunRequest>>,
 }
 
 /// An accepted submission.
@@ -108,6 +121,8 @@ struct Live {
     outcome: watch::Receiver<Option<RunOutcome>>,
     /// Waiting for an earlier run of its project to end.
     queued: Arc<std::sync::atomic::AtomicBool>,
+    /// Operators' requests to its driver.
+    control: mpsc::Sender<Control>,
 }
 
 /// The store as the planner's view of earlier runs, read once before planning: a store that
@@ -173,6 +188,10 @@ pub struct Runs {
     tasks: TaskTracker,
     /// Cancels every run on shutdown.
     shutdown: CancellationToken,
+    /// Stops every driver without cancelling its run (a coordinator shutting down).
+    stop: CancellationToken,
+    /// Why the service stopped dispatching (a store failure), if it did.
+    degraded: Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for Runs {
@@ -219,7 +238,72 @@ impl Runs {
             queues: Mutex::new(HashMap::new()),
             tasks: TaskTracker::new(),
             shutdown: CancellationToken::new(),
+            stop: CancellationToken::new(),
+            degraded: Mutex::new(None),
         })
+    }
+
+    /// Why the service stopped dispatching (a storage failure), or `None` when healthy.
+    pub fn health(&self) -> Option<String> {
+        self.degraded
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// After a coordinator restart: drives `run` (still running in the store) again from
+    /// its stored submission `s`. Stages that finished stay finished; attempts that were
+    /// running are adopted: `expect` is told each, so the runner can wait for its agent.
+    pub async fn recover(
+        self: &Arc<Self>,
+        s: Submission,
+        run: RunRecord,
+        direction: RunDirection,
+        expect: impl Fn(AttemptId),
+    ) -> Result<Submitted, RunsError> {
+        let store = self.store.clone();
+        let prepared = blocking(move || resume_of(store.as_ref(), run)).await?;
+        for a in prepared.running.values() {
+            expect(a.clone());
+        }
+        let submitted = Submitted {
+            run_id: prepared.run.id,
+            resumed: true,
+            first_seq: prepared.next_seq,
+            plan_digest: s.plan.digest.clone(),
+            stages: s.plan.order.len(),
+            notes: prepared.notes.clone(),
+        };
+        self.start_with(s, prepared, direction, true);
+        Ok(submitted)
+    }
+
+    /// Decides a stage of a live run that needs attention; recorded with `by`.
+    pub async fn resolve(
+        &self,
+        run: u64,
+        stage: &str,
+        resolution: Resolution,
+        by: &str,
+    ) -> Result<(), RunsError> {
+        let control = match self.live().get(&run) {
+            Some(l) if l.outcome.borrow().is_none() => l.control.clone(),
+            _ => return Err(RunsError::NotLive(run)),
+        };
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        control
+            .send(Control::Resolve {
+                stage: stage.to_owned(),
+                resolution,
+                by: by.to_owned(),
+                reply,
+            })
+            .await
+            .map_err(|_| RunsError::NotLive(run))?;
+        answer
+            .await
+            .map_err(|_| RunsError::NotLive(run))?
+            .map_err(RunsError::Resolve)
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -241,9 +325,18 @@ impl Runs {
         let key = s.project_key.clone();
         let plan = s.plan.clone();
         let live = self.live_ids();
-        let prepared =
-            blocking(move || prepare(store.as_ref(), &key, &plan, &live, &RunDirection::Up))
-                .await?;
+        let stored = stored_submission(&s, 0);
+        let prepared = blocking(move || {
+            prepare(
+                store.as_ref(),
+                &key,
+                &plan,
+                &live,
+                &RunDirection::Up,
+                stored,
+            )
+        })
+        .await?;
         let submitted = Submitted {
             run_id: prepared.run.id,
             resumed: prepared.resumed,
@@ -267,8 +360,9 @@ impl Runs {
         let plan = s.plan.clone();
         let live = self.live_ids();
         let asked = direction.clone();
+        let stored = stored_submission(&s, 0);
         let prepared =
-            blocking(move || prepare(store.as_ref(), &key, &plan, &live, &asked)).await?;
+            blocking(move || prepare(store.as_ref(), &key, &plan, &live, &asked, stored)).await?;
         let submitted = Submitted {
             run_id: prepared.run.id,
             resumed: prepared.resumed,
@@ -303,17 +397,10 @@ impl Runs {
     }
 
     /// Makes `run_id` live: where its events go, its cancel token, where its outcome goes.
-    fn register(
-        &self,
-        run_id: u64,
-        queued: Arc<std::sync::atomic::AtomicBool>,
-    ) -> (
-        broadcast::Sender<EventRecord>,
-        CancellationToken,
-        watch::Sender<Option<RunOutcome>>,
-    ) {
+    fn register(&self, run_id: u64, queued: Arc<std::sync::atomic::AtomicBool>) -> Channels {
         let (events, _) = broadcast::channel(1024);
         let (outcome_tx, outcome_rx) = watch::channel(None);
+        let (control_tx, control_rx) = mpsc::channel(16);
         let cancel = self.shutdown.child_token();
         self.live().insert(
             run_id,
@@ -322,16 +409,34 @@ impl Runs {
                 cancel: cancel.clone(),
                 outcome: outcome_rx,
                 queued,
+                control: control_tx,
             },
         );
-        (events, cancel, outcome_tx)
+        Channels {
+            events,
+            cancel,
+            outcome: outcome_tx,
+            control: control_rx,
+        }
     }
 
     /// Registers the run as live and spawns its driving task.
     fn start(self: &Arc<Self>, s: Submission, p: Prepared, direction: RunDirection) {
+        self.start_with(s, p, direction, false);
+    }
+
+    /// [`Runs::start`]; `adopt`: attempts the run had running are adopted, not started anew
+    /// (a coordinator's recovery; local mode starts them again).
+    fn start_with(
+        self: &Arc<Self>,
+        s: Submission,
+        p: Prepared,
+        direction: RunDirection,
+        adopt: bool,
+    ) {
         let run_id = p.run.id;
         let queued = Arc::new(std::sync::atomic::AtomicBool::new(true));
-        let (events, cancel, outcome_tx) = self.register(run_id, queued.clone());
+        let ch = self.register(run_id, queued.clone());
         let queue = {
             let mut q = self
                 .queues
@@ -347,9 +452,8 @@ impl Runs {
             s,
             p,
             direction,
-            events,
-            cancel,
-            outcome: outcome_tx,
+            ch,
+            adopt,
         };
         self.tasks.spawn(
             async move {
@@ -358,7 +462,7 @@ impl Runs {
                 // The project's turn covers the run's automatic rollback too.
                 let mut next = Some(job);
                 while let Some(job) = next.take() {
-                    let tx = job.outcome.clone();
+                    let tx = job.ch.outcome.clone();
                     let id = job.p.run.id;
                     let (outcome, follow) = this.drive_run(job).await;
                     let _ = tx.send(Some(outcome));
@@ -379,10 +483,15 @@ impl Runs {
             s,
             p,
             direction,
+            ch,
+            adopt,
+        } = job;
+        let Channels {
             events,
             cancel,
             outcome: _,
-        } = job;
+            control,
+        } = ch;
         let run_id = p.run.id;
         let ctx = RunContext {
             project: s.project.clone(),
@@ -398,6 +507,10 @@ impl Runs {
             condition_env: s.condition_env.clone(),
             overrides: s.overrides.clone(),
             direction: direction.clone(),
+            adopt: if adopt { p.running } else { BTreeMap::new() },
+            in_doubt: p.in_doubt,
+            control: Some(control),
+            stop: self.stop.clone(),
         };
         let (tx, mut rx) = mpsc::channel(1024);
         let forward = async {
@@ -411,6 +524,13 @@ impl Runs {
             Ok(status) => status,
             Err(e) => {
                 tracing::error!(run = run_id, error = %e, "run stopped");
+                if matches!(e, crate::scheduler::driver::DriveError::Store(_)) {
+                    *self
+                        .degraded
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                        Some(format!("run {run_id} stopped: {e}"));
+                }
                 let outcome = RunOutcome {
                     status: None,
                     error: Some(e.to_string()),
@@ -494,18 +614,12 @@ impl Runs {
         let key = sub.project_key.clone();
         let plan = sub.plan.clone();
         let record = down_record(&direction);
-        let run = blocking(move || new_run(store.as_ref(), &key, &plan, None, record)).await?;
+        let stored = stored_submission(&sub, failed_run);
+        let run =
+            blocking(move || new_run(store.as_ref(), &key, &plan, None, record, stored)).await?;
         let run_id = run.id;
-        let (events, cancel, outcome_tx) =
-            self.register(run_id, Arc::new(std::sync::atomic::AtomicBool::new(false)));
-        let prepared = Prepared {
-            run,
-            resumed: false,
-            next_seq: 1,
-            done: BTreeSet::new(),
-            prior_attempts: BTreeMap::new(),
-            notes: Vec::new(),
-        };
+        let ch = self.register(run_id, Arc::new(std::sync::atomic::AtomicBool::new(false)));
+        let prepared = Prepared::new(run);
         tracing::info!(
             run = run_id,
             rollback_of = failed_run,
@@ -520,9 +634,8 @@ impl Runs {
             s: sub,
             p: prepared,
             direction,
-            events,
-            cancel,
-            outcome: outcome_tx,
+            ch,
+            adopt: false,
         };
         Ok(Some((rb, job)))
     }
@@ -642,6 +755,91 @@ impl Runs {
         self.tasks.close();
         self.tasks.wait().await;
     }
+
+    /// Stops every driver without cancelling its run and waits for them (bounded by the
+    /// caller): what was recorded stays; runs stay running in the store, for the next start.
+    pub async fn suspend(&self) {
+        self.stop.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+}
+
+/// Where a live run's events, cancel, outcome and operators' requests go.
+#[derive(Debug)]
+struct Channels {
+    events: broadcast::Sender<EventRecord>,
+    cancel: CancellationToken,
+    outcome: watch::Sender<Option<RunOutcome>>,
+    control: mpsc::Receiver<Control>,
+}
+
+/// What the store says about a result for an attempt no agent holds any more: recorded
+/// already (acknowledge it again), or stale (reject it).
+pub fn verdict(store: &dyn Store, attempt: &AttemptId) -> Verdict {
+    let stale = |why: String| Verdict::Stale(why);
+    let run = match store.run(attempt.run) {
+        Ok(Some(r)) => r,
+        Ok(None) => return stale(format!("there is no run {}", attempt.run)),
+        Err(e) => return stale(format!("the store could not be read: {e}")),
+    };
+    let events = match store.events(run.id, 0) {
+        Ok(e) => e,
+        Err(e) => return stale(format!("the store could not be read: {e}")),
+    };
+    let mut started = false;
+    let mut ended = false;
+    for e in events
+        .iter()
+        .filter(|e| e.stage.as_deref() == Some(attempt.stage.as_str()))
+    {
+        match &e.kind {
+            EventKind::StageStarted { attempt: n, token } => {
+                if *n == attempt.attempt && (*token == attempt.token || *token == 0) {
+                    started = true;
+                } else if started || *n > attempt.attempt {
+                    return stale(format!(
+                        "attempt {} (token {}) replaced attempt {}",
+                        n, token, attempt.attempt
+                    ));
+                }
+            }
+            EventKind::AttemptLost { attempt: n, .. }
+            | EventKind::NeedsAttention { attempt: n, .. }
+                if started && *n == attempt.attempt =>
+            {
+                return stale(format!(
+                    "attempt {} was declared lost before its result arrived",
+                    attempt.attempt
+                ));
+            }
+            EventKind::StageSucceeded { .. } | EventKind::StageFailed { .. } if started => {
+                ended = true;
+            }
+            _ => {}
+        }
+    }
+    if !started {
+        stale(format!(
+            "run {} has no attempt {} of stage `{}` with token {}",
+            run.id, attempt.attempt, attempt.stage, attempt.token
+        ))
+    } else if ended {
+        Verdict::AlreadyApplied
+    } else {
+        stale(format!("run {} is not active on this coordinator", run.id))
+    }
+}
+
+/// What a coordinator keeps with a run to rebuild it after a restart.
+fn stored_submission(s: &Submission, rollback_of: u64) -> Option<Vec<u8>> {
+    s.request.as_ref().map(|r| {
+        baton_common::proto::StoredSubmission {
+            request: Some((**r).clone()),
+            rollback_of,
+        }
+        .encode_to_vec()
+    })
 }
 
 /// A run to drive, with where its events and outcome go.
@@ -650,9 +848,9 @@ struct Job {
     s: Submission,
     p: Prepared,
     direction: RunDirection,
-    events: broadcast::Sender<EventRecord>,
-    cancel: CancellationToken,
-    outcome: watch::Sender<Option<RunOutcome>>,
+    ch: Channels,
+    /// Adopt the attempts that were running instead of starting them again.
+    adopt: bool,
 }
 
 /// What a new or resumed run starts from.
@@ -665,6 +863,26 @@ struct Prepared {
     done: BTreeSet<String>,
     prior_attempts: BTreeMap<String, u32>,
     notes: Vec<String>,
+    /// Attempts that were running (no end recorded), by stage.
+    running: BTreeMap<String, AttemptId>,
+    /// Migrations started and not recorded done, by stage.
+    in_doubt: BTreeMap<String, (u64, String)>,
+}
+
+impl Prepared {
+    /// A new run, nothing done yet.
+    fn new(run: RunRecord) -> Prepared {
+        Prepared {
+            run,
+            resumed: false,
+            next_seq: 1,
+            done: BTreeSet::new(),
+            prior_attempts: BTreeMap::new(),
+            notes: Vec::new(),
+            running: BTreeMap::new(),
+            in_doubt: BTreeMap::new(),
+        }
+    }
 }
 
 /// What a down direction stores with its run.
@@ -690,6 +908,7 @@ fn prepare(
     plan: &Plan,
     live: &BTreeSet<u64>,
     direction: &RunDirection,
+    stored: Option<Vec<u8>>,
 ) -> Result<Prepared, RunsError> {
     let interrupted = store
         .runs()?
@@ -713,55 +932,7 @@ fn prepare(
                 selection: describe_selection(&old.selection),
             })
         }
-        Some(old) if old.plan_digest == plan.digest => {
-            let events = store.events(old.id, 0)?;
-            let next_seq = events.last().map_or(1, |e| e.seq + 1);
-            let mut notes = vec![format!(
-                "resuming run {} (interrupted before it finished)",
-                old.id
-            )];
-            let mut done = BTreeSet::new();
-            let mut prior_attempts: BTreeMap<String, u32> = BTreeMap::new();
-            let mut in_flight: BTreeMap<(String, u64), String> = BTreeMap::new();
-            for e in &events {
-                let stage = e.stage.clone().unwrap_or_default();
-                match &e.kind {
-                    EventKind::StageSucceeded { .. } => {
-                        done.insert(stage);
-                    }
-                    EventKind::StageStarted { attempt } => {
-                        let n = prior_attempts.entry(stage).or_insert(0);
-                        *n = (*n).max(*attempt);
-                    }
-                    EventKind::MigrationStarted { version, name, .. } => {
-                        in_flight.insert((stage, *version), name.clone());
-                    }
-                    EventKind::MigrationDone { version, .. } => {
-                        in_flight.remove(&(stage, *version));
-                    }
-                    _ => {}
-                }
-            }
-            if !done.is_empty() {
-                notes.push(format!(
-                    "  already done: {}",
-                    done.iter().cloned().collect::<Vec<_>>().join(", ")
-                ));
-            }
-            for ((stage, version), name) in &in_flight {
-                notes.push(format!(
-                    "  stage {stage}: migration {version:03}_{name} was in flight when the run stopped; it is sent again with the same Idempotency-Key"
-                ));
-            }
-            Ok(Prepared {
-                run: old,
-                resumed: true,
-                next_seq,
-                done,
-                prior_attempts,
-                notes,
-            })
-        }
+        Some(old) if old.plan_digest == plan.digest => resume_of(store, old),
         other => {
             let mut notes = Vec::new();
             // The abandoned run's random id carries over: a migration it had in flight is sent
@@ -795,27 +966,100 @@ fn prepare(
                 store.commit(t)?;
                 notes.push(format!("note: run {} was interrupted, but the files changed since it was planned; it is marked failed and a new run starts (a migration it had in flight is sent with the same Idempotency-Key)", old.id));
             }
-            let run = new_run(store, key, plan, inherit, down_record(direction))?;
+            let run = new_run(store, key, plan, inherit, down_record(direction), stored)?;
             Ok(Prepared {
-                run,
-                resumed: false,
-                next_seq: 1,
-                done: BTreeSet::new(),
-                prior_attempts: BTreeMap::new(),
                 notes,
+                ..Prepared::new(run)
             })
         }
     }
 }
 
+/// An interrupted run picked up where its log ends: what is done, how many attempts each
+/// stage had, which attempts were running and which migrations are in doubt.
+fn resume_of(store: &dyn Store, old: RunRecord) -> Result<Prepared, RunsError> {
+    let events = store.events(old.id, 0)?;
+    let next_seq = events.last().map_or(1, |e| e.seq + 1);
+    let mut notes = vec![format!(
+        "resuming run {} (interrupted before it finished)",
+        old.id
+    )];
+    let mut done = BTreeSet::new();
+    let mut prior_attempts: BTreeMap<String, u32> = BTreeMap::new();
+    let mut in_flight: BTreeMap<(String, u64), String> = BTreeMap::new();
+    let mut running: BTreeMap<String, AttemptId> = BTreeMap::new();
+    for e in &events {
+        let stage = e.stage.clone().unwrap_or_default();
+        match &e.kind {
+            EventKind::StageSucceeded { .. } => {
+                running.remove(&stage);
+                done.insert(stage);
+            }
+            EventKind::StageFailed { .. }
+            | EventKind::AttemptLost { .. }
+            | EventKind::NeedsAttention { .. } => {
+                running.remove(&stage);
+            }
+            EventKind::StageStarted { attempt, token } => {
+                let n = prior_attempts.entry(stage.clone()).or_insert(0);
+                *n = (*n).max(*attempt);
+                running.insert(
+                    stage.clone(),
+                    AttemptId {
+                        run: old.id,
+                        stage,
+                        attempt: *attempt,
+                        token: *token,
+                    },
+                );
+            }
+            EventKind::MigrationStarted { version, name, .. } => {
+                in_flight.insert((stage, *version), name.clone());
+            }
+            EventKind::MigrationDone { version, .. } => {
+                in_flight.remove(&(stage, *version));
+            }
+            _ => {}
+        }
+    }
+    if !done.is_empty() {
+        notes.push(format!(
+            "  already done: {}",
+            done.iter().cloned().collect::<Vec<_>>().join(", ")
+        ));
+    }
+    for ((stage, version), name) in &in_flight {
+        notes.push(format!(
+            "  stage {stage}: migration {version:03}_{name} was in flight when the run stopped; it is sent again with the same Idempotency-Key"
+        ));
+    }
+    let in_doubt = in_flight
+        .into_iter()
+        .filter(|((stage, _), _)| !done.contains(stage))
+        .map(|((stage, version), name)| (stage, (version, name)))
+        .collect();
+    Ok(Prepared {
+        run: old,
+        resumed: true,
+        next_seq,
+        done,
+        prior_attempts,
+        notes,
+        running,
+        in_doubt,
+    })
+}
+
 /// Records a new run and its first event; `uid` is the run's random id when it continues an
-/// abandoned run (else a new one is drawn); `down` how a down run rolls back.
+/// abandoned run (else a new one is drawn); `down` how a down run rolls back; `stored` what a
+/// coordinator keeps to rebuild the run after a restart.
 fn new_run(
     store: &dyn Store,
     key: &str,
     plan: &Plan,
     uid: Option<String>,
     down: Option<crate::store::DownRecord>,
+    stored: Option<Vec<u8>>,
 ) -> Result<RunRecord, RunsError> {
     let id = store.next_id()?;
     let uid = match uid {
@@ -850,6 +1094,9 @@ fn new_run(
         run: id,
         event: started,
     });
+    if let Some(bytes) = stored {
+        t.push(Op::PutSubmission { run: id, bytes });
+    }
     store.commit(t)?;
     Ok(run)
 }

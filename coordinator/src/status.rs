@@ -206,6 +206,16 @@ pub fn event_text(e: &EventRecord) -> Option<String> {
         EventKind::StageNotRun { reason } => format!("not run: {reason}"),
         EventKind::RunFinished { status } => format!("run {}", status.as_str()),
         EventKind::Notice { message } => message.clone(),
+        EventKind::AttemptLost { attempt, message } => {
+            format!("attempt {attempt} was lost: {message}")
+        }
+        EventKind::NeedsAttention { message, .. } => format!("NEEDS ATTENTION: {message}"),
+        EventKind::StageResolved { resolution, by } => {
+            format!("resolved as {resolution} by {by}")
+        }
+        EventKind::StaleResult { message, token, .. } => {
+            format!("stale (token {token}): {message}")
+        }
     };
     Some(line)
 }

@@ -709,8 +709,9 @@ async fn tokens_are_required_and_wrong_ones_refused() {
     let _ = std::fs::remove_dir_all(&root);
 }
 
-/// The agent is killed with SIGKILL mid-migration and restarted: no recorded migration is
-/// sent again; the one in flight at most once more, with the same `Idempotency-Key`.
+/// The agent is killed with SIGKILL mid-migration and restarted (`retry_on_lost: safe`): no
+/// recorded migration is sent again; the one in flight at most once more, with the same
+/// `Idempotency-Key`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_killed_mid_migration_resumes_without_duplicates() {
     let root = temp("crash");
@@ -733,6 +734,15 @@ async fn agent_killed_mid_migration_resumes_without_duplicates() {
             .map(|(a, b)| (a.as_str(), b.as_str()))
             .collect();
         one_stage(&project, &file, None, &refs);
+        // The target honours keys: a lost attempt's migration may be sent again.
+        let stages = std::fs::read_to_string(project.join(&file)).unwrap();
+        write(
+            &project.join(&file),
+            &stages.replace(
+                "    config_path: s/config.yaml\n",
+                "    config_path: s/config.yaml\n    retry_on_lost: safe\n",
+            ),
+        );
         // The migration the kill lands in answers slowly.
         let slow = &paths[usize::try_from(round - 1).unwrap()];
         target.on(

@@ -132,18 +132,11 @@ async fn agent_survives_a_misbehaving_coordinator_and_waits_for_step_acks() {
             ),
     );
     let work = std::env::temp_dir().join(format!("baton-agent-protocol-{}", std::process::id()));
-    let config = AgentConfig {
-        coordinator: url,
-        id: "fake-agent".into(),
-        labels: BTreeMap::from([("env".to_owned(), "test".to_owned())]),
-        capacity: 2,
-        token: None,
-        ca_pem: None,
-        env: BTreeMap::new(),
-        workspace: work.clone(),
-        backoff_initial: Duration::from_millis(20),
-        backoff_max: Duration::from_millis(100),
-    };
+    let mut config = AgentConfig::new(&url, "fake-agent", work.clone());
+    config.labels = BTreeMap::from([("env".to_owned(), "test".to_owned())]);
+    config.capacity = 2;
+    config.backoff_initial = Duration::from_millis(20);
+    config.backoff_max = Duration::from_millis(100);
     let agent = tokio::spawn(run(config, stop.clone()));
 
     // Session 1: the first answer is not a welcome.

@@ -90,6 +90,9 @@ pub struct StageSpec {
     pub retry: Option<RetrySpec>,
     /// Variables whose values are secret (masked everywhere).
     pub secrets: Vec<Located<String>>,
+    /// What happens when the stage's attempt is lost with a migration in doubt (`None`: the
+    /// `global` setting, else `never`).
+    pub retry_on_lost: Option<RetryOnLost>,
 }
 
 impl StageSpec {
@@ -114,6 +117,7 @@ impl StageSpec {
             runs_on: Vec::new(),
             retry: None,
             secrets: Vec::new(),
+            retry_on_lost: None,
         }
     }
 }
@@ -146,6 +150,17 @@ pub struct GlobalSpec {
     pub retry: Option<RetrySpec>,
     /// The agent label selector of stages that set no `runs_on` of their own.
     pub runs_on: Vec<(String, String)>,
+    /// The `retry_on_lost` of stages that set none.
+    pub retry_on_lost: Option<RetryOnLost>,
+}
+
+impl RetryOnLost {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RetryOnLost::Never => "never",
+            RetryOnLost::Safe => "safe",
+        }
+    }
 }
 
 /// What a stage's failure does to the rest of the run.
@@ -333,12 +348,15 @@ impl MigrationSpec {
     }
 }
 
-/// Whether a step in flight when its agent was lost may be sent again.
+/// What the coordinator does when an attempt is lost (its agent died, was cut off past its
+/// lease, or gave it up) while a migration was in flight, so whether that migration took
+/// effect is unknown. An attempt lost with nothing in flight is always started again.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum RetryOnLost {
-    /// Re-send with the same idempotency key.
+    /// Start the stage again, re-sending the migration in doubt with the same
+    /// Idempotency-Key (for targets that honour it).
     Safe,
-    /// Wait for a person.
+    /// The stage needs attention: the run waits for `baton runs resolve`. The default.
     #[default]
     Never,
 }

@@ -9,7 +9,8 @@ use crate::yaml::{Node, Value};
 
 use super::read::{style_of, Reader};
 use super::{
-    EnvEntry, EnvFromStage, GlobalSpec, Located, OnFailure, RetrySpec, StageSpec, StagesSpec,
+    EnvEntry, EnvFromStage, GlobalSpec, Located, OnFailure, RetryOnLost, RetrySpec, StageSpec,
+    StagesSpec,
 };
 
 const TOP_KEYS: &[&str] = &["apiVersion", "kind", "stages", "global"];
@@ -25,6 +26,7 @@ const STAGE_KEYS: &[&str] = &[
     "runs_on",
     "retry",
     "secrets",
+    "retry_on_lost",
 ];
 const GLOBAL_KEYS: &[&str] = &[
     "env",
@@ -33,8 +35,26 @@ const GLOBAL_KEYS: &[&str] = &[
     "rollback_on_failure",
     "retry",
     "runs_on",
+    "retry_on_lost",
 ];
 const API_VERSIONS: &[&str] = &["apirun/v1", "baton/v1"];
+
+/// `retry_on_lost: safe | never`.
+fn read_retry_on_lost(r: &mut Reader<'_>, v: &Node) -> Option<RetryOnLost> {
+    let s = r.string(v, "retry_on_lost")?;
+    match s.as_str() {
+        "never" => Some(RetryOnLost::Never),
+        "safe" => Some(RetryOnLost::Safe),
+        other => {
+            r.error(
+                v.pos,
+                format!("bad retry_on_lost value `{other}`"),
+                Some("use `never` (a lost attempt with a migration in flight waits for `baton runs resolve`) or `safe` (it is re-sent with the same Idempotency-Key)".to_owned()),
+            );
+            None
+        }
+    }
+}
 
 pub(crate) fn read(r: &mut Reader<'_>, doc: &Node) -> StagesSpec {
     let mut spec = StagesSpec::default();
@@ -147,6 +167,7 @@ fn read_global(r: &mut Reader<'_>, node: &Node) -> GlobalSpec {
             }
             "retry" => g.retry = read_retry(r, v),
             "runs_on" => g.runs_on = read_runs_on(r, v),
+            "retry_on_lost" => g.retry_on_lost = read_retry_on_lost(r, v),
             _ => {}
         }
     }
@@ -300,6 +321,7 @@ fn read_stage(r: &mut Reader<'_>, node: &Node) -> Option<StageSpec> {
             "runs_on" => stage.runs_on = read_runs_on(r, v),
             "retry" => stage.retry = read_retry(r, v),
             "secrets" => stage.secrets = r.string_list(v, "secrets"),
+            "retry_on_lost" => stage.retry_on_lost = read_retry_on_lost(r, v),
             _ => {}
         }
     }

@@ -66,7 +66,7 @@ impl From<&AttemptId> for proto::AttemptRef {
         proto::AttemptRef {
             run_id: a.run,
             stage: a.stage.clone(),
-            fencing_token: 0,
+            fencing_token: a.token,
             attempt: a.attempt,
         }
     }
@@ -89,6 +89,7 @@ impl TryFrom<proto::AttemptRef> for AttemptId {
             run: a.run_id,
             stage: a.stage,
             attempt: a.attempt,
+            token: a.fencing_token,
         })
     }
 }
@@ -341,6 +342,7 @@ pub fn result_to_wire(attempt: &AttemptId, r: &StageReport) -> proto::StageResul
         StageEnd::Failed(m) => (proto::StageOutcome::Failed, m.clone()),
         StageEnd::Cancelled => (proto::StageOutcome::Cancelled, String::new()),
         StageEnd::TimedOut => (proto::StageOutcome::TimedOut, String::new()),
+        StageEnd::Lost(why) => (proto::StageOutcome::Lost, why.clone()),
     };
     proto::StageResult {
         attempt: Some(attempt.into()),
@@ -371,6 +373,7 @@ pub fn result_from_wire(r: proto::StageResult) -> Result<(AttemptId, StageReport
         Ok(proto::StageOutcome::Failed) => StageEnd::Failed(r.error),
         Ok(proto::StageOutcome::Cancelled) => StageEnd::Cancelled,
         Ok(proto::StageOutcome::TimedOut) => StageEnd::TimedOut,
+        Ok(proto::StageOutcome::Lost) => StageEnd::Lost(r.error),
         _ => {
             return Err(invalid(
                 M,
@@ -404,6 +407,7 @@ mod tests {
         );
         Assignment {
             attempt: AttemptId {
+                token: 5,
                 run: 7,
                 stage: "infra".into(),
                 attempt: 2,

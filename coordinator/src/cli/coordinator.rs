@@ -4,7 +4,6 @@
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
@@ -34,9 +33,19 @@ pub(super) fn config(
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
         c.tls = Some((read(cert, "TLS certificate")?, read(key, "TLS key")?));
     }
-    c.heartbeat = Duration::from_secs(args.heartbeat_secs);
-    c.lease = c.heartbeat * 3;
-    c.shutdown_grace = Duration::from_secs(args.shutdown_grace_secs);
+    c.heartbeat = args.heartbeat;
+    c.lease = args.lease;
+    c.grace = args.grace;
+    c.failover_grace = args.failover_grace;
+    c.keepalive = args.keepalive;
+    c.shutdown_grace = args.shutdown_grace;
+    if c.lease < c.heartbeat * 2 {
+        return Err(format!(
+            "--lease {} ms is shorter than two heartbeats ({} ms each): one late heartbeat would lose every attempt; make --lease at least twice --heartbeat",
+            c.lease.as_millis(),
+            c.heartbeat.as_millis()
+        ));
+    }
     if !addr.ip().is_loopback() {
         let mut gaps = Vec::new();
         if c.tls.is_none() {

@@ -172,18 +172,11 @@ fn distributed(
         let server = tokio::spawn(crate::server::serve(config, listener, stop.clone()));
         let mut agents = Vec::new();
         for (id, region) in [("demo-agent-1", "westeurope"), ("demo-agent-2", "uksouth")] {
-            let agent = AgentConfig {
-                coordinator: url.clone(),
-                id: id.to_owned(),
-                labels: BTreeMap::from([("region".to_owned(), region.to_owned())]),
-                capacity: 4,
-                token: None,
-                ca_pem: None,
-                env: env.clone(),
-                workspace: root.join(id),
-                backoff_initial: std::time::Duration::from_millis(100),
-                backoff_max: std::time::Duration::from_secs(2),
-            };
+            let mut agent = AgentConfig::new(&url, id, root.join(id));
+            agent.labels = BTreeMap::from([("region".to_owned(), region.to_owned())]);
+            agent.env = env.clone();
+            agent.backoff_initial = std::time::Duration::from_millis(100);
+            agent.backoff_max = std::time::Duration::from_secs(2);
             agents.push(tokio::spawn(baton_agent::session::run(agent, stop.clone())));
         }
         writeln!(

@@ -69,6 +69,14 @@ pub enum AgentsCommand {
         #[arg(long, short = 'o', value_enum, default_value_t)]
         output: OutputFormat,
     },
+    /// Stop new assignments to an agent; its running stages finish, then it disconnects
+    /// and exits (never counted as lost).
+    Drain {
+        /// The agent's id (see `baton agents list`).
+        agent: String,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -100,12 +108,28 @@ pub struct ServeArgs {
     /// Allow plaintext or no tokens on an address other than loopback (prints a warning).
     #[arg(long)]
     pub insecure: bool,
-    /// Seconds between agent heartbeats.
-    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
-    pub heartbeat_secs: u64,
-    /// Seconds shutdown waits for runs to record their end.
-    #[arg(long, default_value_t = 10)]
-    pub shutdown_grace_secs: u64,
+    /// How often agents send heartbeats (H), e.g. 5s.
+    #[arg(long, default_value = "5s", value_parser = parse_positive_duration)]
+    pub heartbeat: std::time::Duration,
+    /// How long an agent keeps an attempt without a lease renewal (L); at least twice the
+    /// heartbeat.
+    #[arg(long, default_value = "15s", value_parser = parse_positive_duration)]
+    pub lease: std::time::Duration,
+    /// How much longer the coordinator waits before it declares an attempt lost (G): lost at
+    /// L + G.
+    #[arg(long, default_value = "10s", value_parser = parse_positive_duration)]
+    pub grace: std::time::Duration,
+    /// After a restart, how long attempts that were running wait for their agents to
+    /// reattach (F).
+    #[arg(long, default_value = "60s", value_parser = parse_positive_duration)]
+    pub failover_grace: std::time::Duration,
+    /// HTTP/2 keepalive ping interval; a ping unanswered within half of it ends the
+    /// connection (a half-open one is noticed).
+    #[arg(long, default_value = "10s", value_parser = parse_positive_duration)]
+    pub keepalive: std::time::Duration,
+    /// How long shutdown waits for drivers to stop and sessions to close.
+    #[arg(long, default_value = "10s", value_parser = parse_positive_duration)]
+    pub shutdown_grace: std::time::Duration,
     /// Export spans over OTLP/gRPC to this collector (e.g. http://127.0.0.1:4317); off when
     /// not given.
     #[arg(long)]
@@ -257,6 +281,34 @@ pub enum RunsCommand {
         #[command(flatten)]
         remote: RemoteArgs,
     },
+    /// Decide a stage that needs attention (its attempt was lost with a migration in flight):
+    /// succeeded (it took effect), failed (it did not), or retry (send it again with the
+    /// same Idempotency-Key).
+    Resolve {
+        /// The run's id.
+        run: u64,
+        /// The stage that needs attention.
+        #[arg(long)]
+        stage: String,
+        /// succeeded, failed or retry.
+        #[arg(long = "as", value_parser = ["succeeded", "failed", "retry"])]
+        resolution: String,
+        /// Who decides, recorded with the decision (default: USER@HOST).
+        #[arg(long)]
+        by: Option<String>,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+}
+
+fn parse_positive_duration(s: &str) -> Result<std::time::Duration, String> {
+    match baton_common::spec::duration::parse(s) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        Ok(_) => Err("must be more than zero".to_owned()),
+        Err(e) => Err(format!(
+            "`{s}` is not a duration ({e}); write e.g. 5s or 500ms"
+        )),
+    }
 }
 
 #[derive(Debug, Args)]
@@ -545,6 +597,28 @@ pub fn run(
             "runs cancel",
             err,
             |r, out, err| remote::runs_cancel(r, run, out, err),
+            out,
+        ),
+        Command::Runs(RunsCommand::Resolve {
+            run,
+            stage,
+            resolution,
+            by,
+            remote,
+        }) => with_coordinator(
+            &remote,
+            "runs resolve",
+            err,
+            |r, out, err| {
+                remote::runs_resolve(r, run, &stage, &resolution, by.as_deref(), out, err)
+            },
+            out,
+        ),
+        Command::Agents(AgentsCommand::Drain { agent, remote }) => with_coordinator(
+            &remote,
+            "agents drain",
+            err,
+            |r, out, err| remote::agents_drain(r, &agent, out, err),
             out,
         ),
         Command::Agents(AgentsCommand::List { remote, output }) => with_coordinator(

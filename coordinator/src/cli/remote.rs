@@ -630,6 +630,72 @@ pub fn runs_cancel(
     finish(err, r)
 }
 
+/// `runs resolve`: decide a stage that needs attention.
+pub fn runs_resolve(
+    remote: &RemoteArgs,
+    run: u64,
+    stage: &str,
+    resolution: &str,
+    by: Option<&str>,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> std::io::Result<i32> {
+    let by = by.map_or_else(operator, str::to_owned);
+    let r = block(async {
+        let mut client = connect(remote).await?;
+        client
+            .resolve_stage(proto::ResolveStageRequest {
+                run_id: run,
+                stage: stage.to_owned(),
+                resolution: resolution.to_owned(),
+                decided_by: by.clone(),
+            })
+            .await?;
+        let _ = writeln!(
+            out,
+            "run {run}: stage {stage} resolved as {resolution} by {by} (recorded in the run's log)"
+        );
+        Ok(EXIT_OK)
+    })?;
+    finish(err, r)
+}
+
+/// Who runs this CLI, for decisions recorded in a run's log: `USER@HOST`.
+fn operator() -> String {
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "unknown".to_owned());
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".to_owned());
+    format!("{user}@{host}")
+}
+
+/// `agents drain`.
+pub fn agents_drain(
+    remote: &RemoteArgs,
+    agent: &str,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> std::io::Result<i32> {
+    let r = block(async {
+        let mut client = connect(remote).await?;
+        let resp = client
+            .drain_agent(proto::DrainAgentRequest {
+                agent_id: agent.to_owned(),
+            })
+            .await?
+            .into_inner();
+        let _ = writeln!(
+            out,
+            "agent {agent}: draining; no new assignments; {} running attempt(s) finish, then it disconnects",
+            resp.running
+        );
+        Ok(EXIT_OK)
+    })?;
+    finish(err, r)
+}
+
 /// `runs list` against a coordinator.
 pub fn runs_list(
     remote: &RemoteArgs,
@@ -691,6 +757,7 @@ pub fn agents_list(
                             "labels": a.labels.iter().collect::<BTreeMap<_, _>>(),
                             "capacity": a.capacity, "running": a.running,
                             "last_seen_ms_ago": a.last_seen_ms_ago, "version": a.version,
+                            "draining": a.draining,
                         })
                     })
                     .collect();
@@ -708,7 +775,11 @@ pub fn agents_list(
                     writeln!(
                         out,
                         "{:<24} {:<36} {:>8} {:>7}  {:.1}s ago",
-                        a.agent_id,
+                        if a.draining {
+                            format!("{} (draining)", a.agent_id)
+                        } else {
+                            a.agent_id.clone()
+                        },
                         labels(&a.labels),
                         a.capacity,
                         a.running,

@@ -77,6 +77,7 @@ impl LocalProject {
             project_key: self.key,
             overrides: self.overrides,
             condition_env: self.env,
+            request: None,
         };
         (runs, sub)
     }

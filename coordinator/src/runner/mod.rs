@@ -33,9 +33,14 @@ pub enum RunnerEvent {
     Placed { runner: String },
     /// A step of the attempt, in the order it happened.
     Step(StageEvent),
-    /// The runner lost the attempt (its agent disconnected or died) without a result; what
-    /// it did before is in the steps already reported. Nothing more comes for it.
+    /// The runner lost the attempt (its agent's lease ran out, or the agent gave it up)
+    /// without a result; what it did before is in the steps already reported. Nothing more
+    /// comes for it. The driver calls [`StageRunner::ack_ended`] once it recorded the loss.
     Lost(String),
+    /// A message from an attempt that is no longer the stage's live one (older fencing
+    /// token, or declared lost) arrived and was rejected; the text says why. Recorded, never
+    /// applied.
+    Stale(String),
     /// The attempt ended; nothing more comes for it. The driver calls
     /// [`StageRunner::ack_ended`] once the result is recorded.
     Ended(StageReport),
@@ -59,6 +64,18 @@ pub trait StageRunner: Send + Sync + fmt::Debug {
         selector: Selector,
         events: mpsc::Sender<RunnerMessage>,
     );
+
+    /// After a coordinator restart: `attempt` was running when the coordinator stopped; the
+    /// runner reports on it to `events` if whatever holds it comes back in time, else
+    /// reports it lost. A runner that cannot hold attempts across restarts reports it lost
+    /// at once.
+    fn adopt(&self, attempt: &AttemptId, events: mpsc::Sender<RunnerMessage>) {
+        let lost = RunnerMessage {
+            attempt: attempt.clone(),
+            event: RunnerEvent::Lost("nothing holds it after the restart".to_owned()),
+        };
+        let _ = events.try_send(lost);
+    }
 
     /// The driver durably recorded that migration `version` of `attempt` started: the runner
     /// may now send its first request.

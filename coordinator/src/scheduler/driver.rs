@@ -12,14 +12,14 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use baton_common::spec::{Project, RetryPolicy};
+use baton_common::spec::{Project, RetryOnLost, RetryPolicy};
 use baton_common::stage::{
     AppliedMigration, Assignment, AttemptId, Direction, StageEnd, StageEvent, StageReport,
     StageVars,
 };
 use baton_common::template::{Scope, StageOutcome, StageOutcomes, Template};
 use baton_common::vars::{Layer, Layers};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -79,6 +79,59 @@ pub struct RunContext {
     /// `--set KEY=VALUE`: on top of `global.env`.
     pub overrides: BTreeMap<String, String>,
     pub direction: RunDirection,
+    /// After a coordinator restart: attempts that were running, by stage, to adopt (their
+    /// agents may still hold them) instead of starting new ones.
+    pub adopt: BTreeMap<String, AttemptId>,
+    /// Migrations started and not recorded done, by stage (a resumed run): in doubt if their
+    /// attempt is lost.
+    pub in_doubt: BTreeMap<String, (u64, String)>,
+    /// Operators' decisions (`baton runs resolve`).
+    pub control: Option<mpsc::Receiver<Control>>,
+    /// Stops driving without recording anything (the coordinator shuts down; the run stays
+    /// running in the store and is picked up again on restart). Unlike a cancel.
+    pub stop: CancellationToken,
+}
+
+/// A request to the driver of a live run.
+#[derive(Debug)]
+pub enum Control {
+    /// Decide a stage that needs attention.
+    Resolve {
+        stage: String,
+        resolution: Resolution,
+        by: String,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+}
+
+/// What an operator decided about a stage that needs attention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resolution {
+    /// The migration in doubt took effect: recorded as applied, the stage as succeeded.
+    Succeeded,
+    /// It did not: the stage fails (`on_failure` applies).
+    Failed,
+    /// Start the stage again; the migration in doubt is re-sent with the same key.
+    Retry,
+}
+
+impl Resolution {
+    pub fn parse(s: &str) -> Option<Resolution> {
+        match s {
+            "succeeded" => Some(Resolution::Succeeded),
+            "failed" => Some(Resolution::Failed),
+            "retry" => Some(Resolution::Retry),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Resolution::Succeeded => "succeeded",
+            Resolution::Failed => "failed",
+            Resolution::Retry => "retry",
+        }
+    }
 }
 
 impl std::fmt::Debug for RunContext {
@@ -100,6 +153,14 @@ struct Exports {
 /// How many attempts a stage gets in one run when its runner keeps losing them (an agent
 /// that dies on it every time must not loop forever).
 const MAX_ATTEMPTS: u32 = 3;
+
+/// The next request on `control`, or never when there is no channel.
+async fn recv(control: &mut Option<mpsc::Receiver<Control>>) -> Option<Control> {
+    match control {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
 
 /// Drives a run to its end. Every event is persisted, then sent to `progress`.
 pub async fn drive(
@@ -130,6 +191,12 @@ struct Driver {
     spans: Vec<Option<tracing::Span>>,
     /// Plan order index by stage name, for routing runner messages.
     by_name: BTreeMap<String, usize>,
+    /// The migration each stage started and has not finished: in doubt if its attempt is lost.
+    in_doubt: Vec<Option<(u64, String)>>,
+    /// Stages waiting for `baton runs resolve`.
+    needs_attention: Vec<bool>,
+    /// Attempts whose stale messages were already recorded once.
+    stale_seen: BTreeSet<AttemptId>,
 }
 
 impl Driver {
@@ -177,7 +244,15 @@ impl Driver {
                 });
             }
         }
+        let in_doubt = plan
+            .order
+            .iter()
+            .map(|s| r.in_doubt.get(&s.name).cloned())
+            .collect();
         Ok(Driver {
+            in_doubt,
+            needs_attention: vec![false; n],
+            stale_seen: BTreeSet::new(),
             seq: r.next_seq,
             spec_index: plan.order.iter().map(|s| s.index).collect(),
             by_name: pos.iter().map(|(n, k)| ((*n).to_owned(), *k)).collect(),
@@ -238,18 +313,38 @@ impl Driver {
         let mut queue: std::collections::VecDeque<Event> =
             std::collections::VecDeque::from([Event::Start]);
         let mut cancel_seen = false;
+        let mut control = self.r.control.take();
+        let stop = self.r.stop.clone();
         loop {
             let event = match queue.pop_front() {
                 Some(e) => e,
                 None => tokio::select! {
+                    // The coordinator stops: leave the run as it is in the store.
+                    () = stop.cancelled() => return Ok(RunStatus::Running),
                     // Cancellation first: stop starting stages and tell running ones.
                     () = cancel.cancelled(), if !cancel_seen => {
                         cancel_seen = true;
                         for a in self.attempts.iter().flatten() {
                             self.r.runner.cancel(a);
                         }
+                        // A stage waiting for a decision will not get one now.
+                        for k in 0..self.needs_attention.len() {
+                            if std::mem::take(&mut self.needs_attention[k]) {
+                                let message = match &self.in_doubt[k] {
+                                    Some((v, n)) => format!("cancelled while it needed attention; migration {v:03}_{n} stays in doubt (check the target)"),
+                                    None => "cancelled while it needed attention".to_owned(),
+                                };
+                                self.outcomes.insert(self.name(k).to_owned(), StageOutcome::Failed);
+                                self.record(Some(k), EventKind::StageFailed { message }, vec![]).await?;
+                                queue.push_back(Event::StageFinished { stage: k, ok: false });
+                            }
+                        }
                         Event::Cancel
                     }
+                    Some(c) = recv(&mut control) => match self.on_control(c, &tx).await? {
+                        Some(e) => e,
+                        None => continue,
+                    },
                     // What the runner reports, in the order it happened per attempt.
                     Some(msg) = rx.recv() => match self.on_runner(msg, cancel_seen, &tx).await? {
                         Some(e) => e,
@@ -320,6 +415,213 @@ impl Driver {
         }
     }
 
+    /// Handles an operator's request; returns the core event it causes, if any.
+    async fn on_control(
+        &mut self,
+        c: Control,
+        tx: &mpsc::Sender<RunnerMessage>,
+    ) -> Result<Option<Event>, DriveError> {
+        let Control::Resolve {
+            stage,
+            resolution,
+            by,
+            reply,
+        } = c;
+        let Some(&k) = self.by_name.get(&stage) else {
+            let _ = reply.send(Err(format!("run {} has no stage `{stage}`", self.r.run.id)));
+            return Ok(None);
+        };
+        if !self.needs_attention[k] {
+            let _ = reply.send(Err(format!(
+                "stage `{stage}` of run {} does not need attention",
+                self.r.run.id
+            )));
+            return Ok(None);
+        }
+        self.needs_attention[k] = false;
+        let mut ops = Vec::new();
+        let doubt = self.in_doubt[k].take();
+        if resolution == Resolution::Succeeded {
+            if let Some((version, name)) = &doubt {
+                let key = self.key(k);
+                if self.r.direction == RunDirection::Up {
+                    let digest = self.r.project.stages[self.spec_index[k]]
+                        .migrations
+                        .iter()
+                        .find(|m| m.version == *version)
+                        .map(|m| m.digest.clone())
+                        .unwrap_or_default();
+                    ops.push(Op::PutApplied {
+                        key,
+                        record: AppliedRecord {
+                            v: FORMAT,
+                            version: *version,
+                            name: name.clone(),
+                            digest,
+                            applied_at_ms: now_ms(),
+                            run_id: self.r.run.id,
+                            vars: BTreeMap::new(),
+                        },
+                    });
+                } else {
+                    ops.push(Op::RemoveApplied {
+                        key,
+                        version: *version,
+                    });
+                }
+            }
+        }
+        tracing::info!(
+            run = self.r.run.id,
+            stage,
+            resolution = resolution.as_str(),
+            by,
+            "stage resolved"
+        );
+        self.record(
+            Some(k),
+            EventKind::StageResolved {
+                resolution: resolution.as_str().to_owned(),
+                by: by.clone(),
+            },
+            ops,
+        )
+        .await?;
+        let _ = reply.send(Ok(()));
+        match resolution {
+            Resolution::Retry => Ok(self.dispatch(k, tx).await?),
+            Resolution::Failed => {
+                let message = match &doubt {
+                    Some((v, n)) => format!(
+                        "resolved as failed by {by}: migration {v:03}_{n} did not take effect"
+                    ),
+                    None => format!("resolved as failed by {by}"),
+                };
+                let ok = self
+                    .on_stage_done(k, StageReport::ended(StageEnd::Failed(message)), 0)
+                    .await?;
+                Ok(Some(Event::StageFinished { stage: k, ok }))
+            }
+            Resolution::Succeeded => {
+                // What the stage exports now: what its recorded migrations extracted.
+                let key = self.key(k);
+                let mut exported = BTreeMap::new();
+                for a in self.r.store.applied(&key)? {
+                    exported.extend(a.vars);
+                }
+                let spec = &self.r.project.spec.stages[self.spec_index[k]];
+                let previous = self
+                    .r
+                    .store
+                    .result(&key)?
+                    .map(|r| r.secret)
+                    .unwrap_or_default();
+                let secret_exports = exported
+                    .keys()
+                    .filter(|n| previous.contains(n) || spec.secrets.iter().any(|s| &s.value == *n))
+                    .cloned()
+                    .collect();
+                let report = StageReport {
+                    end: StageEnd::Succeeded,
+                    migrations: Vec::new(),
+                    exported,
+                    secret_exports,
+                };
+                let ok = self.on_stage_done(k, report, 0).await?;
+                Ok(Some(Event::StageFinished { stage: k, ok }))
+            }
+        }
+    }
+
+    /// What happens when stage `k`'s attempt is lost: cancelled (unconfirmed) in a cancelled
+    /// run; needs attention when a migration is in doubt and the stage's `retry_on_lost` is
+    /// `never`; else started again (at most [`MAX_ATTEMPTS`] times in the run).
+    async fn on_lost(
+        &mut self,
+        k: usize,
+        attempt: &AttemptId,
+        why: &str,
+        cancel_seen: bool,
+        tx: &mpsc::Sender<RunnerMessage>,
+    ) -> Result<Option<Event>, DriveError> {
+        self.attempts[k] = None;
+        self.spans[k] = None;
+        if cancel_seen {
+            let message = format!(
+                "cancelled (unconfirmed): attempt {} was lost ({why})",
+                attempt.attempt
+            );
+            let ok = self
+                .on_stage_done(k, StageReport::ended(StageEnd::Failed(message)), 0)
+                .await?;
+            return Ok(Some(Event::StageFinished { stage: k, ok }));
+        }
+        if let Some((version, name)) = self.in_doubt[k].clone() {
+            if self.retry_on_lost(k, version) == RetryOnLost::Never {
+                let migration = format!("{version:03}_{name}");
+                let message = format!(
+                    "attempt {} was lost ({why}) while migration {migration} was in flight; whether it took effect is unknown. Check the target, then: baton runs resolve {} --stage {} --as succeeded|failed|retry",
+                    attempt.attempt,
+                    self.r.run.id,
+                    self.name(k)
+                );
+                self.needs_attention[k] = true;
+                self.record(
+                    Some(k),
+                    EventKind::NeedsAttention {
+                        attempt: attempt.attempt,
+                        migration,
+                        message,
+                    },
+                    vec![],
+                )
+                .await?;
+                return Ok(None);
+            }
+        }
+        if self.attempt_counts[k] >= MAX_ATTEMPTS {
+            let message = format!(
+                "attempt {} was lost ({why}); the stage was lost {MAX_ATTEMPTS} times in this run and is not started again",
+                attempt.attempt
+            );
+            let ok = self
+                .on_stage_done(k, StageReport::ended(StageEnd::Failed(message)), 0)
+                .await?;
+            return Ok(Some(Event::StageFinished { stage: k, ok }));
+        }
+        let message = match &self.in_doubt[k] {
+            Some((v, n)) => format!("{why}; the stage starts again after its last recorded migration, re-sending {v:03}_{n} with the same Idempotency-Key (retry_on_lost: safe)"),
+            None => format!("{why}; nothing was in flight, the stage starts again after its last recorded migration"),
+        };
+        self.record(
+            Some(k),
+            EventKind::AttemptLost {
+                attempt: attempt.attempt,
+                message,
+            },
+            vec![],
+        )
+        .await?;
+        self.dispatch(k, tx).await
+    }
+
+    /// The stage's `retry_on_lost` (else `global`'s), else the in-doubt migration's own.
+    fn retry_on_lost(&self, k: usize, version: u64) -> RetryOnLost {
+        let spec = &self.r.project.spec;
+        let stage = &spec.stages[self.spec_index[k]];
+        stage
+            .retry_on_lost
+            .or(spec.global.retry_on_lost)
+            .unwrap_or_else(|| {
+                self.r.project.stages[self.spec_index[k]]
+                    .migrations
+                    .iter()
+                    .find(|m| m.version == version)
+                    .map(|m| m.retry_on_lost)
+                    .unwrap_or_default()
+            })
+    }
+
     /// Handles one runner report; returns the core event it causes, if any.
     async fn on_runner(
         &mut self,
@@ -331,6 +633,25 @@ impl Driver {
             tracing::warn!(attempt = %msg.attempt, "runner reported on a stage this run does not have");
             return Ok(None);
         };
+        if let RunnerEvent::Stale(why) = &msg.event {
+            if self.stale_seen.insert(msg.attempt.clone()) {
+                let message = format!(
+                    "a message from attempt {} was rejected: {why}",
+                    msg.attempt.attempt
+                );
+                self.record(
+                    Some(k),
+                    EventKind::StaleResult {
+                        attempt: msg.attempt.attempt,
+                        token: msg.attempt.token,
+                        message,
+                    },
+                    vec![],
+                )
+                .await?;
+            }
+            return Ok(None);
+        }
         if self.attempts[k].as_ref() != Some(&msg.attempt) {
             tracing::warn!(attempt = %msg.attempt, "stale report for an attempt that is no longer live; ignored");
             return Ok(None);
@@ -350,12 +671,19 @@ impl Driver {
                 }
                 Ok(None)
             }
+            RunnerEvent::Stale(_) => Ok(None),
             RunnerEvent::Step(step) => {
                 let started = match &step {
                     StageEvent::MigrationStarted { version, .. } => Some(*version),
                     _ => None,
                 };
-                self.on_stage_event(k, step).await?;
+                // A start sent again (the agent reconnected before its acknowledgement came)
+                // is recorded once and acknowledged again.
+                let again =
+                    started.is_some() && self.in_doubt[k].as_ref().map(|(v, _)| *v) == started;
+                if !again {
+                    self.on_stage_event(k, step).await?;
+                }
                 if let Some(version) = started {
                     // Durable now: the runner may send.
                     self.r.runner.ack_started(&msg.attempt, version);
@@ -363,29 +691,10 @@ impl Driver {
                 Ok(None)
             }
             RunnerEvent::Lost(why) => {
-                self.attempts[k] = None;
-                self.spans[k] = None;
-                if cancel_seen {
-                    let report = StageReport::ended(StageEnd::Cancelled);
-                    let ok = self.on_stage_done(k, report, 0).await?;
-                    return Ok(Some(Event::StageFinished { stage: k, ok }));
-                }
-                if self.attempt_counts[k] >= MAX_ATTEMPTS {
-                    let message = format!(
-                        "attempt {} was lost ({why}); the stage was lost {MAX_ATTEMPTS} times in this run and is not started again",
-                        msg.attempt.attempt
-                    );
-                    let report = StageReport::ended(StageEnd::Failed(message));
-                    let ok = self.on_stage_done(k, report, 0).await?;
-                    return Ok(Some(Event::StageFinished { stage: k, ok }));
-                }
-                let message = format!(
-                    "attempt {} was lost ({why}); the stage starts again after its last recorded migration, with the same idempotency keys",
-                    msg.attempt.attempt
-                );
-                self.record(Some(k), EventKind::Notice { message }, vec![])
-                    .await?;
-                Ok(self.dispatch(k, tx).await?)
+                let event = self.on_lost(k, &msg.attempt, &why, cancel_seen, tx).await?;
+                // Recorded: an agent that reported the loss may forget the attempt.
+                self.r.runner.ack_ended(&msg.attempt);
+                Ok(event)
             }
             RunnerEvent::Ended(report) => {
                 self.attempts[k] = None;
@@ -541,10 +850,30 @@ impl Driver {
             + self.attempt_counts[k]
             + 1;
         self.attempt_counts[k] += 1;
+        if let Some(id) = self.r.adopt.remove(&stage.name.value) {
+            // Running when the coordinator stopped: its agent may still hold it.
+            let message = format!(
+                "attempt {} was running when the coordinator stopped; waiting for its agent to reattach",
+                id.attempt
+            );
+            self.started[k] = Some(Instant::now());
+            self.attempts[k] = Some(id.clone());
+            self.spans[k] =
+                Some(tracing::info_span!("stage", stage = %id.stage, attempt = id.attempt));
+            self.record(Some(k), EventKind::Notice { message }, vec![])
+                .await?;
+            self.r.runner.adopt(&id, tx.clone());
+            return Ok(None);
+        }
+        let store = self.r.store.clone();
+        let token = tokio::task::spawn_blocking(move || store.fencing_token())
+            .await
+            .map_err(|e| StoreError::Io(format!("store task failed: {e}")))??;
         let id = AttemptId {
             run: self.r.run.id,
             stage: stage.name.value.clone(),
             attempt: attempt_no,
+            token,
         };
         let mut files = BTreeMap::new();
         let mut problem = None;
@@ -625,6 +954,7 @@ impl Driver {
             Some(k),
             EventKind::StageStarted {
                 attempt: attempt_no,
+                token,
             },
             vec![],
         )
@@ -652,6 +982,7 @@ impl Driver {
                 name,
                 direction,
             } => {
+                self.in_doubt[k] = Some((version, name.clone()));
                 self.record(
                     Some(k),
                     EventKind::MigrationStarted {
@@ -691,6 +1022,21 @@ impl Driver {
             }
             StageEvent::MigrationFinished(m) => {
                 let key = self.key(k);
+                if self.in_doubt[k].as_ref().map(|(v, _)| *v) == Some(m.version) {
+                    self.in_doubt[k] = None;
+                }
+                // Sent again (the agent reconnected, or the coordinator restarted before
+                // acknowledging it): the history already says so; record it once.
+                let recorded = self
+                    .r
+                    .store
+                    .applied(&key)?
+                    .iter()
+                    .any(|a| a.version == m.version);
+                if recorded == (m.direction == "up") {
+                    tracing::debug!(stage = %key.stage, version = m.version, "migration end sent again; already recorded");
+                    return Ok(());
+                }
                 let op = if m.direction == "up" {
                     Op::PutApplied {
                         key,
@@ -770,6 +1116,7 @@ impl Driver {
                             .unwrap_or_default();
                         format!("timed out after {t}")
                     }
+                    StageEnd::Lost(why) => format!("lost: {why}"),
                     StageEnd::Succeeded => unreachable!("handled above"),
                 };
                 self.outcomes

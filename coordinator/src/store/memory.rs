@@ -15,6 +15,8 @@ struct State {
     events: BTreeMap<(u64, u64), EventRecord>,
     applied: BTreeMap<(StageKey, u64), AppliedRecord>,
     results: BTreeMap<StageKey, StageResultRecord>,
+    submissions: BTreeMap<u64, Vec<u8>>,
+    tokens: u64,
 }
 
 #[derive(Debug)]
@@ -60,6 +62,12 @@ impl Store for MemoryStore {
         Ok(s.next_id)
     }
 
+    fn fencing_token(&self) -> Result<u64, StoreError> {
+        let mut s = self.lock();
+        s.tokens += 1;
+        Ok(s.tokens)
+    }
+
     fn commit(&self, t: Transition) -> Result<(), StoreError> {
         let mut s = self.lock();
         for op in t.ops {
@@ -81,6 +89,9 @@ impl Store for MemoryStore {
                 }
                 Op::RemoveResult { key } => {
                     s.results.remove(&key);
+                }
+                Op::PutSubmission { run, bytes } => {
+                    s.submissions.insert(run, bytes);
                 }
             }
         }
@@ -114,5 +125,9 @@ impl Store for MemoryStore {
 
     fn result(&self, key: &StageKey) -> Result<Option<StageResultRecord>, StoreError> {
         Ok(self.lock().results.get(key).cloned())
+    }
+
+    fn submission(&self, run: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.lock().submissions.get(&run).cloned())
     }
 }

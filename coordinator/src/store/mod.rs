@@ -128,6 +128,35 @@ pub enum EventKind {
     },
     StageStarted {
         attempt: u32,
+        /// The attempt's fencing token (0: local mode, or recorded before tokens existed).
+        #[serde(default, skip_serializing_if = "is_zero")]
+        token: u64,
+    },
+    /// The attempt was lost (its agent vanished, or gave it up) with nothing in doubt, or
+    /// with `retry_on_lost: safe`: the stage starts again.
+    AttemptLost {
+        attempt: u32,
+        message: String,
+    },
+    /// The attempt was lost with a migration in doubt and the stage's `retry_on_lost` is
+    /// `never`: the stage waits for `baton runs resolve`.
+    NeedsAttention {
+        attempt: u32,
+        /// The migration in doubt, `NNN_name`.
+        migration: String,
+        message: String,
+    },
+    /// An operator decided a stage that needed attention.
+    StageResolved {
+        /// `succeeded`, `failed` or `retry`.
+        resolution: String,
+        by: String,
+    },
+    /// A message from a replaced attempt (older fencing token) arrived and was rejected.
+    StaleResult {
+        attempt: u32,
+        token: u64,
+        message: String,
     },
     MigrationStarted {
         version: u64,
@@ -169,6 +198,10 @@ pub enum EventKind {
     Notice {
         message: String,
     },
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A migration recorded in a stage's history.
@@ -247,6 +280,11 @@ pub enum Op {
     RemoveResult {
         key: StageKey,
     },
+    /// What the coordinator keeps to rebuild a run after a restart (opaque here).
+    PutSubmission {
+        run: u64,
+        bytes: Vec<u8>,
+    },
 }
 
 /// Writes that become durable together, or not at all.
@@ -275,6 +313,9 @@ pub trait Store: Send + Sync {
     fn id(&self) -> &str;
     /// A new id, strictly larger than every id handed out before, across restarts.
     fn next_id(&self) -> Result<u64, StoreError>;
+    /// A fencing token: strictly larger than every token handed out before, across crashes
+    /// (not necessarily dense), without a flush of its own.
+    fn fencing_token(&self) -> Result<u64, StoreError>;
     /// Applies a transition atomically and makes it durable.
     fn commit(&self, t: Transition) -> Result<(), StoreError>;
     fn run(&self, id: u64) -> Result<Option<RunRecord>, StoreError>;
@@ -285,6 +326,8 @@ pub trait Store: Send + Sync {
     /// A stage's applied migrations, lowest version first.
     fn applied(&self, key: &StageKey) -> Result<Vec<AppliedRecord>, StoreError>;
     fn result(&self, key: &StageKey) -> Result<Option<StageResultRecord>, StoreError>;
+    /// What [`Op::PutSubmission`] kept for `run`.
+    fn submission(&self, run: u64) -> Result<Option<Vec<u8>>, StoreError>;
 }
 
 pub(crate) fn now_ms() -> u64 {

@@ -1,7 +1,8 @@
 //! The sled store (sled 0.34.7, pinned). The only module that names sled.
 //!
 //! Trees: `runs` (run id BE -> RunRecord), `events` (run id BE ++ seq BE -> EventRecord),
-//! `applied` (stage key ++ version BE -> AppliedRecord), `results` (stage key -> result).
+//! `applied` (stage key ++ version BE -> AppliedRecord), `results` (stage key -> result),
+//! `submissions` (run id BE -> what a coordinator needs to rebuild the run, opaque bytes).
 //! A transition is one multi-tree transaction followed by `flush()`; `flush_async` is never
 //! used (it deadlocks in 0.34) and nothing flushes inside a transaction.
 
@@ -23,6 +24,7 @@ pub struct SledStore {
     events: sled::Tree,
     applied: sled::Tree,
     results: sled::Tree,
+    submissions: sled::Tree,
     /// Counters (`next_id`).
     meta: sled::Tree,
     /// Group commit: transitions that arrive while a flush runs share the next one.
@@ -139,6 +141,7 @@ impl SledStore {
             events: tree("events")?,
             applied: tree("applied")?,
             results: tree("results")?,
+            submissions: tree("submissions")?,
             meta,
             db,
         })
@@ -203,7 +206,7 @@ impl Store for SledStore {
 
     fn next_id(&self) -> Result<u64, StoreError> {
         // A plain counter, flushed before the id is used: ids people read stay small and
-        // never repeat across crashes. (Fencing tokens will use sled's `generate_id`.)
+        // never repeat across crashes. (Fencing tokens use sled's `generate_id`.)
         let next = self
             .meta
             .update_and_fetch(b"next_id", |old| {
@@ -219,35 +222,48 @@ impl Store for SledStore {
         Ok(next)
     }
 
+    fn fencing_token(&self) -> Result<u64, StoreError> {
+        // Monotonic across crashes without a flush per call: after a crash sled resumes
+        // above every id it may have handed out.
+        self.db.generate_id().map_err(io)
+    }
+
     fn commit(&self, t: Transition) -> Result<(), StoreError> {
-        let result: Result<(), TransactionError<()>> =
-            (&self.runs, &self.events, &self.applied, &self.results).transaction(
-                |(runs, events, applied, results)| {
-                    for op in &t.ops {
-                        match op {
-                            Op::PutRun(r) => {
-                                runs.insert(&run_key(r.id), encode(r))?;
-                            }
-                            Op::AppendEvent { run, event } => {
-                                events.insert(event_key(*run, event.seq), encode(event))?;
-                            }
-                            Op::PutApplied { key, record } => {
-                                applied.insert(applied_key(key, record.version), encode(record))?;
-                            }
-                            Op::RemoveApplied { key, version } => {
-                                applied.remove(applied_key(key, *version))?;
-                            }
-                            Op::PutResult { key, record } => {
-                                results.insert(key.bytes(), encode(record))?;
-                            }
-                            Op::RemoveResult { key } => {
-                                results.remove(key.bytes())?;
-                            }
+        let result: Result<(), TransactionError<()>> = (
+            &self.runs,
+            &self.events,
+            &self.applied,
+            &self.results,
+            &self.submissions,
+        )
+            .transaction(|(runs, events, applied, results, submissions)| {
+                for op in &t.ops {
+                    match op {
+                        Op::PutRun(r) => {
+                            runs.insert(&run_key(r.id), encode(r))?;
+                        }
+                        Op::AppendEvent { run, event } => {
+                            events.insert(event_key(*run, event.seq), encode(event))?;
+                        }
+                        Op::PutApplied { key, record } => {
+                            applied.insert(applied_key(key, record.version), encode(record))?;
+                        }
+                        Op::RemoveApplied { key, version } => {
+                            applied.remove(applied_key(key, *version))?;
+                        }
+                        Op::PutResult { key, record } => {
+                            results.insert(key.bytes(), encode(record))?;
+                        }
+                        Op::RemoveResult { key } => {
+                            results.remove(key.bytes())?;
+                        }
+                        Op::PutSubmission { run, bytes } => {
+                            submissions.insert(&run_key(*run), bytes.as_slice())?;
                         }
                     }
-                    Ok::<(), ConflictableTransactionError<()>>(())
-                },
-            );
+                }
+                Ok::<(), ConflictableTransactionError<()>>(())
+            });
         result.map_err(|e| StoreError::Io(format!("{e:?}")))?;
         // Durable before the caller acts on it: a flush that started after this transaction
         // was applied covers it, whoever runs it.
@@ -290,5 +306,13 @@ impl Store for SledStore {
             Some(v) => decode("stage result", &v).map(Some),
             None => Ok(None),
         }
+    }
+
+    fn submission(&self, run: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .submissions
+            .get(run_key(run))
+            .map_err(io)?
+            .map(|v| v.to_vec()))
     }
 }

@@ -1,0 +1,247 @@
+//! The agent's outbox: every message the coordinator must not miss (a migration's end, an
+//! attempt's result) is journaled in the agent's own sled store, flushed, and only then sent;
+//! it is dropped when the coordinator acknowledges the attempt's result (or rejects the
+//! attempt as stale). A restarted agent re-sends what is still here and names these attempts
+//! in its hello.
+//!
+//! Layout: one tree, `outbox`, key = sequence number (u64 big-endian, so a scan is in the
+//! order things happened), value = the `AgentMessage` as protobuf bytes. sled 0.34.7 rules as
+//! in the coordinator: `flush()` (never `flush_async`) after every write, from blocking code.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use baton_common::proto::{self, agent_message};
+use baton_common::stage::wire::attempt_of;
+use baton_common::stage::AttemptId;
+use prost::Message;
+
+/// Why the outbox failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    #[error("the agent's data directory `{dir}` is in use by another baton-agent (one agent per data directory)")]
+    Locked { dir: String },
+    #[error("cannot open the agent's outbox in `{dir}`: {message} (if it is damaged, move the directory aside; results it held that the coordinator never acknowledged are then lost and their stages need attention)")]
+    Open { dir: String, message: String },
+    #[error("the agent's outbox failed: {0}")]
+    Io(String),
+}
+
+/// The journal. Cheap to clone (sled handles are shared).
+#[derive(Debug, Clone)]
+pub struct Outbox {
+    db: sled::Db,
+    tree: sled::Tree,
+}
+
+/// The attempt a journaled message is about.
+fn attempt_in(m: &proto::AgentMessage) -> Option<AttemptId> {
+    let r = match &m.kind {
+        Some(agent_message::Kind::StageEvent(e)) => e.attempt.clone(),
+        Some(agent_message::Kind::StageResult(r)) => r.attempt.clone(),
+        _ => None,
+    };
+    attempt_of(r, "journaled message").ok()
+}
+
+impl Outbox {
+    /// Opens (or creates) the outbox under `dir`. A second agent on the same directory is
+    /// refused; damage is refused with a message naming the directory.
+    pub fn open(dir: &Path) -> Result<Outbox, OutboxError> {
+        let shown = dir.display().to_string();
+        std::fs::create_dir_all(dir).map_err(|e| OutboxError::Open {
+            dir: shown.clone(),
+            message: e.to_string(),
+        })?;
+        let db = sled::Config::new()
+            .path(dir.join("outbox"))
+            .cache_capacity(8 * 1024 * 1024)
+            .open()
+            .map_err(|e| match e {
+                sled::Error::Io(io)
+                    if io.kind() == std::io::ErrorKind::WouldBlock
+                        || io.to_string().contains("lock") =>
+                {
+                    OutboxError::Locked { dir: shown.clone() }
+                }
+                other => OutboxError::Open {
+                    dir: shown.clone(),
+                    message: other.to_string(),
+                },
+            })?;
+        let tree = db.open_tree("outbox").map_err(|e| OutboxError::Open {
+            dir: shown,
+            message: e.to_string(),
+        })?;
+        Ok(Outbox { db, tree })
+    }
+
+    fn io(e: sled::Error) -> OutboxError {
+        OutboxError::Io(e.to_string())
+    }
+
+    /// Journals `m` durably; returns its sequence number. Blocks (flush): call it from
+    /// `spawn_blocking` in async code.
+    pub fn journal(&self, m: &proto::AgentMessage) -> Result<u64, OutboxError> {
+        let seq = self.db.generate_id().map_err(Self::io)?;
+        self.tree
+            .insert(seq.to_be_bytes(), m.encode_to_vec())
+            .map_err(Self::io)?;
+        self.db.flush().map_err(Self::io)?;
+        Ok(seq)
+    }
+
+    /// The journaled message `seq`, if it is still there.
+    pub fn get(&self, seq: u64) -> Option<proto::AgentMessage> {
+        let bytes = self.tree.get(seq.to_be_bytes()).ok()??;
+        proto::AgentMessage::decode(bytes.as_ref()).ok()
+    }
+
+    /// Every journaled message, oldest first. Entries that no longer decode are skipped
+    /// (and logged): they cannot be sent anyway.
+    pub fn entries(&self) -> Vec<(u64, proto::AgentMessage)> {
+        let mut out = Vec::new();
+        for item in self.tree.iter() {
+            let Ok((k, v)) = item else { continue };
+            let Ok(key) = <[u8; 8]>::try_from(k.as_ref()) else {
+                continue;
+            };
+            match proto::AgentMessage::decode(v.as_ref()) {
+                Ok(m) => out.push((u64::from_be_bytes(key), m)),
+                Err(e) => tracing::warn!(error = %e, "an outbox entry does not decode; skipped"),
+            }
+        }
+        out
+    }
+
+    /// Attempts with journaled messages.
+    pub fn attempts(&self) -> BTreeSet<AttemptId> {
+        self.entries()
+            .iter()
+            .filter_map(|(_, m)| attempt_in(m))
+            .collect()
+    }
+
+    /// Drops every message of `attempt` (its result was acknowledged, or it was rejected).
+    /// Blocks (flush).
+    pub fn drop_attempt(&self, attempt: &AttemptId) -> Result<Vec<u64>, OutboxError> {
+        let doomed: Vec<u64> = self
+            .entries()
+            .into_iter()
+            .filter(|(_, m)| attempt_in(m).as_ref() == Some(attempt))
+            .map(|(seq, _)| seq)
+            .collect();
+        for seq in &doomed {
+            self.tree.remove(seq.to_be_bytes()).map_err(Self::io)?;
+        }
+        if !doomed.is_empty() {
+            self.db.flush().map_err(Self::io)?;
+        }
+        Ok(doomed)
+    }
+
+    /// After a restart: every attempt with journaled messages but no result was running when
+    /// the agent stopped. Nothing runs it any more, so its result is journaled now as lost
+    /// (a migration it had started is in doubt; the coordinator decides). Blocks (flush).
+    pub fn close_interrupted(&self) -> Result<Vec<AttemptId>, OutboxError> {
+        let mut ended: BTreeMap<AttemptId, bool> = BTreeMap::new();
+        for (_, m) in self.entries() {
+            if let Some(a) = attempt_in(&m) {
+                let is_result = matches!(m.kind, Some(agent_message::Kind::StageResult(_)));
+                *ended.entry(a).or_insert(false) |= is_result;
+            }
+        }
+        let mut closed = Vec::new();
+        for (attempt, has_result) in ended {
+            if has_result {
+                continue;
+            }
+            let result = proto::AgentMessage {
+                kind: Some(agent_message::Kind::StageResult(proto::StageResult {
+                    attempt: Some((&attempt).into()),
+                    outcome: proto::StageOutcome::Lost as i32,
+                    migrations: Vec::new(),
+                    exported: Default::default(),
+                    error: "the agent restarted while the attempt ran".to_owned(),
+                    secret_exports: Vec::new(),
+                })),
+            };
+            self.journal(&result)?;
+            closed.push(attempt);
+        }
+        Ok(closed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attempt(stage: &str) -> AttemptId {
+        AttemptId {
+            run: 7,
+            stage: stage.to_owned(),
+            attempt: 1,
+            token: 42,
+        }
+    }
+
+    fn finished(a: &AttemptId, version: u64) -> proto::AgentMessage {
+        proto::AgentMessage {
+            kind: Some(agent_message::Kind::StageEvent(proto::StageEvent {
+                attempt: Some(a.into()),
+                kind: Some(proto::stage_event::Kind::MigrationFinished(
+                    proto::MigrationFinished {
+                        migration: Some(proto::AppliedMigration {
+                            version,
+                            name: "m".to_owned(),
+                            digest: "d".to_owned(),
+                            variables: Default::default(),
+                        }),
+                        direction: "up".to_owned(),
+                        duration_ms: 1,
+                    },
+                )),
+            })),
+        }
+    }
+
+    #[test]
+    fn survives_reopen_and_closes_interrupted_attempts() {
+        let dir = std::env::temp_dir().join(format!("baton-outbox-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (a, b) = (attempt("a"), attempt("b"));
+        {
+            let o = Outbox::open(&dir).unwrap();
+            o.journal(&finished(&a, 1)).unwrap();
+            o.journal(&finished(&b, 1)).unwrap();
+            let done = proto::AgentMessage {
+                kind: Some(agent_message::Kind::StageResult(proto::StageResult {
+                    attempt: Some((&b).into()),
+                    outcome: proto::StageOutcome::Succeeded as i32,
+                    ..Default::default()
+                })),
+            };
+            o.journal(&done).unwrap();
+        }
+        let o = Outbox::open(&dir).unwrap();
+        assert_eq!(o.attempts(), [a.clone(), b.clone()].into_iter().collect());
+        // `a` had no result: it was running when the agent stopped.
+        assert_eq!(o.close_interrupted().unwrap(), vec![a.clone()]);
+        assert!(o.close_interrupted().unwrap().is_empty());
+        let entries = o.entries();
+        assert_eq!(entries.len(), 4);
+        assert!(entries.windows(2).all(|w| w[0].0 < w[1].0), "in order");
+        match &entries[3].1.kind {
+            Some(agent_message::Kind::StageResult(r)) => {
+                assert_eq!(r.outcome, proto::StageOutcome::Lost as i32);
+                assert_eq!(attempt_of(r.attempt.clone(), "t").unwrap(), a);
+            }
+            other => panic!("expected a lost result, got {other:?}"),
+        }
+        assert_eq!(o.drop_attempt(&b).unwrap().len(), 2);
+        assert_eq!(o.attempts(), [a].into_iter().collect());
+        drop(o);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
