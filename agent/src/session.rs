@@ -321,6 +321,7 @@ impl Shared {
             tracing::info!(attempt = %id, end = ?end.end, "attempt ended");
             let result = message(agent_message::Kind::StageResult(result_to_wire(&id, &end)));
             this.journal_and_queue(result).await;
+            tracing::info!(attempt = %id, "result journaled; sent until the coordinator acknowledges it");
             lock(&this.held).remove(&id);
             lock(&this.gates_sent).retain(|(a, _), _| a != &id);
         });
@@ -637,7 +638,11 @@ fn handle(
         }
         Some(coordinator_message::Kind::ResultAck(ack)) => {
             let id = attempt_of(ack.attempt, "ResultAck").map_err(|e| e.to_string())?;
-            tracing::debug!(attempt = %id, already = ack.already_applied, "result recorded by the coordinator");
+            if ack.already_applied {
+                tracing::info!(attempt = %id, "the coordinator had already recorded this result (sent again); dropped from the outbox");
+            } else {
+                tracing::debug!(attempt = %id, "result recorded by the coordinator");
+            }
             shared.settle(id);
             Ok(())
         }

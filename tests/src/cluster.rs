@@ -65,17 +65,53 @@ pub fn agent_binary(baton: &Path) -> PathBuf {
     baton.with_file_name("baton-agent")
 }
 
+/// The `baton` binary, built first, for tests outside its own package (which get no
+/// `CARGO_BIN_EXE_baton`): beside this test executable's `deps/` directory. Built once per
+/// test process.
+pub fn baton_binary() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let exe = std::env::current_exe().expect("the test executable's path");
+            let profile_dir = exe
+                .parent()
+                .and_then(Path::parent)
+                .expect("target/PROFILE/deps/TEST")
+                .to_path_buf();
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+            let mut cmd = Command::new(cargo);
+            cmd.args(["build", "-q", "-p", "baton-coordinator", "--bin", "baton"]);
+            if profile_dir.file_name().is_some_and(|n| n == "release") {
+                cmd.arg("--release");
+            }
+            assert!(
+                cmd.status().is_ok_and(|s| s.success()),
+                "building baton failed"
+            );
+            profile_dir.join("baton")
+        })
+        .clone()
+}
+
+/// Lines a child process wrote to stderr, collected as they come.
+pub type Lines = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+
 /// Starts `baton coordinator serve` on a free loopback port with state in `data_dir`;
 /// returns the process and its URL (read from its first line of output).
 pub fn start_coordinator(baton: &Path, data_dir: &Path, extra: &[&str]) -> (Proc, String) {
+    start_coordinator_at(baton, data_dir, "127.0.0.1:0", extra)
+}
+
+/// [`start_coordinator`] on a given `listen` address (e.g. the port of a coordinator that
+/// was killed, so its agents find the new one where the old one was).
+pub fn start_coordinator_at(
+    baton: &Path,
+    data_dir: &Path,
+    listen: &str,
+    extra: &[&str],
+) -> (Proc, String) {
     let mut child = Command::new(baton)
-        .args([
-            "coordinator",
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
+        .args(["coordinator", "serve", "--listen", listen, "--data-dir"])
         .arg(data_dir)
         .args(extra)
         .env(
@@ -122,6 +158,55 @@ pub fn start_agent(
     data_dir: &Path,
     extra: &[&str],
 ) -> Proc {
+    agent_command(agent, url, name, labels, data_dir, extra)
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map(|child| Proc {
+            child,
+            name: name.to_owned(),
+        })
+        .expect("baton-agent starts")
+}
+
+/// [`start_agent`] with its log (at `filter`, e.g. `baton_agent=debug`) collected.
+pub fn start_agent_logged(
+    agent: &Path,
+    url: &str,
+    name: &str,
+    data_dir: &Path,
+    extra: &[&str],
+    filter: &str,
+) -> (Proc, Lines) {
+    let mut child = agent_command(agent, url, name, &[], data_dir, extra)
+        .env("BATON_LOG", filter)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("baton-agent starts");
+    let stderr = child.stderr.take().expect("piped stderr");
+    let lines = Lines::default();
+    let sink = lines.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            sink.lock().expect("log lock").push(line);
+        }
+    });
+    (
+        Proc {
+            child,
+            name: name.to_owned(),
+        },
+        lines,
+    )
+}
+
+fn agent_command(
+    agent: &Path,
+    url: &str,
+    name: &str,
+    labels: &[&str],
+    data_dir: &Path,
+    extra: &[&str],
+) -> Command {
     let mut cmd = Command::new(agent);
     cmd.args(["--coordinator", url, "--name", name, "--data-dir"])
         .arg(data_dir.join(name))
@@ -130,16 +215,12 @@ pub fn start_agent(
             std::env::var("BATON_TEST_LOG").unwrap_or_else(|_| "warn".to_owned()),
         )
         .env_remove("BATON_TOKEN")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
+        .stdout(Stdio::null());
     for l in labels {
         cmd.args(["--label", l]);
     }
     cmd.args(extra);
-    Proc {
-        child: cmd.spawn().expect("baton-agent starts"),
-        name: name.to_owned(),
-    }
+    cmd
 }
 
 /// Polls `check` every 50 ms until it holds or `limit` passes; the test fails with `what`.

@@ -83,6 +83,12 @@ pub enum AgentsCommand {
 pub enum CoordinatorCommand {
     /// Serve AgentService and ControlService until SIGINT or SIGTERM.
     Serve(ServeArgs),
+    /// Whether a coordinator can record transitions: `ok` (exit 0), or `degraded` with why
+    /// (exit 1; it stopped dispatching after a storage failure: free space, then restart it).
+    Health {
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -629,6 +635,9 @@ pub fn run(
             out,
         ),
         Command::Coordinator(CoordinatorCommand::Serve(a)) => coordinator::serve(&a, err),
+        Command::Coordinator(CoordinatorCommand::Health { remote }) => {
+            with_coordinator(&remote, "coordinator health", err, remote::health, out)
+        }
     }
 }
 

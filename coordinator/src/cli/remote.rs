@@ -671,6 +671,26 @@ fn operator() -> String {
     format!("{user}@{host}")
 }
 
+/// `coordinator health`: `ok`, or `degraded: WHY` (exit 1).
+pub fn health(
+    remote: &RemoteArgs,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> std::io::Result<i32> {
+    let r = block(async {
+        let mut client = connect(remote).await?;
+        let h = client.health(proto::HealthRequest {}).await?.into_inner();
+        if h.status == "ok" {
+            let _ = writeln!(out, "ok");
+            Ok(EXIT_OK)
+        } else {
+            let _ = writeln!(out, "{}: {}", h.status, h.error);
+            Ok(EXIT_RUN_FAILED)
+        }
+    })?;
+    finish(err, r)
+}
+
 /// `agents drain`.
 pub fn agents_drain(
     remote: &RemoteArgs,

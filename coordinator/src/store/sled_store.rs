@@ -225,7 +225,8 @@ impl Store for SledStore {
     fn fencing_token(&self) -> Result<u64, StoreError> {
         // Monotonic across crashes without a flush per call: after a crash sled resumes
         // above every id it may have handed out.
-        self.db.generate_id().map_err(io)
+        // generate_id starts at 0; tokens start at 1 (0 means "no token": local mode).
+        self.db.generate_id().map(|id| id + 1).map_err(io)
     }
 
     fn commit(&self, t: Transition) -> Result<(), StoreError> {
