@@ -158,9 +158,16 @@ struct Registry {
     next_session: u64,
     /// L + G.
     lost_after: Duration,
+    /// Added to the monotonic clock (tests move time forward without waiting).
+    skew: Duration,
 }
 
 impl Registry {
+    /// The coordinator's monotonic clock: lease arithmetic uses nothing else.
+    fn now(&self) -> Instant {
+        Instant::now() + self.skew
+    }
+
     fn running_on(&self, agent: &str) -> usize {
         self.attempts
             .values()
@@ -366,7 +373,7 @@ impl AgentRegistry {
             }));
         // First on the stream, before any assignment placed below.
         let _ = tx.try_send(Ok(*welcome));
-        let now = Instant::now();
+        let now = r.now();
         let lost_after = self.timing.lost_after();
         let mut gone = Vec::new();
         for (attempt, p) in r.attempts.iter_mut() {
@@ -451,11 +458,12 @@ impl AgentRegistry {
     ) -> Result<Vec<Effect>, SessionError> {
         use proto::agent_message::Kind;
         let mut r = self.lock();
+        let skew = r.skew;
         let agent = match r.agents.get_mut(&session.agent) {
             Some(a) if a.session == session.id => a,
             _ => return Err(SessionError::Replaced),
         };
-        let now = Instant::now();
+        let now = Instant::now() + skew;
         agent.last_seen = now;
         let outbox = agent.outbox.clone();
         let deadline = now + self.timing.lost_after();
@@ -563,13 +571,13 @@ impl AgentRegistry {
     /// Declares lost every attempt whose lease ran out, and ends sessions that have been
     /// silent as long (a frozen agent whose connection stays open). Call it periodically.
     pub fn sweep(&self) -> Vec<Effect> {
-        let now = Instant::now();
         let lost_after = self.timing.lost_after();
         let mut r = self.lock();
+        let now = r.now();
         let silent: Vec<(String, u64)> = r
             .agents
             .iter()
-            .filter(|(_, a)| now.duration_since(a.last_seen) > lost_after)
+            .filter(|(_, a)| now.saturating_duration_since(a.last_seen) > lost_after)
             .map(|(id, a)| (id.clone(), a.session))
             .collect();
         for (agent, session) in silent {
@@ -613,13 +621,15 @@ impl AgentRegistry {
     /// agent holding it has `grace` to reattach and claim it. Its run's driver adopts it with
     /// [`StageRunner::adopt`]; reports that arrive before are kept for it.
     pub fn expect(&self, attempt: AttemptId, grace: Duration) {
-        self.lock().attempts.insert(
+        let mut r = self.lock();
+        let deadline = r.now() + grace;
+        r.attempts.insert(
             attempt,
             Placed {
                 agent: None,
                 events: None,
                 early: Vec::new(),
-                deadline: Instant::now() + grace,
+                deadline,
             },
         );
     }
@@ -651,10 +661,26 @@ impl AgentRegistry {
                 labels: a.labels.clone(),
                 capacity: a.capacity,
                 running: u32::try_from(r.running_on(id)).unwrap_or(u32::MAX),
-                last_seen: a.last_seen.elapsed(),
+                last_seen: r.now().saturating_duration_since(a.last_seen),
                 version: a.version.clone(),
                 draining: r.draining.contains(id),
             })
+            .collect()
+    }
+
+    /// Moves the registry's clock forward (tests: leases run out without waiting).
+    #[cfg(test)]
+    pub(crate) fn advance(&self, by: Duration) {
+        self.lock().skew += by;
+    }
+
+    /// Every attempt the registry holds (placed or expected), for tests.
+    #[cfg(test)]
+    pub(crate) fn held(&self) -> Vec<(AttemptId, Option<String>)> {
+        self.lock()
+            .attempts
+            .iter()
+            .map(|(a, p)| (a.clone(), p.agent.clone()))
             .collect()
     }
 
@@ -784,7 +810,7 @@ fn place(r: &mut Registry) -> Vec<Effect> {
                 agent: Some(agent_id),
                 events: Some(p.events),
                 early: Vec::new(),
-                deadline: Instant::now() + r.lost_after,
+                deadline: r.now() + r.lost_after,
             },
         );
     }
@@ -926,3 +952,6 @@ impl StageRunner for AgentRegistry {
         deliver_now(effects);
     }
 }
+
+#[cfg(test)]
+mod lease_tests;
