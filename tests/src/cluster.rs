@@ -234,3 +234,55 @@ pub fn wait_for(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
     }
     panic!("timed out after {limit:?} waiting for {what}");
 }
+
+/// A run's event log from the coordinator at `url`, as JSON records.
+pub fn events(baton: &Path, url: &str, run: u64) -> Vec<serde_json::Value> {
+    let out = Command::new(baton)
+        .args([
+            "runs",
+            "show",
+            &run.to_string(),
+            "-o",
+            "json",
+            "--coordinator",
+            url,
+        ])
+        .env_remove("BATON_TOKEN")
+        .output()
+        .expect("baton runs");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// The `type` of an event record (`stage_started`, `needs_attention`, ...).
+pub fn kind_of(e: &serde_json::Value) -> &str {
+    e["kind"]["type"].as_str().unwrap_or_default()
+}
+
+/// The run's status in `runs list`.
+pub fn run_status(baton: &Path, url: &str, run: u64) -> Option<String> {
+    let out = Command::new(baton)
+        .args(["runs", "list", "-o", "json", "--coordinator", url])
+        .env_remove("BATON_TOKEN")
+        .output()
+        .ok()?;
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).ok()?;
+    rows.iter()
+        .find(|r| r["id"].as_u64() == Some(run))
+        .and_then(|r| r["status"].as_str().map(str::to_owned))
+}
+
+/// Agent ids attached to `url`.
+pub fn attached(baton: &Path, url: &str) -> Vec<String> {
+    let out = Command::new(baton)
+        .args(["agents", "list", "-o", "json", "--coordinator", url])
+        .env_remove("BATON_TOKEN")
+        .output()
+        .expect("baton runs");
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    rows.iter()
+        .filter_map(|r| r["id"].as_str().map(str::to_owned))
+        .collect()
+}

@@ -19,8 +19,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use baton_e2e::cluster::{
-    agent_binary, baton_binary, start_agent, start_agent_logged, start_coordinator,
-    start_coordinator_at, wait_for, Lines, Proc,
+    agent_binary, attached, baton_binary, events, kind_of, run_status, start_agent,
+    start_agent_logged, start_coordinator, start_coordinator_at, wait_for, Lines, Proc,
 };
 use baton_e2e::files::write;
 use baton_e2e::proxy::{Mode, Proxy};
@@ -265,62 +265,11 @@ impl World {
     }
 }
 
-/// A run's event log from the coordinator at `url`, as JSON records.
-fn events(baton: &Path, url: &str, run: u64) -> Vec<serde_json::Value> {
-    let out = Command::new(baton)
-        .args([
-            "runs",
-            "show",
-            &run.to_string(),
-            "-o",
-            "json",
-            "--coordinator",
-            url,
-        ])
-        .env_remove("BATON_TOKEN")
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
-
-fn kind_of(e: &serde_json::Value) -> &str {
-    e["kind"]["type"].as_str().unwrap_or_default()
-}
-
 /// Events of `kind` about `stage`.
 fn of<'e>(events: &'e [serde_json::Value], kind: &str, stage: &str) -> Vec<&'e serde_json::Value> {
     events
         .iter()
         .filter(|e| kind_of(e) == kind && e["stage"].as_str() == Some(stage))
-        .collect()
-}
-
-/// The run's status in `runs list`.
-fn run_status(baton: &Path, url: &str, run: u64) -> Option<String> {
-    let out = Command::new(baton)
-        .args(["runs", "list", "-o", "json", "--coordinator", url])
-        .env_remove("BATON_TOKEN")
-        .output()
-        .ok()?;
-    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).ok()?;
-    rows.iter()
-        .find(|r| r["id"].as_u64() == Some(run))
-        .and_then(|r| r["status"].as_str().map(str::to_owned))
-}
-
-/// Agent ids attached to `url`.
-fn attached(baton: &Path, url: &str) -> Vec<String> {
-    let out = Command::new(baton)
-        .args(["agents", "list", "-o", "json", "--coordinator", url])
-        .env_remove("BATON_TOKEN")
-        .output()
-        .unwrap();
-    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    rows.iter()
-        .filter_map(|r| r["id"].as_str().map(str::to_owned))
         .collect()
 }
 

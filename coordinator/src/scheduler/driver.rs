@@ -150,8 +150,8 @@ struct Exports {
     secret: Vec<String>,
 }
 
-/// How many attempts a stage gets in one run when its runner keeps losing them (an agent
-/// that dies on it every time must not loop forever).
+/// How many attempts a stage gets in one run when its runner keeps losing them before it
+/// needs attention (an agent that dies on it every time must not loop forever).
 const MAX_ATTEMPTS: u32 = 3;
 
 /// The next request on `control`, or never when there is no channel.
@@ -535,7 +535,7 @@ impl Driver {
 
     /// What happens when stage `k`'s attempt is lost: cancelled (unconfirmed) in a cancelled
     /// run; needs attention when a migration is in doubt and the stage's `retry_on_lost` is
-    /// `never`; else started again (at most [`MAX_ATTEMPTS`] times in the run).
+    /// `never`, or after [`MAX_ATTEMPTS`] attempts in this driver; else started again.
     async fn on_lost(
         &mut self,
         k: usize,
@@ -556,38 +556,42 @@ impl Driver {
                 .await?;
             return Ok(Some(Event::StageFinished { stage: k, ok }));
         }
-        if let Some((version, name)) = self.in_doubt[k].clone() {
-            if self.retry_on_lost(k, version) == RetryOnLost::Never {
-                let migration = format!("{version:03}_{name}");
-                let message = format!(
-                    "attempt {} was lost ({why}) while migration {migration} was in flight; whether it took effect is unknown. Check the target, then: baton runs resolve {} --stage {} --as succeeded|failed|retry",
-                    attempt.attempt,
-                    self.r.run.id,
-                    self.name(k)
-                );
-                self.needs_attention[k] = true;
-                self.record(
-                    Some(k),
-                    EventKind::NeedsAttention {
-                        attempt: attempt.attempt,
-                        migration,
-                        message,
-                    },
-                    vec![],
+        let doubt = self.in_doubt[k].clone();
+        let never = doubt
+            .as_ref()
+            .is_some_and(|(v, _)| self.retry_on_lost(k, *v) == RetryOnLost::Never);
+        // Lost too often: a person looks before it is started again.
+        let again_and_again = self.attempt_counts[k] >= MAX_ATTEMPTS;
+        if never || again_and_again {
+            let migration = doubt
+                .as_ref()
+                .map(|(v, n)| format!("{v:03}_{n}"))
+                .unwrap_or_default();
+            let what = if never {
+                format!("while migration {migration} was in flight; whether it took effect is unknown. Check the target, then")
+            } else {
+                format!(
+                    "the stage was lost {MAX_ATTEMPTS} times in this run. Check its agents, then"
                 )
-                .await?;
-                return Ok(None);
-            }
-        }
-        if self.attempt_counts[k] >= MAX_ATTEMPTS {
+            };
             let message = format!(
-                "attempt {} was lost ({why}); the stage was lost {MAX_ATTEMPTS} times in this run and is not started again",
-                attempt.attempt
+                "attempt {} was lost ({why}) {what}: baton runs resolve {} --stage {} --as succeeded|failed|retry",
+                attempt.attempt,
+                self.r.run.id,
+                self.name(k)
             );
-            let ok = self
-                .on_stage_done(k, StageReport::ended(StageEnd::Failed(message)), 0)
-                .await?;
-            return Ok(Some(Event::StageFinished { stage: k, ok }));
+            self.needs_attention[k] = true;
+            self.record(
+                Some(k),
+                EventKind::NeedsAttention {
+                    attempt: attempt.attempt,
+                    migration,
+                    message,
+                },
+                vec![],
+            )
+            .await?;
+            return Ok(None);
         }
         let message = match &self.in_doubt[k] {
             Some((v, n)) => format!("{why}; the stage starts again after its last recorded migration, re-sending {v:03}_{n} with the same Idempotency-Key (retry_on_lost: safe)"),
