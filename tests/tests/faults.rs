@@ -826,7 +826,7 @@ async fn s11_short_partition_changes_nothing() {
     w.slow("/s/1", Duration::from_secs(2));
     let (_c, url) = w.coordinator("data");
     let proxy = Proxy::start(listen_of(&url).parse().unwrap()).await;
-    let _a = w.agent(&proxy.url(), "agent-a", &[]);
+    let mut a = w.agent(&proxy.url(), "agent-a", &[]);
     wait_attached(&w, &url, &["agent-a"]).await;
     let run = w.submit(&url).await;
     w.reached("/s/1").await;
@@ -839,6 +839,13 @@ async fn s11_short_partition_changes_nothing() {
     assert!(of(&ev, "attempt_lost", "s").is_empty(), "{}", texts(&ev));
     assert_eq!(one_key(&w, "/s/1", 1), 1);
     assert_eq!(one_key(&w, "/s/2", 1), 1);
+    // The agent, too, stops cleanly on SIGTERM within its grace (2 s).
+    a.signal(15);
+    let code = tokio::task::spawn_blocking(move || (a.wait_exit(Duration::from_secs(15)), a))
+        .await
+        .unwrap()
+        .0;
+    assert_eq!(code, Some(0));
 }
 
 /// 12. A partition longer than L + G: the attempt is reassigned; the old agent's late

@@ -296,11 +296,22 @@ impl Driver {
             event: event.clone(),
         });
         let store = self.r.store.clone();
+        // Log lines and request notes change nothing anyone acts on: written now, durable
+        // with the next transition's flush, so a flood of them costs no flush each.
+        let lazy = ops.len() == 1
+            && matches!(
+                event.kind,
+                EventKind::Log { .. } | EventKind::Request { .. }
+            );
         let t = Transition { ops };
-        // sled's flush blocks: keep it off the async workers.
-        tokio::task::spawn_blocking(move || store.commit(t))
-            .await
-            .map_err(|e| StoreError::Io(format!("store task failed: {e}")))??;
+        if lazy {
+            store.commit_unflushed(t)?;
+        } else {
+            // sled's flush blocks: keep it off the async workers.
+            tokio::task::spawn_blocking(move || store.commit(t))
+                .await
+                .map_err(|e| StoreError::Io(format!("store task failed: {e}")))??;
+        }
         // A closed progress channel only means nobody watches.
         let _ = self.progress.send(event).await;
         Ok(())

@@ -318,6 +318,13 @@ pub trait Store: Send + Sync {
     fn fencing_token(&self) -> Result<u64, StoreError>;
     /// Applies a transition atomically and makes it durable.
     fn commit(&self, t: Transition) -> Result<(), StoreError>;
+    /// Applies a transition atomically; it becomes durable with the next [`Store::commit`]
+    /// (which flushes everything written before it). For records nothing acts on (log lines,
+    /// request notes), so a flood of them costs no flush each and cannot hold up the
+    /// transitions that matter.
+    fn commit_unflushed(&self, t: Transition) -> Result<(), StoreError> {
+        self.commit(t)
+    }
     fn run(&self, id: u64) -> Result<Option<RunRecord>, StoreError>;
     /// Every run, oldest first.
     fn runs(&self) -> Result<Vec<RunRecord>, StoreError>;

@@ -199,37 +199,9 @@ fn applied_key(key: &StageKey, version: u64) -> Vec<u8> {
     k
 }
 
-impl Store for SledStore {
-    fn id(&self) -> &str {
-        &self.id
-    }
-
-    fn next_id(&self) -> Result<u64, StoreError> {
-        // A plain counter, flushed before the id is used: ids people read stay small and
-        // never repeat across crashes. (Fencing tokens use sled's `generate_id`.)
-        let next = self
-            .meta
-            .update_and_fetch(b"next_id", |old| {
-                let n = old
-                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                    .map_or(0, u64::from_be_bytes);
-                Some((n + 1).to_be_bytes().to_vec())
-            })
-            .map_err(io)?
-            .and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
-            .map_or(1, u64::from_be_bytes);
-        self.group.flush_after_this(&self.db)?;
-        Ok(next)
-    }
-
-    fn fencing_token(&self) -> Result<u64, StoreError> {
-        // Monotonic across crashes without a flush per call: after a crash sled resumes
-        // above every id it may have handed out.
-        // generate_id starts at 0; tokens start at 1 (0 means "no token": local mode).
-        self.db.generate_id().map(|id| id + 1).map_err(io)
-    }
-
-    fn commit(&self, t: Transition) -> Result<(), StoreError> {
+impl SledStore {
+    /// One multi-tree transaction, not flushed.
+    fn apply(&self, t: &Transition) -> Result<(), StoreError> {
         let result: Result<(), TransactionError<()>> = (
             &self.runs,
             &self.events,
@@ -265,10 +237,49 @@ impl Store for SledStore {
                 }
                 Ok::<(), ConflictableTransactionError<()>>(())
             });
-        result.map_err(|e| StoreError::Io(format!("{e:?}")))?;
+        result.map_err(|e| StoreError::Io(format!("{e:?}")))
+    }
+}
+
+impl Store for SledStore {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn next_id(&self) -> Result<u64, StoreError> {
+        // A plain counter, flushed before the id is used: ids people read stay small and
+        // never repeat across crashes. (Fencing tokens use sled's `generate_id`.)
+        let next = self
+            .meta
+            .update_and_fetch(b"next_id", |old| {
+                let n = old
+                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                    .map_or(0, u64::from_be_bytes);
+                Some((n + 1).to_be_bytes().to_vec())
+            })
+            .map_err(io)?
+            .and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
+            .map_or(1, u64::from_be_bytes);
+        self.group.flush_after_this(&self.db)?;
+        Ok(next)
+    }
+
+    fn fencing_token(&self) -> Result<u64, StoreError> {
+        // Monotonic across crashes without a flush per call: after a crash sled resumes
+        // above every id it may have handed out.
+        // generate_id starts at 0; tokens start at 1 (0 means "no token": local mode).
+        self.db.generate_id().map(|id| id + 1).map_err(io)
+    }
+
+    fn commit(&self, t: Transition) -> Result<(), StoreError> {
+        self.apply(&t)?;
         // Durable before the caller acts on it: a flush that started after this transaction
         // was applied covers it, whoever runs it.
         self.group.flush_after_this(&self.db)
+    }
+
+    fn commit_unflushed(&self, t: Transition) -> Result<(), StoreError> {
+        self.apply(&t)
     }
 
     fn run(&self, id: u64) -> Result<Option<RunRecord>, StoreError> {
