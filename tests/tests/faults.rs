@@ -890,10 +890,13 @@ async fn s12_long_partition_reassigns_and_rejects_the_late_result() {
 }
 
 /// 13. A half-open connection (packets silently dropped) is noticed by keepalive, long
-/// before the lease would: the coordinator drops the session.
+/// before the lease would: the coordinator drops the session; when the link heals the agent
+/// reattaches with its attempt, which finishes without a reassignment.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s13_half_open_connection_is_detected() {
     let w = world("s13").await;
+    w.write_project(&[stage("s", &[], 2)]);
+    w.slow("/s/1", Duration::from_secs(2));
     // A long lease, so only keepalive (1 s ping, 0.5 s timeout) can explain the detection.
     let data = w.root.join("data");
     let mut flags: Vec<&str> = COORDINATOR.to_vec();
@@ -903,6 +906,8 @@ async fn s13_half_open_connection_is_detected() {
     let proxy = Proxy::start(listen_of(&url).parse().unwrap()).await;
     let _a = w.agent(&proxy.url(), "agent-a", &[]);
     wait_attached(&w, &url, &["agent-a"]).await;
+    let run = w.submit(&url).await;
+    w.reached("/s/1").await;
     proxy.set(Mode::Blackhole);
     let (baton, u) = (w.baton.clone(), url.clone());
     // Within 30 s: keepalive noticed it, not the 61 s lease (which would close it too).
@@ -912,9 +917,14 @@ async fn s13_half_open_connection_is_detected() {
         move || attached(&baton, &u).is_empty(),
     )
     .await;
-    // And the agent comes back once the link heals.
     proxy.set(Mode::Pass);
     wait_attached(&w, &url, &["agent-a"]).await;
+    w.wait_status(&url, run, "succeeded").await;
+    let ev = events(&w.baton, &url, run);
+    assert_eq!(tokens(&ev, "s").len(), 1, "no reassignment: {}", texts(&ev));
+    assert_eq!(of(&ev, "migration_done", "s").len(), 2, "{}", texts(&ev));
+    assert_eq!(one_key(&w, "/s/1", 1), 1);
+    assert_eq!(one_key(&w, "/s/2", 1), 1);
 }
 
 /// 14. Coordinator down when agents start: jittered backoff, no hot loop, reconnects spread
@@ -970,6 +980,15 @@ async fn s14_agents_wait_for_a_coordinator_with_jittered_backoff() {
         p.set(Mode::Pass);
     }
     wait_attached(&w, &url, &["agent-0", "agent-1", "agent-2"]).await;
+    // And they work: a run of three stages succeeds, each migration sent once.
+    w.write_project(&[stage("a", &[], 1), stage("b", &[], 1), stage("c", &[], 1)]);
+    let run = w.submit(&url).await;
+    w.wait_status(&url, run, "succeeded").await;
+    let ev = events(&w.baton, &url, run);
+    for s in ["a", "b", "c"] {
+        assert_eq!(of(&ev, "stage_succeeded", s).len(), 1, "{}", texts(&ev));
+        assert_eq!(one_key(&w, &format!("/{s}/1"), 1), 1);
+    }
 }
 
 /// 15. Duplicate and out-of-order result messages: one transition; a result sent again is

@@ -30,12 +30,32 @@ pub const FORMAT: u32 = 1;
 pub enum StoreError {
     #[error("state directory `{dir}` is in use by another baton process (only one may open it at a time)")]
     Locked { dir: String },
-    #[error("cannot open the state in `{dir}`: {message} (if the data is damaged, move the directory aside and restore it from a backup)")]
-    Open { dir: String, message: String },
+    /// The directory could not be opened for a reason that is not damage (a path or
+    /// permission mistake, a full disk): `hint` says what to do.
+    #[error("cannot open the state in `{dir}`: {message} ({hint})")]
+    Open {
+        dir: String,
+        message: String,
+        hint: String,
+    },
+    /// The state is damaged: a record fails its checksum or does not decode, or records
+    /// were lost (fewer than the high-water mark says were written). Nothing was changed.
+    #[error("the state in `{dir}` is damaged: {what}: {message}. Nothing was changed. Stop every baton using it, move it aside and restore it from a backup taken after the last run you trust; without one, moving it aside starts with no history, so the next run sends every migration again with new idempotency keys: first confirm on the target which resources exist")]
+    Damaged {
+        dir: String,
+        what: String,
+        message: String,
+    },
     #[error("storage I/O failed: {0}")]
     Io(String),
-    #[error("a stored record is damaged or from a newer baton ({what}): {message}")]
+    #[error("a stored record is damaged ({what}): {message}")]
     Corrupt { what: String, message: String },
+    #[error("the state in `{dir}` holds a {what} written by a newer baton (record format {format}; this baton reads up to {FORMAT}): upgrade baton. Nothing was changed")]
+    Newer {
+        dir: String,
+        what: String,
+        format: u64,
+    },
 }
 
 /// How a run ended, or that it has not.
@@ -358,9 +378,10 @@ pub(crate) fn decode<T: for<'de> Deserialize<'de>>(
     })?;
     let format = v.get("v").and_then(serde_json::Value::as_u64).unwrap_or(0);
     if format > u64::from(FORMAT) {
-        return Err(StoreError::Corrupt {
+        return Err(StoreError::Newer {
+            dir: String::new(),
             what: what.to_owned(),
-            message: format!("format {format}, this baton reads up to {FORMAT}; upgrade baton"),
+            format,
         });
     }
     serde_json::from_value(v).map_err(|e| StoreError::Corrupt {

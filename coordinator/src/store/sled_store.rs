@@ -5,8 +5,17 @@
 //! `submissions` (run id BE -> what a coordinator needs to rebuild the run, opaque bytes).
 //! A transition is one multi-tree transaction followed by `flush()`; `flush_async` is never
 //! used (it deadlocks in 0.34) and nothing flushes inside a transaction.
+//!
+//! Damage is detected, never read as "no history": every value is framed with a CRC-32 of
+//! its bytes (records written before framing start with `{` and are read as they are), and
+//! after every flush a high-water mark (the highest run id and the number of events written,
+//! with a CRC) is written beside the store in `baton.hwm`. A store that opens with fewer runs
+//! or events than its high-water mark lost records (sled drops the tail of its log after a
+//! damaged entry) and is refused. The mark is written after the flush and replaced by rename,
+//! so it never claims more than is durable.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 
@@ -27,6 +36,11 @@ pub struct SledStore {
     submissions: sled::Tree,
     /// Counters (`next_id`).
     meta: sled::Tree,
+    /// The directory, for messages and the high-water mark.
+    dir: PathBuf,
+    /// What the high-water mark will say after the next flush.
+    max_run: std::sync::Arc<AtomicU64>,
+    events_written: std::sync::Arc<AtomicU64>,
     /// Group commit: transitions that arrive while a flush runs share the next one.
     group: std::sync::Arc<GroupFlush>,
 }
@@ -61,8 +75,12 @@ impl GroupFlush {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Returns once everything written before this call is durable.
-    fn flush_after_this(&self, db: &sled::Db) -> Result<(), StoreError> {
+    /// Returns once everything written before this call is durable (`flush` makes all that
+    /// was written before it started durable).
+    fn flush_after_this(
+        &self,
+        flush: impl Fn() -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
         let mut st = self.lock();
         st.issued += 1;
         let mine = st.issued;
@@ -74,7 +92,7 @@ impl GroupFlush {
                 st.flushing = true;
                 let covers = st.issued;
                 drop(st);
-                let flushed = db.flush();
+                let flushed = flush();
                 st = self.lock();
                 st.flushing = false;
                 if flushed.is_ok() {
@@ -82,7 +100,7 @@ impl GroupFlush {
                 }
                 self.done.notify_all();
                 // A failed flush fails its runner; waiters try again themselves.
-                flushed.map_err(io)?;
+                flushed?;
                 continue;
             }
             st = self
@@ -98,10 +116,7 @@ impl SledStore {
     /// is refused with [`StoreError::Locked`].
     pub fn open(dir: &Path) -> Result<SledStore, StoreError> {
         let shown = dir.display().to_string();
-        std::fs::create_dir_all(dir).map_err(|e| StoreError::Open {
-            dir: shown.clone(),
-            message: e.to_string(),
-        })?;
+        std::fs::create_dir_all(dir).map_err(|e| open_error(&shown, &e))?;
         let db = sled::Config::new()
             .path(dir)
             .cache_capacity(64 * 1024 * 1024)
@@ -114,27 +129,27 @@ impl SledStore {
                 {
                     StoreError::Locked { dir: shown.clone() }
                 }
+                sled::Error::Io(io) => open_error(&shown, &io),
+                sled::Error::Corruption { .. } => StoreError::Damaged {
+                    dir: shown.clone(),
+                    what: "its log".to_owned(),
+                    message: e.to_string(),
+                },
                 other => StoreError::Open {
                     dir: shown.clone(),
                     message: other.to_string(),
+                    hint: "see the message; nothing was changed".to_owned(),
                 },
             })?;
-        restrict(dir).map_err(|e| StoreError::Open {
-            dir: shown.clone(),
-            message: format!("cannot make it private to its owner: {e}"),
-        })?;
-        let tree = |name: &str| {
-            db.open_tree(name).map_err(|e| StoreError::Open {
-                dir: shown.clone(),
-                message: e.to_string(),
-            })
-        };
+        restrict(dir).map_err(|e| open_error(&shown, &e))?;
+        let tree = |name: &str| db.open_tree(name).map_err(|e| sled_open_error(&shown, e));
         let meta = tree("meta")?;
-        let id = store_id(&db, &meta).map_err(|message| StoreError::Open {
+        let id = store_id(&db, &meta).map_err(|message| StoreError::Damaged {
             dir: shown.clone(),
+            what: "its id".to_owned(),
             message,
         })?;
-        Ok(SledStore {
+        let store = SledStore {
             group: std::sync::Arc::default(),
             id,
             runs: tree("runs")?,
@@ -144,7 +159,193 @@ impl SledStore {
             submissions: tree("submissions")?,
             meta,
             db,
+            dir: dir.to_path_buf(),
+            max_run: std::sync::Arc::default(),
+            events_written: std::sync::Arc::default(),
+        };
+        store.check_high_water()?;
+        Ok(store)
+    }
+
+    /// Counts what the store holds and compares it with the high-water mark: fewer runs or
+    /// events than were once durable means records were lost.
+    fn check_high_water(&self) -> Result<(), StoreError> {
+        let shown = self.dir.display().to_string();
+        let max_run = match self.runs.last().map_err(|e| sled_open_error(&shown, e))? {
+            Some((k, _)) => <[u8; 8]>::try_from(k.as_ref()).map_or(0, u64::from_be_bytes),
+            None => 0,
+        };
+        let mut events = 0u64;
+        for k in self.events.iter().keys() {
+            k.map_err(|e| sled_open_error(&shown, e))?;
+            events += 1;
+        }
+        self.max_run.store(max_run, Ordering::SeqCst);
+        self.events_written.store(events, Ordering::SeqCst);
+        let Some(mark) = read_high_water(&self.dir).map_err(|message| StoreError::Damaged {
+            dir: shown.clone(),
+            what: format!("its high-water mark `{HIGH_WATER}`"),
+            message,
+        })?
+        else {
+            // A store from before high-water marks, or a new one: start one now.
+            return Ok(());
+        };
+        if max_run < mark.runs || events < mark.events {
+            return Err(StoreError::Damaged {
+                dir: shown,
+                what: "records were lost".to_owned(),
+                message: format!(
+                    "it holds runs up to {max_run} and {events} events, but runs up to {} and {} events were written to it (it was truncated or damaged)",
+                    mark.runs, mark.events
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Flushes, then records the high-water mark the flush made durable.
+    fn flush(&self) -> Result<(), StoreError> {
+        let mark = HighWater {
+            runs: self.max_run.load(Ordering::SeqCst),
+            events: self.events_written.load(Ordering::SeqCst),
+        };
+        self.db.flush().map_err(io)?;
+        if let Err(e) = write_high_water(&self.dir, &mark) {
+            // The data is durable; only damage detection is weaker until the next flush.
+            tracing::warn!(dir = %self.dir.display(), error = %e, "cannot write the high-water mark");
+        }
+        Ok(())
+    }
+
+    /// A value read from the store: its frame checked, then decoded.
+    fn read<T: for<'de> serde::Deserialize<'de>>(
+        &self,
+        what: impl Fn() -> String,
+        bytes: &[u8],
+    ) -> Result<T, StoreError> {
+        let dir = || self.dir.display().to_string();
+        let payload = unframe(bytes).map_err(|message| StoreError::Damaged {
+            dir: dir(),
+            what: what(),
+            message,
+        })?;
+        decode(&what(), payload).map_err(|e| match e {
+            StoreError::Newer { what, format, .. } => StoreError::Newer {
+                dir: dir(),
+                what,
+                format,
+            },
+            StoreError::Corrupt { what, message } => StoreError::Damaged {
+                dir: dir(),
+                what,
+                message,
+            },
+            other => other,
         })
+    }
+}
+
+/// The file beside the store that says how much was durable.
+const HIGH_WATER: &str = "baton.hwm";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct HighWater {
+    /// The highest run id written.
+    runs: u64,
+    /// How many events were written.
+    events: u64,
+}
+
+fn read_high_water(dir: &Path) -> Result<Option<HighWater>, String> {
+    let text = match std::fs::read(dir.join(HIGH_WATER)) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.to_string()),
+    };
+    let payload = unframe(&text)?;
+    serde_json::from_slice(payload)
+        .map(Some)
+        .map_err(|e| e.to_string())
+}
+
+fn write_high_water(dir: &Path, mark: &HighWater) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = dir.join(format!("{HIGH_WATER}.tmp"));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(&frame(&encode(mark)))?;
+    drop(f);
+    std::fs::rename(&tmp, dir.join(HIGH_WATER))
+}
+
+/// The first byte of a framed value (a JSON record starts with `{`).
+const FRAMED: u8 = 0xB1;
+
+/// `FRAMED`, the CRC-32 of `payload` (big-endian), `payload`.
+fn frame(payload: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(payload.len() + 5);
+    v.push(FRAMED);
+    v.extend_from_slice(&crc32fast::hash(payload).to_be_bytes());
+    v.extend_from_slice(payload);
+    v
+}
+
+/// The payload of a framed value, checked; an unframed JSON record (written before framing)
+/// as it is.
+fn unframe(bytes: &[u8]) -> Result<&[u8], String> {
+    match bytes.first() {
+        Some(b'{') => Ok(bytes),
+        Some(&FRAMED) if bytes.len() >= 5 => {
+            let (sum, payload) = bytes[1..].split_at(4);
+            let want = u32::from_be_bytes([sum[0], sum[1], sum[2], sum[3]]);
+            if crc32fast::hash(payload) == want {
+                Ok(payload)
+            } else {
+                Err("its checksum does not match its bytes".to_owned())
+            }
+        }
+        _ => Err("it is not a record baton wrote".to_owned()),
+    }
+}
+
+/// Why a directory could not be opened, with advice that fits: a full disk or a path or
+/// permission mistake is not damage, and restoring a backup would not help.
+fn open_error(dir: &str, e: &std::io::Error) -> StoreError {
+    use std::io::ErrorKind;
+    let hint = match e.kind() {
+        ErrorKind::StorageFull => {
+            "the disk is full: free space, then try again; nothing was changed"
+        }
+        ErrorKind::PermissionDenied => {
+            "check that this user may read and write it; nothing was changed"
+        }
+        ErrorKind::NotFound | ErrorKind::NotADirectory | ErrorKind::AlreadyExists => {
+            "check the path (--state-dir / --data-dir); nothing was changed"
+        }
+        ErrorKind::ReadOnlyFilesystem => "the file system is read-only; nothing was changed",
+        _ => "nothing was changed",
+    };
+    StoreError::Open {
+        dir: dir.to_owned(),
+        message: e.to_string(),
+        hint: hint.to_owned(),
+    }
+}
+
+fn sled_open_error(dir: &str, e: sled::Error) -> StoreError {
+    match e {
+        sled::Error::Io(io) => open_error(dir, &io),
+        other => StoreError::Damaged {
+            dir: dir.to_owned(),
+            what: "its log".to_owned(),
+            message: other.to_string(),
+        },
     }
 }
 
@@ -213,31 +414,45 @@ impl SledStore {
                 for op in &t.ops {
                     match op {
                         Op::PutRun(r) => {
-                            runs.insert(&run_key(r.id), encode(r))?;
+                            runs.insert(&run_key(r.id), frame(&encode(r)))?;
                         }
                         Op::AppendEvent { run, event } => {
-                            events.insert(event_key(*run, event.seq), encode(event))?;
+                            events.insert(event_key(*run, event.seq), frame(&encode(event)))?;
                         }
                         Op::PutApplied { key, record } => {
-                            applied.insert(applied_key(key, record.version), encode(record))?;
+                            applied
+                                .insert(applied_key(key, record.version), frame(&encode(record)))?;
                         }
                         Op::RemoveApplied { key, version } => {
                             applied.remove(applied_key(key, *version))?;
                         }
                         Op::PutResult { key, record } => {
-                            results.insert(key.bytes(), encode(record))?;
+                            results.insert(key.bytes(), frame(&encode(record)))?;
                         }
                         Op::RemoveResult { key } => {
                             results.remove(key.bytes())?;
                         }
                         Op::PutSubmission { run, bytes } => {
-                            submissions.insert(&run_key(*run), bytes.as_slice())?;
+                            submissions.insert(&run_key(*run), frame(bytes))?;
                         }
                     }
                 }
                 Ok::<(), ConflictableTransactionError<()>>(())
             });
-        result.map_err(|e| StoreError::Io(format!("{e:?}")))
+        result.map_err(|e| StoreError::Io(format!("{e:?}")))?;
+        // What the high-water mark says once this is flushed.
+        for op in &t.ops {
+            match op {
+                Op::PutRun(r) => {
+                    self.max_run.fetch_max(r.id, Ordering::SeqCst);
+                }
+                Op::AppendEvent { .. } => {
+                    self.events_written.fetch_add(1, Ordering::SeqCst);
+                }
+                _ => {}
+            }
+        }
+        Ok(())
     }
 }
 
@@ -260,7 +475,7 @@ impl Store for SledStore {
             .map_err(io)?
             .and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
             .map_or(1, u64::from_be_bytes);
-        self.group.flush_after_this(&self.db)?;
+        self.group.flush_after_this(|| self.flush())?;
         Ok(next)
     }
 
@@ -275,7 +490,7 @@ impl Store for SledStore {
         self.apply(&t)?;
         // Durable before the caller acts on it: a flush that started after this transaction
         // was applied covers it, whoever runs it.
-        self.group.flush_after_this(&self.db)
+        self.group.flush_after_this(|| self.flush())
     }
 
     fn commit_unflushed(&self, t: Transition) -> Result<(), StoreError> {
@@ -284,7 +499,7 @@ impl Store for SledStore {
 
     fn run(&self, id: u64) -> Result<Option<RunRecord>, StoreError> {
         match self.runs.get(run_key(id)).map_err(io)? {
-            Some(v) => decode("run", &v).map(Some),
+            Some(v) => self.read(|| format!("run {id}"), &v).map(Some),
             None => Ok(None),
         }
     }
@@ -292,14 +507,22 @@ impl Store for SledStore {
     fn runs(&self) -> Result<Vec<RunRecord>, StoreError> {
         self.runs
             .iter()
-            .map(|kv| kv.map_err(io).and_then(|(_, v)| decode("run", &v)))
+            .map(|kv| {
+                kv.map_err(io).and_then(|(k, v)| {
+                    let id = <[u8; 8]>::try_from(k.as_ref()).map_or(0, u64::from_be_bytes);
+                    self.read(|| format!("run {id}"), &v)
+                })
+            })
             .collect()
     }
 
     fn events(&self, run: u64, from_seq: u64) -> Result<Vec<EventRecord>, StoreError> {
         self.events
             .range(event_key(run, from_seq)..event_key(run, u64::MAX))
-            .map(|kv| kv.map_err(io).and_then(|(_, v)| decode("event", &v)))
+            .map(|kv| {
+                kv.map_err(io)
+                    .and_then(|(_, v)| self.read(|| format!("an event of run {run}"), &v))
+            })
             .collect()
     }
 
@@ -307,24 +530,203 @@ impl Store for SledStore {
         self.applied
             .scan_prefix(key.bytes())
             .map(|kv| {
-                kv.map_err(io)
-                    .and_then(|(_, v)| decode("applied migration", &v))
+                kv.map_err(io).and_then(|(k, v)| {
+                    let version = k
+                        .len()
+                        .checked_sub(8)
+                        .and_then(|at| <[u8; 8]>::try_from(&k[at..]).ok())
+                        .map_or(0, u64::from_be_bytes);
+                    self.read(
+                        || {
+                            format!(
+                                "stage `{}` of `{}`: applied migration {version}",
+                                key.stage, key.project
+                            )
+                        },
+                        &v,
+                    )
+                })
             })
             .collect()
     }
 
     fn result(&self, key: &StageKey) -> Result<Option<StageResultRecord>, StoreError> {
         match self.results.get(key.bytes()).map_err(io)? {
-            Some(v) => decode("stage result", &v).map(Some),
+            Some(v) => self
+                .read(
+                    || format!("stage `{}` of `{}`: its result", key.stage, key.project),
+                    &v,
+                )
+                .map(Some),
             None => Ok(None),
         }
     }
 
     fn submission(&self, run: u64) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self
-            .submissions
-            .get(run_key(run))
-            .map_err(io)?
-            .map(|v| v.to_vec()))
+        match self.submissions.get(run_key(run)).map_err(io)? {
+            Some(v) => {
+                unframe(&v)
+                    .map(|p| Some(p.to_vec()))
+                    .map_err(|message| StoreError::Damaged {
+                        dir: self.dir.display().to_string(),
+                        what: format!("the submission of run {run}"),
+                        message,
+                    })
+            }
+            None => Ok(None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod damage_tests {
+    use super::*;
+    use crate::store::{RunStatus, FORMAT};
+
+    fn temp(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("baton-damage-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    /// Opens `dir`, waiting (bounded) for a previous handle's lock to go.
+    fn reopen(dir: &Path) -> Result<SledStore, StoreError> {
+        for _ in 0..500 {
+            match SledStore::open(dir) {
+                Err(StoreError::Locked { .. }) => {
+                    std::thread::sleep(std::time::Duration::from_millis(10))
+                }
+                other => return other,
+            }
+        }
+        SledStore::open(dir)
+    }
+
+    fn run(id: u64) -> Op {
+        Op::PutRun(RunRecord {
+            v: FORMAT,
+            id,
+            uid: String::new(),
+            project: "p".into(),
+            direction: "up".into(),
+            selection: crate::planner::Selection::All,
+            plan_digest: "d".into(),
+            plan: serde_json::Value::Null,
+            created_at_ms: 1,
+            status: RunStatus::Running,
+            finished_at_ms: None,
+            down: None,
+        })
+    }
+
+    fn event(run: u64, seq: u64) -> Op {
+        Op::AppendEvent {
+            run,
+            event: EventRecord {
+                v: FORMAT,
+                seq,
+                at_ms: 1,
+                stage: None,
+                kind: crate::store::EventKind::Notice {
+                    message: "m".into(),
+                },
+            },
+        }
+    }
+
+    #[test]
+    fn a_flipped_byte_in_a_record_is_damage_naming_the_directory_and_the_stage() {
+        let dir = temp("flip");
+        let s = SledStore::open(&dir).unwrap();
+        let key = StageKey::new("stages.yaml", "infra");
+        let record = AppliedRecord {
+            v: FORMAT,
+            version: 3,
+            name: "vpc".into(),
+            digest: "abc".into(),
+            applied_at_ms: 5,
+            run_id: 1,
+            vars: Default::default(),
+        };
+        let mut t = Transition::new();
+        t.push(Op::PutApplied {
+            key: key.clone(),
+            record,
+        });
+        s.commit(t).unwrap();
+        // A digit of the digest changes: still valid JSON, caught by the checksum.
+        let k = applied_key(&key, 3);
+        let mut v = s.applied.get(&k).unwrap().unwrap().to_vec();
+        let at = v.windows(3).position(|w| w == b"abc").unwrap();
+        v[at] = b'x';
+        s.applied.insert(&k, v).unwrap();
+        let err = s.applied(&key).unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, StoreError::Damaged { .. }), "{text}");
+        assert!(text.contains(&dir.display().to_string()), "{text}");
+        assert!(text.contains("stage `infra`"), "{text}");
+        assert!(text.contains("applied migration 3"), "{text}");
+        assert!(text.contains("checksum"), "{text}");
+        drop(s);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn lost_records_are_caught_by_the_high_water_mark() {
+        let dir = temp("hwm");
+        let older = temp("hwm-older");
+        {
+            let s = SledStore::open(&dir).unwrap();
+            let mut t = Transition::new();
+            t.push(run(1)).push(event(1, 0));
+            s.commit(t).unwrap();
+        }
+        // A copy of the store as it was after run 1 (what a truncated log would hold).
+        let s = reopen(&dir).unwrap();
+        drop(s);
+        std::fs::create_dir_all(&older).unwrap();
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let entry = entry.unwrap();
+            if entry.file_type().unwrap().is_file() {
+                std::fs::copy(entry.path(), older.join(entry.file_name())).unwrap();
+            }
+        }
+        {
+            let s = reopen(&dir).unwrap();
+            let mut t = Transition::new();
+            t.push(run(2)).push(event(2, 0)).push(event(2, 1));
+            s.commit(t).unwrap();
+        }
+        // The older data with the newer mark: records were lost.
+        let s = reopen(&dir).unwrap();
+        drop(s);
+        std::fs::copy(dir.join(HIGH_WATER), older.join(HIGH_WATER)).unwrap();
+        let err = reopen(&older).unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, StoreError::Damaged { .. }), "{text}");
+        assert!(text.contains("records were lost"), "{text}");
+        assert!(
+            text.contains("runs up to 2 and 3 events were written"),
+            "{text}"
+        );
+        assert!(text.contains("restore it from a backup"), "{text}");
+        // The intact store opens.
+        let s = reopen(&dir).unwrap();
+        assert_eq!(s.runs().unwrap().len(), 2);
+        drop(s);
+        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(&older);
+    }
+
+    #[test]
+    fn a_path_mistake_is_not_called_damage() {
+        let file = temp("file");
+        std::fs::write(&file, "not a directory").unwrap();
+        let err = SledStore::open(&file.join("state")).unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, StoreError::Open { .. }), "{text}");
+        assert!(!text.contains("backup"), "{text}");
+        assert!(text.contains("check the path"), "{text}");
+        let _ = std::fs::remove_file(&file);
     }
 }

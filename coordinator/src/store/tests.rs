@@ -184,7 +184,7 @@ fn records_from_a_newer_format_are_refused() {
     let err = decode::<RunRecord>("run", br#"{"v": 99}"#).unwrap_err();
     assert!(
         err.to_string()
-            .contains("format 99, this baton reads up to 1; upgrade baton"),
+            .contains("(record format 99; this baton reads up to 1): upgrade baton"),
         "{err}"
     );
 }
