@@ -439,3 +439,40 @@ fn apirun_migration_header_and_auth_url_are_accepted() {
     assert!(!text.contains("warning"), "{text}");
     assert!(!text.contains("unknown key"), "{text}");
 }
+
+#[test]
+fn retry_on_lost_at_stage_and_global_level() {
+    let mut files = good();
+    let stages = STAGES
+        .replace(
+            "    on_failure: skip_dependents\n",
+            "    on_failure: skip_dependents\n    retry_on_lost: safe\n",
+        )
+        .replace(
+            "  max_concurrent_stages: 2\n",
+            "  max_concurrent_stages: 2\n  retry_on_lost: never\n",
+        );
+    files[0] = ("stages.yaml", Box::leak(stages.into_boxed_str()));
+    let loaded = project(&files);
+    let p = loaded.project.expect("loads");
+    assert_eq!(p.spec.stages[1].retry_on_lost, Some(RetryOnLost::Safe));
+    assert_eq!(p.spec.stages[0].retry_on_lost, None);
+    assert_eq!(p.spec.global.retry_on_lost, Some(RetryOnLost::Never));
+    assert!(
+        !loaded.diagnostics.to_string().contains("retry_on_lost"),
+        "{}",
+        loaded.diagnostics
+    );
+
+    let bad = STAGES.replace(
+        "    on_failure: skip_dependents\n",
+        "    on_failure: skip_dependents\n    retry_on_lost: maybe\n",
+    );
+    files[0] = ("stages.yaml", Box::leak(bad.into_boxed_str()));
+    let text = project(&files).diagnostics.to_string();
+    assert!(
+        text.contains("stages.yaml:17:20: error: bad retry_on_lost value `maybe`"),
+        "{text}"
+    );
+    assert!(text.contains("use `never`"), "{text}");
+}

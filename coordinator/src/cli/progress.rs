@@ -116,6 +116,14 @@ impl Live {
             EventKind::StageNotRun { reason } => {
                 done(bar, &self.overall, format!("not run: {reason}"))
             }
+            EventKind::NeedsAttention { migration, .. } => {
+                bar.set_message(format!(
+                    "NEEDS ATTENTION: {migration} in doubt (baton runs resolve)"
+                ));
+            }
+            EventKind::AttemptLost { attempt, .. } => {
+                bar.set_message(format!("attempt {attempt} lost; starting again"));
+            }
             _ => {}
         }
     }

@@ -614,6 +614,8 @@ impl AgentRegistry {
             effects.extend(lose(&mut r, &attempt, &why));
         }
         effects.extend(place(&mut r));
+        // Runs whose driver is gone need no route for stale reports any more.
+        r.runs.retain(|_, tx| !tx.is_closed());
         effects
     }
 

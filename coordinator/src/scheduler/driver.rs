@@ -195,6 +195,9 @@ struct Driver {
     in_doubt: Vec<Option<(u64, String)>>,
     /// Stages waiting for `baton runs resolve`.
     needs_attention: Vec<bool>,
+    /// The migration the stage's live attempt last started (a start sent again by the same
+    /// attempt, after a reconnect, is recorded once).
+    gated: Vec<Option<u64>>,
     /// Attempts whose stale messages were already recorded once.
     stale_seen: BTreeSet<AttemptId>,
 }
@@ -252,6 +255,7 @@ impl Driver {
         Ok(Driver {
             in_doubt,
             needs_attention: vec![false; n],
+            gated: vec![None; n],
             stale_seen: BTreeSet::new(),
             seq: r.next_seq,
             spec_index: plan.order.iter().map(|s| s.index).collect(),
@@ -694,8 +698,7 @@ impl Driver {
                 };
                 // A start sent again (the agent reconnected before its acknowledgement came)
                 // is recorded once and acknowledged again.
-                let again =
-                    started.is_some() && self.in_doubt[k].as_ref().map(|(v, _)| *v) == started;
+                let again = started.is_some() && self.gated[k] == started;
                 if !again {
                     self.on_stage_event(k, step).await?;
                 }
@@ -872,6 +875,8 @@ impl Driver {
                 id.attempt
             );
             self.started[k] = Some(Instant::now());
+            // The migration in flight was started by this same attempt.
+            self.gated[k] = self.in_doubt[k].as_ref().map(|(v, _)| *v);
             self.attempts[k] = Some(id.clone());
             self.spans[k] =
                 Some(tracing::info_span!("stage", stage = %id.stage, attempt = id.attempt));
@@ -986,6 +991,7 @@ impl Driver {
         }
         self.attempts[k] = Some(id);
         self.spans[k] = Some(span);
+        self.gated[k] = None;
         self.r.runner.start(assignment, selector, tx.clone());
         Ok(None)
     }
@@ -998,6 +1004,7 @@ impl Driver {
                 direction,
             } => {
                 self.in_doubt[k] = Some((version, name.clone()));
+                self.gated[k] = Some(version);
                 self.record(
                     Some(k),
                     EventKind::MigrationStarted {
