@@ -173,6 +173,10 @@ impl Gates {
                     StageEvent::MigrationStarted { version, .. } => *version,
                     _ => 0,
                 };
+                // Cancelled already: the migration is not announced (nothing will be sent).
+                if cancel.is_cancelled() {
+                    return;
+                }
                 let (tx, rx) = oneshot::channel();
                 gates.lock().insert((attempt, version), tx);
                 if steps.send(event).await.is_ok() {

@@ -938,10 +938,28 @@ fn prepare(
             // The abandoned run's random id carries over: a migration it had in flight is sent
             // again with the key it was first sent with, so a target that honours keys does
             // not apply it twice (the new run never sends anything else the old one did).
+            // The same after a run that was cancelled (Ctrl-C, SIGTERM) with a migration in
+            // flight: that migration is in doubt exactly as after a crash.
+            let cancelled = match &other {
+                Some(_) => None,
+                None => cancelled_in_doubt(store, key)?,
+            };
             let inherit = other
                 .as_ref()
+                .or(cancelled.as_ref().map(|(run, _)| run))
                 .map(|o| o.uid.clone())
                 .filter(|u| !u.is_empty());
+            if let Some((run, in_flight)) = &cancelled {
+                notes.push(format!(
+                    "note: run {} was cancelled with a migration in flight; it is sent again with the same Idempotency-Key",
+                    run.id
+                ));
+                for (stage, version, name) in in_flight {
+                    notes.push(format!(
+                        "  stage {stage}: migration {version:03}_{name} was in flight when the run stopped; it is sent again with the same Idempotency-Key"
+                    ));
+                }
+            }
             if let Some(old) = other {
                 // The files changed since that run was planned: it cannot resume as planned.
                 let mut abandoned = old.clone();
@@ -973,6 +991,62 @@ fn prepare(
             })
         }
     }
+}
+
+/// `stage NNN_name` of each migration in flight when the project's latest run was
+/// cancelled (empty when it was not cancelled, or nothing was in flight).
+pub fn in_flight_when_cancelled(store: &dyn Store, key: &str) -> Result<Vec<String>, RunsError> {
+    Ok(cancelled_in_doubt(store, key)?
+        .map(|(_, doubt)| {
+            doubt
+                .into_iter()
+                .map(|(stage, version, name)| format!("{stage} {version:03}_{name}"))
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+/// The project's latest run, when it was cancelled with migrations in flight (started, never
+/// recorded done, still not applied): the run and those migrations (stage, version, name).
+fn cancelled_in_doubt(
+    store: &dyn Store,
+    key: &str,
+) -> Result<Option<(RunRecord, Vec<(String, u64, String)>)>, RunsError> {
+    let Some(last) = store.runs()?.into_iter().rev().find(|r| r.project == key) else {
+        return Ok(None);
+    };
+    if last.status != RunStatus::Cancelled {
+        return Ok(None);
+    }
+    let mut in_flight: BTreeMap<(String, u64), (String, bool)> = BTreeMap::new();
+    for e in store.events(last.id, 0)? {
+        let stage = e.stage.clone().unwrap_or_default();
+        match e.kind {
+            EventKind::MigrationStarted {
+                version,
+                name,
+                direction,
+            } => {
+                in_flight.insert((stage, version), (name, direction == "up"));
+            }
+            EventKind::MigrationDone { version, .. } => {
+                in_flight.remove(&(stage, version));
+            }
+            _ => {}
+        }
+    }
+    let mut doubt = Vec::new();
+    for ((stage, version), (name, up)) in in_flight {
+        let applied = store
+            .applied(&StageKey::new(key, &stage))?
+            .iter()
+            .any(|a| a.version == version);
+        // Up: not recorded applied; down: still recorded applied.
+        if applied != up {
+            doubt.push((stage, version, name));
+        }
+    }
+    Ok((!doubt.is_empty()).then_some((last, doubt)))
 }
 
 /// An interrupted run picked up where its log ends: what is done, how many attempts each

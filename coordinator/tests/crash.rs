@@ -1,10 +1,12 @@
-//! Crash test: the real `baton` process is killed with SIGKILL at pseudo-random points of a
-//! run, 20 times; each time the next `stages up` completes the run. Checked against the
-//! recording target, which counts requests per `Idempotency-Key`:
+//! Crash and signal tests: the real `baton` process is killed with SIGKILL, interrupted with
+//! SIGINT (Ctrl-C) or stopped with SIGTERM at pseudo-random points of a run, 20 times each;
+//! each time the next `stages up` completes the run. Checked against the recording target,
+//! which counts requests per `Idempotency-Key`:
 //! - no migration recorded before the kill is sent again (every key is seen at most twice,
 //!   and twice only for a migration that was in flight);
-//! - a migration in flight at the kill is sent at most once more, with the same key, and the
-//!   resume output names it;
+//! - a migration in flight at the kill or signal is sent at most once more, with the same
+//!   key (a signal lets it finish within a short grace first), and the next run's output
+//!   names it;
 //! - the target ends up with exactly the effects of an uninterrupted run.
 
 // Helpers here are test code too: a failed file operation should stop the test loudly.
@@ -69,6 +71,21 @@ fn delays(n: usize) -> Vec<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_runs_resume_without_repeating_effects() {
+    interrupted_runs("KILL").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_runs_go_on_without_repeating_effects() {
+    interrupted_runs("INT").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_runs_go_on_without_repeating_effects() {
+    interrupted_runs("TERM").await;
+}
+
+/// 20 rounds: a run interrupted by `signal` (`kill -SIGNAL`), then completed.
+async fn interrupted_runs(signal: &str) {
     let target = Target::start().await;
     for s in STAGES {
         for v in 1..=MIGRATIONS {
@@ -82,7 +99,8 @@ async fn killed_runs_resume_without_repeating_effects() {
         }
     }
     let set = format!("api={}", target.url());
-    let root: PathBuf = std::env::temp_dir().join(format!("baton-crash-{}", std::process::id()));
+    let root: PathBuf =
+        std::env::temp_dir().join(format!("baton-crash-{signal}-{}", std::process::id()));
     let mut kills_mid_run = 0;
     let mut resent = 0;
     for (round, delay) in delays(20).into_iter().enumerate() {
@@ -90,11 +108,24 @@ async fn killed_runs_resume_without_repeating_effects() {
         write_project(&dir);
         let before = target.requests().len();
 
-        let mut child = baton(&dir, &set).spawn().unwrap();
+        let child = baton(&dir, &set).spawn().unwrap();
         tokio::time::sleep(Duration::from_millis(delay)).await;
-        let finished_before_kill = child.try_wait().unwrap().is_some();
-        let _ = child.kill(); // SIGKILL
-        let _ = child.wait();
+        let pid = child.id().to_string();
+        let first = tokio::task::spawn_blocking({
+            let signal = signal.to_owned();
+            move || {
+                let mut child = child;
+                let finished = child.try_wait().unwrap().is_some();
+                let _ = Command::new("kill")
+                    .args([format!("-{signal}"), pid])
+                    .status();
+                let out = child.wait_with_output().unwrap();
+                (finished, String::from_utf8_lossy(&out.stderr).into_owned())
+            }
+        })
+        .await
+        .unwrap();
+        let (finished_before_kill, first_err) = first;
 
         // Odd rounds resume with `baton runs resume` (it refuses when the kill came before the
         // run was recorded; then `stages up` starts it), even rounds with `stages up`.
@@ -183,7 +214,13 @@ async fn killed_runs_resume_without_repeating_effects() {
             );
             assert!(text.contains(&said), "round {round}: the resume output does not name the re-sent migration {path}:\n{text}");
         }
-        if !finished_before_kill && text.contains("resuming run") {
+        let interrupted = if signal == "KILL" {
+            text.contains("resuming run")
+        } else {
+            // A signal cancels the run, which says how to go on.
+            first_err.contains("was cancelled; `baton stages up` runs what is left")
+        };
+        if !finished_before_kill && interrupted {
             kills_mid_run += 1;
         }
         let _ = std::fs::remove_dir_all(&dir);
@@ -192,7 +229,69 @@ async fn killed_runs_resume_without_repeating_effects() {
     // The sequence of delays must actually interrupt runs, or the test proves nothing.
     assert!(
         kills_mid_run >= 8,
-        "only {kills_mid_run} of 20 kills landed mid-run"
+        "only {kills_mid_run} of 20 SIG{signal}s landed mid-run"
     );
-    eprintln!("{kills_mid_run} of 20 kills interrupted a run; {resent} in-flight migration(s) were sent once more");
+    eprintln!("{kills_mid_run} of 20 SIG{signal}s interrupted a run; {resent} in-flight migration(s) were sent once more");
+}
+
+/// A request that outlives the grace a signal gives it is in doubt: the run ends cancelled,
+/// says how to go on, and the next `stages up` sends that migration again with the same
+/// `Idempotency-Key` (never under a new one), naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_cut_off_by_a_signal_keeps_its_key() {
+    let target = Target::start().await;
+    target.answer_unscripted_like_a_cloud();
+    target.on(
+        "POST",
+        "/db/1",
+        vec![
+            Reply::json(201, json!({"id": "db-1"})).delayed(Duration::from_secs(8)),
+            Reply::json(201, json!({"id": "db-1"})),
+        ],
+    );
+    let set = format!("api={}", target.url());
+    let dir = std::env::temp_dir().join(format!("baton-cutoff-{}", std::process::id()));
+    write_project(&dir);
+    let child = baton(&dir, &set).spawn().unwrap();
+    let log = target.clone_handle();
+    let pid = child.id().to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        baton_e2e::cluster::wait_for("POST /db/1 in flight", Duration::from_secs(60), || {
+            !log.requests_to("POST", "/db/1").is_empty()
+        });
+        let _ = Command::new("kill").args(["-INT", &pid]).status();
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    let first = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        first.contains("was cancelled; `baton stages up` runs what is left and sends db 001_step again with the same Idempotency-Key"),
+        "{first}"
+    );
+    let d = dir.clone();
+    let again = tokio::task::spawn_blocking(move || baton(&d, &set).output().unwrap())
+        .await
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&again.stdout),
+        String::from_utf8_lossy(&again.stderr)
+    );
+    assert_eq!(again.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains("stage db: migration 001_step was in flight when the run stopped; it is sent again with the same Idempotency-Key"),
+        "{text}"
+    );
+    let sent = target.requests_to("POST", "/db/1");
+    assert_eq!(sent.len(), 2);
+    assert_eq!(
+        sent[0].header("idempotency-key"),
+        sent[1].header("idempotency-key"),
+        "the in-doubt migration keeps its key"
+    );
+    // Nothing recorded before the signal was sent again.
+    assert_eq!(target.requests_to("POST", "/net/1").len(), 1);
+    let _ = std::fs::remove_dir_all(&dir);
 }

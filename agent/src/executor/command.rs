@@ -73,6 +73,10 @@ pub(super) async fn run_command(
     for (k, t) in &cmd.env {
         command.env(k, render(&format!("command.env `{k}`"), t)?);
     }
+    // Nothing new starts once the stage is cancelled.
+    if ctx.cancel.is_cancelled() {
+        return Err(StepError::Cancelled);
+    }
     let mut child = command
         .spawn()
         .map_err(|e| StepError::failed(format!("cannot start `{program}`: {e}")))?;
@@ -97,13 +101,17 @@ pub(super) async fn run_command(
             None => Ok(run.await),
         }
     };
+    tokio::pin!(timed);
     let result = tokio::select! {
-        // Cancellation first: the whole process group dies with the stage.
+        // Cancelled: SIGTERM to the whole process group, a short grace to stop on its own,
+        // then SIGKILL for whatever is left.
         () = ctx.cancel.cancelled() => {
+            signal_group(pgid, Signal::SIGTERM);
+            let _ = tokio::time::timeout(super::CANCEL_GRACE, &mut timed).await;
             kill_group(pgid);
             return Err(StepError::Cancelled);
         }
-        r = timed => r,
+        r = &mut timed => r,
     };
     let (out, err, status) = match result {
         Ok(r) => r,
@@ -140,9 +148,13 @@ pub(super) async fn run_command(
 }
 
 fn kill_group(pgid: Option<Pid>) {
+    signal_group(pgid, Signal::SIGKILL);
+}
+
+fn signal_group(pgid: Option<Pid>, signal: Signal) {
     if let Some(p) = pgid {
         // The group may already be gone; nothing else to do then.
-        let _ = killpg(p, Signal::SIGKILL);
+        let _ = killpg(p, signal);
     }
 }
 

@@ -10,7 +10,10 @@ use baton_common::spec::{
 use baton_common::template::{Escape, Reference, Template};
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 
-use super::{scope, sleep_or_cancel, template_failure, Direction, StageCtx, StageEvent, StepError};
+use super::{
+    cancelled_with_grace, scope, sleep_or_cancel, template_failure, Direction, StageCtx,
+    StageEvent, StepError,
+};
 
 /// The most a `Retry-After` answer may make baton wait before the next attempt.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
@@ -392,11 +395,16 @@ async fn send(
         if let Some(b) = &p.body {
             builder = builder.body(b.clone());
         }
+        // Nothing new is sent once the stage is cancelled.
+        if ctx.cancel.is_cancelled() {
+            return Err(StepError::Cancelled);
+        }
         let started = Instant::now();
         let result = tokio::select! {
-            // Cancellation first: dropping the future aborts the request in flight.
-            () = ctx.cancel.cancelled() => return Err(StepError::Cancelled),
             r = builder.send() => r,
+            // Cancelled meanwhile: the request in flight gets a short grace to be answered
+            // (and recorded); after it, dropping the future aborts it (then it is in doubt).
+            () = cancelled_with_grace(&ctx.cancel) => return Err(StepError::Cancelled),
         };
         let sent = |status| StageEvent::RequestSent {
             version,
@@ -464,8 +472,8 @@ async fn read_capped(
     let mut body = Vec::new();
     loop {
         let chunk = tokio::select! {
-            () = ctx.cancel.cancelled() => return Err(StepError::Cancelled),
             c = resp.chunk() => c,
+            () = cancelled_with_grace(&ctx.cancel) => return Err(StepError::Cancelled),
         };
         match chunk {
             Ok(Some(c)) => {

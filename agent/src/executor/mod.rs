@@ -458,6 +458,10 @@ async fn run_up(
         }
         let started = Instant::now();
         ctx.started(m, "up").await;
+        // Cancelled while waiting for the start to be recorded: nothing was sent.
+        if ctx.cancel.is_cancelled() {
+            return Err(StepError::Cancelled);
+        }
         let vars = scope_for(ctx, extracted, None, m);
         let step = m.up.as_ref().ok_or_else(|| {
             StepError::failed(format!("{}: migration has no `up` step", m.file.display()))
@@ -535,6 +539,9 @@ async fn run_down(
         };
         let started = Instant::now();
         ctx.started(m, "down").await;
+        if ctx.cancel.is_cancelled() {
+            return Err(StepError::Cancelled);
+        }
         let vars = scope_for(ctx, extracted, Some(m.version), m);
         let span = tracing::info_span!("migration", version = m.version, name = %m.name, direction = "down");
         let step = run_step(
@@ -637,6 +644,17 @@ pub(crate) fn scope<'v>(
         stage_outcomes: None,
         env: Some(env),
     }
+}
+
+/// How long a request or program already running when its stage is cancelled (Ctrl-C,
+/// SIGTERM, `runs cancel`, an expired lease) gets to finish: an answer that arrives in time is
+/// recorded, so the migration is not left in doubt. Nothing new starts meanwhile.
+pub(crate) const CANCEL_GRACE: Duration = Duration::from_secs(3);
+
+/// Completes [`CANCEL_GRACE`] after `cancel` fires.
+pub(crate) async fn cancelled_with_grace(cancel: &CancellationToken) {
+    cancel.cancelled().await;
+    tokio::time::sleep(CANCEL_GRACE).await;
 }
 
 pub(crate) async fn sleep_or_cancel(

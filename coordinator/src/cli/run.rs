@@ -117,6 +117,23 @@ pub(super) async fn up_async(
         return Ok(EXIT_RUN_FAILED);
     };
     summary(out, runs.store().as_ref(), &key, &plan, run_id, status)?;
+    if status == RunStatus::Cancelled {
+        // How to go on: what was in flight is in doubt and keeps its key.
+        let doubt =
+            crate::runs::in_flight_when_cancelled(runs.store().as_ref(), &key).unwrap_or_default();
+        writeln!(
+            err,
+            "run {run_id} was cancelled; `baton stages up` runs what is left{}",
+            if doubt.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " and sends {} again with the same Idempotency-Key (it was in flight: check the target if it does not honour keys)",
+                    doubt.join(", ")
+                )
+            }
+        )?;
+    }
     if status == RunStatus::Failed && plan.rollback_on_failure {
         match &outcome.rollback {
             None if outcome.error.is_none() => writeln!(
