@@ -993,6 +993,9 @@ fn prepare(
     }
 }
 
+/// A migration in doubt: stage, version, name.
+type InDoubt = (String, u64, String);
+
 /// `stage NNN_name` of each migration in flight when the project's latest run was
 /// cancelled (empty when it was not cancelled, or nothing was in flight).
 pub fn in_flight_when_cancelled(store: &dyn Store, key: &str) -> Result<Vec<String>, RunsError> {
@@ -1011,7 +1014,7 @@ pub fn in_flight_when_cancelled(store: &dyn Store, key: &str) -> Result<Vec<Stri
 fn cancelled_in_doubt(
     store: &dyn Store,
     key: &str,
-) -> Result<Option<(RunRecord, Vec<(String, u64, String)>)>, RunsError> {
+) -> Result<Option<(RunRecord, Vec<InDoubt>)>, RunsError> {
     let Some(last) = store.runs()?.into_iter().rev().find(|r| r.project == key) else {
         return Ok(None);
     };
