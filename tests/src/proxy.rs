@@ -94,6 +94,9 @@ impl Proxy {
                     let up = pump(cr, sw, rx.clone(), false);
                     let down = pump(sr, cw, rx, true);
                     tokio::select! {
+                        // A reset wins over anything the pumps could still forward (held
+                        // bytes are dropped with the connection, never delivered late).
+                        biased;
                         () = stop.cancelled() => {}
                         () = reset.cancelled() => {}
                         _ = async { tokio::join!(up, down) } => {}
