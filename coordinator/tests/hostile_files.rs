@@ -1,6 +1,8 @@
-//! Odd files are refused or read as written, never followed into a hang or a huge read:
-//! devices and FIFOs named as spec files, a UTF-8 byte-order mark, symlinked migrations, and a
-//! body file edited while its run is going. Through the real `baton` binary.
+//! Odd files and hostile values are refused or read as written, never followed into a hang,
+//! a huge read or another resource: devices and FIFOs named as spec files, a UTF-8
+//! byte-order mark, symlinked migrations, a body file edited while its run is going, and an
+//! id from a target's answer that would send a `down` elsewhere. Through the real `baton`
+//! binary.
 
 #![allow(clippy::unwrap_used)]
 
@@ -149,5 +151,52 @@ async fn a_body_file_edited_during_the_run_is_sent_as_planned() {
     let sent = target.requests_to("POST", "/body");
     assert_eq!(sent.len(), 1, "{out}");
     assert_eq!(sent[0].body, "{\"planned\": true}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An id a target returned, `../../leak?code=201&`, would have turned the stage's
+/// `DELETE /items/{{.item_id}}` into `DELETE /leak?code=201&`: the value may not change which
+/// resource the URL names, so the down fails naming the variable and nothing is deleted.
+/// Values in the query are encoded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inserted_value_cannot_redirect_a_request() {
+    let dir = temp("url");
+    let target = Target::start().await;
+    target.honour_idempotency_keys();
+    target.on(
+        "POST",
+        "/items",
+        vec![Reply::json(
+            201,
+            serde_json::json!({"id": "../../leak?code=201&"}),
+        )],
+    );
+    target.answer_unscripted_like_a_cloud();
+    write(
+        &dir.join("stages.yaml"),
+        "stages:\n  - name: s\n    config_path: s/config.yaml\nglobal:\n  env:\n    api: http://127.0.0.1:9\n    owner: a&b=c\n",
+    );
+    write(&dir.join("s/config.yaml"), "migrate_dir: migration\n");
+    write(
+        &dir.join("s/migration/001_item.yaml"),
+        "up:\n  request:\n    method: POST\n    url: '{{.api}}/items?owner={{.owner}}'\n  response:\n    env_from:\n      item_id: id\ndown:\n  request:\n    method: DELETE\n    url: '{{.api}}/items/{{.item_id}}'\n",
+    );
+    let set = format!("api={}", target.url());
+    let (code, out) = baton(&dir, &["stages", "up", "--set", &set]).await;
+    assert_eq!(code, 0, "{out}");
+    let posted = target.requests_to("POST", "/items");
+    assert_eq!(posted.len(), 1);
+    assert_eq!(posted[0].query, "owner=a%26b%3Dc", "query values are encoded");
+    let (code, out) = baton(&dir, &["stages", "down", "--yes", "--set", &set]).await;
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        out.contains("variable `item_id` inserted into the URL adds"),
+        "{out}"
+    );
+    assert!(
+        target.requests().iter().all(|r| r.method != "DELETE"),
+        "nothing was deleted: {:?}",
+        target.requests()
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

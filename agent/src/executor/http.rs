@@ -107,12 +107,15 @@ async fn prepare(
             .map_err(|e| template_failure(file, what, &e))
     };
 
-    let url_text = render(
-        "url",
-        req.url
-            .as_ref()
-            .ok_or_else(|| StepError::failed("request has no url"))?,
-    )?;
+    // Values inserted into the URL are checked (path) or encoded (query): a value never
+    // changes which resource the request names.
+    let url_text = req
+        .url
+        .as_ref()
+        .ok_or_else(|| StepError::failed("request has no url"))?
+        .template
+        .render_with(&sc, Escape::Url)
+        .map_err(|e| template_failure(file, "url", &e))?;
     let mut url = reqwest::Url::parse(url_text.trim()).map_err(|e| {
         StepError::failed(format!(
             "{}: url `{}` is not a valid URL: {e}",
@@ -563,7 +566,7 @@ pub(super) async fn wait_until_healthy(ctx: &StageCtx<'_>) -> Result<(), StepErr
     let file = ctx.task.config_file.as_path();
     let url = url_t
         .template
-        .render(&sc)
+        .render_with(&sc, Escape::Url)
         .map_err(|e| template_failure(file, "wait.url", &e))?;
     let method = reqwest::Method::from_bytes(wait.method.as_deref().unwrap_or("GET").as_bytes())
         .map_err(|_| StepError::failed("wait.method is not an HTTP method"))?;

@@ -24,6 +24,11 @@ pub enum Escape {
     /// a value that is itself complete JSON (`3`, `true`, `["a"]`) is inserted as it is, and
     /// anything else becomes a quoted JSON string.
     JsonDocument,
+    /// For a URL: a value inserted in the query or fragment (after a literal `?` or `#`) is
+    /// percent-encoded; a value inserted before it may not add `.` or `..` path segments,
+    /// `?`, `#` or control characters (an error naming it); `/` stays allowed (resource ids
+    /// are paths). Output of `urlquery` and `urlpathescape` is already encoded.
+    Url,
 }
 
 /// Where a JSON document's text stands: inside a string or not, and after a backslash.
@@ -56,6 +61,8 @@ enum V {
     Str(String),
     /// Text that the `json` function already escaped.
     Escaped(String),
+    /// Text that `urlquery` or `urlpathescape` already encoded for a URL.
+    UrlEncoded(String),
     Bool(bool),
     Int(i64),
     Float(f64),
@@ -70,7 +77,7 @@ enum V {
 impl V {
     fn truthy(&self) -> bool {
         match self {
-            V::Str(s) | V::Escaped(s) => !s.is_empty(),
+            V::Str(s) | V::Escaped(s) | V::UrlEncoded(s) => !s.is_empty(),
             V::Bool(b) => *b,
             V::Int(i) => *i != 0,
             V::Float(f) => *f != 0.0,
@@ -81,7 +88,7 @@ impl V {
 
     fn text(&self, offset: usize) -> Result<String, TemplateError> {
         match self {
-            V::Str(s) | V::Escaped(s) => Ok(s.clone()),
+            V::Str(s) | V::Escaped(s) | V::UrlEncoded(s) => Ok(s.clone()),
             V::Bool(b) => Ok(b.to_string()),
             V::Int(i) => Ok(i.to_string()),
             V::Float(f) => Ok(format_float(*f)),
@@ -117,6 +124,7 @@ impl Template {
             escape,
             steps: 0,
             json: JsonLex::default(),
+            in_query: false,
         };
         r.nodes(&self.nodes, &V::Root, &mut out)?;
         Ok(out)
@@ -129,6 +137,8 @@ struct Renderer<'s, 'a> {
     steps: usize,
     /// Lexical state of the output, for [`Escape::JsonDocument`].
     json: JsonLex,
+    /// For [`Escape::Url`]: the literal text so far reached the query or fragment.
+    in_query: bool,
 }
 
 /// No template in a spec needs more; the bound keeps a pathological one from running long.
@@ -147,6 +157,9 @@ impl Renderer<'_, '_> {
                     if self.escape == Escape::JsonDocument {
                         self.json.feed(t);
                     }
+                    if t.contains(['?', '#']) {
+                        self.in_query = true;
+                    }
                 }
                 TNode::Action(pipe) => {
                     let v = self.pipeline(pipe, dot)?;
@@ -161,6 +174,14 @@ impl Renderer<'_, '_> {
                     };
                     match self.escape {
                         Escape::None => out.push_str(&text),
+                        Escape::Url if self.in_query && matches!(v, V::UrlEncoded(_)) => {
+                            out.push_str(&text)
+                        }
+                        Escape::Url if self.in_query => out.push_str(&query_escape(&text)),
+                        Escape::Url => {
+                            check_url_path_value(&text, pipe, pipe.offset)?;
+                            out.push_str(&text);
+                        }
                         Escape::JsonString => out.push_str(&escaped()),
                         Escape::JsonDocument if self.json.in_string => out.push_str(&escaped()),
                         Escape::JsonDocument => {
@@ -390,7 +411,11 @@ impl Renderer<'_, '_> {
                 for i in 0..args.len() {
                     joined.push_str(&text(i)?);
                 }
-                Ok(V::Str(query_escape(&joined)))
+                Ok(V::UrlEncoded(query_escape(&joined)))
+            }
+            "urlpathescape" => {
+                arity(1)?;
+                Ok(V::UrlEncoded(path_escape(&text(0)?)))
             }
             "printf" => {
                 if args.is_empty() {
@@ -417,7 +442,7 @@ impl Renderer<'_, '_> {
                 Ok(V::Str(self.scope.process_env(&key).unwrap_or_default().to_owned()))
             }
             _ => Err(TemplateError::at(at, format!("unknown function `{name}`")).with_help(
-                "available: default, eq, ne, and, or, not, upper, lower, trim, json, b64enc, urlquery, printf, success, failed, env",
+                "available: default, eq, ne, and, or, not, upper, lower, trim, json, b64enc, urlquery, urlpathescape, printf, success, failed, env",
             )),
         }
     }
@@ -433,7 +458,7 @@ fn arg_offset(arg: &Arg, fallback: usize) -> usize {
 
 fn describe(v: &V) -> &'static str {
     match v {
-        V::Str(_) | V::Escaped(_) => "a string",
+        V::Str(_) | V::Escaped(_) | V::UrlEncoded(_) => "a string",
         V::Bool(_) => "a boolean",
         V::Int(_) | V::Float(_) => "a number",
         V::Nil => "nil",
@@ -496,6 +521,67 @@ pub fn query_escape(s: &str) -> String {
         }
     }
     out
+}
+
+/// Percent-encodes `s` for one URL path segment (Go's `url.PathEscape`): `/` too, so the
+/// value stays one segment.
+pub fn path_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        match b {
+            b'A'..=b'Z'
+            | b'a'..=b'z'
+            | b'0'..=b'9'
+            | b'-'
+            | b'_'
+            | b'.'
+            | b'~'
+            | b'$'
+            | b'&'
+            | b'+'
+            | b','
+            | b';'
+            | b'='
+            | b':'
+            | b'@' => out.push(b as char),
+            _ => {
+                let _ = write!(out, "%{b:02X}");
+            }
+        }
+    }
+    out
+}
+
+/// What a value inserted into a URL's path (or scheme and host) may not do: add `.` or `..`
+/// segments, a query (`?`), a fragment (`#`), or control characters.
+fn check_url_path_value(text: &str, pipe: &Pipeline, offset: usize) -> Result<(), TemplateError> {
+    let what = match pipe.cmds.first().and_then(|c| c.args.first()) {
+        Some(Arg::Field(path, _)) if pipe.cmds.len() == 1 && !path.is_empty() => {
+            format!("variable `{}`", path.join("."))
+        }
+        _ => "a value".to_owned(),
+    };
+    let problem = if text.chars().any(char::is_control) {
+        Some("a control character")
+    } else if text.contains('?') {
+        Some("`?` (a query)")
+    } else if text.contains('#') {
+        Some("`#` (a fragment)")
+    } else if text.split('/').any(|seg| seg == "." || seg == "..") {
+        Some("a `.` or `..` path segment")
+    } else {
+        None
+    };
+    match problem {
+        None => Ok(()),
+        Some(p) => Err(TemplateError::at(
+            offset,
+            format!("{what} inserted into the URL adds {p}; nothing was sent"),
+        )
+        .with_help(
+            "a value may not change which resource a URL names; if it must be sent as data, encode it with `urlpathescape` (one path segment) or `urlquery`",
+        )),
+    }
 }
 
 fn printf(format: &str, args: &[(V, usize)], at: usize) -> Result<String, TemplateError> {

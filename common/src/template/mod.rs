@@ -16,7 +16,7 @@ mod parse;
 use std::collections::BTreeMap;
 use std::fmt;
 
-pub use eval::{base64_encode, json_escape, query_escape, Escape, StageOutcomes};
+pub use eval::{base64_encode, json_escape, path_escape, query_escape, Escape, StageOutcomes};
 pub use parse::Template;
 use parse::{Arg, Pipeline, TNode};
 

@@ -295,3 +295,56 @@ proptest! {
         prop_assert_eq!(back, value);
     }
 }
+
+fn url(template: &str, pairs: &[(&str, &str)]) -> Result<String, TemplateError> {
+    let v = vars(pairs);
+    Template::parse(template)
+        .unwrap()
+        .render_with(&Scope::with_vars(&v), Escape::Url)
+}
+
+#[test]
+fn url_values_cannot_change_the_resource() {
+    let api = ("api", "http://127.0.0.1:9/base");
+    // Resource ids that are paths are fine; so is the base URL itself.
+    assert_eq!(
+        url("{{.api}}/items/{{.id}}", &[api, ("id", "subs/1/rg/x.y")]).unwrap(),
+        "http://127.0.0.1:9/base/items/subs/1/rg/x.y"
+    );
+    // A value that would climb out, add a query or a fragment, or smuggle a control
+    // character is an error naming it.
+    for bad in ["../../leak?code=201&", "..", "a/./b", "x?y=1", "x#frag", "a\nb", "a\0b"] {
+        let err = url("{{.api}}/items/{{.item_id}}", &[api, ("item_id", bad)]).unwrap_err();
+        assert!(
+            err.message.contains("variable `item_id` inserted into the URL adds"),
+            "{bad:?}: {}",
+            err.message
+        );
+        assert!(err.help.unwrap().contains("urlpathescape"));
+    }
+    // In the query, values are encoded.
+    assert_eq!(
+        url("{{.api}}/search?q={{.q}}&n=1", &[api, ("q", "a b&c=d#e")]).unwrap(),
+        "http://127.0.0.1:9/base/search?q=a+b%26c%3Dd%23e&n=1"
+    );
+    // Explicit encoding: one path segment, or a query value, inserted as encoded.
+    assert_eq!(
+        url("{{.api}}/items/{{urlpathescape .id}}", &[api, ("id", "../a b/c")]).unwrap(),
+        "http://127.0.0.1:9/base/items/..%2Fa%20b%2Fc"
+    );
+    // Encoding does not make `..` a safe segment.
+    assert!(url("{{.api}}/items/{{urlpathescape .id}}", &[api, ("id", "..")]).is_err());
+    assert_eq!(
+        url("{{.api}}/s?q={{urlquery .q}}", &[api, ("q", "a&b")]).unwrap(),
+        "http://127.0.0.1:9/base/s?q=a%26b"
+    );
+    // Outside URLs nothing changes.
+    let v = vars(&[("id", "../x")]);
+    assert_eq!(
+        Template::parse("/{{.id}}")
+            .unwrap()
+            .render(&Scope::with_vars(&v))
+            .unwrap(),
+        "/../x"
+    );
+}
