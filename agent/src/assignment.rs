@@ -280,6 +280,7 @@ pub async fn run(
         },
         applied: a.applied,
         secrets: a.secrets,
+        not_secret: a.not_secret,
         retry: a.retry,
         direction: a.direction,
         timeout: a.timeout,

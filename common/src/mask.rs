@@ -287,3 +287,89 @@ mod tests {
         }
     }
 }
+
+/// Word parts that make a variable's name say its value is secret (like sensitive outputs in
+/// Terraform): such variables are masked without being declared; `not_secret` opts out.
+const SENSITIVE: &[&[&str]] = &[
+    &["password"],
+    &["passwd"],
+    &["secret"],
+    &["token"],
+    &["apikey"],
+    &["api", "key"],
+    &["private", "key"],
+    &["privatekey"],
+    &["credential"],
+    &["credentials"],
+    &["connection", "string"],
+    &["connectionstring"],
+];
+
+/// Whether `name` says its value is secret: one of [`SENSITIVE`]'s word sequences among its
+/// word parts (split at `_`, `-`, `.`, spaces and lower-to-upper case changes; case ignored):
+/// `db_password`, `apiKey`, `GITHUB_TOKEN`, `private-key` are; `tokenizer`, `keyboard` are not.
+pub fn sensitive_name(name: &str) -> bool {
+    let mut words: Vec<String> = Vec::new();
+    let mut current = String::new();
+    let mut prev_lower = false;
+    for c in name.chars() {
+        if matches!(c, '_' | '-' | '.' | ' ') {
+            if !current.is_empty() {
+                words.push(std::mem::take(&mut current));
+            }
+            prev_lower = false;
+            continue;
+        }
+        if c.is_uppercase() && prev_lower && !current.is_empty() {
+            words.push(std::mem::take(&mut current));
+        }
+        prev_lower = c.is_lowercase() || c.is_ascii_digit();
+        current.extend(c.to_lowercase());
+    }
+    if !current.is_empty() {
+        words.push(current);
+    }
+    SENSITIVE.iter().any(|seq| {
+        words
+            .windows(seq.len())
+            .any(|w| w.iter().zip(seq.iter()).all(|(a, b)| a == b))
+    })
+}
+
+#[cfg(test)]
+mod name_tests {
+    use super::sensitive_name;
+
+    #[test]
+    fn names_that_say_they_are_secret() {
+        for yes in [
+            "password",
+            "db_password",
+            "DB_PASSWORD",
+            "apiKey",
+            "api_key",
+            "APIKEY",
+            "GITHUB_TOKEN",
+            "accessToken",
+            "private-key",
+            "client_secret",
+            "storage.connection_string",
+            "azureCredentials",
+            "SECRET",
+        ] {
+            assert!(sensitive_name(yes), "{yes}");
+        }
+        for no in [
+            "tokenizer",
+            "keyboard",
+            "region",
+            "vpc_id",
+            "api_base",
+            "passwords_policy_url",
+            "key",
+            "monkey",
+        ] {
+            assert!(!sensitive_name(no), "{no}");
+        }
+    }
+}

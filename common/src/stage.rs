@@ -94,8 +94,12 @@ pub struct Assignment {
     /// The stage's config file, a key of `files`.
     pub config_file: PathBuf,
     pub vars: StageVars,
-    /// Names of variables whose values are secret (stages.yaml `secrets:`).
+    /// Names of variables whose values are secret (stages.yaml `secrets:`, what was secret
+    /// where an import came from, and what was secret in the stage's earlier results).
     pub secrets: Vec<String>,
+    /// Names that say they are secret but are not (`not_secret`); every other variable whose
+    /// name says so (see `mask::sensitive_name`) is secret.
+    pub not_secret: Vec<String>,
     /// The stage's history, lowest version first.
     pub applied: Vec<AppliedMigration>,
     pub direction: Direction,

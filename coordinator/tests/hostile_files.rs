@@ -186,7 +186,10 @@ async fn an_inserted_value_cannot_redirect_a_request() {
     assert_eq!(code, 0, "{out}");
     let posted = target.requests_to("POST", "/items");
     assert_eq!(posted.len(), 1);
-    assert_eq!(posted[0].query, "owner=a%26b%3Dc", "query values are encoded");
+    assert_eq!(
+        posted[0].query, "owner=a%26b%3Dc",
+        "query values are encoded"
+    );
     let (code, out) = baton(&dir, &["stages", "down", "--yes", "--set", &set]).await;
     assert_ne!(code, 0, "{out}");
     assert!(

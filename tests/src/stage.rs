@@ -118,6 +118,7 @@ impl StageDir {
             },
             applied,
             secrets: spec.secrets.iter().map(|s| s.value.clone()).collect(),
+            not_secret: spec.not_secret.iter().map(|s| s.value.clone()).collect(),
             retry: RetryPolicy {
                 initial_backoff: std::time::Duration::from_millis(10),
                 ..RetryPolicy::default()

@@ -17,7 +17,7 @@
 mod command;
 pub(crate) mod http;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -68,6 +68,8 @@ pub struct StageTask {
     pub applied: Vec<AppliedMigration>,
     /// Names of variables whose values are secret (stages.yaml and config `secrets:`).
     pub secrets: Vec<String>,
+    /// Names that say they are secret but are not (`not_secret`).
+    pub not_secret: Vec<String>,
     /// Retry policy after global and stage levels; config and migration levels are applied here.
     pub retry: RetryPolicy,
     pub direction: Direction,
@@ -164,10 +166,7 @@ impl StageCtx<'_> {
     /// Values extracted for variables the stage declares secret are masked from now on. The
     /// step already happened, so a value too short to mask does not fail it: it is reported.
     pub(crate) async fn mask_declared_secrets(&self, version: u64, got: &BTreeMap<String, String>) {
-        let declared = |k: &String| {
-            self.task.secrets.contains(k) || self.task.config.secrets.iter().any(|s| &s.value == k)
-        };
-        for (k, v) in got.iter().filter(|(k, _)| declared(k)) {
+        for (k, v) in got.iter().filter(|(k, _)| self.task.is_secret(k)) {
             if self.add_secret(k, v).is_err() {
                 let line =
                     format!("secret `{k}` is shorter than 4 characters and cannot be masked");
@@ -313,14 +312,21 @@ async fn run(
     report.secret_exports = report
         .exported
         .iter()
-        .filter(|(k, v)| {
-            task.secrets.contains(k)
-                || task.config.secrets.iter().any(|s| &s.value == *k)
-                || ctx.mask(v) != **v
-        })
+        .filter(|(k, v)| task.is_secret(k) || ctx.mask(v) != **v)
         .map(|(k, _)| k.clone())
         .collect();
     report
+}
+
+impl StageTask {
+    /// Whether `name`'s value is secret: declared (stages.yaml or config `secrets`), or named
+    /// like a secret (`db_password`, `apiKey`) and not listed in `not_secret`.
+    pub fn is_secret(&self, name: &str) -> bool {
+        self.secrets.iter().any(|s| s == name)
+            || self.config.secrets.iter().any(|s| s.value == name)
+            || (baton_common::mask::sensitive_name(name)
+                && !self.not_secret.iter().any(|s| s == name))
+    }
 }
 
 /// What the stage's log says about a secret value too short to mask. It does not fail the
@@ -366,18 +372,21 @@ fn prepare<'a>(
         .set(Layer::ConfigEnv, config_env)
         .set(Layer::Imported, task.vars.from_stages.clone());
     let base = layers.flatten(vars::STAGE);
-    for name in task
-        .secrets
+    // Every value a secret name has now or had in the stage's history (a rotated key's old
+    // value stays masked too).
+    let mut secret_values: Vec<(&String, &String)> = Vec::new();
+    for (name, value) in base
         .iter()
-        .chain(task.config.secrets.iter().map(|s| &s.value))
+        .chain(task.applied.iter().flat_map(|a| a.vars.iter()))
     {
-        let value = base
-            .get(name)
-            .or_else(|| task.applied.iter().rev().find_map(|a| a.vars.get(name)));
-        if let Some(value) = value {
-            if masker.add(name, value).is_err() {
-                notes.push(short_note(name));
-            }
+        if task.is_secret(name) && !secret_values.contains(&(name, value)) {
+            secret_values.push((name, value));
+        }
+    }
+    let mut short = BTreeSet::new();
+    for (name, value) in secret_values {
+        if masker.add(name, value).is_err() && short.insert(name.clone()) {
+            notes.push(short_note(name));
         }
     }
     let client = build_client(

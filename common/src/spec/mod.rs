@@ -93,6 +93,8 @@ pub struct StageSpec {
     /// What happens when the stage's attempt is lost with a migration in doubt (`None`: the
     /// `global` setting, else `never`).
     pub retry_on_lost: Option<RetryOnLost>,
+    /// Variables whose names say they are secret (`db_password`) but are not: not masked.
+    pub not_secret: Vec<Located<String>>,
 }
 
 impl StageSpec {
@@ -118,6 +120,7 @@ impl StageSpec {
             retry: None,
             secrets: Vec::new(),
             retry_on_lost: None,
+            not_secret: Vec::new(),
         }
     }
 }
@@ -152,6 +155,8 @@ pub struct GlobalSpec {
     pub runs_on: Vec<(String, String)>,
     /// The `retry_on_lost` of stages that set none.
     pub retry_on_lost: Option<RetryOnLost>,
+    /// `not_secret` for every stage.
+    pub not_secret: Vec<Located<String>>,
 }
 
 impl RetryOnLost {

@@ -27,6 +27,7 @@ const STAGE_KEYS: &[&str] = &[
     "retry",
     "secrets",
     "retry_on_lost",
+    "not_secret",
 ];
 const GLOBAL_KEYS: &[&str] = &[
     "env",
@@ -36,6 +37,7 @@ const GLOBAL_KEYS: &[&str] = &[
     "retry",
     "runs_on",
     "retry_on_lost",
+    "not_secret",
 ];
 const API_VERSIONS: &[&str] = &["apirun/v1", "baton/v1"];
 
@@ -168,6 +170,7 @@ fn read_global(r: &mut Reader<'_>, node: &Node) -> GlobalSpec {
             "retry" => g.retry = read_retry(r, v),
             "runs_on" => g.runs_on = read_runs_on(r, v),
             "retry_on_lost" => g.retry_on_lost = read_retry_on_lost(r, v),
+            "not_secret" => g.not_secret = r.string_list(v, "not_secret"),
             _ => {}
         }
     }
@@ -322,6 +325,7 @@ fn read_stage(r: &mut Reader<'_>, node: &Node) -> Option<StageSpec> {
             "retry" => stage.retry = read_retry(r, v),
             "secrets" => stage.secrets = r.string_list(v, "secrets"),
             "retry_on_lost" => stage.retry_on_lost = read_retry_on_lost(r, v),
+            "not_secret" => stage.not_secret = r.string_list(v, "not_secret"),
             _ => {}
         }
     }

@@ -145,6 +145,7 @@ impl From<&Assignment> for proto::StageAssignment {
             stage_vars: a.vars.stage.clone().into_iter().collect(),
             imported_vars: a.vars.imported.clone().into_iter().collect(),
             secrets: a.secrets.clone(),
+            not_secret: a.not_secret.clone(),
             applied: a.applied.iter().map(Into::into).collect(),
             direction: direction as i32,
             down_to,
@@ -219,6 +220,7 @@ impl TryFrom<proto::StageAssignment> for Assignment {
                 imported: a.imported_vars.into_iter().collect(),
             },
             secrets: a.secrets,
+            not_secret: a.not_secret,
             applied: a.applied.into_iter().map(Into::into).collect(),
             direction,
             retry: RetryPolicy {
@@ -420,6 +422,7 @@ mod tests {
                 imported: [("c".to_owned(), "3".to_owned())].into(),
             },
             secrets: vec!["c".into()],
+            not_secret: vec!["db_password_policy".into()],
             applied: vec![AppliedMigration {
                 version: 1,
                 name: "vpc".into(),

@@ -313,10 +313,19 @@ fn url_values_cannot_change_the_resource() {
     );
     // A value that would climb out, add a query or a fragment, or smuggle a control
     // character is an error naming it.
-    for bad in ["../../leak?code=201&", "..", "a/./b", "x?y=1", "x#frag", "a\nb", "a\0b"] {
+    for bad in [
+        "../../leak?code=201&",
+        "..",
+        "a/./b",
+        "x?y=1",
+        "x#frag",
+        "a\nb",
+        "a\0b",
+    ] {
         let err = url("{{.api}}/items/{{.item_id}}", &[api, ("item_id", bad)]).unwrap_err();
         assert!(
-            err.message.contains("variable `item_id` inserted into the URL adds"),
+            err.message
+                .contains("variable `item_id` inserted into the URL adds"),
             "{bad:?}: {}",
             err.message
         );
@@ -329,7 +338,11 @@ fn url_values_cannot_change_the_resource() {
     );
     // Explicit encoding: one path segment, or a query value, inserted as encoded.
     assert_eq!(
-        url("{{.api}}/items/{{urlpathescape .id}}", &[api, ("id", "../a b/c")]).unwrap(),
+        url(
+            "{{.api}}/items/{{urlpathescape .id}}",
+            &[api, ("id", "../a b/c")]
+        )
+        .unwrap(),
         "http://127.0.0.1:9/base/items/..%2Fa%20b%2Fc"
     );
     // Encoding does not make `..` a safe segment.

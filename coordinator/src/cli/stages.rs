@@ -61,6 +61,68 @@ fn summary_counts(d: &Diagnostics) -> String {
     )
 }
 
+/// `validate --verbose`: per stage, the variables treated as secret and why (declared,
+/// `valueFromEnv`, or named like a secret), and those `not_secret` exempts. Imports from
+/// another stage are secret when they were secret there (known when the stage runs).
+fn write_secrets(p: &baton_common::spec::Project, out: &mut dyn Write) -> std::io::Result<()> {
+    use baton_common::mask::sensitive_name;
+    use std::collections::BTreeMap;
+    writeln!(out, "secrets (masked everywhere):")?;
+    for (spec, loaded) in p.spec.stages.iter().zip(&p.stages) {
+        let mut why: BTreeMap<String, &str> = BTreeMap::new();
+        let not_secret: Vec<&str> = spec
+            .not_secret
+            .iter()
+            .chain(&p.spec.global.not_secret)
+            .map(|s| s.value.as_str())
+            .collect();
+        let mut names: Vec<&str> = Vec::new();
+        let entries = p
+            .spec
+            .global
+            .env
+            .iter()
+            .chain(&spec.env)
+            .chain(&loaded.config.env)
+            .chain(loaded.migrations.iter().flat_map(|m| &m.env));
+        for e in entries {
+            if e.secret_from.is_some() {
+                why.insert(e.name.value.clone(), "valueFromEnv");
+            }
+            names.push(&e.name.value);
+        }
+        names.extend(loaded.exports());
+        names.extend(
+            spec.env_from_stages
+                .iter()
+                .flat_map(|f| f.vars.iter().map(|v| v.value.as_str())),
+        );
+        for n in names {
+            if sensitive_name(n) && !not_secret.contains(&n) {
+                why.entry(n.to_owned()).or_insert("named like a secret");
+            }
+        }
+        for s in spec.secrets.iter().chain(&loaded.config.secrets) {
+            why.insert(s.value.clone(), "declared");
+        }
+        let listed: Vec<String> = why.iter().map(|(n, w)| format!("{n} ({w})")).collect();
+        writeln!(
+            out,
+            "  {}: {}",
+            spec.name.value,
+            if listed.is_empty() {
+                "none".to_owned()
+            } else {
+                listed.join(", ")
+            }
+        )?;
+        if !not_secret.is_empty() {
+            writeln!(out, "    not secret: {}", not_secret.join(", "))?;
+        }
+    }
+    Ok(())
+}
+
 pub(super) fn validate(
     args: &ValidateArgs,
     out: &mut dyn Write,
@@ -95,11 +157,16 @@ pub(super) fn validate(
                 writeln!(out)?;
             }
             match &project {
-                Some(_) => writeln!(
-                    out,
-                    "{file}: valid: {stages} stages, {migrations} migrations ({})",
-                    summary_counts(&diags)
-                )?,
+                Some(p) => {
+                    writeln!(
+                        out,
+                        "{file}: valid: {stages} stages, {migrations} migrations ({})",
+                        summary_counts(&diags)
+                    )?;
+                    if args.verbose {
+                        write_secrets(p, out)?;
+                    }
+                }
                 None => writeln!(out, "{file}: invalid: {}", summary_counts(&diags))?,
             }
         }

@@ -855,6 +855,12 @@ impl Driver {
             })
             .collect();
         let (vars, imported_secrets) = self.stage_vars(k)?;
+        let earlier_secrets = self
+            .r
+            .store
+            .result(&key)?
+            .map(|r| r.secret)
+            .unwrap_or_default();
         let flat = self.flat_vars(&vars);
         let spec = &self.r.project.spec;
         let stage = &spec.stages[self.spec_index[k]];
@@ -936,16 +942,24 @@ impl Driver {
             config_file: loaded.config_file.clone(),
             vars,
             secrets: {
-                // Declared here, plus what was secret where an import came from.
+                // Declared here, plus what was secret where an import came from, plus what
+                // was secret in the stage's earlier results: once secret, always secret (a
+                // no-op run or a rotated value never shows the old one in clear).
                 let mut names: Vec<String> =
                     stage.secrets.iter().map(|s| s.value.clone()).collect();
-                for n in imported_secrets {
+                for n in imported_secrets.into_iter().chain(earlier_secrets) {
                     if !names.contains(&n) {
                         names.push(n);
                     }
                 }
                 names
             },
+            not_secret: stage
+                .not_secret
+                .iter()
+                .chain(spec.global.not_secret.iter())
+                .map(|s| s.value.clone())
+                .collect(),
             applied,
             direction: match &self.r.direction {
                 RunDirection::Up => Direction::Up,

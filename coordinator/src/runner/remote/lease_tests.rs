@@ -83,6 +83,7 @@ fn assignment(attempt: AttemptId) -> Assignment {
         config_file: "config.yaml".into(),
         vars: StageVars::default(),
         secrets: Vec::new(),
+        not_secret: Vec::new(),
         applied: Vec::new(),
         direction: Direction::Up,
         retry: RetryPolicy::default(),
