@@ -116,43 +116,39 @@ pub(super) fn variables(
             }
         }
 
-        let mut extracted: BTreeSet<String> = BTreeSet::new();
+        // One growing set of names in scope, so checking stays linear in the number of
+        // migrations: what the stage's layers provide, then what each migration extracts;
+        // a migration's own `env` (and, for `down`, what its `up` and `find` extract) is in
+        // scope only while that migration is checked.
+        let mut scope: BTreeSet<&str> = layers.flatten(vars::MIGRATION);
         for m in &loaded.migrations {
             let Some(text) = sources.get(&m.file) else {
+                scope.extend(m.exports());
                 continue;
             };
             let mut r = Reader::new(&m.file, text, diags);
-            let mut migration = layers.clone();
-            migration
-                .set(
-                    Layer::Extracted,
-                    extracted.iter().map(String::as_str).collect(),
-                )
-                .set(
-                    Layer::MigrationEnv,
-                    m.env.iter().map(|e| e.name.value.as_str()).collect(),
-                );
-            let scope = migration.flatten(vars::MIGRATION);
+            let own = with_names(&mut scope, m.env.iter().map(|e| e.name.value.as_str()));
             if let Some(up) = &m.up {
                 check_step(&mut r, stage, up, &scope, &auth_names);
             }
-            let up_exports: Vec<String> = m.exports().map(str::to_owned).collect();
             if let Some(down) = &m.down {
                 // Down sees what its own up extracted, and what `find` extracts.
-                let mut down_scope = scope.clone();
-                down_scope.extend(up_exports.iter().map(String::as_str));
-                let find_exports: Vec<String> = down
-                    .find
-                    .iter()
-                    .flat_map(|f| f.response.env_from.iter().map(|(n, _)| n.value.clone()))
-                    .collect();
+                let ups = with_names(&mut scope, m.exports());
                 if let Some(find) = &down.find {
-                    check_step(&mut r, stage, find, &down_scope, &auth_names);
+                    check_step(&mut r, stage, find, &scope, &auth_names);
                 }
-                down_scope.extend(find_exports.iter().map(String::as_str));
-                check_step(&mut r, stage, down, &down_scope, &auth_names);
+                let finds = with_names(
+                    &mut scope,
+                    down.find
+                        .iter()
+                        .flat_map(|f| f.response.env_from.iter().map(|(n, _)| n.value.as_str())),
+                );
+                check_step(&mut r, stage, down, &scope, &auth_names);
+                without(&mut scope, finds);
+                without(&mut scope, ups);
             }
-            extracted.extend(up_exports);
+            without(&mut scope, own);
+            scope.extend(m.exports());
         }
     }
 
@@ -189,6 +185,20 @@ pub(super) fn variables(
 
 fn provide_help(name: &str) -> String {
     format!("define `{name}` in env, list it in env_from_stages, set it in the environment where the stage runs, or write `{{{{.{name} | default \"...\"}}}}`")
+}
+
+/// Adds `names` to `scope`; returns those that were not there (to take out again).
+fn with_names<'a>(
+    scope: &mut BTreeSet<&'a str>,
+    names: impl Iterator<Item = &'a str>,
+) -> Vec<&'a str> {
+    names.filter(|n| scope.insert(n)).collect()
+}
+
+fn without(scope: &mut BTreeSet<&str>, added: Vec<&str>) {
+    for n in added {
+        scope.remove(n);
+    }
 }
 
 fn check_step(

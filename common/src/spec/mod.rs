@@ -668,15 +668,12 @@ pub struct LoadedStage {
 impl LoadedStage {
     /// Every variable the stage's migrations extract, in version order, without repeats.
     pub fn exports(&self) -> Vec<&str> {
-        let mut out: Vec<&str> = Vec::new();
-        for m in &self.migrations {
-            for e in m.exports() {
-                if !out.contains(&e) {
-                    out.push(e);
-                }
-            }
-        }
-        out
+        let mut seen = std::collections::HashSet::new();
+        self.migrations
+            .iter()
+            .flat_map(MigrationSpec::exports)
+            .filter(|e| seen.insert(*e))
+            .collect()
     }
 }
 
