@@ -1,6 +1,7 @@
-//! Secrets stay out of every output: a variable named like a secret is masked without being
-//! declared, `not_secret` opts one out, and once a stage's export was secret it stays masked
-//! after the declaration is removed. Through the real `baton` binary and a recording target.
+//! Secrets stay out of every output and out of the state directory: a variable named like a
+//! secret is masked without being declared, `not_secret` opts one out, once a stage's export
+//! was secret it stays masked after the declaration is removed, and values are encrypted at
+//! rest. Through the real `baton` binary and a recording target.
 
 #![allow(clippy::unwrap_used)]
 
@@ -11,6 +12,20 @@ use baton_e2e::target::{Reply, Target};
 
 async fn baton(dir: &Path, args: &[&str]) -> (i32, String) {
     baton_e2e::cli::run(Path::new(env!("CARGO_BIN_EXE_baton")), dir, args).await
+}
+
+/// Every file under `dir`, concatenated.
+fn all_bytes(dir: &Path) -> Vec<u8> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_dir() {
+            out.extend(all_bytes(&entry.path()));
+        } else {
+            out.extend(std::fs::read(entry.path()).unwrap());
+        }
+    }
+    out
 }
 
 fn stages(dir: &Path, declared: bool) {
@@ -93,5 +108,13 @@ async fn secrets_by_name_not_secret_and_once_secret_always_secret() {
         !format!("{out}{status}").contains("vpc-0a1b2c3d4e"),
         "{out}{status}"
     );
+    // Nor in the state directory: secret values are encrypted at rest, events are masked.
+    let raw = all_bytes(&dir.join(".baton"));
+    for secret in ["hunter2-db-pass", "ak-live-12345678", "vpc-0a1b2c3d4e"] {
+        assert!(
+            !raw.windows(secret.len()).any(|w| w == secret.as_bytes()),
+            "{secret} is in clear in the state directory"
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -818,7 +818,8 @@ async fn s10_sigterm_with_agent_streams_open() {
 // ---------------------------------------------------------------------------------------
 // Network
 
-/// 11. A partition shorter than L: no reassignment, the same token, effect count 1.
+/// 11. A slow link, then a partition shorter than L: no reassignment, the same token, effect
+/// count 1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s11_short_partition_changes_nothing() {
     let w = world("s11").await;
@@ -830,6 +831,10 @@ async fn s11_short_partition_changes_nothing() {
     wait_attached(&w, &url, &["agent-a"]).await;
     let run = w.submit(&url).await;
     w.reached("/s/1").await;
+    // Every chunk between agent and coordinator 100 ms late for a while...
+    proxy.set(Mode::Delay(Duration::from_millis(100)));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // ...then nothing gets through for 1.2 s.
     proxy.set(Mode::Blackhole);
     tokio::time::sleep(Duration::from_millis(1200)).await;
     proxy.set(Mode::Pass);

@@ -38,6 +38,9 @@ pub struct SledStore {
     meta: sled::Tree,
     /// The directory, for messages and the high-water mark.
     dir: PathBuf,
+    /// Encrypts what may hold secret values (applied migrations' variables, stage results,
+    /// submissions) before it is written.
+    sealer: std::sync::Arc<Sealer>,
     /// What the high-water mark will say after the next flush.
     max_run: std::sync::Arc<AtomicU64>,
     events_written: std::sync::Arc<AtomicU64>,
@@ -149,6 +152,11 @@ impl SledStore {
             what: "its id".to_owned(),
             message,
         })?;
+        let sealer = Sealer::for_store(dir, &db, &meta).map_err(|message| StoreError::Open {
+            dir: shown.clone(),
+            message,
+            hint: "give the key this state was written with (BATON_STATE_KEY, BATON_STATE_KEY_FILE, or the directory's state.key); nothing was changed".to_owned(),
+        })?;
         let store = SledStore {
             group: std::sync::Arc::default(),
             id,
@@ -160,6 +168,7 @@ impl SledStore {
             meta,
             db,
             dir: dir.to_path_buf(),
+            sealer: std::sync::Arc::new(sealer),
             max_run: std::sync::Arc::default(),
             events_written: std::sync::Arc::default(),
         };
@@ -225,7 +234,15 @@ impl SledStore {
         bytes: &[u8],
     ) -> Result<T, StoreError> {
         let dir = || self.dir.display().to_string();
-        let payload = unframe(bytes).map_err(|message| StoreError::Damaged {
+        let opened = self
+            .sealer
+            .open(bytes)
+            .map_err(|message| StoreError::Damaged {
+                dir: dir(),
+                what: what(),
+                message,
+            })?;
+        let payload = unframe(&opened).map_err(|message| StoreError::Damaged {
             dir: dir(),
             what: what(),
             message,
@@ -243,6 +260,144 @@ impl SledStore {
             },
             other => other,
         })
+    }
+}
+
+/// The first byte of an encrypted value: then a 12-byte nonce, then ChaCha20-Poly1305
+/// ciphertext with its tag.
+const SEALED: u8 = 0xB2;
+
+/// Encryption at rest for values that may hold secrets (ChaCha20-Poly1305 from `ring`, the
+/// AEAD already vetted for rustls). The key: `BATON_STATE_KEY` (64 hex digits), else the file
+/// `BATON_STATE_KEY_FILE` names, else `DIR/state.key`, generated on first open (0600). A
+/// check value in `meta` tells a wrong key at open, before anything is read or written.
+pub(crate) struct Sealer {
+    key: ring::aead::LessSafeKey,
+    rng: ring::rand::SystemRandom,
+}
+
+impl std::fmt::Debug for Sealer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Sealer")
+    }
+}
+
+const KEY_CHECK: &[u8] = b"baton state key check";
+
+impl Sealer {
+    fn for_store(dir: &Path, db: &sled::Db, meta: &sled::Tree) -> Result<Sealer, String> {
+        let key = state_key(dir)?;
+        let unbound = ring::aead::UnboundKey::new(&ring::aead::CHACHA20_POLY1305, &key)
+            .map_err(|_| "the state key is not 32 bytes".to_owned())?;
+        let sealer = Sealer {
+            key: ring::aead::LessSafeKey::new(unbound),
+            rng: ring::rand::SystemRandom::new(),
+        };
+        match meta.get(b"key_check").map_err(|e| e.to_string())? {
+            Some(check) => {
+                match sealer.open(&check) {
+                    Ok(plain) if plain.as_ref() == KEY_CHECK => {}
+                    _ => return Err(
+                        "the state key does not open this state (it was written with another key)"
+                            .to_owned(),
+                    ),
+                }
+            }
+            None => {
+                meta.insert(b"key_check", sealer.seal(KEY_CHECK))
+                    .map_err(|e| e.to_string())?;
+                db.flush().map_err(|e| e.to_string())?;
+            }
+        }
+        Ok(sealer)
+    }
+
+    fn seal(&self, plain: &[u8]) -> Vec<u8> {
+        use ring::rand::SecureRandom;
+        let mut nonce = [0u8; 12];
+        // The system's random source failing is not recoverable here; a zero nonce would
+        // repeat, so fail loudly instead of writing.
+        if self.rng.fill(&mut nonce).is_err() {
+            panic!("no random source for a nonce");
+        }
+        let mut data = plain.to_vec();
+        // Sealing in place cannot fail for inputs this size.
+        let _ = self.key.seal_in_place_append_tag(
+            ring::aead::Nonce::assume_unique_for_key(nonce),
+            ring::aead::Aad::empty(),
+            &mut data,
+        );
+        let mut out = Vec::with_capacity(1 + 12 + data.len());
+        out.push(SEALED);
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&data);
+        out
+    }
+
+    /// The plain bytes of a sealed value; a value written before encryption, as it is.
+    fn open<'a>(&self, bytes: &'a [u8]) -> Result<std::borrow::Cow<'a, [u8]>, String> {
+        if bytes.first() != Some(&SEALED) {
+            return Ok(std::borrow::Cow::Borrowed(bytes));
+        }
+        if bytes.len() < 1 + 12 + 16 {
+            return Err("an encrypted value is cut short".to_owned());
+        }
+        let mut nonce = [0u8; 12];
+        nonce.copy_from_slice(&bytes[1..13]);
+        let mut data = bytes[13..].to_vec();
+        let plain = self
+            .key
+            .open_in_place(
+                ring::aead::Nonce::assume_unique_for_key(nonce),
+                ring::aead::Aad::empty(),
+                &mut data,
+            )
+            .map_err(|_| {
+                "an encrypted value does not decrypt (damaged, or another key)".to_owned()
+            })?;
+        Ok(std::borrow::Cow::Owned(plain.to_vec()))
+    }
+}
+
+/// The 32-byte state key (see [`Sealer`]).
+fn state_key(dir: &Path) -> Result<Vec<u8>, String> {
+    let parse = |text: &str, from: &str| -> Result<Vec<u8>, String> {
+        let t = text.trim();
+        if t.len() != 64 || !t.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!("{from} must be 64 hex digits (32 bytes)"));
+        }
+        Ok((0..32)
+            .map(|i| u8::from_str_radix(&t[2 * i..2 * i + 2], 16).unwrap_or(0))
+            .collect())
+    };
+    if let Ok(k) = std::env::var("BATON_STATE_KEY") {
+        return parse(&k, "BATON_STATE_KEY");
+    }
+    let file = match std::env::var_os("BATON_STATE_KEY_FILE") {
+        Some(f) => PathBuf::from(f),
+        None => dir.join("state.key"),
+    };
+    match std::fs::read_to_string(&file) {
+        Ok(text) => parse(&text, &file.display().to_string()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && file == dir.join("state.key") => {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut key = [0u8; 32];
+            ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key)
+                .map_err(|_| "no random source for a state key".to_owned())?;
+            let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&file)
+                .map_err(|e| format!("cannot create {}: {e}", file.display()))?;
+            f.write_all(hex.as_bytes())
+                .and_then(|()| f.sync_all())
+                .map_err(|e| format!("cannot write {}: {e}", file.display()))?;
+            Ok(key.to_vec())
+        }
+        Err(e) => Err(format!("cannot read the state key {}: {e}", file.display())),
     }
 }
 
@@ -420,20 +575,23 @@ impl SledStore {
                             events.insert(event_key(*run, event.seq), frame(&encode(event)))?;
                         }
                         Op::PutApplied { key, record } => {
-                            applied
-                                .insert(applied_key(key, record.version), frame(&encode(record)))?;
+                            applied.insert(
+                                applied_key(key, record.version),
+                                self.sealer.seal(&frame(&encode(record))),
+                            )?;
                         }
                         Op::RemoveApplied { key, version } => {
                             applied.remove(applied_key(key, *version))?;
                         }
                         Op::PutResult { key, record } => {
-                            results.insert(key.bytes(), frame(&encode(record)))?;
+                            results
+                                .insert(key.bytes(), self.sealer.seal(&frame(&encode(record))))?;
                         }
                         Op::RemoveResult { key } => {
                             results.remove(key.bytes())?;
                         }
                         Op::PutSubmission { run, bytes } => {
-                            submissions.insert(&run_key(*run), frame(bytes))?;
+                            submissions.insert(&run_key(*run), self.sealer.seal(&frame(bytes)))?;
                         }
                     }
                 }
@@ -653,12 +811,15 @@ mod damage_tests {
             key: key.clone(),
             record,
         });
+        let mut t2 = Transition::new();
+        t2.push(run(1));
         s.commit(t).unwrap();
-        // A digit of the digest changes: still valid JSON, caught by the checksum.
+        s.commit(t2).unwrap();
+        // One byte of the (encrypted) applied record changes: it no longer decrypts.
         let k = applied_key(&key, 3);
         let mut v = s.applied.get(&k).unwrap().unwrap().to_vec();
-        let at = v.windows(3).position(|w| w == b"abc").unwrap();
-        v[at] = b'x';
+        let last = v.len() - 1;
+        v[last] ^= 1;
         s.applied.insert(&k, v).unwrap();
         let err = s.applied(&key).unwrap_err();
         let text = err.to_string();
@@ -666,7 +827,17 @@ mod damage_tests {
         assert!(text.contains(&dir.display().to_string()), "{text}");
         assert!(text.contains("stage `infra`"), "{text}");
         assert!(text.contains("applied migration 3"), "{text}");
-        assert!(text.contains("checksum"), "{text}");
+        assert!(text.contains("does not decrypt"), "{text}");
+        // A digit of a (plain) run record changes: still valid JSON, caught by the checksum.
+        let mut v = s.runs.get(run_key(1)).unwrap().unwrap().to_vec();
+        let at = v.windows(14).position(|w| w == b"\"created_at_ms").unwrap() + 16;
+        v[at] = b'7';
+        s.runs.insert(run_key(1), v).unwrap();
+        let text = s.run(1).unwrap_err().to_string();
+        assert!(
+            text.contains("run 1") && text.contains("checksum"),
+            "{text}"
+        );
         drop(s);
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -716,6 +887,89 @@ mod damage_tests {
         drop(s);
         let _ = std::fs::remove_dir_all(&dir);
         let _ = std::fs::remove_dir_all(&older);
+    }
+
+    /// Every file under `dir`, concatenated.
+    fn all_bytes(dir: &Path) -> Vec<u8> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let entry = entry.unwrap();
+            if entry.file_type().unwrap().is_dir() {
+                out.extend(all_bytes(&entry.path()));
+            } else {
+                out.extend(std::fs::read(entry.path()).unwrap());
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn exported_values_are_encrypted_at_rest_and_a_wrong_key_changes_nothing() {
+        let dir = temp("sealed");
+        let key = StageKey::new("stages.yaml", "db");
+        {
+            let s = SledStore::open(&dir).unwrap();
+            let mut t = Transition::new();
+            t.push(Op::PutResult {
+                key: key.clone(),
+                record: StageResultRecord {
+                    v: FORMAT,
+                    run_id: 1,
+                    at_ms: 1,
+                    exports: [("db_password".to_owned(), "s3cr3t-at-rest".to_owned())].into(),
+                    secret: vec!["db_password".into()],
+                },
+            });
+            t.push(Op::PutApplied {
+                key: key.clone(),
+                record: AppliedRecord {
+                    v: FORMAT,
+                    version: 1,
+                    name: "m".into(),
+                    digest: "d".into(),
+                    applied_at_ms: 1,
+                    run_id: 1,
+                    vars: [("token".to_owned(), "tok-at-rest-42".to_owned())].into(),
+                },
+            });
+            s.commit(t).unwrap();
+            assert_eq!(
+                s.result(&key).unwrap().unwrap().exports["db_password"],
+                "s3cr3t-at-rest"
+            );
+        }
+        let s = reopen(&dir).unwrap();
+        assert_eq!(s.applied(&key).unwrap()[0].vars["token"], "tok-at-rest-42");
+        drop(s);
+        let _ = reopen(&dir).map(drop);
+        let raw = all_bytes(&dir);
+        for secret in [&b"s3cr3t-at-rest"[..], b"tok-at-rest-42"] {
+            assert!(
+                !raw.windows(secret.len()).any(|w| w == secret),
+                "a secret is in clear in the state directory"
+            );
+        }
+        // The key file is the owner's alone.
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.join("state.key"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        // Another key: refused at open, nothing changed. (The key file is swapped rather than
+        // BATON_STATE_KEY set: tests in this process run in parallel.)
+        let key_file = dir.join("state.key");
+        let original = std::fs::read(&key_file).unwrap();
+        std::fs::write(&key_file, "11".repeat(32)).unwrap();
+        let err = reopen(&dir).unwrap_err();
+        std::fs::write(&key_file, original).unwrap();
+        let text = err.to_string();
+        assert!(text.contains("does not open this state"), "{text}");
+        assert!(text.contains("nothing was changed"), "{text}");
+        let s = reopen(&dir).unwrap();
+        assert_eq!(s.applied(&key).unwrap().len(), 1);
+        drop(s);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
