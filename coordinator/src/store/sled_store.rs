@@ -722,15 +722,16 @@ impl Store for SledStore {
 
     fn submission(&self, run: u64) -> Result<Option<Vec<u8>>, StoreError> {
         match self.submissions.get(run_key(run)).map_err(io)? {
-            Some(v) => {
-                unframe(&v)
-                    .map(|p| Some(p.to_vec()))
-                    .map_err(|message| StoreError::Damaged {
-                        dir: self.dir.display().to_string(),
-                        what: format!("the submission of run {run}"),
-                        message,
-                    })
-            }
+            Some(v) => self
+                .sealer
+                .open(&v)
+                .and_then(|opened| unframe(&opened).map(<[u8]>::to_vec))
+                .map(Some)
+                .map_err(|message| StoreError::Damaged {
+                    dir: self.dir.display().to_string(),
+                    what: format!("the submission of run {run}"),
+                    message,
+                }),
             None => Ok(None),
         }
     }
@@ -932,6 +933,10 @@ mod damage_tests {
                     vars: [("token".to_owned(), "tok-at-rest-42".to_owned())].into(),
                 },
             });
+            t.push(Op::PutSubmission {
+                run: 1,
+                bytes: b"set api_key=sub-secret-77".to_vec(),
+            });
             s.commit(t).unwrap();
             assert_eq!(
                 s.result(&key).unwrap().unwrap().exports["db_password"],
@@ -940,10 +945,14 @@ mod damage_tests {
         }
         let s = reopen(&dir).unwrap();
         assert_eq!(s.applied(&key).unwrap()[0].vars["token"], "tok-at-rest-42");
+        assert_eq!(
+            s.submission(1).unwrap().unwrap(),
+            b"set api_key=sub-secret-77".to_vec()
+        );
         drop(s);
         let _ = reopen(&dir).map(drop);
         let raw = all_bytes(&dir);
-        for secret in [&b"s3cr3t-at-rest"[..], b"tok-at-rest-42"] {
+        for secret in [&b"s3cr3t-at-rest"[..], b"tok-at-rest-42", b"sub-secret-77"] {
             assert!(
                 !raw.windows(secret.len()).any(|w| w == secret),
                 "a secret is in clear in the state directory"
