@@ -14,20 +14,6 @@ async fn baton(dir: &Path, args: &[&str]) -> (i32, String) {
     baton_e2e::cli::run(Path::new(env!("CARGO_BIN_EXE_baton")), dir, args).await
 }
 
-/// Every file under `dir`, concatenated.
-fn all_bytes(dir: &Path) -> Vec<u8> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let entry = entry.unwrap();
-        if entry.file_type().unwrap().is_dir() {
-            out.extend(all_bytes(&entry.path()));
-        } else {
-            out.extend(std::fs::read(entry.path()).unwrap());
-        }
-    }
-    out
-}
-
 fn stages(dir: &Path, declared: bool) {
     let secrets = if declared {
         "    secrets: [vpc_ref]\n"
@@ -109,7 +95,7 @@ async fn secrets_by_name_not_secret_and_once_secret_always_secret() {
         "{out}{status}"
     );
     // Nor in the state directory: secret values are encrypted at rest, events are masked.
-    let raw = all_bytes(&dir.join(".baton"));
+    let raw = baton_e2e::files::all_bytes(&dir.join(".baton"));
     for secret in ["hunter2-db-pass", "ak-live-12345678", "vpc-0a1b2c3d4e"] {
         assert!(
             !raw.windows(secret.len()).any(|w| w == secret.as_bytes()),

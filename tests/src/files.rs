@@ -34,3 +34,18 @@ pub fn temp_dir(name: &str) -> std::path::PathBuf {
     std::fs::create_dir_all(&dir).expect("create the test's directory");
     dir
 }
+
+/// Every byte of every file under `dir`, concatenated (to look for what must not be there,
+/// e.g. a secret in a state directory).
+pub fn all_bytes(dir: &Path) -> Vec<u8> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("read the directory") {
+        let entry = entry.expect("a directory entry");
+        if entry.file_type().expect("a file type").is_dir() {
+            out.extend(all_bytes(&entry.path()));
+        } else {
+            out.extend(std::fs::read(entry.path()).expect("read a file"));
+        }
+    }
+    out
+}

@@ -890,20 +890,6 @@ mod damage_tests {
         let _ = std::fs::remove_dir_all(&older);
     }
 
-    /// Every file under `dir`, concatenated.
-    fn all_bytes(dir: &Path) -> Vec<u8> {
-        let mut out = Vec::new();
-        for entry in std::fs::read_dir(dir).unwrap() {
-            let entry = entry.unwrap();
-            if entry.file_type().unwrap().is_dir() {
-                out.extend(all_bytes(&entry.path()));
-            } else {
-                out.extend(std::fs::read(entry.path()).unwrap());
-            }
-        }
-        out
-    }
-
     #[test]
     fn exported_values_are_encrypted_at_rest_and_a_wrong_key_changes_nothing() {
         let dir = temp("sealed");
@@ -951,7 +937,7 @@ mod damage_tests {
         );
         drop(s);
         let _ = reopen(&dir).map(drop);
-        let raw = all_bytes(&dir);
+        let raw = baton_e2e::files::all_bytes(&dir);
         for secret in [&b"s3cr3t-at-rest"[..], b"tok-at-rest-42", b"sub-secret-77"] {
             assert!(
                 !raw.windows(secret.len()).any(|w| w == secret),
