@@ -955,9 +955,7 @@ fn prepare(
                     run.id
                 ));
                 for (stage, version, name) in in_flight {
-                    notes.push(format!(
-                        "  stage {stage}: migration {version:03}_{name} was in flight when the run stopped; it is sent again with the same Idempotency-Key"
-                    ));
+                    notes.push(in_flight_note(stage, *version, name));
                 }
             }
             if let Some(old) = other {
@@ -1021,23 +1019,7 @@ fn cancelled_in_doubt(
     if last.status != RunStatus::Cancelled {
         return Ok(None);
     }
-    let mut in_flight: BTreeMap<(String, u64), (String, bool)> = BTreeMap::new();
-    for e in store.events(last.id, 0)? {
-        let stage = e.stage.clone().unwrap_or_default();
-        match e.kind {
-            EventKind::MigrationStarted {
-                version,
-                name,
-                direction,
-            } => {
-                in_flight.insert((stage, version), (name, direction == "up"));
-            }
-            EventKind::MigrationDone { version, .. } => {
-                in_flight.remove(&(stage, version));
-            }
-            _ => {}
-        }
-    }
+    let in_flight = migrations_in_flight(&store.events(last.id, 0)?);
     let mut doubt = Vec::new();
     for ((stage, version), (name, up)) in in_flight {
         let applied = store
@@ -1052,6 +1034,36 @@ fn cancelled_in_doubt(
     Ok((!doubt.is_empty()).then_some((last, doubt)))
 }
 
+/// Migrations a run's log shows started and never done, by (stage, version): their name and
+/// whether they went up.
+fn migrations_in_flight(events: &[EventRecord]) -> BTreeMap<(String, u64), (String, bool)> {
+    let mut in_flight = BTreeMap::new();
+    for e in events {
+        let stage = e.stage.clone().unwrap_or_default();
+        match &e.kind {
+            EventKind::MigrationStarted {
+                version,
+                name,
+                direction,
+            } => {
+                in_flight.insert((stage, *version), (name.clone(), direction == "up"));
+            }
+            EventKind::MigrationDone { version, .. } => {
+                in_flight.remove(&(stage, *version));
+            }
+            _ => {}
+        }
+    }
+    in_flight
+}
+
+/// The line that says a migration in doubt is sent again with its key.
+fn in_flight_note(stage: &str, version: u64, name: &str) -> String {
+    format!(
+        "  stage {stage}: migration {version:03}_{name} was in flight when the run stopped; it is sent again with the same Idempotency-Key"
+    )
+}
+
 /// An interrupted run picked up where its log ends: what is done, how many attempts each
 /// stage had, which attempts were running and which migrations are in doubt.
 fn resume_of(store: &dyn Store, old: RunRecord) -> Result<Prepared, RunsError> {
@@ -1063,7 +1075,7 @@ fn resume_of(store: &dyn Store, old: RunRecord) -> Result<Prepared, RunsError> {
     )];
     let mut done = BTreeSet::new();
     let mut prior_attempts: BTreeMap<String, u32> = BTreeMap::new();
-    let mut in_flight: BTreeMap<(String, u64), String> = BTreeMap::new();
+    let in_flight = migrations_in_flight(&events);
     let mut running: BTreeMap<String, AttemptId> = BTreeMap::new();
     for e in &events {
         let stage = e.stage.clone().unwrap_or_default();
@@ -1090,12 +1102,6 @@ fn resume_of(store: &dyn Store, old: RunRecord) -> Result<Prepared, RunsError> {
                     },
                 );
             }
-            EventKind::MigrationStarted { version, name, .. } => {
-                in_flight.insert((stage, *version), name.clone());
-            }
-            EventKind::MigrationDone { version, .. } => {
-                in_flight.remove(&(stage, *version));
-            }
             _ => {}
         }
     }
@@ -1105,15 +1111,13 @@ fn resume_of(store: &dyn Store, old: RunRecord) -> Result<Prepared, RunsError> {
             done.iter().cloned().collect::<Vec<_>>().join(", ")
         ));
     }
-    for ((stage, version), name) in &in_flight {
-        notes.push(format!(
-            "  stage {stage}: migration {version:03}_{name} was in flight when the run stopped; it is sent again with the same Idempotency-Key"
-        ));
+    for ((stage, version), (name, _)) in &in_flight {
+        notes.push(in_flight_note(stage, *version, name));
     }
     let in_doubt = in_flight
         .into_iter()
         .filter(|((stage, _), _)| !done.contains(stage))
-        .map(|((stage, version), name)| (stage, (version, name)))
+        .map(|((stage, version), (name, _))| (stage, (version, name)))
         .collect();
     Ok(Prepared {
         run: old,

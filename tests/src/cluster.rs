@@ -93,6 +93,25 @@ pub fn baton_binary() -> PathBuf {
         .clone()
 }
 
+/// `coordinator serve` flags with short lease timings for fault tests: heartbeat 250 ms,
+/// lease `lease`, grace 1 s, failover grace 6 s, keepalive 1 s, shutdown grace 3 s.
+pub fn fast_coordinator(lease: &'static str) -> Vec<&'static str> {
+    vec![
+        "--heartbeat",
+        "250ms",
+        "--lease",
+        lease,
+        "--grace",
+        "1s",
+        "--failover-grace",
+        "6s",
+        "--keepalive",
+        "1s",
+        "--shutdown-grace",
+        "3s",
+    ]
+}
+
 /// Lines a child process wrote to stderr, collected as they come.
 pub type Lines = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
 

@@ -19,36 +19,23 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use baton_e2e::cluster::{
-    agent_binary, attached, baton_binary, events, kind_of, run_status, start_agent,
-    start_agent_logged, start_coordinator, start_coordinator_at, wait_for, Lines, Proc,
+    agent_binary, attached, baton_binary, events, fast_coordinator, kind_of, run_status,
+    start_agent, start_agent_logged, start_coordinator, start_coordinator_at, wait_for, Lines,
+    Proc,
 };
 use baton_e2e::files::write;
 use baton_e2e::proxy::{Mode, Proxy};
 use baton_e2e::target::{Reply, Target};
 
-/// Coordinator timings for the suite.
-const COORDINATOR: &[&str] = &[
-    "--heartbeat",
-    "250ms",
-    "--lease",
-    "3s",
-    "--grace",
-    "1s",
-    "--failover-grace",
-    "6s",
-    "--keepalive",
-    "1s",
-    "--shutdown-grace",
-    "3s",
-];
+/// Coordinator timings for the suite (lease 3 s).
+fn coordinator_flags() -> Vec<&'static str> {
+    fast_coordinator("3s")
+}
 
-/// [`COORDINATOR`] with a longer lease (6 s), for restarts: the agent must keep its attempt
-/// while the coordinator is down and it reconnects with backoff.
+/// With a longer lease (6 s), for restarts: the agent must keep its attempt while the
+/// coordinator is down and it reconnects with backoff.
 fn restart_timings() -> Vec<&'static str> {
-    let mut flags = COORDINATOR.to_vec();
-    let lease = flags.iter().position(|f| *f == "--lease").unwrap();
-    flags[lease + 1] = "6s";
-    flags
+    fast_coordinator("6s")
 }
 
 /// Agent flags for the suite.
@@ -151,7 +138,7 @@ impl World {
     }
 
     fn coordinator(&self, data: &str) -> (Proc, String) {
-        start_coordinator(&self.baton, &self.root.join(data), COORDINATOR)
+        start_coordinator(&self.baton, &self.root.join(data), &coordinator_flags())
     }
 
     fn agent(&self, url: &str, name: &str, labels: &[&str]) -> Proc {
@@ -635,7 +622,7 @@ async fn s07_result_recorded_but_not_acknowledged() {
         &w.baton,
         &w.root.join("data"),
         &listen_of(&url),
-        COORDINATOR,
+        &coordinator_flags(),
     );
     let l = log.clone();
     w.wait(
@@ -904,9 +891,7 @@ async fn s13_half_open_connection_is_detected() {
     w.slow("/s/1", Duration::from_secs(2));
     // A long lease, so only keepalive (1 s ping, 0.5 s timeout) can explain the detection.
     let data = w.root.join("data");
-    let mut flags: Vec<&str> = COORDINATOR.to_vec();
-    let lease = flags.iter().position(|f| *f == "--lease").unwrap();
-    flags[lease + 1] = "60s";
+    let flags = fast_coordinator("60s");
     let (_c, url) = start_coordinator(&w.baton, &data, &flags);
     let proxy = Proxy::start(listen_of(&url).parse().unwrap()).await;
     let _a = w.agent(&proxy.url(), "agent-a", &[]);

@@ -15,26 +15,12 @@ use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
 use baton_e2e::cluster::{
-    agent_binary, baton_binary, events, kind_of, run_status, start_agent, start_coordinator,
-    start_coordinator_at, Proc,
+    agent_binary, baton_binary, events, fast_coordinator, kind_of, run_status, start_agent,
+    start_coordinator, start_coordinator_at, Proc,
 };
 use baton_e2e::files::write;
 use baton_e2e::target::{Reply, Target};
 
-const COORDINATOR: &[&str] = &[
-    "--heartbeat",
-    "250ms",
-    "--lease",
-    "4s",
-    "--grace",
-    "1s",
-    "--failover-grace",
-    "6s",
-    "--keepalive",
-    "1s",
-    "--shutdown-grace",
-    "3s",
-];
 const AGENT: &[&str] = &[
     "--keepalive",
     "1s",
@@ -143,7 +129,7 @@ impl Cluster {
             &self.baton,
             &self.root.join("data"),
             &self.listen,
-            COORDINATOR,
+            &fast_coordinator("4s"),
         );
         self.coordinator = Some(c);
     }
@@ -181,7 +167,7 @@ async fn soak() {
     let (t0, w0) = (Instant::now(), wall_ms(SystemTime::now()));
     let baton = baton_binary();
     let agent = agent_binary(&baton);
-    let (c, url) = start_coordinator(&baton, &root.join("data"), COORDINATOR);
+    let (c, url) = start_coordinator(&baton, &root.join("data"), &fast_coordinator("4s"));
     let mut cl = Cluster {
         listen: url.trim_start_matches("http://").to_owned(),
         url,
