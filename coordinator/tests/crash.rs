@@ -7,7 +7,9 @@
 //! - a migration in flight at the kill or signal is sent at most once more, with the same
 //!   key (a signal lets it finish within a short grace first), and the next run's output
 //!   names it;
-//! - the target ends up with exactly the effects of an uninterrupted run.
+//! - the target ends up with exactly the effects of an uninterrupted run;
+//! - after SIGINT or SIGTERM, the command step never runs twice at once (its copies note the
+//!   pids of the others still alive).
 
 // Helpers here are test code too: a failed file operation should stop the test loudly.
 #![allow(clippy::unwrap_used)]
@@ -43,6 +45,18 @@ fn write_project(dir: &Path) {
             .unwrap();
         }
     }
+    // A command step that notes every start and any other copy of itself still running
+    // (the pids it finds alive), so two at once are seen.
+    std::fs::write(
+        dir.join("db/migration/004_cmd.yaml"),
+        format!(
+            "retry_on_lost: safe\nup:\n  command:\n    program: sh\n    args: [\"-c\", \"for p in $(cat {pids} 2>/dev/null); do kill -0 $p 2>/dev/null && echo $p >> {overlaps}; done; echo $$ >> {pids}; sleep 0.3; echo ok >> {done}\"]\n",
+            pids = dir.join("cmd.pids").display(),
+            overlaps = dir.join("cmd.overlaps").display(),
+            done = dir.join("cmd.done").display(),
+        ),
+    )
+    .unwrap();
     stages.push_str("global:\n  env:\n    api: http://127.0.0.1:9\n  max_concurrent_stages: 1\n");
     std::fs::write(dir.join("stages.yaml"), stages).unwrap();
 }
@@ -213,6 +227,19 @@ async fn interrupted_runs(signal: &str) {
                 version.parse::<u64>().unwrap()
             );
             assert!(text.contains(&said), "round {round}: the resume output does not name the re-sent migration {path}:\n{text}");
+        }
+        // The command step completed, and (unless the kill was -9, which leaves the step
+        // running as an orphan) never ran alongside another copy of itself.
+        assert!(
+            std::fs::read_to_string(dir.join("cmd.done")).is_ok_and(|d| !d.is_empty()),
+            "round {round}: the command step never completed:\n{text}"
+        );
+        if signal != "KILL" {
+            let overlaps = std::fs::read_to_string(dir.join("cmd.overlaps")).unwrap_or_default();
+            assert!(
+                overlaps.is_empty(),
+                "round {round}: the command step ran twice at once (still running: {overlaps}):\n{first_err}\n{text}"
+            );
         }
         let interrupted = if signal == "KILL" {
             text.contains("resuming run")
