@@ -50,6 +50,11 @@ struct AgentArgs {
     /// A CA bundle (PEM) the coordinator's TLS certificate must chain to.
     #[arg(long)]
     ca_file: Option<PathBuf>,
+    /// The file holding the key that encrypts the outbox (64 hex digits). Else
+    /// BATON_STATE_KEY (the key itself), else BATON_STATE_KEY_FILE, else `state.key` in the
+    /// data directory, generated on first start.
+    #[arg(long, value_name = "FILE")]
+    state_key_file: Option<PathBuf>,
     /// Export spans over OTLP/gRPC to this collector (e.g. http://127.0.0.1:4317); off when
     /// not given.
     #[arg(long)]
@@ -163,8 +168,11 @@ fn config(args: AgentArgs) -> Result<AgentConfig, String> {
     let mut env: BTreeMap<String, String> = std::env::vars_os()
         .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
         .collect();
-    // The agent's own credential is not the stages' to read.
-    env.remove("BATON_TOKEN");
+    let state_key = baton_common::seal::StateKey::resolve(&env, args.state_key_file);
+    // The agent's own credentials are not the stages' to read.
+    for own in ["BATON_TOKEN", "BATON_STATE_KEY", "BATON_STATE_KEY_FILE"] {
+        env.remove(own);
+    }
     let mut c = AgentConfig::new(&args.coordinator, &id, args.data_dir);
     c.labels = args.labels.into_iter().collect();
     c.capacity = args.capacity;
@@ -173,5 +181,6 @@ fn config(args: AgentArgs) -> Result<AgentConfig, String> {
     c.env = env;
     c.keepalive = args.keepalive;
     c.shutdown_grace = args.shutdown_grace;
+    c.state_key = state_key;
     Ok(c)
 }

@@ -4,14 +4,17 @@
 //! attempt as stale). A restarted agent re-sends what is still here and names these attempts
 //! in its hello.
 //!
-//! Layout: one tree, `outbox`, key = sequence number (u64 big-endian, so a scan is in the
-//! order things happened), value = the `AgentMessage` as protobuf bytes. sled 0.34.7 rules as
-//! in the coordinator: `flush()` (never `flush_async`) after every write, from blocking code.
+//! Layout: tree `outbox`, key = sequence number (u64 big-endian, so a scan is in the order
+//! things happened), value = the `AgentMessage` as protobuf bytes, encrypted with the state
+//! key (results carry exported values, secrets among them; see `baton_common::seal`); tree
+//! `meta` holds the key check. sled 0.34.7 rules as in the coordinator: `flush()` (never
+//! `flush_async`) after every write, from blocking code.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use baton_common::proto::{self, agent_message};
+use baton_common::seal::{Sealer, StateKey};
 use baton_common::stage::wire::attempt_of;
 use baton_common::stage::AttemptId;
 use prost::Message;
@@ -23,6 +26,8 @@ pub enum OutboxError {
     Locked { dir: String },
     #[error("cannot open the agent's outbox in `{dir}`: {message} (if it is damaged, move the directory aside; results it held that the coordinator never acknowledged are then lost and their stages need attention)")]
     Open { dir: String, message: String },
+    #[error("cannot open the agent's outbox in `{dir}`: {message}; give the key it was written with (--state-key-file, BATON_STATE_KEY, BATON_STATE_KEY_FILE, or the directory's state.key); nothing was changed")]
+    Key { dir: String, message: String },
     #[error("the agent's outbox failed: {0}")]
     Io(String),
 }
@@ -32,6 +37,7 @@ pub enum OutboxError {
 pub struct Outbox {
     db: sled::Db,
     tree: sled::Tree,
+    sealer: std::sync::Arc<Sealer>,
 }
 
 /// The attempt a journaled message is about.
@@ -47,7 +53,7 @@ fn attempt_in(m: &proto::AgentMessage) -> Option<AttemptId> {
 impl Outbox {
     /// Opens (or creates) the outbox under `dir`. A second agent on the same directory is
     /// refused; damage is refused with a message naming the directory.
-    pub fn open(dir: &Path) -> Result<Outbox, OutboxError> {
+    pub fn open(dir: &Path, key: &StateKey) -> Result<Outbox, OutboxError> {
         let shown = dir.display().to_string();
         std::fs::create_dir_all(dir).map_err(|e| OutboxError::Open {
             dir: shown.clone(),
@@ -69,11 +75,28 @@ impl Outbox {
                     message: other.to_string(),
                 },
             })?;
-        let tree = db.open_tree("outbox").map_err(|e| OutboxError::Open {
-            dir: shown,
-            message: e.to_string(),
-        })?;
-        Ok(Outbox { db, tree })
+        let open_tree = |name: &str| {
+            db.open_tree(name).map_err(|e| OutboxError::Open {
+                dir: shown.clone(),
+                message: e.to_string(),
+            })
+        };
+        let (tree, meta) = (open_tree("outbox")?, open_tree("meta")?);
+        let check = meta.get(b"key_check").map_err(Self::io)?;
+        let (sealer, new_check) =
+            Sealer::for_store(dir, key, check.as_deref()).map_err(|message| OutboxError::Key {
+                dir: shown.clone(),
+                message,
+            })?;
+        if let Some(c) = new_check {
+            meta.insert(b"key_check", c).map_err(Self::io)?;
+            db.flush().map_err(Self::io)?;
+        }
+        Ok(Outbox {
+            db,
+            tree,
+            sealer: std::sync::Arc::new(sealer),
+        })
     }
 
     fn io(e: sled::Error) -> OutboxError {
@@ -85,7 +108,7 @@ impl Outbox {
     pub fn journal(&self, m: &proto::AgentMessage) -> Result<u64, OutboxError> {
         let seq = self.db.generate_id().map_err(Self::io)?;
         self.tree
-            .insert(seq.to_be_bytes(), m.encode_to_vec())
+            .insert(seq.to_be_bytes(), self.sealer.seal(&m.encode_to_vec()))
             .map_err(Self::io)?;
         self.db.flush().map_err(Self::io)?;
         Ok(seq)
@@ -94,7 +117,8 @@ impl Outbox {
     /// The journaled message `seq`, if it is still there.
     pub fn get(&self, seq: u64) -> Option<proto::AgentMessage> {
         let bytes = self.tree.get(seq.to_be_bytes()).ok()??;
-        proto::AgentMessage::decode(bytes.as_ref()).ok()
+        let plain = self.sealer.open(&bytes).ok()?;
+        proto::AgentMessage::decode(plain.as_ref()).ok()
     }
 
     /// Every journaled message, oldest first. Entries that no longer decode are skipped
@@ -106,7 +130,10 @@ impl Outbox {
             let Ok(key) = <[u8; 8]>::try_from(k.as_ref()) else {
                 continue;
             };
-            match proto::AgentMessage::decode(v.as_ref()) {
+            let decoded = self.sealer.open(&v).and_then(|plain| {
+                proto::AgentMessage::decode(plain.as_ref()).map_err(|e| e.to_string())
+            });
+            match decoded {
                 Ok(m) => out.push((u64::from_be_bytes(key), m)),
                 Err(e) => tracing::warn!(error = %e, "an outbox entry does not decode; skipped"),
             }
@@ -212,7 +239,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         let (a, b) = (attempt("a"), attempt("b"));
         {
-            let o = Outbox::open(&dir).unwrap();
+            let o = Outbox::open(&dir, &StateKey::default()).unwrap();
             o.journal(&finished(&a, 1)).unwrap();
             o.journal(&finished(&b, 1)).unwrap();
             let done = proto::AgentMessage {
@@ -224,7 +251,7 @@ mod tests {
             };
             o.journal(&done).unwrap();
         }
-        let o = Outbox::open(&dir).unwrap();
+        let o = Outbox::open(&dir, &StateKey::default()).unwrap();
         assert_eq!(o.attempts(), [a.clone(), b.clone()].into_iter().collect());
         // `a` had no result: it was running when the agent stopped.
         assert_eq!(o.close_interrupted().unwrap(), vec![a.clone()]);
@@ -242,6 +269,64 @@ mod tests {
         assert_eq!(o.drop_attempt(&b).unwrap().len(), 2);
         assert_eq!(o.attempts(), [a].into_iter().collect());
         drop(o);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Entries are encrypted with the state key; another key is refused at open.
+    #[test]
+    fn entries_are_sealed_and_another_key_is_refused() {
+        let dir = std::env::temp_dir().join(format!("baton-outbox-key-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let a = attempt("a");
+        let secret = "exported-secret-5150";
+        {
+            let o = Outbox::open(&dir, &StateKey::default()).unwrap();
+            o.journal(&proto::AgentMessage {
+                kind: Some(agent_message::Kind::StageResult(proto::StageResult {
+                    attempt: Some((&a).into()),
+                    outcome: proto::StageOutcome::Succeeded as i32,
+                    exported: [("db_password".to_owned(), secret.to_owned())].into(),
+                    ..Default::default()
+                })),
+            })
+            .unwrap();
+            assert_eq!(o.entries().len(), 1, "a sealed entry reads back");
+        }
+        // Every byte under the directory (sled keeps a few files and a blob folder).
+        fn all_bytes(dir: &Path, into: &mut Vec<u8>) {
+            for entry in std::fs::read_dir(dir).unwrap().flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    all_bytes(&path, into);
+                } else {
+                    into.extend(std::fs::read(&path).unwrap());
+                }
+            }
+        }
+        let mut raw = Vec::new();
+        all_bytes(&dir, &mut raw);
+        assert!(!raw.windows(secret.len()).any(|w| w == secret.as_bytes()));
+        let other = dir.join("other.key");
+        std::fs::write(&other, "77".repeat(32)).unwrap();
+        let wrong = StateKey::resolve(&BTreeMap::new(), Some(other));
+        let mut refused = None;
+        for _ in 0..500 {
+            match Outbox::open(&dir, &wrong) {
+                Err(OutboxError::Locked { .. }) => {
+                    std::thread::sleep(std::time::Duration::from_millis(10))
+                }
+                other => {
+                    refused = Some(other);
+                    break;
+                }
+            }
+        }
+        let text = match refused {
+            Some(Err(e)) => e.to_string(),
+            other => panic!("another key was not refused: {other:?}"),
+        };
+        assert!(text.contains("does not open"), "{text}");
+        assert!(text.contains("--state-key-file"), "{text}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -62,6 +62,8 @@ pub struct AgentConfig {
     pub keepalive: Duration,
     /// On shutdown, how long running attempts get to stop and their results to be sent.
     pub shutdown_grace: Duration,
+    /// The key that encrypts the outbox (default: `state.key` in the data directory).
+    pub state_key: baton_common::seal::StateKey,
 }
 
 impl AgentConfig {
@@ -81,6 +83,7 @@ impl AgentConfig {
             backoff_max: Duration::from_secs(30),
             keepalive: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(10),
+            state_key: baton_common::seal::StateKey::default(),
         }
     }
 
@@ -376,7 +379,8 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         .http2_keep_alive_interval(config.keepalive)
         .keep_alive_timeout(config.keepalive / 2);
     let dir = config.data_dir.clone();
-    let outbox = tokio::task::spawn_blocking(move || Outbox::open(&dir))
+    let key = config.state_key.clone();
+    let outbox = tokio::task::spawn_blocking(move || Outbox::open(&dir, &key))
         .await
         .map_err(|e| OutboxError::Io(e.to_string()))??;
     let check = outbox.clone();

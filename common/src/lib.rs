@@ -20,6 +20,7 @@ pub mod condition;
 pub mod diag;
 pub mod ids;
 pub mod mask;
+pub mod seal;
 pub mod spec;
 pub mod stage;
 pub mod telemetry;

@@ -48,6 +48,8 @@ pub struct ServeConfig {
     pub keepalive: Duration,
     /// How long shutdown waits for drivers and sessions to stop.
     pub shutdown_grace: Duration,
+    /// Where the key that encrypts secrets at rest comes from.
+    pub state_key: crate::store::StateKey,
 }
 
 impl ServeConfig {
@@ -64,6 +66,7 @@ impl ServeConfig {
             failover_grace: Duration::from_secs(60),
             keepalive: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(10),
+            state_key: crate::store::StateKey::default(),
         }
     }
 }
@@ -86,7 +89,8 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
     let dir = config.data_dir.clone();
-    let store = tokio::task::spawn_blocking(move || SledStore::open(&dir))
+    let state_key = config.state_key.clone();
+    let store = tokio::task::spawn_blocking(move || SledStore::open_keyed(&dir, &state_key))
         .await
         .map_err(|e| StoreError::Io(format!("store task failed: {e}")))??;
     let store: Arc<dyn Store> = Arc::new(store);

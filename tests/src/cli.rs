@@ -11,14 +11,29 @@ const LIMIT: Duration = Duration::from_secs(120);
 /// Runs `bin args` in `dir`; its exit code (-1 when killed by a signal) and its stdout then
 /// stderr. `BATON_COORDINATOR` and `BATON_TOKEN` are removed from its environment.
 pub async fn run(bin: &Path, dir: &Path, args: &[&str]) -> (i32, String) {
+    run_with_env(bin, dir, args, &[]).await
+}
+
+/// [`run`] with `env` added to the command's environment.
+pub async fn run_with_env(
+    bin: &Path,
+    dir: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (i32, String) {
     let (bin, dir) = (bin.to_path_buf(), dir.to_path_buf());
     let args: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
     tokio::task::spawn_blocking(move || {
         let mut child = Command::new(&bin)
             .args(&args)
             .current_dir(&dir)
             .env_remove("BATON_COORDINATOR")
             .env_remove("BATON_TOKEN")
+            .envs(env)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

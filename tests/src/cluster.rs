@@ -129,16 +129,43 @@ pub fn start_coordinator_at(
     listen: &str,
     extra: &[&str],
 ) -> (Proc, String) {
-    let mut child = Command::new(baton)
-        .args(["coordinator", "serve", "--listen", listen, "--data-dir"])
+    let mut cmd = Command::new(baton);
+    cmd.args(["coordinator", "serve", "--listen", listen, "--data-dir"])
         .arg(data_dir)
         .args(extra)
         .env(
             "BATON_LOG",
             std::env::var("BATON_TEST_LOG").unwrap_or_else(|_| "warn".to_owned()),
         )
+        .stderr(Stdio::inherit());
+    spawn_coordinator(cmd)
+}
+
+/// [`start_coordinator`] with its log (at `filter`, e.g. `debug`) written to `log`.
+pub fn start_coordinator_logged(
+    baton: &Path,
+    data_dir: &Path,
+    log: &Path,
+    filter: &str,
+) -> (Proc, String) {
+    let mut cmd = Command::new(baton);
+    cmd.args([
+        "coordinator",
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+    ])
+    .arg(data_dir)
+    .env("BATON_LOG", filter)
+    .stderr(std::fs::File::create(log).expect("the log file"));
+    spawn_coordinator(cmd)
+}
+
+/// Starts a coordinator command; returns it and its URL, read from its first line.
+fn spawn_coordinator(mut cmd: Command) -> (Proc, String) {
+    let mut child = cmd
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
         .spawn()
         .expect("baton coordinator starts");
     let stdout = child.stdout.take().expect("piped stdout");

@@ -75,7 +75,11 @@ pub(super) fn config(
 }
 
 /// Runs the coordinator until SIGINT or SIGTERM.
-pub(super) fn serve(args: &ServeArgs, err: &mut dyn Write) -> std::io::Result<i32> {
+pub(super) fn serve(
+    args: &ServeArgs,
+    state_key: crate::store::StateKey,
+    err: &mut dyn Write,
+) -> std::io::Result<i32> {
     let addr: SocketAddr = match args.listen.parse() {
         Ok(a) => a,
         Err(e) => {
@@ -87,13 +91,14 @@ pub(super) fn serve(args: &ServeArgs, err: &mut dyn Write) -> std::io::Result<i3
             return Ok(EXIT_INVALID);
         }
     };
-    let config = match config(args, addr, err) {
+    let mut config = match config(args, addr, err) {
         Ok(c) => c,
         Err(e) => {
             writeln!(err, "error: {e}")?;
             return Ok(EXIT_INVALID);
         }
     };
+    config.state_key = state_key;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

@@ -33,6 +33,11 @@ pub const EXIT_INVALID: i32 = 2;
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// The file holding the key that encrypts secrets in the state directory (64 hex
+    /// digits). Else BATON_STATE_KEY (the key itself), else BATON_STATE_KEY_FILE, else
+    /// `state.key` in the state directory, generated on first use.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub state_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -490,6 +495,18 @@ pub fn run(
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> std::io::Result<i32> {
+    let key = crate::store::StateKey::resolve(&env, cli.state_key_file);
+    // Diagnostics in the CLI's own commands only when asked for (the service sets up its own,
+    // with span export): progress and results stay the only output otherwise.
+    let serving = matches!(
+        cli.command,
+        Command::Coordinator(CoordinatorCommand::Serve(_))
+    );
+    if env.contains_key("BATON_LOG") && !serving {
+        if let Err(e) = baton_common::telemetry::init("baton", None) {
+            writeln!(err, "warning: {e}")?;
+        }
+    }
     match cli.command {
         Command::Stages(StagesCommand::Validate(a)) if a.remote.coordinator.is_some() => {
             remote::validate(&a, &a.remote, out, err)
@@ -500,7 +517,7 @@ pub fn run(
             if a.remote.coordinator.is_some() {
                 remote::up(&a, &a.remote, a.detach, out, err)
             } else {
-                stages::up(&a, env, out, err)
+                stages::up(&a, env, &key, out, err)
             }
         }
         Command::Stages(StagesCommand::Down(mut a)) if a.remote.coordinator.is_some() => {
@@ -509,12 +526,12 @@ pub fn run(
         }
         Command::Stages(StagesCommand::Down(mut a)) => {
             a.spec.provided = a.set.iter().map(|(k, _)| k.clone()).collect();
-            stages::down(&a, env, out, err)
+            stages::down(&a, env, &key, out, err)
         }
         Command::Stages(StagesCommand::Status(a)) if a.remote.coordinator.is_some() => {
             remote::status(&a, out, err)
         }
-        Command::Stages(StagesCommand::Status(a)) => stages::status(&a, out, err),
+        Command::Stages(StagesCommand::Status(a)) => stages::status(&a, &key, out, err),
         Command::Stages(StagesCommand::Graph(a)) => graph::run(&a, out, err),
         Command::Demo(a) => demo::run(&a, env, out, err),
         Command::Up(a) => {
@@ -530,7 +547,7 @@ pub fn run(
                 remote: RemoteArgs::default(),
                 detach: false,
             };
-            stages::up(&up, env, out, err)
+            stages::up(&up, env, &key, out, err)
         }
         Command::Down(a) => {
             let down = DownArgs {
@@ -546,7 +563,7 @@ pub fn run(
                 set: a.set,
                 remote: RemoteArgs::default(),
             };
-            stages::down(&down, env, out, err)
+            stages::down(&down, env, &key, out, err)
         }
         Command::Status(a) => {
             let status = StatusArgs {
@@ -555,16 +572,16 @@ pub fn run(
                 verbose: a.verbose,
                 state_dir: a.state_dir,
             };
-            stages::status(&status, out, err)
+            stages::status(&status, &key, out, err)
         }
         Command::Runs(RunsCommand::Resume { state, set }) => {
-            stages::resume(&state, set, env, out, err)
+            stages::resume(&state, set, env, &key, out, err)
         }
         Command::Runs(RunsCommand::List { remote, output, .. }) if remote.coordinator.is_some() => {
             remote::runs_list(&remote, output, out, err)
         }
         Command::Runs(RunsCommand::List { state, output, .. }) => {
-            stages::runs(&state, None, output, out, err)
+            stages::runs(&state, &key, None, output, out, err)
         }
         Command::Runs(RunsCommand::Show {
             run,
@@ -575,7 +592,7 @@ pub fn run(
             remote::runs_watch(&remote, run, 0, false, output, out, err)
         }
         Command::Runs(RunsCommand::Show { run, state, .. }) => {
-            stages::runs(&state, Some(run), OutputFormat::Text, out, err)
+            stages::runs(&state, &key, Some(run), OutputFormat::Text, out, err)
         }
         Command::Runs(RunsCommand::Watch {
             run,
@@ -600,7 +617,7 @@ pub fn run(
         }
         Command::Runs(RunsCommand::Logs {
             run, stage, state, ..
-        }) => stages::logs(&state, run, stage.as_deref(), out, err),
+        }) => stages::logs(&state, &key, run, stage.as_deref(), out, err),
         Command::Runs(RunsCommand::Cancel { run, remote }) => with_coordinator(
             &remote,
             "runs cancel",
@@ -637,7 +654,7 @@ pub fn run(
             |r, out, err| remote::agents_list(r, output, out, err),
             out,
         ),
-        Command::Coordinator(CoordinatorCommand::Serve(a)) => coordinator::serve(&a, err),
+        Command::Coordinator(CoordinatorCommand::Serve(a)) => coordinator::serve(&a, key, err),
         Command::Coordinator(CoordinatorCommand::Health { remote }) => {
             with_coordinator(&remote, "coordinator health", err, remote::health, out)
         }

@@ -16,7 +16,7 @@ use crate::runner::in_process::InProcessRunner;
 pub(super) use crate::runs::{describe_selection, interrupted_run, project_key, StoreHistory};
 use crate::runs::{RunOutcome, Runs, RunsError, Submission, Submitted};
 use crate::scheduler::driver::{PlannedFiles, RunDirection};
-use crate::store::{EventKind, EventRecord, RunStatus, SledStore, StageKey, Store};
+use crate::store::{EventKind, EventRecord, RunStatus, SledStore, StageKey, StateKey, Store};
 
 /// Where a project's state lives unless `--state-dir` says otherwise.
 pub(super) fn default_state_dir(stages_file: &Path) -> PathBuf {
@@ -27,9 +27,10 @@ pub(super) fn default_state_dir(stages_file: &Path) -> PathBuf {
 
 pub(super) fn open_store(
     dir: &Path,
+    state_key: &StateKey,
     err: &mut dyn Write,
 ) -> std::io::Result<Option<Arc<SledStore>>> {
-    match SledStore::open(dir) {
+    match SledStore::open_keyed(dir, state_key) {
         Ok(s) => Ok(Some(Arc::new(s))),
         Err(e) => {
             writeln!(err, "error: {e}")?;

@@ -14,6 +14,7 @@ use super::{
 };
 use crate::planner::{self, NoHistory, Plan, PlanError, Selection};
 use crate::scheduler::driver::PlannedFiles;
+use crate::store::StateKey;
 
 /// Loads the project and runs the graph checks: the whole of validation.
 pub(super) fn load_and_check(spec: &SpecArgs) -> (Option<Project>, Diagnostics) {
@@ -188,18 +189,20 @@ struct DryRunReport<'a> {
 pub(super) fn up(
     args: &UpArgs,
     env: BTreeMap<String, String>,
+    state_key: &StateKey,
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> std::io::Result<i32> {
-    up_with(args, env, None, out, err)
+    up_with(args, env, Err(state_key), out, err)
 }
 
-/// `up` with the store already open (sled releases its lock only some time after a close, so
-/// a command that looked at the store first passes it on instead of reopening it).
+/// `up` with the store already open (`Ok`; sled releases its lock only some time after a
+/// close, so a command that looked at the store first passes it on instead of reopening it),
+/// or the key to open it with (`Err`).
 fn up_with(
     args: &UpArgs,
     env: BTreeMap<String, String>,
-    opened: Option<std::sync::Arc<crate::store::SledStore>>,
+    opened: Result<std::sync::Arc<crate::store::SledStore>, &StateKey>,
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> std::io::Result<i32> {
@@ -215,15 +218,13 @@ fn up_with(
         .unwrap_or_else(|| run::default_state_dir(&project.stages_file));
     let key = run::project_key(&project.stages_file);
     // A dry run reads history when there is some, and never creates the state directory.
-    let store = if opened.is_some() {
-        opened
-    } else if args.dry_run && !state_dir.exists() {
-        None
-    } else {
-        match run::open_store(&state_dir, err)? {
+    let store = match opened {
+        Ok(store) => Some(store),
+        Err(_) if args.dry_run && !state_dir.exists() => None,
+        Err(state_key) => match run::open_store(&state_dir, state_key, err)? {
             Some(s) => Some(s),
             None => return Ok(EXIT_INVALID),
-        }
+        },
     };
     let planned = match &store {
         Some(s) => match run::StoreHistory::of(s.as_ref(), &key, &project) {
@@ -304,14 +305,21 @@ fn up_with(
 
 pub(super) fn status(
     args: &StatusArgs,
+    state_key: &StateKey,
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> std::io::Result<i32> {
-    let (project, _, store) =
-        match project_with_state(&args.spec, &args.state_dir, "nothing has run yet", out, err)? {
-            Ok(found) => found,
-            Err(code) => return Ok(code),
-        };
+    let (project, _, store) = match project_with_state(
+        &args.spec,
+        &args.state_dir,
+        state_key,
+        "nothing has run yet",
+        out,
+        err,
+    )? {
+        Ok(found) => found,
+        Err(code) => return Ok(code),
+    };
     run::status(
         &project,
         store.as_ref(),
@@ -324,13 +332,14 @@ pub(super) fn status(
 
 pub(super) fn runs(
     args: &StateArgs,
+    state_key: &StateKey,
     id: Option<u64>,
     output: OutputFormat,
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> std::io::Result<i32> {
     let stages_file = baton_common::spec::normalize(&args.config);
-    let Some(store) = existing_store(args, &stages_file, err)? else {
+    let Some(store) = existing_store(args, state_key, &stages_file, err)? else {
         return Ok(EXIT_INVALID);
     };
     match id {
@@ -342,13 +351,14 @@ pub(super) fn runs(
 /// `runs logs RUN` on the stages file's state directory.
 pub(super) fn logs(
     args: &StateArgs,
+    state_key: &StateKey,
     run: u64,
     stage: Option<&str>,
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> std::io::Result<i32> {
     let stages_file = baton_common::spec::normalize(&args.config);
-    let Some(store) = existing_store(args, &stages_file, err)? else {
+    let Some(store) = existing_store(args, state_key, &stages_file, err)? else {
         return Ok(EXIT_INVALID);
     };
     run::runs_logs(store.as_ref(), run, stage, out, err)
@@ -357,12 +367,14 @@ pub(super) fn logs(
 pub(super) fn down(
     args: &DownArgs,
     env: BTreeMap<String, String>,
+    state_key: &StateKey,
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> std::io::Result<i32> {
     let (project, files, store) = match project_with_state(
         &args.spec,
         &args.state_dir,
+        state_key,
         "nothing has run, nothing to roll back",
         out,
         err,
@@ -436,12 +448,13 @@ pub(super) fn resume(
     args: &StateArgs,
     set: Vec<(String, String)>,
     env: BTreeMap<String, String>,
+    state_key: &StateKey,
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> std::io::Result<i32> {
     let stages_file = baton_common::spec::normalize(&args.config);
     let key = run::project_key(&stages_file);
-    let Some(store) = existing_store(args, &stages_file, err)? else {
+    let Some(store) = existing_store(args, state_key, &stages_file, err)? else {
         return Ok(EXIT_INVALID);
     };
     let Some(run) = run::interrupted_run(store.as_ref(), &key).ok().flatten() else {
@@ -477,7 +490,7 @@ pub(super) fn resume(
         remote: super::RemoteArgs::default(),
         detach: false,
     };
-    up_with(&up, env, Some(store), out, err)
+    up_with(&up, env, Ok(store), out, err)
 }
 
 /// Resumes an interrupted down run (`stages down`, or the rollback of a failed run) as it
@@ -599,6 +612,7 @@ fn selection_of(stage: &[String], from: &Option<String>, to: &Option<String>) ->
 fn project_with_state(
     spec: &SpecArgs,
     state_dir: &Option<std::path::PathBuf>,
+    state_key: &StateKey,
     no_state: &str,
     out: &mut dyn Write,
     err: &mut dyn Write,
@@ -624,7 +638,7 @@ fn project_with_state(
         writeln!(out, "no state in {}: {no_state}", state_dir.display())?;
         return Ok(Err(EXIT_OK));
     }
-    match run::open_store(&state_dir, err)? {
+    match run::open_store(&state_dir, state_key, err)? {
         Some(store) => Ok(Ok((project, files, store))),
         None => Ok(Err(EXIT_INVALID)),
     }
@@ -634,6 +648,7 @@ fn project_with_state(
 /// it cannot be opened.
 fn existing_store(
     args: &StateArgs,
+    state_key: &StateKey,
     stages_file: &std::path::Path,
     err: &mut dyn Write,
 ) -> std::io::Result<Option<std::sync::Arc<crate::store::SledStore>>> {
@@ -649,5 +664,5 @@ fn existing_store(
         )?;
         return Ok(None);
     }
-    run::open_store(&state_dir, err)
+    run::open_store(&state_dir, state_key, err)
 }

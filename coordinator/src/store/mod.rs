@@ -17,6 +17,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+pub use baton_common::seal::StateKey;
 pub use memory::MemoryStore;
 pub use sled_store::SledStore;
 

@@ -17,6 +17,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use baton_common::seal::{Sealer, StateKey};
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 
 use super::{
@@ -118,6 +119,11 @@ impl SledStore {
     /// Opens (creating if needed) the store in `dir`. A second process on the same directory
     /// is refused with [`StoreError::Locked`].
     pub fn open(dir: &Path) -> Result<SledStore, StoreError> {
+        SledStore::open_keyed(dir, &StateKey::default())
+    }
+
+    /// [`SledStore::open`] with the state key from `key` (see [`StateKey`]).
+    pub fn open_keyed(dir: &Path, key: &StateKey) -> Result<SledStore, StoreError> {
         let shown = dir.display().to_string();
         std::fs::create_dir_all(dir).map_err(|e| open_error(&shown, &e))?;
         let db = sled::Config::new()
@@ -152,10 +158,10 @@ impl SledStore {
             what: "its id".to_owned(),
             message,
         })?;
-        let sealer = Sealer::for_store(dir, &db, &meta).map_err(|message| StoreError::Open {
+        let sealer = open_sealer(dir, key, &db, &meta).map_err(|message| StoreError::Open {
             dir: shown.clone(),
             message,
-            hint: "give the key this state was written with (BATON_STATE_KEY, BATON_STATE_KEY_FILE, or the directory's state.key); nothing was changed".to_owned(),
+            hint: "give the key this state was written with (--state-key-file, BATON_STATE_KEY, BATON_STATE_KEY_FILE, or the directory's state.key); nothing was changed".to_owned(),
         })?;
         let store = SledStore {
             group: std::sync::Arc::default(),
@@ -263,142 +269,21 @@ impl SledStore {
     }
 }
 
-/// The first byte of an encrypted value: then a 12-byte nonce, then ChaCha20-Poly1305
-/// ciphertext with its tag.
-const SEALED: u8 = 0xB2;
-
-/// Encryption at rest for values that may hold secrets (ChaCha20-Poly1305 from `ring`, the
-/// AEAD already vetted for rustls). The key: `BATON_STATE_KEY` (64 hex digits), else the file
-/// `BATON_STATE_KEY_FILE` names, else `DIR/state.key`, generated on first open (0600). A
-/// check value in `meta` tells a wrong key at open, before anything is read or written.
-pub(crate) struct Sealer {
-    key: ring::aead::LessSafeKey,
-    rng: ring::rand::SystemRandom,
-}
-
-impl std::fmt::Debug for Sealer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Sealer")
+/// The store's [`Sealer`]: the key check in `meta` is verified, or written (and flushed) for
+/// a new store.
+fn open_sealer(
+    dir: &Path,
+    key: &StateKey,
+    db: &sled::Db,
+    meta: &sled::Tree,
+) -> Result<Sealer, String> {
+    let check = meta.get(b"key_check").map_err(|e| e.to_string())?;
+    let (sealer, new_check) = Sealer::for_store(dir, key, check.as_deref())?;
+    if let Some(c) = new_check {
+        meta.insert(b"key_check", c).map_err(|e| e.to_string())?;
+        db.flush().map_err(|e| e.to_string())?;
     }
-}
-
-const KEY_CHECK: &[u8] = b"baton state key check";
-
-impl Sealer {
-    fn for_store(dir: &Path, db: &sled::Db, meta: &sled::Tree) -> Result<Sealer, String> {
-        let key = state_key(dir)?;
-        let unbound = ring::aead::UnboundKey::new(&ring::aead::CHACHA20_POLY1305, &key)
-            .map_err(|_| "the state key is not 32 bytes".to_owned())?;
-        let sealer = Sealer {
-            key: ring::aead::LessSafeKey::new(unbound),
-            rng: ring::rand::SystemRandom::new(),
-        };
-        match meta.get(b"key_check").map_err(|e| e.to_string())? {
-            Some(check) => {
-                match sealer.open(&check) {
-                    Ok(plain) if plain.as_ref() == KEY_CHECK => {}
-                    _ => return Err(
-                        "the state key does not open this state (it was written with another key)"
-                            .to_owned(),
-                    ),
-                }
-            }
-            None => {
-                meta.insert(b"key_check", sealer.seal(KEY_CHECK))
-                    .map_err(|e| e.to_string())?;
-                db.flush().map_err(|e| e.to_string())?;
-            }
-        }
-        Ok(sealer)
-    }
-
-    fn seal(&self, plain: &[u8]) -> Vec<u8> {
-        use ring::rand::SecureRandom;
-        let mut nonce = [0u8; 12];
-        // The system's random source failing is not recoverable here; a zero nonce would
-        // repeat, so fail loudly instead of writing.
-        if self.rng.fill(&mut nonce).is_err() {
-            panic!("no random source for a nonce");
-        }
-        let mut data = plain.to_vec();
-        // Sealing in place cannot fail for inputs this size.
-        let _ = self.key.seal_in_place_append_tag(
-            ring::aead::Nonce::assume_unique_for_key(nonce),
-            ring::aead::Aad::empty(),
-            &mut data,
-        );
-        let mut out = Vec::with_capacity(1 + 12 + data.len());
-        out.push(SEALED);
-        out.extend_from_slice(&nonce);
-        out.extend_from_slice(&data);
-        out
-    }
-
-    /// The plain bytes of a sealed value; a value written before encryption, as it is.
-    fn open<'a>(&self, bytes: &'a [u8]) -> Result<std::borrow::Cow<'a, [u8]>, String> {
-        if bytes.first() != Some(&SEALED) {
-            return Ok(std::borrow::Cow::Borrowed(bytes));
-        }
-        if bytes.len() < 1 + 12 + 16 {
-            return Err("an encrypted value is cut short".to_owned());
-        }
-        let mut nonce = [0u8; 12];
-        nonce.copy_from_slice(&bytes[1..13]);
-        let mut data = bytes[13..].to_vec();
-        let plain = self
-            .key
-            .open_in_place(
-                ring::aead::Nonce::assume_unique_for_key(nonce),
-                ring::aead::Aad::empty(),
-                &mut data,
-            )
-            .map_err(|_| {
-                "an encrypted value does not decrypt (damaged, or another key)".to_owned()
-            })?;
-        Ok(std::borrow::Cow::Owned(plain.to_vec()))
-    }
-}
-
-/// The 32-byte state key (see [`Sealer`]).
-fn state_key(dir: &Path) -> Result<Vec<u8>, String> {
-    let parse = |text: &str, from: &str| -> Result<Vec<u8>, String> {
-        let t = text.trim();
-        if t.len() != 64 || !t.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(format!("{from} must be 64 hex digits (32 bytes)"));
-        }
-        Ok((0..32)
-            .map(|i| u8::from_str_radix(&t[2 * i..2 * i + 2], 16).unwrap_or(0))
-            .collect())
-    };
-    if let Ok(k) = std::env::var("BATON_STATE_KEY") {
-        return parse(&k, "BATON_STATE_KEY");
-    }
-    let file = match std::env::var_os("BATON_STATE_KEY_FILE") {
-        Some(f) => PathBuf::from(f),
-        None => dir.join("state.key"),
-    };
-    match std::fs::read_to_string(&file) {
-        Ok(text) => parse(&text, &file.display().to_string()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && file == dir.join("state.key") => {
-            use std::io::Write;
-            use std::os::unix::fs::OpenOptionsExt;
-            let mut key = [0u8; 32];
-            ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key)
-                .map_err(|_| "no random source for a state key".to_owned())?;
-            let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&file)
-                .map_err(|e| format!("cannot create {}: {e}", file.display()))?;
-            f.write_all(hex.as_bytes())
-                .and_then(|()| f.sync_all())
-                .map_err(|e| format!("cannot write {}: {e}", file.display()))?;
-            Ok(key.to_vec())
-        }
-        Err(e) => Err(format!("cannot read the state key {}: {e}", file.display())),
-    }
+    Ok(sealer)
 }
 
 /// The file beside the store that says how much was durable.
