@@ -925,3 +925,82 @@ async fn an_imported_secret_stays_secret() {
     assert!(shown.contains("connecting with ***"), "{shown}");
     assert!(!shown.contains("imported-pw-7731"), "{shown}");
 }
+
+/// An automatic rollback (`rollback_on_failure`) killed half-way is a down run like any
+/// other: `stages up` refuses until it is resumed, and `runs resume` finishes it, re-sending
+/// the step in flight with its key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_rollback_is_resumed_not_forgotten() {
+    let target = Target::start().await;
+    target.answer_unscripted_like_a_cloud();
+    target.on("POST", "/fail", vec![Reply::json(400, json!({}))]);
+    target.on(
+        "DELETE",
+        "/x/2",
+        vec![Reply::json(200, json!({})).delayed(std::time::Duration::from_secs(3))],
+    );
+    let dir = baton_e2e::files::temp_dir("local-rollback-resume");
+    baton_e2e::files::write(
+        &dir.join("stages.yaml"),
+        "stages:\n  - name: s\n    config_path: s/config.yaml\nglobal:\n  env:\n    api: http://127.0.0.1:9\n  rollback_on_failure: true\n",
+    );
+    baton_e2e::files::write(&dir.join("s/config.yaml"), "migrate_dir: migration\n");
+    for v in 1..=2 {
+        baton_e2e::files::write(
+            &dir.join(format!("s/migration/00{v}_x.yaml")),
+            &format!("up:\n  request:\n    method: PUT\n    url: '{{{{.api}}}}/x/{v}'\ndown:\n  method: DELETE\n  url: '{{{{.api}}}}/x/{v}'\n"),
+        );
+    }
+    baton_e2e::files::write(
+        &dir.join("s/migration/003_fail.yaml"),
+        "up:\n  request:\n    method: POST\n    url: '{{.api}}/fail'\n",
+    );
+    let set = format!("api={}", target.url());
+    let (d, s, log) = (dir.clone(), set.clone(), target.clone_handle());
+    tokio::task::spawn_blocking(move || {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_baton"))
+            .args(["stages", "up", "--set", &s])
+            .current_dir(&d)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        baton_e2e::cluster::wait_for(
+            "the rollback's slow DELETE",
+            std::time::Duration::from_secs(30),
+            || !log.requests_to("DELETE", "/x/2").is_empty(),
+        );
+        child.kill().unwrap();
+        child.wait().unwrap();
+    })
+    .await
+    .unwrap();
+
+    let mut refused = (0, String::new());
+    for _ in 0..100 {
+        refused = baton(&dir, &["stages", "up", "--set", &set]).await;
+        if !refused.1.contains("in use by another baton process") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(refused.0, 2, "{}", refused.1);
+    assert!(refused.1.contains("was interrupted"), "{}", refused.1);
+    assert!(
+        target.requests_to("PUT", "/x/1").len() == 1,
+        "nothing re-applied"
+    );
+
+    let (code, out) = baton(&dir, &["runs", "resume", "--set", &set]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("resuming run 2"), "{out}");
+    let second = target.requests_to("DELETE", "/x/2");
+    assert_eq!(second.len(), 2, "{out}");
+    assert_eq!(
+        second[0].header("idempotency-key"),
+        second[1].header("idempotency-key")
+    );
+    assert_eq!(target.requests_to("DELETE", "/x/1").len(), 1, "{out}");
+    let (_, status) = baton(&dir, &["stages", "status"]).await;
+    assert!(status.contains("s: 0 applied, 3 pending"), "{status}");
+}
