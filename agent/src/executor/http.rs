@@ -43,7 +43,9 @@ pub(super) async fn run_request(
 ) -> Result<BTreeMap<String, String>, StepError> {
     let prepared = prepare(ctx, m, req, vars, direction, role).await?;
     let (status, body) = send(ctx, m.version, &prepared, retry).await?;
-    let ok = if response.result_code.is_empty() {
+    let ok = if response.any_status {
+        true
+    } else if response.result_code.is_empty() {
         (200..300).contains(&status)
     } else {
         response.result_code.contains(&status)
@@ -218,10 +220,15 @@ async fn prepare(
             }
         }
     };
-    if json && !headers.contains_key(reqwest::header::CONTENT_TYPE) {
+    // A body's type unless the step set one: JSON, or (apirun's behaviour) plain UTF-8 text.
+    if body.is_some() && !headers.contains_key(reqwest::header::CONTENT_TYPE) {
         headers.insert(
             reqwest::header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
+            HeaderValue::from_static(if json {
+                "application/json"
+            } else {
+                "text/plain; charset=utf-8"
+            }),
         );
     }
     if let Some(h) = auth_header {
@@ -531,14 +538,15 @@ fn extract(response: &ResponseSpec, body: &[u8]) -> Result<BTreeMap<String, Stri
 }
 
 /// The value at a gjson path as text: strings raw, numbers exactly as written, booleans as
-/// `true`/`false`, objects and arrays as compact JSON; `None` when absent or null.
+/// `true`/`false`, objects and arrays as compact JSON, `null` as the empty string (as apirun
+/// extracts it); `None` when absent.
 pub fn json_value(json: &str, path: &str) -> Option<String> {
     let v = gjson::get(json, path);
     if !v.exists() {
         return None;
     }
     match v.kind() {
-        gjson::Kind::Null => None,
+        gjson::Kind::Null => Some(String::new()),
         gjson::Kind::String => Some(v.str().to_owned()),
         gjson::Kind::Number => Some(v.json().trim().to_owned()),
         gjson::Kind::True => Some("true".to_owned()),
@@ -691,7 +699,8 @@ mod tests {
             json_value(doc, "vpc.subnets.1").as_deref(),
             Some(r#"{"id":"s-2"}"#)
         );
-        assert_eq!(json_value(doc, "n"), None);
+        // apirun extracts a JSON null as the empty string.
+        assert_eq!(json_value(doc, "n").as_deref(), Some(""));
         assert_eq!(json_value(doc, "nope"), None);
     }
 

@@ -373,11 +373,19 @@ fn prepare<'a>(
         .set(Layer::Imported, task.vars.from_stages.clone());
     let base = layers.flatten(vars::STAGE);
     // Every value a secret name has now or had in the stage's history (a rotated key's old
-    // value stays masked too).
+    // value stays masked too), and the values migrations and their steps set themselves.
+    let own_env = task.migrations.iter().flat_map(|m| {
+        m.env
+            .iter()
+            .chain(m.up.iter().flat_map(|s| &s.env))
+            .chain(m.down.iter().flat_map(|s| &s.env))
+            .map(|e| (&e.name.value, &e.value))
+    });
     let mut secret_values: Vec<(&String, &String)> = Vec::new();
     for (name, value) in base
         .iter()
         .chain(task.applied.iter().flat_map(|a| a.vars.iter()))
+        .chain(own_env)
     {
         if task.is_secret(name) && !secret_values.contains(&(name, value)) {
             secret_values.push((name, value));
@@ -416,14 +424,15 @@ fn prepare<'a>(
     })
 }
 
-/// The variables in scope for a migration (see `baton_common::vars`): the stage's layers,
-/// everything extracted by earlier migrations (those up to `upto` when rolling back), then
-/// the migration's own `env`.
+/// The variables in scope for a migration's step (see `baton_common::vars`): the stage's
+/// layers, everything extracted by earlier migrations (those up to `upto` when rolling back),
+/// then the migration's own `env`, then the step's (`up.env`, `down.env`).
 fn scope_for(
     ctx: &StageCtx<'_>,
     extracted: &BTreeMap<u64, BTreeMap<String, String>>,
     upto: Option<u64>,
     m: &MigrationSpec,
+    step: &StepSpec,
 ) -> BTreeMap<String, String> {
     let mut earlier = BTreeMap::new();
     for (version, e) in extracted {
@@ -436,6 +445,7 @@ fn scope_for(
         Layer::MigrationEnv,
         m.env
             .iter()
+            .chain(&step.env)
             .map(|e| (e.name.value.clone(), e.value.clone()))
             .collect(),
     );
@@ -471,10 +481,10 @@ async fn run_up(
         if ctx.cancel.is_cancelled() {
             return Err(StepError::Cancelled);
         }
-        let vars = scope_for(ctx, extracted, None, m);
         let step = m.up.as_ref().ok_or_else(|| {
             StepError::failed(format!("{}: migration has no `up` step", m.file.display()))
         })?;
+        let vars = scope_for(ctx, extracted, None, m, step);
         let span =
             tracing::info_span!("migration", version = m.version, name = %m.name, direction = "up");
         let got =
@@ -551,7 +561,7 @@ async fn run_down(
         if ctx.cancel.is_cancelled() {
             return Err(StepError::Cancelled);
         }
-        let vars = scope_for(ctx, extracted, Some(m.version), m);
+        let vars = scope_for(ctx, extracted, Some(m.version), m, step);
         let span = tracing::info_span!("migration", version = m.version, name = %m.name, direction = "down");
         let step = run_step(
             ctx,

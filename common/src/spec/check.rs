@@ -129,10 +129,13 @@ pub(super) fn variables(
             let mut r = Reader::new(&m.file, text, diags);
             let own = with_names(&mut scope, m.env.iter().map(|e| e.name.value.as_str()));
             if let Some(up) = &m.up {
+                let step = with_names(&mut scope, up.env.iter().map(|e| e.name.value.as_str()));
                 check_step(&mut r, stage, up, &scope, &auth_names);
+                without(&mut scope, step);
             }
             if let Some(down) = &m.down {
-                // Down sees what its own up extracted, and what `find` extracts.
+                // Down sees its own `env`, what its up extracted, and what `find` extracts.
+                let step = with_names(&mut scope, down.env.iter().map(|e| e.name.value.as_str()));
                 let ups = with_names(&mut scope, m.exports());
                 if let Some(find) = &down.find {
                     check_step(&mut r, stage, find, &scope, &auth_names);
@@ -146,6 +149,7 @@ pub(super) fn variables(
                 check_step(&mut r, stage, down, &scope, &auth_names);
                 without(&mut scope, finds);
                 without(&mut scope, ups);
+                without(&mut scope, step);
             }
             without(&mut scope, own);
             scope.extend(m.exports());

@@ -120,7 +120,7 @@ pub(crate) fn read(
 }
 
 fn read_step(r: &mut Reader<'_>, node: &Node, which: &str, is_down: bool) -> Option<StepSpec> {
-    let mut known: Vec<&str> = vec!["name", "request", "response", "command"];
+    let mut known: Vec<&str> = vec!["name", "request", "response", "command", "env"];
     if is_down {
         // The flat down form and `find`, as apirun's files use them.
         known.extend_from_slice(&["find", "auth"]);
@@ -134,6 +134,7 @@ fn read_step(r: &mut Reader<'_>, node: &Node, which: &str, is_down: bool) -> Opt
         action: None,
         response: ResponseSpec::default(),
         find: None,
+        env: Vec::new(),
         pos: node.pos,
     };
     let mut request = None;
@@ -148,6 +149,7 @@ fn read_step(r: &mut Reader<'_>, node: &Node, which: &str, is_down: bool) -> Opt
                     read_response(r, v, &format!("{which}.response")).unwrap_or_default()
             }
             "command" => command = read_command(r, v),
+            "env" => step.env = read_env_map(r, v, &format!("{which}.env")),
             "find" if is_down => step.find = read_step(r, v, "down.find", false).map(Box::new),
             "auth" if is_down => auth = r.name(v, "down.auth"),
             _ => {}
@@ -376,6 +378,10 @@ fn read_response(r: &mut Reader<'_>, node: &Node, what: &str) -> Option<Response
         match k.key_str() {
             "result_code" => {
                 let items: Vec<&Node> = match &v.value {
+                    Value::Seq(items) if items.is_empty() => {
+                        resp.any_status = true;
+                        Vec::new()
+                    }
                     Value::Seq(items) => items.iter().collect(),
                     Value::Scalar(..) => vec![v],
                     _ => {

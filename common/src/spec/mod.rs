@@ -374,6 +374,8 @@ pub struct StepSpec {
     pub response: ResponseSpec,
     /// `down.find`: a lookup whose extracted variables are in scope for the down request.
     pub find: Option<Box<StepSpec>>,
+    /// `up.env` / `down.env`: variables for this step only, over the migration's `env`.
+    pub env: Vec<EnvEntry>,
     pub pos: Pos,
 }
 
@@ -418,8 +420,10 @@ pub enum JsonTemplate {
 
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ResponseSpec {
-    /// Accepted status codes; empty means any 2xx.
+    /// Accepted status codes; empty means any 2xx, unless `any_status`.
     pub result_code: Vec<u16>,
+    /// `result_code: []` written out: any status is accepted (apirun's documented meaning).
+    pub any_status: bool,
     /// Variable name to gjson path.
     pub env_from: Vec<(Located<String>, String)>,
     pub env_missing: EnvMissing,

@@ -1,0 +1,98 @@
+//! Files written in the forms apirun documents run unchanged (issue 12, section 1): each test
+//! writes a project the way apirun's docs show it, runs the real `baton` binary against a
+//! recording target, and checks what the target received.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+
+use baton_e2e::files::write;
+use baton_e2e::target::{Reply, Target};
+use serde_json::json;
+
+async fn baton(dir: &Path, args: &[&str]) -> (i32, String) {
+    baton_e2e::cli::run(Path::new(env!("CARGO_BIN_EXE_baton")), dir, args).await
+}
+
+fn one_stage(dir: &Path) {
+    write(
+        &dir.join("stages.yaml"),
+        "stages:\n  - name: s\n    config_path: s/config.yaml\nglobal:\n  env:\n    api: http://127.0.0.1:9\n",
+    );
+    write(&dir.join("s/config.yaml"), "migrate_dir: migration\n");
+}
+
+/// `up.env` and `down.env` are step-scoped variables over the migration's `env`; validation
+/// knows them (no "unknown key", no undefined variable), and a secret-named one is masked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn step_scoped_env() {
+    let target = Target::start().await;
+    target.answer_unscripted_like_a_cloud();
+    let dir = baton_e2e::files::temp_dir("apirun-step-env");
+    one_stage(&dir);
+    write(
+        &dir.join("s/migration/001_item.yaml"),
+        "env:\n  kind: widget\n  tier: base\nup:\n  env:\n    tier: gold\n    api_token: step-token-9931\n  request:\n    method: POST\n    url: '{{.api}}/items/{{.kind}}'\n    headers:\n      - name: Authorization\n        value: 'Bearer {{.api_token}}'\n    body:\n      tier: '{{.tier}}'\ndown:\n  env:\n    reason: cleanup\n  method: DELETE\n  url: '{{.api}}/items/{{.kind}}'\n  queries:\n    reason: '{{.reason}}'\n    tier: '{{.tier}}'\n",
+    );
+    let (code, out) = baton(&dir, &["stages", "validate"]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(!out.contains("unknown key"), "{out}");
+    let set = format!("api={}", target.url());
+    let (code, out) = baton(&dir, &["stages", "up", "--set", &set]).await;
+    assert_eq!(code, 0, "{out}");
+    let post = &target.requests_to("POST", "/items/widget")[0];
+    assert_eq!(
+        post.json()["tier"],
+        "gold",
+        "up.env overrides the migration's env"
+    );
+    assert_eq!(post.header("authorization"), Some("Bearer step-token-9931"));
+    let (_, shown) = baton(&dir, &["runs", "show", "1"]).await;
+    assert!(
+        !format!("{out}{shown}").contains("step-token-9931"),
+        "{out}{shown}"
+    );
+    let (code, out) = baton(&dir, &["stages", "down", "--yes", "--set", &set]).await;
+    assert_eq!(code, 0, "{out}");
+    let delete = &target.requests_to("DELETE", "/items/widget")[0];
+    // down.env is in scope for down; up.env is not (down sees the migration's `tier`).
+    assert_eq!(delete.query, "reason=cleanup&tier=base", "{out}");
+}
+
+/// `result_code: []` accepts any status; a JSON `null` extracts as the empty string; a plain
+/// text body is sent as `text/plain; charset=utf-8`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_status_null_values_and_text_bodies() {
+    let target = Target::start().await;
+    target.on(
+        "POST",
+        "/probe",
+        vec![Reply::json(404, json!({"id": null, "name": "n1"}))],
+    );
+    target.answer_unscripted_like_a_cloud();
+    let dir = baton_e2e::files::temp_dir("apirun-any-status");
+    one_stage(&dir);
+    write(
+        &dir.join("s/migration/001_probe.yaml"),
+        "up:\n  request:\n    method: POST\n    url: '{{.api}}/probe'\n    body: 'hello {{.api}}'\n  response:\n    result_code: []\n    env_missing: fail\n    env_from:\n      probe_id: id\n      probe_name: name\n",
+    );
+    write(
+        &dir.join("s/migration/002_use.yaml"),
+        "up:\n  request:\n    method: PUT\n    url: '{{.api}}/use'\n    body:\n      id: '[{{.probe_id}}]'\n      name: '{{.probe_name}}'\n",
+    );
+    let set = format!("api={}", target.url());
+    let (code, out) = baton(&dir, &["stages", "up", "--set", &set]).await;
+    assert_eq!(code, 0, "a 404 under `result_code: []` is accepted:\n{out}");
+    let probe = &target.requests_to("POST", "/probe")[0];
+    assert_eq!(
+        probe.header("content-type"),
+        Some("text/plain; charset=utf-8")
+    );
+    let used = target.requests_to("PUT", "/use")[0].json();
+    assert_eq!(used["id"], "[]", "null extracts as the empty string");
+    assert_eq!(used["name"], "n1");
+    assert_eq!(
+        target.requests_to("PUT", "/use")[0].header("content-type"),
+        Some("application/json")
+    );
+}
