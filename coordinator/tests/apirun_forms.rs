@@ -96,3 +96,48 @@ async fn any_status_null_values_and_text_bodies() {
         Some("application/json")
     );
 }
+
+/// Conditions: `env "KEY"` reads global.env first, then the process environment; `contains`
+/// exists; an unknown function is a validation error (nothing runs), not a run-time failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn condition_functions() {
+    let target = Target::start().await;
+    target.answer_unscripted_like_a_cloud();
+    let dir = baton_e2e::files::temp_dir("apirun-conditions");
+    let stages = |extra: &str| {
+        format!(
+            "stages:\n  - name: by_env\n    config_path: s/config.yaml\n    condition: '{{{{ eq (env \"TIER\") \"gold\" }}}}'\n  - name: by_contains\n    config_path: s/config.yaml\n    condition: '{{{{ contains \"prod\" .region }}}}'\n{extra}global:\n  env:\n    api: http://127.0.0.1:9\n    TIER: gold\n    region: eu-prod-1\n"
+        )
+    };
+    write(&dir.join("stages.yaml"), &stages(""));
+    write(&dir.join("s/config.yaml"), "migrate_dir: migration\n");
+    write(
+        &dir.join("s/migration/001_x.yaml"),
+        "up:\n  request:\n    method: PUT\n    url: '{{.api}}/x'\n",
+    );
+    let set = format!("api={}", target.url());
+    // TIER is set differently in the process environment: global.env wins.
+    let (code, out) = baton_e2e::cli::run_with_env(
+        Path::new(env!("CARGO_BIN_EXE_baton")),
+        &dir,
+        &["stages", "up", "--set", &set],
+        &[("TIER", "bronze")],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(target.requests_to("PUT", "/x").len(), 2, "both ran:\n{out}");
+
+    write(
+        &dir.join("stages.yaml"),
+        &stages(
+            "  - name: typo\n    config_path: s/config.yaml\n    condition: '{{ frob .region }}'\n",
+        ),
+    );
+    let (code, out) = baton(&dir, &["stages", "validate"]).await;
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("unknown function `frob`"), "{out}");
+    assert!(
+        out.contains("stages.yaml:"),
+        "the error names the file:\n{out}"
+    );
+}

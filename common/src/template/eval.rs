@@ -341,11 +341,18 @@ impl Renderer<'_, '_> {
             "default" => {
                 arity(2)?;
                 let given = &args[1].0;
-                Ok(if given.truthy() { given.clone() } else { args[0].0.clone() })
+                Ok(if given.truthy() {
+                    given.clone()
+                } else {
+                    args[0].0.clone()
+                })
             }
             "eq" | "ne" => {
                 if args.len() < 2 {
-                    return Err(TemplateError::at(at, format!("`{name}` takes at least 2 arguments")));
+                    return Err(TemplateError::at(
+                        at,
+                        format!("`{name}` takes at least 2 arguments"),
+                    ));
                 }
                 let first = compare_key(&args[0].0, args[0].1)?;
                 let mut any = false;
@@ -427,7 +434,10 @@ impl Renderer<'_, '_> {
                 arity(1)?;
                 let stage = text(0)?;
                 let Some(outcomes) = self.scope.stage_outcomes else {
-                    return Err(TemplateError::at(at, format!("`{name}` can only be used in a stage's condition")));
+                    return Err(TemplateError::at(
+                        at,
+                        format!("`{name}` can only be used in a stage's condition"),
+                    ));
                 };
                 let outcome = outcomes.get(stage.as_str()).copied();
                 Ok(V::Bool(match name {
@@ -435,17 +445,51 @@ impl Renderer<'_, '_> {
                     _ => outcome == Some(StageOutcome::Failed),
                 }))
             }
+            "contains" => {
+                // Sprig's order: `contains SUBSTRING STRING`.
+                arity(2)?;
+                Ok(V::Bool(text(1)?.contains(&text(0)?)))
+            }
             "env" => {
                 arity(1)?;
                 // Like getenv: an unset variable is the empty string, so `{{ if env "CI" }}` works.
                 let key = text(0)?;
-                Ok(V::Str(self.scope.process_env(&key).unwrap_or_default().to_owned()))
+                Ok(V::Str(
+                    self.scope.process_env(&key).unwrap_or_default().to_owned(),
+                ))
             }
-            _ => Err(TemplateError::at(at, format!("unknown function `{name}`")).with_help(
-                "available: default, eq, ne, and, or, not, upper, lower, trim, json, b64enc, urlquery, urlpathescape, printf, success, failed, env",
-            )),
+            _ => Err(unknown_function(at, name)),
         }
     }
+}
+
+/// Every function templates and conditions may call.
+pub(crate) const FUNCTIONS: &[&str] = &[
+    "default",
+    "eq",
+    "ne",
+    "and",
+    "or",
+    "not",
+    "upper",
+    "lower",
+    "trim",
+    "json",
+    "b64enc",
+    "urlquery",
+    "urlpathescape",
+    "printf",
+    "contains",
+    "success",
+    "failed",
+    "env",
+];
+
+/// A call of a function that does not exist: found when the template is parsed, so
+/// `stages validate` reports it instead of the run failing.
+pub(crate) fn unknown_function(at: usize, name: &str) -> TemplateError {
+    TemplateError::syntax(at, format!("unknown function `{name}`"))
+        .with_help(format!("available: {}", FUNCTIONS.join(", ")))
 }
 
 fn arg_offset(arg: &Arg, fallback: usize) -> usize {

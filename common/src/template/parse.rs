@@ -548,6 +548,9 @@ impl<'a> Lexer<'a> {
                             format!("unexpected keyword `{w}` inside an action"),
                         ))
                     }
+                    _ if !super::eval::FUNCTIONS.contains(&w.as_str()) => {
+                        return Err(super::eval::unknown_function(at, &w))
+                    }
                     _ => Arg::Func(w, at),
                 },
                 Tok::LParen => {

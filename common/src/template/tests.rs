@@ -192,10 +192,26 @@ fn syntax_errors_point_at_the_problem() {
     assert!(err.message.contains("only a function"), "{}", err.message);
 }
 
+/// Found when parsing (so `stages validate` reports it), no longer only when rendering.
 #[test]
-fn unknown_function_is_reported_at_render() {
-    let err = render("{{ frob .x }}", &[("x", "1")]).unwrap_err();
+fn unknown_function_is_a_parse_error() {
+    let err = Template::parse("{{ frob .x }}").unwrap_err();
     assert_eq!(err.message, "unknown function `frob`");
+    assert_eq!(err.kind, TemplateErrorKind::Syntax);
+    assert_eq!(err.offset, 3);
+    assert!(err.help.unwrap().contains("contains"));
+}
+
+#[test]
+fn contains_takes_the_substring_first() {
+    assert_eq!(
+        render(
+            r#"{{ contains "prod" .e }}/{{ contains "x" .e }}"#,
+            &[("e", "eu-prod-1")]
+        )
+        .unwrap(),
+        "true/false"
+    );
 }
 
 #[test]

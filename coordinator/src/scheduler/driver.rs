@@ -809,12 +809,21 @@ impl Driver {
                 runs: true,
             });
         };
-        let vars = self.flat_vars(&self.stage_vars(k)?.0);
+        let stage_vars = self.stage_vars(k)?.0;
+        let vars = self.flat_vars(&stage_vars);
+        // `env "KEY"` reads global.env first, then the process environment (as apirun).
+        let mut env = self.r.condition_env.clone();
+        env.extend(
+            stage_vars
+                .global
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone())),
+        );
         let scope = Scope {
             vars: Some(&vars),
             auth: None,
             stage_outcomes: Some(&self.outcomes),
-            env: Some(&self.r.condition_env),
+            env: Some(&env),
         };
         match cond.value.evaluate(&scope) {
             Ok(runs) => Ok(Event::ConditionChecked { stage: k, runs }),
