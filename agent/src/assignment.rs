@@ -274,6 +274,7 @@ pub async fn run(
         migrations: stage.migrations,
         vars: VarLayers {
             global: a.vars.global,
+            literal_globals: a.vars.literal_globals,
             process_env: host.env.clone(),
             stage: a.vars.stage,
             from_stages: a.vars.imported,

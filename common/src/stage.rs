@@ -79,10 +79,38 @@ pub struct AppliedMigration {
 pub struct StageVars {
     /// `global.env`, with the run's `--set` overrides on top.
     pub global: BTreeMap<String, String>,
+    /// Names in `global` whose values came from `--set`: never rendered as templates.
+    pub literal_globals: Vec<String>,
     /// The stage's `env` in stages.yaml.
     pub stage: BTreeMap<String, String>,
     /// Values imported with `env_from_stages`.
     pub imported: BTreeMap<String, String>,
+}
+
+impl StageVars {
+    /// The layers these variables fill, with `environment` (where the stage runs) between
+    /// `global` and `stage`. Values written in the files are marked as templates to render
+    /// (`--set` values and imports are not); see [`crate::vars::Layers::resolve`].
+    pub fn layers(
+        &self,
+        environment: BTreeMap<String, String>,
+    ) -> crate::vars::Layers<BTreeMap<String, String>> {
+        use crate::vars::{is_template, Layer, Layers};
+        let mut layers = Layers::new();
+        let authored_globals = self
+            .global
+            .iter()
+            .filter(|(k, v)| is_template(v) && !self.literal_globals.contains(k))
+            .map(|(k, _)| k.clone())
+            .collect();
+        layers
+            .set(Layer::Global, self.global.clone())
+            .templated(Layer::Global, authored_globals)
+            .set(Layer::Environment, environment)
+            .set_authored(Layer::StageEnv, self.stage.clone())
+            .set(Layer::Imported, self.imported.clone());
+        layers
+    }
 }
 
 /// One stage attempt, as the engine hands it to a runner.

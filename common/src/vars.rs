@@ -7,8 +7,18 @@
 //! Validation (which names exist), the engine (conditions and `runs_on`, before a stage runs)
 //! and the executor (the values a request is rendered with) all build [`Layers`] and flatten
 //! them with one of the scopes below, so none of them can order the sources differently.
+//!
+//! Values written in the files (`global.env`, a stage's `env`, a config's `env` list, a
+//! migration's and a step's `env`) may hold templates, as apirun's do
+//! (`vpc_name: "{{.project_name}}-vpc"`): [`Layers::resolve`] renders each once, against the
+//! lower layers and the other values of its own layer (a value naming itself reads the lower
+//! layers: `path: "{{.path}}/bin"` extends). A cycle is an error naming it. Values from
+//! outside the files (`--set`, the environment, `valueFromEnv`, imports, extracted values)
+//! are never rendered: they are inserted as they are.
 
 use std::collections::{BTreeMap, BTreeSet};
+
+use crate::template::{Reference, Scope, Template};
 
 /// One source of variables, in precedence order (a later layer wins).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -85,14 +95,30 @@ impl Vars for BTreeSet<&str> {
 #[derive(Debug, Clone)]
 pub struct Layers<V> {
     by_layer: [V; 7],
+    /// Per layer, the names whose values are templates written in the files.
+    templated: [BTreeSet<String>; 7],
 }
 
 impl<V: Vars> Default for Layers<V> {
     fn default() -> Self {
         Layers {
             by_layer: std::array::from_fn(|_| V::default()),
+            templated: std::array::from_fn(|_| BTreeSet::new()),
         }
     }
+}
+
+/// A value written in the files whose template cannot be rendered.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("variable `{name}`: {message}")]
+pub struct VarError {
+    pub name: String,
+    pub message: String,
+}
+
+/// Whether an authored value is a template (rendered by [`Layers::resolve`]).
+pub fn is_template(value: &str) -> bool {
+    value.contains("{{")
 }
 
 impl<V: Vars> Layers<V> {
@@ -111,6 +137,12 @@ impl<V: Vars> Layers<V> {
         &self.by_layer[layer as usize]
     }
 
+    /// Marks `names` of `layer` as values written in the files that hold templates.
+    pub fn templated(&mut self, layer: Layer, names: BTreeSet<String>) -> &mut Self {
+        self.templated[layer as usize] = names;
+        self
+    }
+
     /// The layers of `scope` merged in precedence order (whatever order `scope` lists them
     /// in): a name defined by several takes the value of the highest.
     pub fn flatten(&self, scope: &[Layer]) -> V {
@@ -122,6 +154,101 @@ impl<V: Vars> Layers<V> {
         }
         out
     }
+}
+
+impl Layers<BTreeMap<String, String>> {
+    /// [`Layers::set`] for values written in the files: those holding a template are
+    /// rendered by [`Layers::resolve`].
+    pub fn set_authored(&mut self, layer: Layer, vars: BTreeMap<String, String>) -> &mut Self {
+        let names = vars
+            .iter()
+            .filter(|(_, v)| is_template(v))
+            .map(|(k, _)| k.clone())
+            .collect();
+        self.set(layer, vars).templated(layer, names)
+    }
+
+    /// [`Layers::flatten`] with every authored template rendered (see the module docs).
+    ///
+    /// # Errors
+    /// A template that does not parse, names a variable that is not defined below it, or is
+    /// part of a cycle.
+    pub fn resolve(&self, scope: &[Layer]) -> Result<BTreeMap<String, String>, VarError> {
+        let mut out = BTreeMap::new();
+        for layer in Layer::ALL {
+            if !scope.contains(&layer) {
+                continue;
+            }
+            let values = self.get(layer);
+            let templated = &self.templated[layer as usize];
+            if templated.is_empty() {
+                out.overlay(values);
+                continue;
+            }
+            let mut done: BTreeMap<String, String> = values
+                .iter()
+                .filter(|(k, _)| !templated.contains(*k))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            for name in templated {
+                if values.contains_key(name) {
+                    resolve_one(name, values, templated, &out, &mut done, &mut Vec::new())?;
+                }
+            }
+            out.overlay(&done);
+        }
+        Ok(out)
+    }
+}
+
+/// Renders the authored value `name` of one layer (`values`), first the values of the same
+/// layer it reads; `lower` is what the layers below hold, `stack` the names being rendered.
+fn resolve_one(
+    name: &str,
+    values: &BTreeMap<String, String>,
+    templated: &BTreeSet<String>,
+    lower: &BTreeMap<String, String>,
+    done: &mut BTreeMap<String, String>,
+    stack: &mut Vec<String>,
+) -> Result<(), VarError> {
+    if done.contains_key(name) {
+        return Ok(());
+    }
+    let err = |message: String| VarError {
+        name: name.to_owned(),
+        message,
+    };
+    if let Some(at) = stack.iter().position(|n| n == name) {
+        let mut cycle: Vec<&str> = stack[at..].iter().map(String::as_str).collect();
+        cycle.push(name);
+        return Err(err(format!(
+            "its template is part of a cycle: {}",
+            cycle.join(" -> ")
+        )));
+    }
+    let text = values.get(name).map_or("", String::as_str);
+    let template = Template::parse(text).map_err(|e| err(e.message))?;
+    stack.push(name.to_owned());
+    for r in template.references() {
+        if let Reference::Var { name: read, .. } = r {
+            if read != name && templated.contains(&read) && values.contains_key(&read) {
+                resolve_one(&read, values, templated, lower, done, stack)?;
+            }
+        }
+    }
+    stack.pop();
+    // What the value sees: the lower layers, then its own layer's other values.
+    let mut seen = lower.clone();
+    seen.extend(
+        done.iter()
+            .filter(|(k, _)| k.as_str() != name)
+            .map(|(k, v)| (k.clone(), v.clone())),
+    );
+    let rendered = template
+        .render(&Scope::with_vars(&seen))
+        .map_err(|e| err(e.message))?;
+    done.insert(name.to_owned(), rendered);
+    Ok(())
 }
 
 #[cfg(test)]
@@ -160,5 +287,57 @@ mod tests {
         names.set(Layer::ConfigEnv, BTreeSet::from(["only_config"]));
         assert!(names.flatten(ENGINE).is_empty());
         assert!(names.flatten(STAGE).contains("only_config"));
+    }
+
+    #[test]
+    fn authored_templates_render_once_against_lower_layers_and_their_own() {
+        let mut l = Layers::new();
+        l.set_authored(
+            Layer::Global,
+            map(&[
+                ("project", "shop"),
+                ("vpc_name", "{{.project}}-vpc"),
+                ("subnet", "{{.vpc_name}}-a"),
+            ]),
+        )
+        .set(Layer::Environment, map(&[("PATH", "/bin")]))
+        .set_authored(
+            Layer::StageEnv,
+            map(&[("PATH", "{{.PATH}}:/opt"), ("label", "{{.subnet}}")]),
+        )
+        .set(Layer::Imported, map(&[("raw", "{{.project}}")]));
+        let v = l.resolve(MIGRATION).unwrap();
+        assert_eq!(v["vpc_name"], "shop-vpc");
+        assert_eq!(v["subnet"], "shop-vpc-a");
+        assert_eq!(
+            v["PATH"], "/bin:/opt",
+            "a value naming itself extends the lower one"
+        );
+        assert_eq!(v["label"], "shop-vpc-a");
+        assert_eq!(
+            v["raw"], "{{.project}}",
+            "values from outside are never rendered"
+        );
+    }
+
+    #[test]
+    fn cycles_and_missing_names_are_errors_naming_the_variable() {
+        let mut l = Layers::new();
+        l.set_authored(
+            Layer::StageEnv,
+            map(&[("a", "{{.b}}"), ("b", "x{{.a}}"), ("c", "ok")]),
+        );
+        let e = l.resolve(MIGRATION).unwrap_err();
+        assert!(e.message.contains("cycle: a -> b -> a"), "{e}");
+        let mut l = Layers::new();
+        l.set_authored(Layer::ConfigEnv, map(&[("a", "{{.nope}}")]));
+        let e = l.resolve(MIGRATION).unwrap_err();
+        assert_eq!(e.name, "a");
+        assert!(e.message.contains("nope"), "{e}");
+        // A higher layer is not visible to a lower one.
+        let mut l = Layers::new();
+        l.set_authored(Layer::Global, map(&[("g", "{{.m}}")]))
+            .set(Layer::MigrationEnv, map(&[("m", "1")]));
+        assert!(l.resolve(MIGRATION).is_err());
     }
 }

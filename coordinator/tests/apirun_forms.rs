@@ -141,3 +141,86 @@ async fn condition_functions() {
         "the error names the file:\n{out}"
     );
 }
+
+/// Values written in the files may be templates (`vpc_name: "{{.project_name}}-vpc"`), in
+/// global.env, a stage's env, a config's env list, a migration's and a step's env: each is
+/// rendered once against the layers below it. Values from outside the files (`--set`,
+/// `valueFromEnv`, extracted) are inserted as they are, never rendered. `stages validate`
+/// checks the templates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn templates_in_variable_values() {
+    let target = Target::start().await;
+    target.on(
+        "POST",
+        "/first",
+        vec![Reply::json(201, json!({"id": "{{.project_name}}"}))],
+    );
+    target.answer_unscripted_like_a_cloud();
+    let dir = baton_e2e::files::temp_dir("apirun-value-templates");
+    let stages = |vpc: &str| {
+        format!(
+            "stages:\n  - name: s\n    config_path: s/config.yaml\n    env:\n      label: '{{{{.vpc_name}}}}-label'\nglobal:\n  env:\n    api: http://127.0.0.1:9\n    project_name: shop\n    vpc_name: '{vpc}'\n"
+        )
+    };
+    write(&dir.join("stages.yaml"), &stages("{{.project_name}}-vpc"));
+    write(
+        &dir.join("s/config.yaml"),
+        "migrate_dir: migration\nenv:\n  - name: cidr_name\n    value: '{{.vpc_name}}-cidr'\n  - name: region\n    valueFromEnv: REGION_X\n",
+    );
+    write(
+        &dir.join("s/migration/001_first.yaml"),
+        "env:\n  item: '{{.label}}-item'\nup:\n  env:\n    full: '{{.item}}/{{.cidr_name}}'\n  request:\n    method: POST\n    url: '{{.api}}/first'\n    body:\n      full: '{{.full}}'\n      region: '{{.region}}'\n      extra: '{{.extra}}'\n  response:\n    env_from:\n      got: id\n",
+    );
+    write(
+        &dir.join("s/migration/002_second.yaml"),
+        "up:\n  request:\n    method: PUT\n    url: '{{.api}}/second'\n    body:\n      got: '{{.got}}'\n",
+    );
+    let (code, out) = baton(&dir, &["stages", "validate"]).await;
+    assert_eq!(code, 0, "{out}");
+    // Only `extra` is unknown to validation (it comes with --set at run time).
+    assert_eq!(out.matches("warning:").count(), 1, "{out}");
+    assert!(out.contains("variable `extra`"), "{out}");
+    let set = format!("api={}", target.url());
+    let (code, out) = baton_e2e::cli::run_with_env(
+        Path::new(env!("CARGO_BIN_EXE_baton")),
+        &dir,
+        &[
+            "stages",
+            "up",
+            "--set",
+            &set,
+            "--set",
+            "extra={{.project_name}}",
+        ],
+        &[("REGION_X", "{{.project_name}}")],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    let first = target.requests_to("POST", "/first")[0].json();
+    assert_eq!(first["full"], "shop-vpc-label-item/shop-vpc-cidr");
+    assert_eq!(
+        first["region"], "{{.project_name}}",
+        "valueFromEnv is not rendered"
+    );
+    assert_eq!(first["extra"], "{{.project_name}}", "--set is not rendered");
+    let second = target.requests_to("PUT", "/second")[0].json();
+    assert_eq!(
+        second["got"], "{{.project_name}}",
+        "extracted values are not rendered"
+    );
+
+    // A typo and a syntax error in a value are reported with the file and line.
+    write(&dir.join("stages.yaml"), &stages("{{.projct_name}}-vpc"));
+    let (_, out) = baton(&dir, &["stages", "validate"]).await;
+    assert!(
+        out.contains("stages.yaml:10:") && out.contains("variable `projct_name`"),
+        "{out}"
+    );
+    write(&dir.join("stages.yaml"), &stages("{{.project_name"));
+    let (code, out) = baton(&dir, &["stages", "validate"]).await;
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("stages.yaml:10:") && out.contains("not a valid template"),
+        "{out}"
+    );
+}

@@ -108,6 +108,7 @@ impl StageDir {
             migrations: stage.migrations,
             vars: VarLayers {
                 global: self.global.clone(),
+                literal_globals: Vec::new(),
                 process_env,
                 stage: spec
                     .env

@@ -42,8 +42,10 @@ use crate::client::build_client;
 /// stage config's `env`, values extracted during the stage, and each migration's own `env`.
 #[derive(Debug, Clone, Default)]
 pub struct VarLayers {
-    /// `global.env`.
+    /// `global.env`, with the run's `--set` values on top.
     pub global: BTreeMap<String, String>,
+    /// Names in `global` whose values came from `--set`: never rendered as templates.
+    pub literal_globals: Vec<String>,
     /// The environment where the stage runs (also the source of `valueFromEnv`).
     pub process_env: BTreeMap<String, String>,
     /// The stage's `env` in stages.yaml.
@@ -364,14 +366,27 @@ fn prepare<'a>(
         };
         config_env.insert(entry.name.value.clone(), value);
     }
-    let mut layers = Layers::new();
+    let mut layers = baton_common::stage::StageVars {
+        global: task.vars.global.clone(),
+        literal_globals: task.vars.literal_globals.clone(),
+        stage: task.vars.stage.clone(),
+        imported: task.vars.from_stages.clone(),
+    }
+    .layers(task.vars.process_env.clone());
+    // Values written in config.yaml are rendered; `valueFromEnv` values are not.
+    let authored_config = task
+        .config
+        .env
+        .iter()
+        .filter(|e| e.secret_from.is_none() && vars::is_template(&e.value))
+        .map(|e| e.name.value.clone())
+        .collect();
     layers
-        .set(Layer::Global, task.vars.global.clone())
-        .set(Layer::Environment, task.vars.process_env.clone())
-        .set(Layer::StageEnv, task.vars.stage.clone())
         .set(Layer::ConfigEnv, config_env)
-        .set(Layer::Imported, task.vars.from_stages.clone());
-    let base = layers.flatten(vars::STAGE);
+        .templated(Layer::ConfigEnv, authored_config);
+    let base = layers
+        .resolve(vars::STAGE)
+        .map_err(|e| format!("stage `{}`: {e}", task.stage))?;
     // Every value a secret name has now or had in the stage's history (a rotated key's old
     // value stays masked too), and the values migrations and their steps set themselves.
     let own_env = task.migrations.iter().flat_map(|m| {
@@ -433,7 +448,7 @@ fn scope_for(
     upto: Option<u64>,
     m: &MigrationSpec,
     step: &StepSpec,
-) -> BTreeMap<String, String> {
+) -> Result<BTreeMap<String, String>, StepError> {
     let mut earlier = BTreeMap::new();
     for (version, e) in extracted {
         if upto.is_none_or(|u| *version <= u) {
@@ -441,7 +456,7 @@ fn scope_for(
         }
     }
     let mut layers = ctx.layers.clone();
-    layers.set(Layer::Extracted, earlier).set(
+    layers.set(Layer::Extracted, earlier).set_authored(
         Layer::MigrationEnv,
         m.env
             .iter()
@@ -449,7 +464,22 @@ fn scope_for(
             .map(|e| (e.name.value.clone(), e.value.clone()))
             .collect(),
     );
-    layers.flatten(vars::MIGRATION)
+    let scope = layers
+        .resolve(vars::MIGRATION)
+        .map_err(|e| StepError::failed(format!("{}: {e}", m.file.display())))?;
+    // A secret the migration renders from a template is masked as rendered too.
+    let mut masker = ctx
+        .masker
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    for e in m.env.iter().chain(&step.env) {
+        if ctx.task.is_secret(&e.name.value) && vars::is_template(&e.value) {
+            if let Some(v) = scope.get(&e.name.value) {
+                let _ = masker.add(&e.name.value, v);
+            }
+        }
+    }
+    Ok(scope)
 }
 
 async fn run_up(
@@ -484,7 +514,7 @@ async fn run_up(
         let step = m.up.as_ref().ok_or_else(|| {
             StepError::failed(format!("{}: migration has no `up` step", m.file.display()))
         })?;
-        let vars = scope_for(ctx, extracted, None, m, step);
+        let vars = scope_for(ctx, extracted, None, m, step)?;
         let span =
             tracing::info_span!("migration", version = m.version, name = %m.name, direction = "up");
         let got =
@@ -561,7 +591,7 @@ async fn run_down(
         if ctx.cancel.is_cancelled() {
             return Err(StepError::Cancelled);
         }
-        let vars = scope_for(ctx, extracted, Some(m.version), m, step);
+        let vars = scope_for(ctx, extracted, Some(m.version), m, step)?;
         let span = tracing::info_span!("migration", version = m.version, name = %m.name, direction = "down");
         let step = run_step(
             ctx,

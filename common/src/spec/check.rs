@@ -13,11 +13,12 @@ use crate::mask::MIN_SECRET_LEN;
 use std::path::{Path, PathBuf};
 
 use crate::diag::{closest, Diagnostics};
-use crate::template::Reference;
+use crate::template::{Reference, Template};
 
 use super::read::Reader;
 use super::{
-    BodySpec, JsonTemplate, LoadedStage, StageSpec, StagesSpec, StepAction, StepSpec, Tmpl,
+    BodySpec, EnvEntry, JsonTemplate, LoadedStage, StageSpec, StagesSpec, StepAction, StepSpec,
+    Tmpl,
 };
 
 pub(super) fn variables(
@@ -33,6 +34,12 @@ pub(super) fn variables(
     global.extend(spec.global.env.iter().map(|e| e.name.value.as_str()));
     let stage_names: Vec<&str> = spec.stages.iter().map(|s| s.name.value.as_str()).collect();
     let index = spec.index();
+    check_env_values(
+        &mut Reader::new(stages_file, stages_text, diags),
+        "global.env",
+        &spec.global.env,
+        &global,
+    );
     for (stage, loaded) in spec.stages.iter().zip(stages) {
         // The environment where the stage runs is unknown here: its layer stays empty.
         let mut layers: Layers<BTreeSet<&str>> = Layers::new();
@@ -101,17 +108,28 @@ pub(super) fn variables(
             }
         }
 
+        // Values written in the files may be templates, rendered against the layers below
+        // and their own layer (see `vars`).
+        let who = format!("stage `{}`", stage.name.value);
+        {
+            let mut r = Reader::new(stages_file, stages_text, diags);
+            let upto = layers.flatten(&[Layer::Global, Layer::StageEnv]);
+            check_env_values(&mut r, &who, &stage.env, &upto);
+        }
+
         // Auth configs render with the stage's variables.
         if let Some(text) = sources.get(&loaded.config_file) {
             let mut r = Reader::new(&loaded.config_file, text, diags);
+            let upto = layers.flatten(&[Layer::Global, Layer::StageEnv, Layer::ConfigEnv]);
+            check_env_values(&mut r, &who, &loaded.config.env, &upto);
             for auth in &loaded.config.auth {
                 for t in auth.kind.templates() {
-                    check_template(&mut r, stage, t, &base, &auth_names);
+                    check_template(&mut r, &who, t, &base, &auth_names);
                 }
             }
             if let Some(wait) = &loaded.config.wait {
                 for t in wait.url.iter().chain(wait.headers.iter().map(|(_, t)| t)) {
-                    check_template(&mut r, stage, t, &base, &auth_names);
+                    check_template(&mut r, &who, t, &base, &auth_names);
                 }
             }
         }
@@ -128,14 +146,17 @@ pub(super) fn variables(
             };
             let mut r = Reader::new(&m.file, text, diags);
             let own = with_names(&mut scope, m.env.iter().map(|e| e.name.value.as_str()));
+            check_env_values(&mut r, &who, &m.env, &scope);
             if let Some(up) = &m.up {
                 let step = with_names(&mut scope, up.env.iter().map(|e| e.name.value.as_str()));
+                check_env_values(&mut r, &who, &up.env, &scope);
                 check_step(&mut r, stage, up, &scope, &auth_names);
                 without(&mut scope, step);
             }
             if let Some(down) = &m.down {
                 // Down sees its own `env`, what its up extracted, and what `find` extracts.
                 let step = with_names(&mut scope, down.env.iter().map(|e| e.name.value.as_str()));
+                check_env_values(&mut r, &who, &down.env, &scope);
                 let ups = with_names(&mut scope, m.exports());
                 if let Some(find) = &down.find {
                     check_step(&mut r, stage, find, &scope, &auth_names);
@@ -212,6 +233,7 @@ fn check_step(
     scope: &BTreeSet<&str>,
     auth_names: &[&str],
 ) {
+    let who = format!("stage `{}`", stage.name.value);
     match &step.action {
         Some(StepAction::Request(req)) => {
             let mut ts: Vec<&Tmpl> = Vec::new();
@@ -224,7 +246,7 @@ fn check_step(
                 _ => {}
             }
             for t in ts {
-                check_template(r, stage, t, scope, auth_names);
+                check_template(r, &who, t, scope, auth_names);
             }
             if let Some(name) = &req.auth_name {
                 if !auth_names.contains(&name.value.as_str()) {
@@ -252,7 +274,7 @@ fn check_step(
                 .chain(cmd.env.iter().map(|(_, t)| t))
                 .chain(cmd.workdir.iter());
             for t in ts {
-                check_template(r, stage, t, scope, auth_names);
+                check_template(r, &who, t, scope, auth_names);
             }
         }
         None => {}
@@ -268,9 +290,40 @@ fn json_templates<'a>(j: &'a JsonTemplate, out: &mut Vec<&'a Tmpl>) {
     }
 }
 
+/// `env` values written in the files that hold templates: they must parse, and what they
+/// read must be in `scope` (the layers below and their own layer).
+fn check_env_values(r: &mut Reader<'_>, who: &str, entries: &[EnvEntry], scope: &BTreeSet<&str>) {
+    for e in entries {
+        if e.secret_from.is_some() || !vars::is_template(&e.value) {
+            continue;
+        }
+        match Template::parse(&e.value) {
+            Ok(template) => {
+                let t = Tmpl {
+                    template,
+                    pos: e.value_pos,
+                    style: e.style,
+                };
+                check_template(r, who, &t, scope, &[]);
+            }
+            Err(err) => {
+                let pos = r.pos_in_scalar(e.value_pos, e.style, &e.value, err.offset);
+                r.error(
+                    pos,
+                    format!(
+                        "{who}: the value of `{}` is not a valid template: {}",
+                        e.name.value, err.message
+                    ),
+                    err.help,
+                );
+            }
+        }
+    }
+}
+
 fn check_template(
     r: &mut Reader<'_>,
-    stage: &StageSpec,
+    who: &str,
     t: &Tmpl,
     scope: &BTreeSet<&str>,
     auth_names: &[&str],
@@ -289,10 +342,7 @@ fn check_template(
                 );
                 r.warning(
                     pos,
-                    format!(
-                        "stage `{}`: variable `{name}` is used but no source provides it",
-                        stage.name.value
-                    ),
+                    format!("{who}: variable `{name}` is used but no source provides it"),
                     Some(help),
                 );
             }
@@ -300,7 +350,7 @@ fn check_template(
                 let pos = r.pos_in_scalar(t.pos, t.style, t.source(), offset);
                 r.error(
                     pos,
-                    format!("stage `{}`: `.auth.{name}` names an auth that is not defined in the stage config", stage.name.value),
+                    format!("{who}: `.auth.{name}` names an auth that is not defined in the stage config"),
                     Some("define it under `auth:` in the stage's config.yaml".into()),
                 );
             }

@@ -142,6 +142,7 @@ impl From<&Assignment> for proto::StageAssignment {
                 .collect(),
             config_file: a.config_file.to_string_lossy().into_owned(),
             global_vars: a.vars.global.clone().into_iter().collect(),
+            literal_globals: a.vars.literal_globals.clone(),
             stage_vars: a.vars.stage.clone().into_iter().collect(),
             imported_vars: a.vars.imported.clone().into_iter().collect(),
             secrets: a.secrets.clone(),
@@ -216,6 +217,7 @@ impl TryFrom<proto::StageAssignment> for Assignment {
             config_file: PathBuf::from(a.config_file),
             vars: StageVars {
                 global: a.global_vars.into_iter().collect(),
+                literal_globals: a.literal_globals,
                 stage: a.stage_vars.into_iter().collect(),
                 imported: a.imported_vars.into_iter().collect(),
             },
@@ -418,6 +420,7 @@ mod tests {
             config_file: PathBuf::from("infra/config.yaml"),
             vars: StageVars {
                 global: [("a".to_owned(), "1".to_owned())].into(),
+                literal_globals: vec!["a".into()],
                 stage: [("b".to_owned(), "2".to_owned())].into(),
                 imported: [("c".to_owned(), "3".to_owned())].into(),
             },

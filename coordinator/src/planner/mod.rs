@@ -10,7 +10,6 @@
 //! stage appears after all its selected dependencies); `waves[i]` holds the stages whose
 //! longest dependency chain within the selection has length `i`.
 
-use baton_common::vars::{Layer, Layers};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::path::Path;
@@ -468,15 +467,26 @@ pub fn plan(
         let forecast = s.condition.as_ref().map(|c| {
             // What the engine will evaluate, less what only the run knows (the environment,
             // imports): a missing one makes the forecast "at run time".
-            let mut layers = Layers::new();
-            layers.set(Layer::Global, global_vars.clone()).set(
-                Layer::StageEnv,
-                s.env
+            let stage_vars = baton_common::stage::StageVars {
+                global: global_vars.clone(),
+                stage: s
+                    .env
                     .iter()
                     .map(|e| (e.name.value.clone(), e.value.clone()))
                     .collect(),
-            );
-            let vars = layers.flatten(baton_common::vars::ENGINE);
+                ..Default::default()
+            };
+            let vars = match stage_vars
+                .layers(BTreeMap::new())
+                .resolve(baton_common::vars::ENGINE)
+            {
+                Ok(vars) => vars,
+                Err(e) => {
+                    return ConditionForecast::AtRunTime {
+                        reason: e.to_string(),
+                    }
+                }
+            };
             match c.value.evaluate(&Scope::with_vars(&vars)) {
                 Ok(true) => ConditionForecast::Runs,
                 Ok(false) => ConditionForecast::Skipped,

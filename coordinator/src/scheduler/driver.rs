@@ -18,7 +18,7 @@ use baton_common::stage::{
     StageVars,
 };
 use baton_common::template::{Scope, StageOutcome, StageOutcomes, Template};
-use baton_common::vars::{Layer, Layers};
+use baton_common::vars::Layer;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -746,6 +746,7 @@ impl Driver {
         let (imported, secret) = self.imports(k)?;
         let vars = StageVars {
             global,
+            literal_globals: self.r.overrides.keys().cloned().collect(),
             stage: stage
                 .env
                 .iter()
@@ -791,14 +792,12 @@ impl Driver {
     }
 
     /// The flat scope the engine evaluates for a stage (its condition, its `runs_on`).
-    fn flat_vars(&self, vars: &StageVars) -> BTreeMap<String, String> {
-        let mut layers = Layers::new();
-        layers
-            .set(Layer::Global, vars.global.clone())
-            .set(Layer::Environment, self.r.condition_env.clone())
-            .set(Layer::StageEnv, vars.stage.clone())
-            .set(Layer::Imported, vars.imported.clone());
-        layers.flatten(baton_common::vars::ENGINE)
+    fn flat_vars(
+        &self,
+        vars: &StageVars,
+    ) -> Result<BTreeMap<String, String>, baton_common::vars::VarError> {
+        vars.layers(self.r.condition_env.clone())
+            .resolve(baton_common::vars::ENGINE)
     }
 
     async fn check_condition(&mut self, k: usize) -> Result<Event, DriveError> {
@@ -810,28 +809,28 @@ impl Driver {
             });
         };
         let stage_vars = self.stage_vars(k)?.0;
-        let vars = self.flat_vars(&stage_vars);
-        // `env "KEY"` reads global.env first, then the process environment (as apirun).
-        let mut env = self.r.condition_env.clone();
-        env.extend(
-            stage_vars
-                .global
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone())),
-        );
-        let scope = Scope {
-            vars: Some(&vars),
-            auth: None,
-            stage_outcomes: Some(&self.outcomes),
-            env: Some(&env),
-        };
-        match cond.value.evaluate(&scope) {
+        let evaluated = self.flat_vars(&stage_vars).and_then(|vars| {
+            // `env "KEY"` reads global.env first, then the process environment (as apirun).
+            let mut env = self.r.condition_env.clone();
+            env.extend(
+                stage_vars
+                    .layers(BTreeMap::new())
+                    .resolve(&[Layer::Global])?,
+            );
+            let scope = Scope {
+                vars: Some(&vars),
+                auth: None,
+                stage_outcomes: Some(&self.outcomes),
+                env: Some(&env),
+            };
+            Ok(cond.value.evaluate(&scope).map_err(|e| e.message))
+        });
+        match evaluated.unwrap_or_else(|e| Err(e.to_string())) {
             Ok(runs) => Ok(Event::ConditionChecked { stage: k, runs }),
             Err(e) => {
                 let message = format!(
-                    "condition `{}` cannot be evaluated: {}",
+                    "condition `{}` cannot be evaluated: {e}",
                     cond.value.source(),
-                    e.message
                 );
                 self.outcomes
                     .insert(self.name(k).to_owned(), StageOutcome::Failed);
@@ -870,7 +869,10 @@ impl Driver {
             .result(&key)?
             .map(|r| r.secret)
             .unwrap_or_default();
-        let flat = self.flat_vars(&vars);
+        let (flat, mut problem) = match self.flat_vars(&vars) {
+            Ok(flat) => (flat, None),
+            Err(e) => (BTreeMap::new(), Some(e.to_string())),
+        };
         let spec = &self.r.project.spec;
         let stage = &spec.stages[self.spec_index[k]];
         let loaded = &self.r.project.stages[self.spec_index[k]];
@@ -911,7 +913,6 @@ impl Driver {
             token,
         };
         let mut files = BTreeMap::new();
-        let mut problem = None;
         for path in &loaded.inputs {
             match self.r.files.get(path) {
                 Some(b) => {
