@@ -224,3 +224,62 @@ async fn templates_in_variable_values() {
         "{out}"
     );
 }
+
+/// Config-level `render_body` is the default for the stage's requests; the env-list forms
+/// apirun accepts (`value: ""` beside `valueFromEnv`, both set, a name alone); `down.auth`
+/// also authenticates the `down.find` lookup.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_defaults_env_list_forms_and_find_auth() {
+    let target = Target::start().await;
+    target.on(
+        "GET",
+        "/lookup",
+        vec![Reply::json(200, json!({"items": [{"id": "it-7"}]}))],
+    );
+    target.answer_unscripted_like_a_cloud();
+    let dir = baton_e2e::files::temp_dir("apirun-config-forms");
+    one_stage(&dir);
+    write(
+        &dir.join("s/config.yaml"),
+        "migrate_dir: migration\nrender_body: false\nenv:\n  - name: from_env\n    value: \"\"\n    valueFromEnv: FORM_VAR\n  - name: both\n    value: written\n    valueFromEnv: FORM_VAR\n  - name: nothing\nauth:\n  - type: basic\n    name: admin\n    config: {username: deployer, password: pw-123456}\n",
+    );
+    write(
+        &dir.join("s/migration/001_x.yaml"),
+        "up:\n  request:\n    method: PUT\n    url: '{{.api}}/x'\n    queries:\n      a: '{{.from_env}}'\n      b: '{{.both}}'\n      c: '[{{.nothing}}]'\n    body: 'kept {{.as_written}}'\ndown:\n  auth: admin\n  find:\n    request:\n      method: GET\n      url: '{{.api}}/lookup'\n    response:\n      env_from:\n        item: items.0.id\n  method: DELETE\n  url: '{{.api}}/x/{{.item}}'\n",
+    );
+    let (code, out) = baton(&dir, &["stages", "validate"]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("the value is used"), "{out}");
+    let set = format!("api={}", target.url());
+    let (code, out) = baton_e2e::cli::run_with_env(
+        Path::new(env!("CARGO_BIN_EXE_baton")),
+        &dir,
+        &["stages", "up", "--set", &set],
+        &[("FORM_VAR", "from-the-env")],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    let put = &target.requests_to("PUT", "/x")[0];
+    assert_eq!(put.query, "a=from-the-env&b=written&c=%5B%5D", "{out}");
+    assert_eq!(
+        put.body, "kept {{.as_written}}",
+        "render_body: false from the config"
+    );
+    let (code, out) = baton_e2e::cli::run_with_env(
+        Path::new(env!("CARGO_BIN_EXE_baton")),
+        &dir,
+        &["stages", "down", "--yes", "--set", &set],
+        &[("FORM_VAR", "from-the-env")],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    let basic = "Basic ZGVwbG95ZXI6cHctMTIzNDU2";
+    assert_eq!(
+        target.requests_to("GET", "/lookup")[0].header("authorization"),
+        Some(basic)
+    );
+    assert_eq!(
+        target.requests_to("DELETE", "/x/it-7")[0].header("authorization"),
+        Some(basic)
+    );
+}

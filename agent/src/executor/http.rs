@@ -167,7 +167,7 @@ async fn prepare(
     let (body, json) = match &req.body {
         None => (None, false),
         Some(BodySpec::Json(j)) => {
-            let value = if req.render_body {
+            let value = if req.renders_body(&ctx.task.config) {
                 render_json(j, &sc, file)?
             } else {
                 literal_json(j)
@@ -176,7 +176,7 @@ async fn prepare(
         }
         Some(BodySpec::Text(t)) => {
             let json = looks_like_json(&headers, t.source());
-            let text = if req.render_body {
+            let text = if req.renders_body(&ctx.task.config) {
                 let mode = if json {
                     Escape::JsonDocument
                 } else {
@@ -198,7 +198,7 @@ async fn prepare(
                     path.display()
                 ))
             })?;
-            if req.render_body {
+            if req.renders_body(&ctx.task.config) {
                 let text = String::from_utf8(bytes).map_err(|_| {
                     StepError::failed(format!("body_file `{}` is not UTF-8 text", path.display()))
                 })?;

@@ -17,8 +17,8 @@ use crate::template::{Reference, Template};
 
 use super::read::Reader;
 use super::{
-    BodySpec, EnvEntry, JsonTemplate, LoadedStage, StageSpec, StagesSpec, StepAction, StepSpec,
-    Tmpl,
+    BodySpec, EnvEntry, JsonTemplate, LoadedStage, StageConfigSpec, StageSpec, StagesSpec,
+    StepAction, StepSpec, Tmpl,
 };
 
 pub(super) fn variables(
@@ -150,7 +150,7 @@ pub(super) fn variables(
             if let Some(up) = &m.up {
                 let step = with_names(&mut scope, up.env.iter().map(|e| e.name.value.as_str()));
                 check_env_values(&mut r, &who, &up.env, &scope);
-                check_step(&mut r, stage, up, &scope, &auth_names);
+                check_step(&mut r, stage, &loaded.config, up, &scope, &auth_names);
                 without(&mut scope, step);
             }
             if let Some(down) = &m.down {
@@ -159,7 +159,7 @@ pub(super) fn variables(
                 check_env_values(&mut r, &who, &down.env, &scope);
                 let ups = with_names(&mut scope, m.exports());
                 if let Some(find) = &down.find {
-                    check_step(&mut r, stage, find, &scope, &auth_names);
+                    check_step(&mut r, stage, &loaded.config, find, &scope, &auth_names);
                 }
                 let finds = with_names(
                     &mut scope,
@@ -167,7 +167,7 @@ pub(super) fn variables(
                         .iter()
                         .flat_map(|f| f.response.env_from.iter().map(|(n, _)| n.value.as_str())),
                 );
-                check_step(&mut r, stage, down, &scope, &auth_names);
+                check_step(&mut r, stage, &loaded.config, down, &scope, &auth_names);
                 without(&mut scope, finds);
                 without(&mut scope, ups);
                 without(&mut scope, step);
@@ -229,6 +229,7 @@ fn without(scope: &mut BTreeSet<&str>, added: Vec<&str>) {
 fn check_step(
     r: &mut Reader<'_>,
     stage: &StageSpec,
+    config: &StageConfigSpec,
     step: &StepSpec,
     scope: &BTreeSet<&str>,
     auth_names: &[&str],
@@ -241,8 +242,8 @@ fn check_step(
             ts.extend(req.headers.iter().map(|(_, t)| t));
             ts.extend(req.queries.iter().map(|(_, t)| t));
             match &req.body {
-                Some(BodySpec::Text(t)) if req.render_body => ts.push(t),
-                Some(BodySpec::Json(j)) if req.render_body => json_templates(j, &mut ts),
+                Some(BodySpec::Text(t)) if req.renders_body(config) => ts.push(t),
+                Some(BodySpec::Json(j)) if req.renders_body(config) => json_templates(j, &mut ts),
                 _ => {}
             }
             for t in ts {

@@ -21,12 +21,13 @@ const CONFIG_KEYS: &[&str] = &[
     "retry",
     "secrets",
     "max_response_bytes",
+    "render_body",
 ];
 const CONFIG_IGNORED: &[(&str, &str)] = &[
     ("store", "baton keeps migration history in its own store"),
     (
         "logging",
-        "baton's logging is set on the command line (--verbose, RUST_LOG)",
+        "baton's diagnostics are set with the BATON_LOG environment variable",
     ),
 ];
 
@@ -54,6 +55,7 @@ pub(crate) fn read(r: &mut Reader<'_>, doc: &Node) -> StageConfigSpec {
             "retry" => spec.retry = read_retry(r, v),
             "secrets" => spec.secrets = r.string_list(v, "secrets"),
             "max_response_bytes" => spec.max_response_bytes = r.u64(v, "max_response_bytes"),
+            "render_body" => spec.render_body = r.bool(v, "render_body"),
             _ => {}
         }
     }
@@ -103,12 +105,30 @@ fn read_config_env(r: &mut Reader<'_>, node: &Node) -> Vec<EnvEntry> {
             );
             continue;
         };
+        // apirun's forms: `value: ""` beside `valueFromEnv` reads the environment; a
+        // non-empty `value` beside it wins; a name alone is the empty string.
+        let value = match (value, &from_env) {
+            (Some((Some(v), _)), Some(_)) if v.is_empty() => None,
+            (v, _) => v,
+        };
         match (value, from_env) {
-            (Some(_), Some(f)) => r.error(
-                f.pos,
-                format!("env `{}` has both `value` and `valueFromEnv`", name.value),
-                Some("keep one of them".into()),
-            ),
+            (Some((Some(value), vnode)), Some(f)) => {
+                r.notice(
+                    f.pos,
+                    format!(
+                        "env `{}` has both `value` and `valueFromEnv`: the value is used, as apirun does",
+                        name.value
+                    ),
+                );
+                out.push(EnvEntry {
+                    name,
+                    value,
+                    secret_from: None,
+                    value_pos: vnode.pos,
+                    style: style_of(vnode),
+                });
+            }
+            (Some((None, _)), Some(_)) => {}
             (Some((Some(value), vnode)), None) => out.push(EnvEntry {
                 name,
                 value,
@@ -124,14 +144,13 @@ fn read_config_env(r: &mut Reader<'_>, node: &Node) -> Vec<EnvEntry> {
                 secret_from: Some(f.value),
                 style: crate::yaml::ScalarStyle::Plain,
             }),
-            (None, None) => r.error(
-                item.pos,
-                format!(
-                    "env `{}` has neither `value` nor `valueFromEnv`",
-                    name.value
-                ),
-                Some("add `value: ...` or `valueFromEnv: ENV_VAR_NAME`".into()),
-            ),
+            (None, None) => out.push(EnvEntry {
+                value_pos: name.pos,
+                name,
+                value: String::new(),
+                secret_from: None,
+                style: crate::yaml::ScalarStyle::Plain,
+            }),
         }
     }
     out

@@ -175,9 +175,16 @@ fn read_step(r: &mut Reader<'_>, node: &Node, which: &str, is_down: bool) -> Opt
             step.response = read_response(r, node, "down").unwrap_or_default();
         }
     }
-    if let (Some(req), Some(auth)) = (request.as_mut(), auth) {
-        if req.auth_name.is_none() {
-            req.auth_name = Some(auth);
+    // `down.auth` names the auth of the down request and of its `find` lookup.
+    if let Some(auth) = auth {
+        let find = step.find.as_mut().and_then(|f| match f.action.as_mut() {
+            Some(StepAction::Request(req)) => Some(req),
+            _ => None,
+        });
+        for req in request.as_mut().into_iter().chain(find) {
+            if req.auth_name.is_none() {
+                req.auth_name = Some(auth.clone());
+            }
         }
     }
     step.action = match (request, command) {
@@ -229,7 +236,7 @@ fn read_request(r: &mut Reader<'_>, node: &Node, what: &str) -> Option<RequestSp
         headers: Vec::new(),
         queries: Vec::new(),
         body: None,
-        render_body: true,
+        render_body: None,
         auth_name: None,
     };
     let mut has_method = false;
@@ -277,7 +284,7 @@ fn read_request(r: &mut Reader<'_>, node: &Node, what: &str) -> Option<RequestSp
                     }));
                 }
             }
-            "render_body" => req.render_body = r.bool(v, "render_body").unwrap_or(true),
+            "render_body" => req.render_body = r.bool(v, "render_body"),
             "auth_name" => req.auth_name = r.name(v, "auth_name"),
             _ => {}
         }

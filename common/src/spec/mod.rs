@@ -261,6 +261,8 @@ pub struct StageConfigSpec {
     pub retry: Option<RetrySpec>,
     pub secrets: Vec<Located<String>>,
     pub max_response_bytes: Option<u64>,
+    /// `render_body` for every request of the stage that does not set its own.
+    pub render_body: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -393,8 +395,17 @@ pub struct RequestSpec {
     pub headers: Vec<(String, Tmpl)>,
     pub queries: Vec<(String, Tmpl)>,
     pub body: Option<BodySpec>,
-    pub render_body: bool,
+    /// As written in the request; see [`RequestSpec::renders_body`].
+    pub render_body: Option<bool>,
     pub auth_name: Option<Located<String>>,
+}
+
+impl RequestSpec {
+    /// Whether the body's templates are rendered: the request's `render_body`, else the stage
+    /// config's, else true.
+    pub fn renders_body(&self, config: &StageConfigSpec) -> bool {
+        self.render_body.or(config.render_body).unwrap_or(true)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
