@@ -111,6 +111,27 @@ impl StageVars {
             .set(Layer::Imported, self.imported.clone());
         layers
     }
+
+    /// What a stage's `condition` is evaluated with: the flat variables of the engine's
+    /// scope, and what `env "KEY"` reads (`global.env` over `environment`, as apirun).
+    ///
+    /// # Errors
+    /// A template in a value written in the files that cannot be rendered.
+    #[allow(clippy::type_complexity)]
+    pub fn condition_inputs(
+        &self,
+        environment: &BTreeMap<String, String>,
+    ) -> Result<(BTreeMap<String, String>, BTreeMap<String, String>), crate::vars::VarError> {
+        let vars = self
+            .layers(environment.clone())
+            .resolve(crate::vars::ENGINE)?;
+        let mut env = environment.clone();
+        env.extend(
+            self.layers(BTreeMap::new())
+                .resolve(&[crate::vars::Layer::Global])?,
+        );
+        Ok((vars, env))
+    }
 }
 
 /// One stage attempt, as the engine hands it to a runner.

@@ -74,6 +74,10 @@ pub fn submission_of(
     };
     let history =
         StoreHistory::of(runs.store().as_ref(), &key, &project).map_err(|e| status_of(e.into()))?;
+    let plan_vars = planner::PlanVars {
+        overrides: set.clone(),
+        ..Default::default()
+    };
     let planned = match rollback {
         Some(to) => planner::plan_down(
             &project,
@@ -91,9 +95,15 @@ pub fn submission_of(
             };
             planner::plan_down(&project, &selection, &history, dependents)
         }
-        None => planner::plan(&project, &selection, &history),
+        None => planner::plan_with(&project, &selection, &history, &plan_vars),
     };
     let plan = match planned {
+        // Down plans do not forecast; their digest covers --set here (plan_with's already
+        // does).
+        Ok(mut p) if p.direction == "down" => {
+            p.digest = planner::cover_overrides(p.digest, &project, &set);
+            p
+        }
         Ok(p) => p,
         Err(PlanError::Invalid(d)) => {
             return Err(Status::invalid_argument(format!(
@@ -102,6 +112,14 @@ pub fn submission_of(
         }
         Err(e) => return Err(Status::failed_precondition(e.to_string())),
     };
+    if rollback.is_none() && r.down && !r.skip_missing_down {
+        let missing = planner::missing_down(&project, &plan);
+        if !missing.is_empty() {
+            return Err(Status::failed_precondition(planner::missing_down_message(
+                &missing,
+            )));
+        }
+    }
     Ok(Submission {
         project: Arc::new(project),
         files: Arc::new(loaded.files),

@@ -591,13 +591,14 @@ impl Runs {
         let selection = Selection::Stages {
             names: first_applied.keys().cloned().collect(),
         };
-        let plan = crate::planner::plan_down(
+        let mut plan = crate::planner::plan_down(
             &s.project,
             &selection,
             &history,
             crate::planner::Dependents::Leave,
         )
         .map_err(|e| RunsError::Rollback(e.to_string()))?;
+        plan.digest = crate::planner::cover_overrides(plan.digest, &s.project, &s.overrides);
         let stages: Vec<String> = first_applied.keys().cloned().collect();
         let to = first_applied
             .into_iter()

@@ -520,7 +520,7 @@ async fn single_stage_commands() {
 /// resumed, and `runs resume` completes it under its own id.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn interrupted_run_must_be_resumed_first() {
-    use baton_coordinator::planner::{plan, NoHistory, Selection};
+    use baton_coordinator::planner::{plan_with, NoHistory, PlanVars, Selection};
     use baton_coordinator::store::{
         Op, RunRecord, RunStatus, SledStore, Store, Transition, FORMAT,
     };
@@ -538,7 +538,12 @@ async fn interrupted_run_must_be_resumed_first() {
             Default::default(),
         );
         let project = loaded.project.unwrap();
-        let planned = plan(&project, &Selection::All, &NoHistory).unwrap();
+        // Planned with the --set value the run below is given (the digest covers it).
+        let vars = PlanVars {
+            overrides: [("api_base".to_owned(), api.url.clone())].into(),
+            ..PlanVars::default()
+        };
+        let planned = plan_with(&project, &Selection::All, &NoHistory, &vars).unwrap();
         let store = SledStore::open(&dir.join(".baton")).unwrap();
         let id = store.next_id().unwrap();
         let run = RunRecord {

@@ -108,14 +108,18 @@ pub(super) fn run(
                     return Ok(EXIT_RUN_FAILED);
                 }
             };
-            let plan = match planner::plan(&project, &Selection::All, &history) {
+            let overrides = BTreeMap::from([("api_base".to_owned(), api.url.clone())]);
+            let plan_vars = planner::PlanVars {
+                overrides: overrides.clone(),
+                env: env.clone(),
+            };
+            let plan = match planner::plan_with(&project, &Selection::All, &history, &plan_vars) {
                 Ok(p) => p,
                 Err(e) => {
                     writeln!(err, "error: {e}")?;
                     return Ok(EXIT_INVALID);
                 }
             };
-            let overrides = BTreeMap::from([("api_base".to_owned(), api.url.clone())]);
             let planned = local::LocalProject {
                 project: project.clone(),
                 files,

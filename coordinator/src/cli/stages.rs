@@ -226,15 +226,20 @@ fn up_with(
             None => return Ok(EXIT_INVALID),
         },
     };
+    // The plan forecasts conditions with what the run will use: --set and this environment.
+    let plan_vars = planner::PlanVars {
+        overrides: args.set.iter().cloned().collect(),
+        env: env.clone(),
+    };
     let planned = match &store {
         Some(s) => match run::StoreHistory::of(s.as_ref(), &key, &project) {
-            Ok(history) => planner::plan(&project, &selection, &history),
+            Ok(history) => planner::plan_with(&project, &selection, &history, &plan_vars),
             Err(e) => {
                 writeln!(err, "error: {e}")?;
                 return Ok(EXIT_INVALID);
             }
         },
-        None => planner::plan(&project, &selection, &NoHistory),
+        None => planner::plan_with(&project, &selection, &NoHistory, &plan_vars),
     };
     let plan = match planned {
         Ok(plan) => plan,
@@ -397,7 +402,11 @@ pub(super) fn down(
         }
     };
     let plan = match planner::plan_down(&project, &selection, &history, dependents) {
-        Ok(p) => p,
+        Ok(mut p) => {
+            let overrides = args.set.iter().cloned().collect();
+            p.digest = planner::cover_overrides(p.digest, &project, &overrides);
+            p
+        }
         Err(PlanError::Invalid(d)) => {
             write!(err, "{d}")?;
             return Ok(EXIT_INVALID);
@@ -413,6 +422,14 @@ pub(super) fn down(
             "nothing to roll back: no selected stage has applied migrations"
         )?;
         return Ok(EXIT_OK);
+    }
+    let missing = planner::missing_down(&project, &plan);
+    if !missing.is_empty() && !args.skip_missing_down {
+        if args.dry_run {
+            plan_view::write_text(&plan, out)?;
+        }
+        writeln!(err, "error: {}", planner::missing_down_message(&missing))?;
+        return Ok(EXIT_INVALID);
     }
     if args.dry_run {
         plan_view::write_text(&plan, out)?;
@@ -529,7 +546,11 @@ fn resume_down(
         &history,
         planner::Dependents::Leave,
     ) {
-        Ok(p) => p,
+        Ok(mut p) => {
+            let overrides = set.iter().cloned().collect();
+            p.digest = planner::cover_overrides(p.digest, &project, &overrides);
+            p
+        }
         Err(e) => {
             writeln!(
                 err,

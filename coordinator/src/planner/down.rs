@@ -170,3 +170,25 @@ pub fn plan_down(
         inputs,
     })
 }
+
+/// The migrations a down plan would roll back that have no `down` step (or whose file is
+/// gone), as `stage `s`: 002_name`: without `--skip-missing-down` the run would stop at the
+/// first, so the command refuses before it asks or changes anything.
+pub fn missing_down(project: &Project, plan: &Plan) -> Vec<String> {
+    let mut out = Vec::new();
+    for stage in &plan.order {
+        let Some(loaded) = project.stages.get(stage.index) else {
+            continue;
+        };
+        for (version, name) in &stage.pending {
+            let has_down = loaded
+                .migrations
+                .iter()
+                .any(|m| m.version == *version && m.down.is_some());
+            if !has_down {
+                out.push(format!("stage `{}`: {version:03}_{name}", stage.name));
+            }
+        }
+    }
+    out
+}

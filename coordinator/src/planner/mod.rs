@@ -362,11 +362,39 @@ pub(crate) fn lookup_stage(
     })
 }
 
-/// Plans a loaded project.
+/// What `stages down` says when migrations it would roll back have no `down` step.
+pub fn missing_down_message(missing: &[String]) -> String {
+    format!(
+        "`stages down` cannot roll back these migrations: they have no `down` step\n  {}\nnothing was rolled back; add --skip-missing-down to pass over them (what they did stays)",
+        missing.join("\n  ")
+    )
+}
+
+/// What a run will know besides the files: its `--set` values, and the environment its
+/// conditions are evaluated in (the CLI's own in local mode; none on a coordinator, whose
+/// conditions see no process environment).
+#[derive(Debug, Clone, Default)]
+pub struct PlanVars {
+    pub overrides: BTreeMap<String, String>,
+    pub env: BTreeMap<String, String>,
+}
+
+/// Plans a loaded project with no `--set` values and no environment.
 pub fn plan(
     project: &Project,
     selection: &Selection,
     history: &dyn History,
+) -> Result<Plan, PlanError> {
+    plan_with(project, selection, history, &PlanVars::default())
+}
+
+/// Plans a loaded project: conditions are forecast with every source the run will use, and
+/// the digest covers the `--set` values (see [`cover_overrides`]).
+pub fn plan_with(
+    project: &Project,
+    selection: &Selection,
+    history: &dyn History,
+    plan_vars: &PlanVars,
 ) -> Result<Plan, PlanError> {
     let (graph, index, names) = checked_graph(project)?;
     let spec = &project.spec;
@@ -447,12 +475,13 @@ pub fn plan(
         "the graph was checked to be acyclic"
     );
 
-    let global_vars: BTreeMap<String, String> = spec
+    let mut global_vars: BTreeMap<String, String> = spec
         .global
         .env
         .iter()
         .map(|e| (e.name.value.clone(), e.value.clone()))
         .collect();
+    global_vars.extend(plan_vars.overrides.clone());
     let mut planned = Vec::with_capacity(order.len());
     for &i in &order {
         let s = &spec.stages[i];
@@ -465,10 +494,11 @@ pub fn plan(
             .map(|m| (m.version, m.name.clone()))
             .collect();
         let forecast = s.condition.as_ref().map(|c| {
-            // What the engine will evaluate, less what only the run knows (the environment,
-            // imports): a missing one makes the forecast "at run time".
+            // What the engine will evaluate, less what only the run knows (imports, other
+            // stages' outcomes): a missing one makes the forecast "at run time".
             let stage_vars = baton_common::stage::StageVars {
                 global: global_vars.clone(),
+                literal_globals: plan_vars.overrides.keys().cloned().collect(),
                 stage: s
                     .env
                     .iter()
@@ -476,18 +506,20 @@ pub fn plan(
                     .collect(),
                 ..Default::default()
             };
-            let vars = match stage_vars
-                .layers(BTreeMap::new())
-                .resolve(baton_common::vars::ENGINE)
-            {
-                Ok(vars) => vars,
+            let (vars, env) = match stage_vars.condition_inputs(&plan_vars.env) {
+                Ok(inputs) => inputs,
                 Err(e) => {
                     return ConditionForecast::AtRunTime {
                         reason: e.to_string(),
                     }
                 }
             };
-            match c.value.evaluate(&Scope::with_vars(&vars)) {
+            let scope = Scope {
+                vars: Some(&vars),
+                env: Some(&env),
+                ..Scope::default()
+            };
+            match c.value.evaluate(&scope) {
                 Ok(true) => ConditionForecast::Runs,
                 Ok(false) => ConditionForecast::Skipped,
                 Err(e) => ConditionForecast::AtRunTime {
@@ -551,9 +583,44 @@ pub fn plan(
         max_concurrent_stages: spec.global.max_concurrent_stages.as_ref().map(|m| m.value),
         wait_between_stages: spec.global.wait_between_stages.as_ref().map(|w| w.value),
         rollback_on_failure: spec.global.rollback_on_failure,
-        digest: digest_inputs(&inputs),
+        digest: cover_overrides(digest_inputs(&inputs), project, &plan_vars.overrides),
         inputs,
     })
+}
+
+/// `digest` extended to cover the run's `--set` values, so a plan made with other values is
+/// another plan (a dry run and the run it predicts match only with the same values). A
+/// secret's value is not hashed into a digest that is shown and stored: only its name counts.
+pub fn cover_overrides(
+    digest: String,
+    project: &Project,
+    overrides: &BTreeMap<String, String>,
+) -> String {
+    if overrides.is_empty() {
+        return digest;
+    }
+    let declared = |name: &str| {
+        project
+            .spec
+            .stages
+            .iter()
+            .any(|s| s.secrets.iter().any(|x| x.value == name))
+            || project
+                .stages
+                .iter()
+                .any(|l| l.config.secrets.iter().any(|x| x.value == name))
+    };
+    let mut buf = digest.into_bytes();
+    buf.extend_from_slice(b"\n--set\n");
+    for (name, value) in overrides {
+        buf.extend_from_slice(name.as_bytes());
+        buf.push(0);
+        if !(baton_common::mask::sensitive_name(name) || declared(name)) {
+            buf.extend_from_slice(value.as_bytes());
+        }
+        buf.push(b'\n');
+    }
+    sha256_hex(&buf)
 }
 
 pub(crate) fn display(p: &Path) -> String {
@@ -585,7 +652,7 @@ pub(crate) fn digest_inputs(inputs: &BTreeMap<String, String>) -> String {
 
 mod down;
 
-pub use down::{plan_down, Dependents};
+pub use down::{missing_down, plan_down, Dependents};
 
 #[cfg(test)]
 mod tests;

@@ -18,7 +18,6 @@ use baton_common::stage::{
     StageVars,
 };
 use baton_common::template::{Scope, StageOutcome, StageOutcomes, Template};
-use baton_common::vars::Layer;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -809,22 +808,17 @@ impl Driver {
             });
         };
         let stage_vars = self.stage_vars(k)?.0;
-        let evaluated = self.flat_vars(&stage_vars).and_then(|vars| {
-            // `env "KEY"` reads global.env first, then the process environment (as apirun).
-            let mut env = self.r.condition_env.clone();
-            env.extend(
-                stage_vars
-                    .layers(BTreeMap::new())
-                    .resolve(&[Layer::Global])?,
-            );
-            let scope = Scope {
-                vars: Some(&vars),
-                auth: None,
-                stage_outcomes: Some(&self.outcomes),
-                env: Some(&env),
-            };
-            Ok(cond.value.evaluate(&scope).map_err(|e| e.message))
-        });
+        let evaluated = stage_vars
+            .condition_inputs(&self.r.condition_env)
+            .map(|(vars, env)| {
+                let scope = Scope {
+                    vars: Some(&vars),
+                    auth: None,
+                    stage_outcomes: Some(&self.outcomes),
+                    env: Some(&env),
+                };
+                cond.value.evaluate(&scope).map_err(|e| e.message)
+            });
         match evaluated.unwrap_or_else(|e| Err(e.to_string())) {
             Ok(runs) => Ok(Event::ConditionChecked { stage: k, runs }),
             Err(e) => {
