@@ -252,3 +252,36 @@ fn missing_stages_file() {
         2,
     );
 }
+
+/// `baton completions SHELL` prints a script the shell loads; bash's completes subcommands
+/// and flags when driven the way bash drives it.
+#[test]
+fn shell_completions() {
+    let dir = std::env::temp_dir().join(format!("baton-completions-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (shell, marker) in [
+        ("bash", "_baton()"),
+        ("zsh", "#compdef baton"),
+        ("fish", "complete -c baton"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_baton"))
+            .args(["completions", shell])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{shell}");
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert!(text.contains(marker), "{shell}: {text}");
+        std::fs::write(dir.join(shell), text).unwrap();
+    }
+    let script = dir.join("bash");
+    let drive = format!(
+        "source {}; COMP_WORDS=(baton stages u); COMP_CWORD=2; _baton baton u stages; echo \"${{COMPREPLY[@]}}\"; COMP_WORDS=(baton stages up --dr); COMP_CWORD=3; _baton baton --dr up; echo \"${{COMPREPLY[@]}}\"",
+        script.display()
+    );
+    let out = Command::new("bash").args(["-c", &drive]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text, "up\n--dry-run\n", "{}", String::from_utf8_lossy(&out.stderr));
+    let (code, text) = baton(&dir, &["completions", "tcsh"]);
+    assert_eq!(code, 2, "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

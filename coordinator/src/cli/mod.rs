@@ -62,6 +62,14 @@ pub enum Command {
     /// The coordinator service.
     #[command(subcommand)]
     Coordinator(CoordinatorCommand),
+    /// Print a shell completion script: `baton completions bash > /etc/bash_completion.d/baton`,
+    /// `baton completions zsh > "${fpath[1]}/_baton"`, `baton completions fish >
+    /// ~/.config/fish/completions/baton.fish`.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -655,6 +663,11 @@ pub fn run(
             out,
         ),
         Command::Coordinator(CoordinatorCommand::Serve(a)) => coordinator::serve(&a, key, err),
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "baton", out);
+            Ok(EXIT_OK)
+        }
         Command::Coordinator(CoordinatorCommand::Health { remote }) => {
             with_coordinator(&remote, "coordinator health", err, remote::health, out)
         }
