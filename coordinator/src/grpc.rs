@@ -61,7 +61,7 @@ pub fn submission_of(
     };
     let selection = match (r.stages.is_empty(), r.from.is_empty(), r.to.is_empty()) {
         (false, _, _) => Selection::Stages { names: r.stages },
-        (true, false, false) => Selection::Range {
+        (true, false, _) | (true, _, false) => Selection::Range {
             from: r.from,
             to: r.to,
         },

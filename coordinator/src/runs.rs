@@ -225,6 +225,8 @@ pub fn describe_selection(selection: &Selection) -> String {
     match selection {
         Selection::All => "all stages".to_owned(),
         Selection::Stages { names } => format!("--stage {}", names.join(",")),
+        Selection::Range { from, to } if to.is_empty() => format!("--from {from}"),
+        Selection::Range { from, to } if from.is_empty() => format!("--to {to}"),
         Selection::Range { from, to } => format!("--from {from} --to {to}"),
     }
 }

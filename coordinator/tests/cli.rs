@@ -177,6 +177,26 @@ fn selections() {
         &["stages", "up", "--dry-run", "--stage", "infrastructure"],
         0,
     );
+    // One side of a range: --to alone is the stage and everything before it; --from alone
+    // is the stage and everything after it (here refused: its dependency never ran).
+    snapshot(
+        "range_to_only",
+        &dir,
+        &["stages", "up", "--dry-run", "--to", "database"],
+        0,
+    );
+    snapshot(
+        "range_from_only_without_history",
+        &dir,
+        &["stages", "up", "--dry-run", "--from", "database"],
+        2,
+    );
+    snapshot(
+        "range_from_first",
+        &dir,
+        &["stages", "up", "--dry-run", "--from", "infrastructure"],
+        0,
+    );
 }
 
 /// One broken project per error class; each reports its problem with file, line, column.
@@ -280,7 +300,12 @@ fn shell_completions() {
     );
     let out = Command::new("bash").args(["-c", &drive]).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(text, "up\n--dry-run\n", "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        text,
+        "up\n--dry-run\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let (code, text) = baton(&dir, &["completions", "tcsh"]);
     assert_eq!(code, 2, "{text}");
     let _ = std::fs::remove_dir_all(&dir);

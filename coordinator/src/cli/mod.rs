@@ -402,11 +402,11 @@ pub struct UpArgs {
     /// Run only this stage (repeatable); its dependencies must have run before.
     #[arg(long, conflicts_with_all = ["from", "to"])]
     pub stage: Vec<String>,
-    /// First stage of a range (with --to).
-    #[arg(long, requires = "to")]
+    /// First stage of a range; alone: it and every stage after it (its dependents).
+    #[arg(long)]
     pub from: Option<String>,
-    /// Last stage of a range (with --from).
-    #[arg(long, requires = "from")]
+    /// Last stage of a range; alone: it and every stage before it (its dependencies).
+    #[arg(long)]
     pub to: Option<String>,
     /// Output format.
     #[arg(long, short = 'o', value_enum, default_value_t)]
@@ -441,11 +441,13 @@ pub struct DownArgs {
     /// Roll back only this stage (repeatable).
     #[arg(long, conflicts_with_all = ["from", "to"])]
     pub stage: Vec<String>,
-    /// The later stage of a range (rolled back first).
-    #[arg(long, requires = "to")]
+    /// The later stage of a range (rolled back first); alone: it and every stage it depends
+    /// on.
+    #[arg(long)]
     pub from: Option<String>,
-    /// The earlier stage of a range (rolled back last).
-    #[arg(long, requires = "from")]
+    /// The earlier stage of a range (rolled back last); alone: it and every stage that
+    /// depends on it.
+    #[arg(long)]
     pub to: Option<String>,
     /// Also roll back stages that depend on the selected ones and are still applied.
     #[arg(long)]

@@ -270,7 +270,10 @@ pub fn down(args: &DownArgs, out: &mut dyn Write, err: &mut dyn Write) -> std::i
         let what = if stages.is_empty() && from.is_empty() {
             "every applied stage".to_owned()
         } else if stages.is_empty() {
-            format!("--from {from} --to {to}")
+            crate::runs::describe_selection(&crate::planner::Selection::Range {
+                from: from.clone(),
+                to: to.clone(),
+            })
         } else {
             stages.join(", ")
         };

@@ -488,7 +488,11 @@ pub(super) fn resume(
     let (stage, from, to) = match run.selection {
         Selection::All => (Vec::new(), None, None),
         Selection::Stages { names } => (names, None, None),
-        Selection::Range { from, to } => (Vec::new(), Some(from), Some(to)),
+        Selection::Range { from, to } => (
+            Vec::new(),
+            Some(from).filter(|s| !s.is_empty()),
+            Some(to).filter(|s| !s.is_empty()),
+        ),
     };
     let up = UpArgs {
         spec: SpecArgs {
@@ -616,9 +620,9 @@ pub(super) fn selection_parts(
 /// `--stage` / `--from` / `--to` as a selection.
 fn selection_of(stage: &[String], from: &Option<String>, to: &Option<String>) -> Selection {
     match (stage, from, to) {
-        ([], Some(from), Some(to)) => Selection::Range {
-            from: from.clone(),
-            to: to.clone(),
+        ([], from, to) if from.is_some() || to.is_some() => Selection::Range {
+            from: from.clone().unwrap_or_default(),
+            to: to.clone().unwrap_or_default(),
         },
         ([], _, _) => Selection::All,
         (names, _, _) => Selection::Stages {

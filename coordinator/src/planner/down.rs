@@ -41,8 +41,15 @@ pub fn plan_down(
             .iter()
             .map(|w| lookup(w, "--stage"))
             .collect::<Result<_, _>>()?,
+        // Down runs from the later stage back to the earlier one: `--from X` alone is X and
+        // what it depends on, `--to Y` alone is Y and what depends on it.
+        Selection::Range { from, to } if to.is_empty() => {
+            graph.with_reach(lookup(from, "--from")?, Direction::Incoming)
+        }
+        Selection::Range { from, to } if from.is_empty() => {
+            graph.with_reach(lookup(to, "--to")?, Direction::Outgoing)
+        }
         Selection::Range { from, to } => {
-            // Down runs from the later stage back to the earlier one.
             let later = lookup(from, "--from")?;
             let earlier = lookup(to, "--to")?;
             graph.between(earlier, later).ok_or_else(|| {

@@ -31,7 +31,9 @@ pub enum Selection {
     All,
     /// `--stage X`: only these stages.
     Stages { names: Vec<String> },
-    /// `--from A --to B`: the stages on paths from A to B, both included.
+    /// `--from A --to B`: the stages on paths from A to B, both included. One side may be
+    /// empty: `--from A` alone is A and every stage after it (its dependents, transitively),
+    /// `--to B` alone is B and every stage before it (for `down`, the other way round).
     Range { from: String, to: String },
 }
 
@@ -189,6 +191,13 @@ impl Graph {
     }
 
     /// Every stage reachable from `start` following `dir`, `start` excluded.
+    /// `start` and every stage [`StageGraph::reach`] finds from it.
+    pub(crate) fn with_reach(&self, start: usize, dir: Direction) -> BTreeSet<usize> {
+        let mut set = self.reach(start, dir);
+        set.insert(start);
+        set
+    }
+
     pub(crate) fn reach(&self, start: usize, dir: Direction) -> BTreeSet<usize> {
         let mut seen = BTreeSet::new();
         let mut stack = vec![start];
@@ -412,6 +421,14 @@ pub fn plan_with(
                 return Err(PlanError::Selection("--stage needs a stage name".into()));
             }
             set
+        }
+        Selection::Range { from, to } if to.is_empty() => {
+            let a = lookup(from, "--from")?;
+            graph.with_reach(a, Direction::Outgoing)
+        }
+        Selection::Range { from, to } if from.is_empty() => {
+            let b = lookup(to, "--to")?;
+            graph.with_reach(b, Direction::Incoming)
         }
         Selection::Range { from, to } => {
             let a = lookup(from, "--from")?;

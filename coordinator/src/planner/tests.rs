@@ -92,6 +92,28 @@ fn range_selects_paths_between() {
 }
 
 #[test]
+fn one_sided_ranges() {
+    // s0 <- s1 <- s2 <- s3, s1 <- s4
+    let p = project(5, &[(1, 0), (2, 1), (3, 2), (4, 1)]);
+    let range = |from: &str, to: &str| Selection::Range {
+        from: from.into(),
+        to: to.into(),
+    };
+    // Up: --from alone is the stage and its dependents; --to alone, and its dependencies.
+    let up = plan(&p, &range("s1", ""), &Ran(vec!["s0"])).unwrap();
+    assert_eq!(names(&up), ["s1", "s2", "s3", "s4"]);
+    let up = plan(&p, &range("", "s2"), &Ran(vec![])).unwrap();
+    assert_eq!(names(&up), ["s0", "s1", "s2"]);
+    // Down runs the other way: --from (the later stage) alone is it and what it depends on;
+    // --to (the earlier stage) alone is it and what depends on it.
+    let all = Ran(vec!["s0", "s1", "s2", "s3", "s4"]);
+    let down = plan_down(&p, &range("", "s2"), &all, Dependents::Refuse).unwrap();
+    assert_eq!(names(&down), ["s3", "s2"]);
+    let down = plan_down(&p, &range("s4", ""), &all, Dependents::Cascade).unwrap();
+    assert_eq!(names(&down).len(), 5, "s4 and s1, s0, and (cascade) s2, s3");
+}
+
+#[test]
 fn selection_errors() {
     let p = project(3, &[(1, 0), (2, 1)]);
     let err = plan(
