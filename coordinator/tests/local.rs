@@ -1009,3 +1009,45 @@ async fn an_interrupted_rollback_is_resumed_not_forgotten() {
     let (_, status) = baton(&dir, &["stages", "status"]).await;
     assert!(status.contains("s: 0 applied, 3 pending"), "{status}");
 }
+
+/// `runs show -o json` works in local mode as against a coordinator (one event per line); a
+/// flag a local command cannot honour is refused, never silently ignored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_runs_show_json_and_refused_flags() {
+    let target = Target::start().await;
+    target.answer_unscripted_like_a_cloud();
+    let dir = baton_e2e::files::temp_dir("local-show-json");
+    baton_e2e::files::write(
+        &dir.join("stages.yaml"),
+        "stages:\n  - name: s\n    config_path: s/config.yaml\nglobal:\n  env:\n    api: http://127.0.0.1:9\n",
+    );
+    baton_e2e::files::write(&dir.join("s/config.yaml"), "migrate_dir: migration\n");
+    baton_e2e::files::write(
+        &dir.join("s/migration/001_x.yaml"),
+        "up:\n  request:\n    method: PUT\n    url: '{{.api}}/x'\n",
+    );
+    let set = format!("api={}", target.url());
+    let (code, out) = baton(&dir, &["stages", "up", "--set", &set]).await;
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = baton(&dir, &["runs", "show", "1", "-o", "json"]).await;
+    assert_eq!(code, 0, "{out}");
+    let events: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert_eq!(events[0]["seq"], 0, "{out}");
+    assert_eq!(events[0]["kind"]["type"], "run_started", "{out}");
+    assert_eq!(
+        events.last().unwrap()["kind"]["type"],
+        "run_finished",
+        "{out}"
+    );
+    for args in [
+        vec!["runs", "logs", "1", "--follow"],
+        vec!["runs", "list", "--ca-file", "ca.pem"],
+        vec!["runs", "list", "--token-file", "token"],
+    ] {
+        let (code, out) = baton(&dir, &args).await;
+        assert_eq!(code, 2, "{args:?} was not refused: {out}");
+    }
+}

@@ -601,9 +601,9 @@ pub fn run(
         }) if remote.coordinator.is_some() => {
             remote::runs_watch(&remote, run, 0, false, output, out, err)
         }
-        Command::Runs(RunsCommand::Show { run, state, .. }) => {
-            stages::runs(&state, &key, Some(run), OutputFormat::Text, out, err)
-        }
+        Command::Runs(RunsCommand::Show {
+            run, state, output, ..
+        }) => stages::runs(&state, &key, Some(run), output, out, err),
         Command::Runs(RunsCommand::Watch {
             run,
             from_seq,
@@ -624,6 +624,13 @@ pub fn run(
             ..
         }) if remote.coordinator.is_some() => {
             remote::runs_logs(&remote, run, stage.as_deref(), follow, out, err)
+        }
+        Command::Runs(RunsCommand::Logs { follow: true, .. }) => {
+            writeln!(
+                err,
+                "error: `runs logs --follow` follows a run on a coordinator (add --coordinator URL); a local run shows its log live in `stages up`, and `runs logs RUN` prints it afterwards"
+            )?;
+            Ok(EXIT_INVALID)
         }
         Command::Runs(RunsCommand::Logs {
             run, stage, state, ..

@@ -31,13 +31,13 @@ pub struct RemoteArgs {
     #[arg(long, env = "BATON_COORDINATOR")]
     pub coordinator: Option<String>,
     /// A file holding the operator token the coordinator expects.
-    #[arg(long, conflicts_with = "token")]
+    #[arg(long, conflicts_with = "token", requires = "coordinator")]
     pub token_file: Option<PathBuf>,
     /// The operator token itself (prefer --token-file).
     #[arg(long, env = "BATON_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
     /// A CA bundle (PEM) the coordinator's TLS certificate must chain to.
-    #[arg(long)]
+    #[arg(long, requires = "coordinator")]
     pub ca_file: Option<PathBuf>,
 }
 

@@ -501,6 +501,7 @@ pub(super) fn runs_list(
 pub(super) fn runs_show(
     store: &dyn Store,
     id: u64,
+    output: super::OutputFormat,
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> std::io::Result<i32> {
@@ -508,6 +509,21 @@ pub(super) fn runs_show(
         writeln!(err, "error: there is no run {id} (see `baton runs list`)")?;
         return Ok(EXIT_INVALID);
     };
+    if output == super::OutputFormat::Json {
+        // As against a coordinator: one event record per line, with its sequence number.
+        return match store.events(id, 0) {
+            Ok(events) => {
+                for e in &events {
+                    writeln!(out, "{}", serde_json::to_string(e)?)?;
+                }
+                Ok(EXIT_OK)
+            }
+            Err(e) => {
+                writeln!(err, "error: {e}")?;
+                Ok(EXIT_RUN_FAILED)
+            }
+        };
+    }
     writeln!(
         out,
         "run {} {} ({}, plan {})",

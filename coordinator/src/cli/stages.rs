@@ -349,7 +349,7 @@ pub(super) fn runs(
     };
     match id {
         None => run::runs_list(store.as_ref(), output, out, err),
-        Some(id) => run::runs_show(store.as_ref(), id, out, err),
+        Some(id) => run::runs_show(store.as_ref(), id, output, out, err),
     }
 }
 
