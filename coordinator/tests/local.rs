@@ -512,6 +512,17 @@ async fn single_stage_commands() {
     let (code, out) = baton(&dir, &args).await;
     assert_eq!(code, 0, "{out}");
     assert!(api.resources().is_empty(), "{:?}", api.resources());
+    // No internal file name in what people read.
+    let mut shown = String::new();
+    for view in [
+        vec!["up", "--dry-run", "--config", "config.yaml"],
+        vec!["runs", "list"],
+        vec!["runs", "show", "1"],
+    ] {
+        shown.push_str(&baton(&dir, &view).await.1);
+    }
+    assert!(shown.contains("single stage"), "{shown}");
+    assert!(!shown.contains(".baton-stage"), "{shown}");
     stop.cancel();
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -19,6 +19,21 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+/// The name of the stages file single-stage mode (`baton up -c config.yaml`) generates in
+/// memory for the stage (its history is kept under this project name). Never shown: see
+/// [`shown_project`].
+pub const SINGLE_STAGE_FILE: &str = ".baton-stage.yaml";
+
+/// A project's name as people read it: the stages file, or `single stage` for single-stage
+/// mode's generated one (an internal name).
+pub fn shown_project(project: &str) -> String {
+    match project.strip_suffix(SINGLE_STAGE_FILE) {
+        Some("") => "single stage".to_owned(),
+        Some(dir) => format!("single stage in {}", dir.trim_end_matches('/')),
+        None => project.to_owned(),
+    }
+}
+
 /// Exit codes.
 pub const EXIT_OK: i32 = 0;
 pub const EXIT_RUN_FAILED: i32 = 1;
@@ -207,7 +222,7 @@ impl SingleArgs {
             serde_json::Value::String(file)
         );
         SpecArgs {
-            config: dir.join(".baton-stage.yaml"),
+            config: dir.join(SINGLE_STAGE_FILE),
             strict: false,
             generated: Some(generated),
             provided: self.set.iter().map(|(k, _)| k.clone()).collect(),

@@ -20,7 +20,7 @@ pub(super) fn write_text(plan: &Plan, out: &mut dyn Write) -> std::io::Result<()
     writeln!(
         out,
         "plan for {}: {} stage{} in {} wave{} (digest {})",
-        plan.stages_file,
+        super::shown_project(&plan.stages_file),
         stages,
         if stages == 1 { "" } else { "s" },
         plan.waves.len(),

@@ -462,7 +462,11 @@ pub(super) fn write_runs(
         writeln!(
             out,
             "{:>6}  {:<24} {:<4} {:<28} {}",
-            r.id, r.status, r.direction, r.project, r.selection
+            r.id,
+            r.status,
+            r.direction,
+            super::shown_project(&r.project),
+            r.selection
         )?;
     }
     Ok(())
@@ -529,7 +533,7 @@ pub(super) fn runs_show(
         "run {} {} ({}, plan {})",
         run.id,
         run.status.as_str(),
-        run.project,
+        super::shown_project(&run.project),
         &run.plan_digest[..12.min(run.plan_digest.len())]
     )?;
     let events = match store.events(id, 0) {

@@ -93,6 +93,8 @@ pub struct PlannedStage {
     pub index: usize,
     /// Names of the stage's direct dependencies, in file order.
     pub depends_on: Vec<String>,
+    /// The stage's wave, from 0 here; written from 1 in JSON, as the text view numbers them.
+    #[serde(serialize_with = "ser_wave")]
     pub wave: usize,
     pub on_failure: OnFailure,
     #[serde(
@@ -136,6 +138,10 @@ pub struct Plan {
     pub digest: String,
     /// Every file read, with its SHA-256.
     pub inputs: BTreeMap<String, String>,
+}
+
+fn ser_wave<S: serde::Serializer>(wave: &usize, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(u64::try_from(*wave).map_or(u64::MAX, |w| w + 1))
 }
 
 fn ser_opt_duration<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
