@@ -283,3 +283,44 @@ async fn config_defaults_env_list_forms_and_find_auth() {
         Some(basic)
     );
 }
+
+/// `baton up --to VERSION` and `baton down --to VERSION`, as apirun's README uses them
+/// (`up --to 3 --dry-run`, `down --to 0`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_and_down_to_a_version() {
+    let target = Target::start().await;
+    target.answer_unscripted_like_a_cloud();
+    let dir = baton_e2e::files::temp_dir("apirun-to-version").join("net");
+    write(&dir.join("config.yaml"), "migrate_dir: migration\n");
+    for v in 1..=3 {
+        write(
+            &dir.join(format!("migration/00{v}_m.yaml")),
+            &format!("up:\n  request:\n    method: PUT\n    url: '{{{{.api}}}}/m/{v}'\ndown:\n  method: DELETE\n  url: '{{{{.api}}}}/m/{v}'\n"),
+        );
+    }
+    let set = format!("api={}", target.url());
+    let (code, plan) = baton(&dir, &["up", "--to", "2", "--dry-run", "--set", &set]).await;
+    assert_eq!(code, 0, "{plan}");
+    assert!(plan.contains("2 pending: 001_m, 002_m"), "{plan}");
+    let (code, out) = baton(&dir, &["up", "--to", "2", "--set", &set]).await;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(target.requests_to("PUT", "/m/2").len(), 1, "{out}");
+    assert!(target.requests_to("PUT", "/m/3").is_empty(), "{out}");
+    let (_, status) = baton(&dir, &["status"]).await;
+    assert!(status.contains("2 applied, 1 pending"), "{status}");
+    let (code, out) = baton(&dir, &["up", "--set", &set]).await;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(target.requests_to("PUT", "/m/3").len(), 1, "{out}");
+    let (code, out) = baton(&dir, &["down", "--to", "1", "--yes", "--set", &set]).await;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(target.requests_to("DELETE", "/m/3").len(), 1, "{out}");
+    assert_eq!(target.requests_to("DELETE", "/m/2").len(), 1, "{out}");
+    assert!(target.requests_to("DELETE", "/m/1").is_empty(), "{out}");
+    let (_, status) = baton(&dir, &["status"]).await;
+    assert!(status.contains("1 applied, 2 pending"), "{status}");
+    let (code, out) = baton(&dir, &["down", "--to", "0", "--yes", "--set", &set]).await;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(target.requests_to("DELETE", "/m/1").len(), 1, "{out}");
+    let (code, out) = baton(&dir, &["status", "--to", "1"]).await;
+    assert_eq!(code, 2, "{out}");
+}

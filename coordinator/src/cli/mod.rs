@@ -193,6 +193,10 @@ pub struct SingleArgs {
     /// `status`: also show exported variables (secrets masked).
     #[arg(long, short = 'v')]
     pub verbose: bool,
+    /// `up`: apply migrations up to this version only; `down`: roll back to this version
+    /// (`--to 0`: all of them, the default).
+    #[arg(long, value_name = "VERSION")]
+    pub to: Option<u64>,
 }
 
 impl SingleArgs {
@@ -437,6 +441,9 @@ pub struct UpArgs {
     /// With --coordinator: submit, print the run's id, and return without watching.
     #[arg(long, requires = "coordinator")]
     pub detach: bool,
+    /// Single-stage `baton up --to VERSION` (not a `stages up` flag): apply up to it.
+    #[arg(skip)]
+    pub up_to: Option<u64>,
 }
 
 fn parse_set(s: &str) -> Result<(String, String), String> {
@@ -481,6 +488,9 @@ pub struct DownArgs {
     pub set: Vec<(String, String)>,
     #[command(flatten)]
     pub remote: RemoteArgs,
+    /// Single-stage `baton down --to VERSION` (not a `stages down` flag): roll back to it.
+    #[arg(skip)]
+    pub down_to: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -571,6 +581,7 @@ pub fn run(
                 set: a.set,
                 remote: RemoteArgs::default(),
                 detach: false,
+                up_to: a.to,
             };
             stages::up(&up, env, &key, out, err)
         }
@@ -587,8 +598,13 @@ pub fn run(
                 state_dir: a.state_dir,
                 set: a.set,
                 remote: RemoteArgs::default(),
+                down_to: a.to,
             };
             stages::down(&down, env, &key, out, err)
+        }
+        Command::Status(SingleArgs { to: Some(_), .. }) => {
+            writeln!(err, "error: `--to` is for `baton up` and `baton down`; `baton status` shows every version")?;
+            Ok(EXIT_INVALID)
         }
         Command::Status(a) => {
             let status = StatusArgs {

@@ -185,7 +185,7 @@ pub(super) async fn down_async(
     let (runs, sub) = local.service();
     let plan = sub.plan.clone();
     let direction = RunDirection::Down {
-        to: BTreeMap::new(),
+        to: plan.down_to.clone(),
         skip_missing_down,
     };
     let submitted = match runs.submit_down(sub, direction).await {

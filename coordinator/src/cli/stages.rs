@@ -241,7 +241,7 @@ fn up_with(
         },
         None => planner::plan_with(&project, &selection, &NoHistory, &plan_vars),
     };
-    let plan = match planned {
+    let mut plan = match planned {
         Ok(plan) => plan,
         Err(PlanError::Invalid(d)) => {
             write!(err, "{d}")?;
@@ -252,6 +252,12 @@ fn up_with(
             return Ok(EXIT_INVALID);
         }
     };
+    if let Some(version) = args.up_to {
+        let names: Vec<String> = plan.order.iter().map(|s| s.name.clone()).collect();
+        for name in names {
+            plan.cap_up(&name, version);
+        }
+    }
     // `runs_on` chooses agents; here there are none.
     let routed: Vec<&str> = project
         .spec
@@ -405,6 +411,12 @@ pub(super) fn down(
         Ok(mut p) => {
             let overrides = args.set.iter().cloned().collect();
             p.digest = planner::cover_overrides(p.digest, &project, &overrides);
+            if let Some(version) = args.down_to {
+                let names: Vec<String> = p.order.iter().map(|s| s.name.clone()).collect();
+                for name in names {
+                    p.cap_down(&name, version);
+                }
+            }
             p
         }
         Err(PlanError::Invalid(d)) => {
@@ -417,10 +429,16 @@ pub(super) fn down(
         }
     };
     if plan.order.iter().all(|s| s.pending.is_empty()) {
-        writeln!(
-            out,
-            "nothing to roll back: no selected stage has applied migrations"
-        )?;
+        match args.down_to {
+            Some(v) => writeln!(
+                out,
+                "nothing to roll back: nothing is applied above version {v}"
+            )?,
+            None => writeln!(
+                out,
+                "nothing to roll back: no selected stage has applied migrations"
+            )?,
+        }
         return Ok(EXIT_OK);
     }
     let missing = planner::missing_down(&project, &plan);
@@ -510,6 +528,7 @@ pub(super) fn resume(
         set,
         remote: super::RemoteArgs::default(),
         detach: false,
+        up_to: None,
     };
     up_with(&up, env, Ok(store), out, err)
 }

@@ -175,6 +175,8 @@ pub fn plan_down(
         rollback_on_failure: false,
         digest: digest_inputs(&inputs),
         inputs,
+        up_to: BTreeMap::new(),
+        down_to: BTreeMap::new(),
     })
 }
 

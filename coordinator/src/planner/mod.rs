@@ -138,6 +138,42 @@ pub struct Plan {
     pub digest: String,
     /// Every file read, with its SHA-256.
     pub inputs: BTreeMap<String, String>,
+    /// `baton up --to VERSION`: per stage, the highest version this run applies (see
+    /// [`Plan::cap_up`]). Kept in the stored plan, so a resumed run keeps its cap.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub up_to: BTreeMap<String, u64>,
+    /// `baton down --to VERSION`: per stage, the version this run rolls back to (absent:
+    /// all of it); see [`Plan::cap_down`].
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub down_to: BTreeMap<String, u64>,
+}
+
+impl Plan {
+    /// Applies `stage`'s migrations only up to `version` (apirun's `up --to`): the rest stay
+    /// pending, and the digest covers the cap.
+    pub fn cap_up(&mut self, stage: &str, version: u64) {
+        for s in self.order.iter_mut().filter(|s| s.name == stage) {
+            s.pending.retain(|(v, _)| *v <= version);
+        }
+        self.up_to.insert(stage.to_owned(), version);
+        self.cover_cap("up_to", stage, version);
+    }
+
+    /// Rolls `stage` back only down to `version` (apirun's `down --to`; 0: all of it): the
+    /// rest stays applied, and the digest covers the cap.
+    pub fn cap_down(&mut self, stage: &str, version: u64) {
+        for s in self.order.iter_mut().filter(|s| s.name == stage) {
+            s.pending.retain(|(v, _)| *v > version);
+        }
+        self.down_to.insert(stage.to_owned(), version);
+        self.cover_cap("down_to", stage, version);
+    }
+
+    fn cover_cap(&mut self, what: &str, stage: &str, version: u64) {
+        let mut buf = std::mem::take(&mut self.digest).into_bytes();
+        buf.extend_from_slice(format!("\n{what} {stage} {version}").as_bytes());
+        self.digest = sha256_hex(&buf);
+    }
 }
 
 fn ser_wave<S: serde::Serializer>(wave: &usize, s: S) -> Result<S::Ok, S::Error> {
@@ -608,6 +644,8 @@ pub fn plan_with(
         rollback_on_failure: spec.global.rollback_on_failure,
         digest: cover_overrides(digest_inputs(&inputs), project, &plan_vars.overrides),
         inputs,
+        up_to: BTreeMap::new(),
+        down_to: BTreeMap::new(),
     })
 }
 

@@ -906,8 +906,19 @@ impl Driver {
             attempt: attempt_no,
             token,
         };
+        // `up --to VERSION`: migrations above the cap are not shipped, so they do not exist
+        // for the executor (they stay pending).
+        let beyond_cap: BTreeSet<&PathBuf> = match self.r.plan.up_to.get(&stage.name.value) {
+            Some(cap) if matches!(self.r.direction, RunDirection::Up) => loaded
+                .migrations
+                .iter()
+                .filter(|m| m.version > *cap)
+                .map(|m| &m.file)
+                .collect(),
+            _ => BTreeSet::new(),
+        };
         let mut files = BTreeMap::new();
-        for path in &loaded.inputs {
+        for path in loaded.inputs.iter().filter(|p| !beyond_cap.contains(p)) {
             match self.r.files.get(path) {
                 Some(b) => {
                     files.insert(path.clone(), b.clone());
