@@ -324,3 +324,61 @@ async fn up_and_down_to_a_version() {
     let (code, out) = baton(&dir, &["status", "--to", "1"]).await;
     assert_eq!(code, 2, "{out}");
 }
+
+/// `body_file` names and `result_code` entries may be templates: the body file is chosen
+/// when the request is sent, among the files the plan read (every file its name can
+/// match); a rendered name cannot leave the directory; a result code renders to a status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn templated_body_file_and_result_code() {
+    let target = Target::start().await;
+    target.on("POST", "/vpc", vec![Reply::json(409, json!({}))]);
+    target.answer_unscripted_like_a_cloud();
+    let dir = baton_e2e::files::temp_dir("apirun-templated-paths");
+    let stages = |env_name: &str| {
+        format!("stages:\n  - name: s\n    config_path: s/config.yaml\nglobal:\n  env:\n    api: http://127.0.0.1:9\n    env_name: {env_name}\n    accepted: \"409\"\n")
+    };
+    write(&dir.join("stages.yaml"), &stages("prod"));
+    write(&dir.join("s/config.yaml"), "migrate_dir: migration\n");
+    write(
+        &dir.join("s/bodies/vpc-dev.json"),
+        "{\"cidr\": \"10.1.0.0/16\"}",
+    );
+    write(
+        &dir.join("s/bodies/vpc-prod.json"),
+        "{\"cidr\": \"10.9.0.0/16\", \"by\": \"{{.env_name}}\"}",
+    );
+    write(
+        &dir.join("s/migration/001_vpc.yaml"),
+        "up:\n  request:\n    method: POST\n    url: '{{.api}}/vpc'\n    body_file: '../bodies/vpc-{{.env_name}}.json'\n  response:\n    result_code: ['{{.accepted}}']\n",
+    );
+    let (code, out) = baton(&dir, &["stages", "validate"]).await;
+    assert_eq!(code, 0, "{out}");
+    let set = format!("api={}", target.url());
+    let (code, out) = baton(&dir, &["stages", "up", "--set", &set]).await;
+    assert_eq!(code, 0, "{out}");
+    let sent = target.requests_to("POST", "/vpc")[0].json();
+    assert_eq!(sent, json!({"cidr": "10.9.0.0/16", "by": "prod"}));
+
+    // A value cannot make the name leave the directory, and a name no file matches is
+    // refused before anything runs.
+    let dir2 = baton_e2e::files::temp_dir("apirun-templated-paths-hostile");
+    for (path, text) in [
+        ("s/config.yaml", "migrate_dir: migration\n".to_owned()),
+        ("s/bodies/vpc-dev.json", "{}".to_owned()),
+        ("s/migration/001_vpc.yaml", "up:\n  request:\n    method: POST\n    url: '{{.api}}/vpc2'\n    body_file: '../bodies/vpc-{{.env_name}}.json'\n".to_owned()),
+        ("stages.yaml", stages("x/../../../etc/passwd")),
+    ] {
+        write(&dir2.join(path), &text);
+    }
+    let (code, out) = baton(&dir2, &["stages", "up", "--set", &set]).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("not a file name beside it"), "{out}");
+    assert!(target.requests_to("POST", "/vpc2").is_empty());
+    write(
+        &dir2.join("s/migration/001_vpc.yaml"),
+        "up:\n  request:\n    method: POST\n    url: '{{.api}}/vpc2'\n    body_file: '../bodies/net-{{.env_name}}.json'\n",
+    );
+    let (code, out) = baton(&dir2, &["stages", "validate"]).await;
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("names no file"), "{out}");
+}

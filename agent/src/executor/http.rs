@@ -1,13 +1,14 @@
 //! HTTP steps: render the request, send it with retries, check the answer, extract variables.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use baton_common::spec::{
     beside, BodySpec, EnvMissing, JsonTemplate, MigrationSpec, RequestSpec, ResponseSpec,
     RetryPolicy, Tmpl,
 };
-use baton_common::template::{Escape, Reference, Template};
+use baton_common::template::{Escape, Reference, Scope, Template};
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 
 use super::{
@@ -41,21 +42,38 @@ pub(super) async fn run_request(
     direction: Direction,
     role: &str,
 ) -> Result<BTreeMap<String, String>, StepError> {
+    // Templated entries are rendered first: one that gives no status code fails the step
+    // before anything is sent.
+    let mut accepted = response.result_code.clone();
+    let no_auth = BTreeMap::new();
+    for t in &response.result_code_templates {
+        let text = t
+            .template
+            .render(&scope(vars, &no_auth, ctx.process_env()))
+            .map_err(|e| template_failure(&m.file, "result_code", &e))?;
+        match text.trim().parse::<u16>() {
+            Ok(code) if (100..=599).contains(&code) => accepted.push(code),
+            _ => return Err(StepError::failed(format!(
+                "{}: result_code `{}` gives `{text}`, which is not an HTTP status code (100-599)",
+                m.file.display(),
+                t.source()
+            ))),
+        }
+    }
     let prepared = prepare(ctx, m, req, vars, direction, role).await?;
     let (status, body) = send(ctx, m.version, &prepared, retry).await?;
     let ok = if response.any_status {
         true
-    } else if response.result_code.is_empty() {
+    } else if accepted.is_empty() {
         (200..300).contains(&status)
     } else {
-        response.result_code.contains(&status)
+        accepted.contains(&status)
     };
     if !ok {
-        let expected = if response.result_code.is_empty() {
+        let expected = if accepted.is_empty() {
             "a 2xx status".to_owned()
         } else {
-            response
-                .result_code
+            accepted
                 .iter()
                 .map(u16::to_string)
                 .collect::<Vec<_>>()
@@ -191,7 +209,7 @@ async fn prepare(
             (Some(text.into_bytes()), json)
         }
         Some(BodySpec::File(f)) => {
-            let path = beside(file, &f.value);
+            let path = body_file_path(file, &f.value, &sc)?;
             let bytes = ctx.task.files.read(&path).map_err(|e| {
                 StepError::failed(format!(
                     "body_file `{}` cannot be read: {e}",
@@ -535,6 +553,35 @@ fn extract(response: &ResponseSpec, body: &[u8]) -> Result<BTreeMap<String, Stri
         }
     }
     Ok(out)
+}
+
+/// Where a request's `body_file` is: beside the migration file; a template in its name
+/// (`bodies/vpc-{{.env}}.json`) is rendered now, and the result must be a plain file name
+/// (no `/`, no `..`), so a value cannot reach outside the files the plan read.
+fn body_file_path(file: &Path, written: &Path, sc: &Scope<'_>) -> Result<PathBuf, StepError> {
+    let path = beside(file, written);
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if !baton_common::vars::is_template(&name) {
+        return Ok(path);
+    }
+    let rendered = Template::parse(&name)
+        .and_then(|t| t.render(sc))
+        .map_err(|e| template_failure(&path, "body_file", &e))?;
+    if rendered.is_empty()
+        || rendered == "."
+        || rendered == ".."
+        || rendered.contains(['/', '\\'])
+        || rendered.chars().any(char::is_control)
+    {
+        return Err(StepError::failed(format!(
+            "body_file `{}` renders to `{rendered}`, which is not a file name beside it",
+            path.display()
+        )));
+    }
+    Ok(path.with_file_name(rendered))
 }
 
 /// The value at a gjson path as text: strings raw, numbers exactly as written, booleans as

@@ -241,6 +241,7 @@ fn check_step(
             ts.extend(req.url.iter());
             ts.extend(req.headers.iter().map(|(_, t)| t));
             ts.extend(req.queries.iter().map(|(_, t)| t));
+            ts.extend(step.response.result_code_templates.iter());
             match &req.body {
                 Some(BodySpec::Text(t)) if req.renders_body(config) => ts.push(t),
                 Some(BodySpec::Json(j)) if req.renders_body(config) => json_templates(j, &mut ts),
@@ -248,6 +249,31 @@ fn check_step(
             }
             for t in ts {
                 check_template(r, &who, t, scope, auth_names);
+            }
+            // A template in a body_file name reads variables too (the files it can name
+            // were found when the project was loaded).
+            if let Some(BodySpec::File(f)) = &req.body {
+                let written = f.value.to_string_lossy();
+                if vars::is_template(&written) {
+                    match Template::parse(&written) {
+                        Ok(template) => {
+                            let t = Tmpl {
+                                template,
+                                pos: f.pos,
+                                style: crate::yaml::ScalarStyle::Plain,
+                            };
+                            check_template(r, &who, &t, scope, auth_names);
+                        }
+                        Err(e) => r.error(
+                            f.pos,
+                            format!(
+                                "{who}: body_file `{written}` is not a valid template: {}",
+                                e.message
+                            ),
+                            e.help,
+                        ),
+                    }
+                }
             }
             if let Some(name) = &req.auth_name {
                 if !auth_names.contains(&name.value.as_str()) {

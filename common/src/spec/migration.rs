@@ -397,6 +397,12 @@ fn read_response(r: &mut Reader<'_>, node: &Node, what: &str) -> Option<Response
                     }
                 };
                 for item in items {
+                    if item.as_str().is_some_and(crate::vars::is_template) {
+                        if let Some(t) = r.template(item, "result_code") {
+                            resp.result_code_templates.push(t);
+                        }
+                        continue;
+                    }
                     match item
                         .as_str()
                         .map(str::trim)

@@ -435,6 +435,9 @@ pub struct ResponseSpec {
     pub result_code: Vec<u16>,
     /// `result_code: []` written out: any status is accepted (apirun's documented meaning).
     pub any_status: bool,
+    /// Entries written as templates (`"{{.expected_status}}"`), rendered when the answer
+    /// comes; each must give a status code.
+    pub result_code_templates: Vec<Tmpl>,
     /// Variable name to gjson path.
     pub env_from: Vec<(Located<String>, String)>,
     pub env_missing: EnvMissing,
@@ -1062,10 +1065,101 @@ fn load_body_files(l: &mut Loader<'_>, migration_file: &Path, step: &StepSpec) {
     })) = &step.action
     {
         let path = beside(migration_file, &f.value);
-        let _ = l.read_text(&path, Some((migration_file, f.pos)), "body_file");
+        if crate::vars::is_template(&f.value.to_string_lossy()) {
+            load_templated_body_files(l, migration_file, f.pos, &path);
+        } else {
+            let _ = l.read_text(&path, Some((migration_file, f.pos)), "body_file");
+        }
     }
     if let Some(find) = &step.find {
         load_body_files(l, migration_file, find);
+    }
+}
+
+/// The literal pieces around a file name's template actions (`vpc-{{.env}}.json` gives
+/// `vpc-` and `.json`), or `None` when the name is not a template.
+pub fn body_file_pattern(name: &str) -> Option<Vec<&str>> {
+    if !crate::vars::is_template(name) {
+        return None;
+    }
+    let mut pieces = Vec::new();
+    let mut rest = name;
+    while let Some(open) = rest.find("{{") {
+        pieces.push(&rest[..open]);
+        rest = rest[open..]
+            .find("}}")
+            .map_or("", |close| &rest[open + close + 2..]);
+    }
+    pieces.push(rest);
+    Some(pieces)
+}
+
+/// Whether `name` can be what a template with these literal `pieces` renders to.
+pub fn matches_pattern(name: &str, pieces: &[&str]) -> bool {
+    let (Some(first), Some(last)) = (pieces.first(), pieces.last()) else {
+        return false;
+    };
+    if pieces.len() < 2 || !name.starts_with(first) || name.len() < first.len() + last.len() {
+        return false;
+    }
+    let mut rest = &name[first.len()..];
+    if !rest.ends_with(last) {
+        return false;
+    }
+    rest = &rest[..rest.len() - last.len()];
+    for piece in &pieces[1..pieces.len() - 1] {
+        match rest.find(piece) {
+            Some(at) => rest = &rest[at + piece.len()..],
+            None => return false,
+        }
+    }
+    true
+}
+
+/// `body_file: bodies/{{.env}}.json`: the name is rendered when the request is sent, so
+/// every file of the directory it can name is read now, and the run sends one of exactly
+/// those bytes. A template in a directory part is refused (a value could then reach
+/// anywhere).
+fn load_templated_body_files(l: &mut Loader<'_>, migration_file: &Path, pos: Pos, path: &Path) {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let dir = path.parent().unwrap_or(Path::new(""));
+    let Some(pieces) =
+        body_file_pattern(&name).filter(|_| !crate::vars::is_template(&dir.to_string_lossy()))
+    else {
+        l.diags
+            .error(
+                migration_file,
+                pos,
+                format!(
+                    "body_file `{}`: a template may only be in the file name",
+                    path.display()
+                ),
+            )
+            .with_help("keep the directories literal, e.g. `bodies/vpc-{{.env}}.json`");
+        return;
+    };
+    let mut names = l.files.list(dir).unwrap_or_default();
+    names.sort();
+    let mut found = false;
+    for n in names.iter().filter(|n| matches_pattern(n, &pieces)) {
+        found = true;
+        let _ = l.read_text(&dir.join(n), Some((migration_file, pos)), "body_file");
+    }
+    if !found {
+        l.diags
+            .error(
+                migration_file,
+                pos,
+                format!(
+                    "body_file `{}` names no file: nothing in {} matches it",
+                    path.display(),
+                    dir.display()
+                ),
+            )
+            .with_help("add the files it can name beside the migration, or fix the name");
     }
 }
 
