@@ -441,12 +441,14 @@ impl control_service_server::ControlService for ControlApi {
         Ok(Response::new(proto::StagesStatusResponse {
             stages: states
                 .into_iter()
+                // The text fields for older CLIs; the record for this one.
                 .map(|s| proto::StageState {
+                    applied: s.applied_lines(),
+                    pending: s.pending_lines(),
+                    last: s.last_line(),
+                    exports: s.export_lines(),
+                    record_json: serde_json::to_string(&s).unwrap_or_default(),
                     name: s.name,
-                    applied: s.applied,
-                    pending: s.pending,
-                    last: s.last,
-                    exports: s.exports,
                 })
                 .collect(),
         }))

@@ -12,18 +12,96 @@ use baton_common::spec::Project;
 
 use crate::store::{EventKind, EventRecord, RunRecord, RunStatus, StageKey, Store, StoreError};
 
-/// One stage's status, ready to show.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One stage's status: what `stages status` shows, and its JSON (`-o json`; the same
+/// record travels from a coordinator).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct StageState {
     pub name: String,
+    /// Lowest version first.
+    pub applied: Vec<AppliedState>,
+    /// Lowest version first.
+    pub pending: Vec<MigrationRef>,
+    /// The last run that touched the stage and how the stage ended there; none: never run.
+    pub last: Option<LastOutcome>,
+    /// Exported variables, secret values as `***` and secrets inside values masked.
+    pub exports: BTreeMap<String, String>,
+}
+
+impl StageState {
     /// `001_create_vpc (modified after apply), run 3 succeeded`, lowest version first.
-    pub applied: Vec<String>,
+    pub fn applied_lines(&self) -> Vec<String> {
+        self.applied
+            .iter()
+            .map(|a| {
+                let note = if a.file_removed {
+                    " (file removed)"
+                } else if a.modified_after_apply {
+                    " (modified after apply)"
+                } else {
+                    ""
+                };
+                let run = match (a.run, &a.run_status) {
+                    (Some(id), Some(status)) => format!(", run {id} {status}"),
+                    _ => String::new(),
+                };
+                format!("{:03}_{}{note}{run}", a.version, a.name)
+            })
+            .collect()
+    }
+
     /// `002_setup_security`, lowest version first.
-    pub pending: Vec<String>,
+    pub fn pending_lines(&self) -> Vec<String> {
+        self.pending
+            .iter()
+            .map(|p| format!("{:03}_{}", p.version, p.name))
+            .collect()
+    }
+
     /// `last run 3: succeeded`, or `never run`.
-    pub last: String,
-    /// `name=value`, secret values as `***` and secrets inside values masked.
-    pub exports: Vec<String>,
+    pub fn last_line(&self) -> String {
+        match &self.last {
+            Some(l) => format!("last run {}: {}", l.run, l.outcome),
+            None => "never run".to_owned(),
+        }
+    }
+
+    /// `name=value`, secrets masked.
+    pub fn export_lines(&self) -> Vec<String> {
+        self.exports
+            .iter()
+            .map(|(n, v)| format!("{n}={v}"))
+            .collect()
+    }
+}
+
+/// A migration by version and name.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MigrationRef {
+    pub version: u64,
+    pub name: String,
+}
+
+/// An applied migration.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AppliedState {
+    pub version: u64,
+    pub name: String,
+    /// Its file changed since it was applied.
+    pub modified_after_apply: bool,
+    /// Its file is gone.
+    pub file_removed: bool,
+    /// The run that applied it, and how that run ended (none when the run is gone).
+    pub run: Option<u64>,
+    pub run_status: Option<String>,
+}
+
+/// How a stage ended in the last run that touched it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LastOutcome {
+    pub run: u64,
+    /// `succeeded`, `failed: ...`, `skipped (...)`, `not run`, `interrupted`; `(down)` added
+    /// for a rollback.
+    pub outcome: String,
 }
 
 /// A masker for the secret values among `vars`.
@@ -38,8 +116,12 @@ pub fn masker_for(vars: &BTreeMap<String, String>, secret: &[String]) -> Masker 
     m
 }
 
-/// `name=value` lines of exported variables, secrets masked.
-pub fn export_lines(vars: &BTreeMap<String, String>, secret: &[String]) -> Vec<String> {
+/// Exported variables with secrets masked: a secret's value is `***`, and secrets inside
+/// other values are masked.
+pub fn masked_exports(
+    vars: &BTreeMap<String, String>,
+    secret: &[String],
+) -> BTreeMap<String, String> {
     let masker = masker_for(vars, secret);
     vars.iter()
         .map(|(n, v)| {
@@ -48,8 +130,16 @@ pub fn export_lines(vars: &BTreeMap<String, String>, secret: &[String]) -> Vec<S
             } else {
                 masker.mask(v)
             };
-            format!("{n}={shown}")
+            (n.clone(), shown)
         })
+        .collect()
+}
+
+/// `name=value` lines of exported variables, secrets masked.
+pub fn export_lines(vars: &BTreeMap<String, String>, secret: &[String]) -> Vec<String> {
+    masked_exports(vars, secret)
+        .into_iter()
+        .map(|(n, v)| format!("{n}={v}"))
         .collect()
 }
 
@@ -101,30 +191,35 @@ pub fn stage_states(
             .migrations
             .iter()
             .filter(|m| !applied_versions.contains(&m.version))
-            .map(|m| format!("{:03}_{}", m.version, m.name))
+            .map(|m| MigrationRef {
+                version: m.version,
+                name: m.name.clone(),
+            })
             .collect();
         let applied = applied
             .iter()
             .map(|a| {
                 let file = loaded.migrations.iter().find(|m| m.version == a.version);
-                let note = match file {
-                    None => " (file removed)",
-                    Some(m) if m.digest != a.digest => " (modified after apply)",
-                    Some(_) => "",
-                };
-                let run = runs.get(&a.run_id).map_or(String::new(), |r| {
-                    format!(", run {} {}", r.id, r.status.as_str())
-                });
-                format!("{:03}_{}{note}{run}", a.version, a.name)
+                let run = runs.get(&a.run_id);
+                AppliedState {
+                    version: a.version,
+                    name: a.name.clone(),
+                    modified_after_apply: file.is_some_and(|m| m.digest != a.digest),
+                    file_removed: file.is_none(),
+                    run: run.map(|r| r.id),
+                    run_status: run.map(|r| r.status.as_str().to_owned()),
+                }
             })
             .collect();
-        let last = match last_outcome.get(&spec.name.value) {
-            Some((run, what)) => format!("last run {run}: {what}"),
-            None => "never run".to_owned(),
-        };
+        let last = last_outcome
+            .get(&spec.name.value)
+            .map(|(run, outcome)| LastOutcome {
+                run: *run,
+                outcome: outcome.clone(),
+            });
         let exports = store
             .result(&k)?
-            .map(|r| export_lines(&r.exports, &r.secret))
+            .map(|r| masked_exports(&r.exports, &r.secret))
             .unwrap_or_default();
         states.push(StageState {
             name: spec.name.value.clone(),
@@ -146,16 +241,16 @@ pub fn write(states: &[StageState], verbose: bool, out: &mut dyn Write) -> std::
             s.name,
             s.applied.len(),
             s.pending.len(),
-            s.last
+            s.last_line()
         )?;
-        for a in &s.applied {
+        for a in s.applied_lines() {
             writeln!(out, "  applied  {a}")?;
         }
-        for p in &s.pending {
+        for p in s.pending_lines() {
             writeln!(out, "  pending  {p}")?;
         }
         if verbose {
-            for e in &s.exports {
+            for e in s.export_lines() {
                 writeln!(out, "  export   {e}")?;
             }
         }

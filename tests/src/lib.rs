@@ -15,6 +15,7 @@ pub mod cli;
 pub mod cluster;
 pub mod files;
 pub mod proxy;
+pub mod schema;
 pub mod stage;
 pub mod target;
 pub mod tls;

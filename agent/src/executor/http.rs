@@ -53,11 +53,13 @@ pub(super) async fn run_request(
             .map_err(|e| template_failure(&m.file, "result_code", &e))?;
         match text.trim().parse::<u16>() {
             Ok(code) if (100..=599).contains(&code) => accepted.push(code),
-            _ => return Err(StepError::failed(format!(
+            _ => {
+                return Err(StepError::failed(format!(
                 "{}: result_code `{}` gives `{text}`, which is not an HTTP status code (100-599)",
                 m.file.display(),
                 t.source()
-            ))),
+            )))
+            }
         }
     }
     let prepared = prepare(ctx, m, req, vars, direction, role).await?;

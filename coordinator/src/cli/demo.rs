@@ -128,13 +128,22 @@ pub(super) fn run(
                 key: key.clone(),
                 overrides,
                 env: env.clone(),
+                output: super::OutputFormat::Text,
             };
             let c = local::up_async(planned, out, err).await?;
             if c != EXIT_OK {
                 code = c;
             }
             writeln!(out, "\n=== baton stages status --config {}", file.display())?;
-            local::status(&project, store.as_ref(), &key, true, out, err)?;
+            local::status(
+                &project,
+                store.as_ref(),
+                &key,
+                true,
+                super::OutputFormat::Text,
+                out,
+                err,
+            )?;
         }
         writeln!(
             out,

@@ -371,6 +371,9 @@ pub enum StagesCommand {
     Status(StatusArgs),
     /// Draw the stage dependency graph.
     Graph(GraphArgs),
+    /// The variables stages exported (what `env_from_stages` imports), for pipelines:
+    /// `baton stages outputs network -o json`. Secret values are masked unless --reveal.
+    Outputs(OutputsArgs),
 }
 
 #[derive(Debug, Args)]
@@ -488,9 +491,31 @@ pub struct DownArgs {
     pub set: Vec<(String, String)>,
     #[command(flatten)]
     pub remote: RemoteArgs,
+    /// Output format (json: the run's record at the end instead of progress).
+    #[arg(long, short = 'o', value_enum, default_value_t)]
+    pub output: OutputFormat,
     /// Single-stage `baton down --to VERSION` (not a `stages down` flag): roll back to it.
     #[arg(skip)]
     pub down_to: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+pub struct OutputsArgs {
+    /// Only this stage (text output is then `name=value` lines).
+    pub stage: Option<String>,
+    #[command(flatten)]
+    pub spec: SpecArgs,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
+    /// Output format (json: {"schema": "baton.outputs/v1", "stages": {STAGE: {NAME: VALUE}}}).
+    #[arg(long, short = 'o', value_enum, default_value_t)]
+    pub output: OutputFormat,
+    /// Show secret values in clear (local state only; never through a coordinator).
+    #[arg(long, conflicts_with = "coordinator")]
+    pub reveal: bool,
+    /// Where state lives (default: `.baton/` beside the stages file).
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -502,6 +527,9 @@ pub struct StatusArgs {
     /// Also show each stage's exported variables (secrets masked).
     #[arg(long, short = 'v')]
     pub verbose: bool,
+    /// Output format (json: every stage with its exports, secrets masked).
+    #[arg(long, short = 'o', value_enum, default_value_t)]
+    pub output: OutputFormat,
     /// Where state lives (default: `.baton/` beside the stages file).
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
@@ -568,6 +596,10 @@ pub fn run(
         }
         Command::Stages(StagesCommand::Status(a)) => stages::status(&a, &key, out, err),
         Command::Stages(StagesCommand::Graph(a)) => graph::run(&a, out, err),
+        Command::Stages(StagesCommand::Outputs(a)) if a.remote.coordinator.is_some() => {
+            remote::outputs(&a, out, err)
+        }
+        Command::Stages(StagesCommand::Outputs(a)) => stages::outputs(&a, &key, out, err),
         Command::Demo(a) => demo::run(&a, env, out, err),
         Command::Up(a) => {
             let up = UpArgs {
@@ -598,6 +630,7 @@ pub fn run(
                 state_dir: a.state_dir,
                 set: a.set,
                 remote: RemoteArgs::default(),
+                output: OutputFormat::Text,
                 down_to: a.to,
             };
             stages::down(&down, env, &key, out, err)
@@ -612,6 +645,7 @@ pub fn run(
                 remote: RemoteArgs::default(),
                 verbose: a.verbose,
                 state_dir: a.state_dir,
+                output: OutputFormat::Text,
             };
             stages::status(&status, &key, out, err)
         }

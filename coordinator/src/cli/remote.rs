@@ -217,6 +217,13 @@ pub fn up(
         )?;
         return Ok(EXIT_INVALID);
     }
+    if args.output == OutputFormat::Json {
+        writeln!(
+            err,
+            "error: -o json with --coordinator is not available yet for `stages up`; submit with --detach and read the run with `baton runs show RUN -o json --coordinator URL`"
+        )?;
+        return Ok(EXIT_INVALID);
+    }
     let (project, diags, files) = load_captured(&args.spec);
     if project.is_none() {
         print_invalid(args, &diags, out, err)?;
@@ -252,6 +259,13 @@ pub fn down(args: &DownArgs, out: &mut dyn Write, err: &mut dyn Write) -> std::i
         writeln!(
             err,
             "error: --dry-run with --coordinator is not available yet; `baton stages status --coordinator URL` shows what is applied"
+        )?;
+        return Ok(EXIT_INVALID);
+    }
+    if args.output == OutputFormat::Json {
+        writeln!(
+            err,
+            "error: -o json with --coordinator is not available yet for `stages down`; read the run with `baton runs show RUN -o json --coordinator URL`"
         )?;
         return Ok(EXIT_INVALID);
     }
@@ -310,28 +324,69 @@ pub fn status(args: &StatusArgs, out: &mut dyn Write, err: &mut dyn Write) -> st
         return Ok(EXIT_INVALID);
     };
     let r = block(async {
-        let (name, files) = project_files(&project.stages_file, files)?;
-        let mut client = connect(&args.remote).await?;
-        let resp = client
-            .stages_status(proto::StagesStatusRequest {
-                files,
-                stages_file: name,
-                project: String::new(),
-            })
-            .await?
-            .into_inner();
-        let states: Vec<crate::status::StageState> = resp
-            .stages
+        let states = remote_states(&args.remote, &project, files).await?;
+        super::run::write_status(&states, args.verbose, args.output, out).map_err(io_failure)?;
+        Ok(EXIT_OK)
+    })?;
+    finish(err, r)
+}
+
+/// Every stage's state as the coordinator computes it from its store.
+async fn remote_states(
+    remote: &RemoteArgs,
+    project: &baton_common::spec::Project,
+    files: crate::scheduler::driver::PlannedFiles,
+) -> Result<Vec<crate::status::StageState>, Failure> {
+    let (name, files) = project_files(&project.stages_file, files)?;
+    let mut client = connect(remote).await?;
+    let resp = client
+        .stages_status(proto::StagesStatusRequest {
+            files,
+            stages_file: name,
+            project: String::new(),
+        })
+        .await?
+        .into_inner();
+    resp.stages
+        .iter()
+        .map(|s| serde_json::from_str(&s.record_json))
+        .collect::<Result<_, _>>()
+        .map_err(|e| Failure {
+            message: format!(
+                "the coordinator's status cannot be read ({e}); is it an older baton?"
+            ),
+            code: EXIT_RUN_FAILED,
+        })
+}
+
+/// `stages outputs [STAGE] --coordinator URL`: what the coordinator recorded, secrets
+/// masked (`--reveal` is refused before this).
+pub fn outputs(
+    args: &super::OutputsArgs,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> std::io::Result<i32> {
+    let (project, diags, files) = load_captured(&args.spec);
+    let Some(project) = project else {
+        write!(err, "{diags}")?;
+        return Ok(EXIT_INVALID);
+    };
+    if let Some(one) = &args.stage {
+        if !project.spec.stages.iter().any(|s| &s.name.value == one) {
+            writeln!(err, "error: there is no stage `{one}`")?;
+            return Ok(EXIT_INVALID);
+        }
+    }
+    let r = block(async {
+        let states = remote_states(&args.remote, &project, files).await?;
+        let exports = states
             .into_iter()
-            .map(|s| crate::status::StageState {
-                name: s.name,
-                applied: s.applied,
-                pending: s.pending,
-                last: s.last,
-                exports: s.exports,
-            })
+            .filter(|s| args.stage.as_ref().is_none_or(|one| one == &s.name))
+            .filter(|s| s.last.is_some())
+            .map(|s| (s.name, s.exports))
             .collect();
-        crate::status::write(&states, args.verbose, out).map_err(io_failure)?;
+        super::run::write_outputs(&exports, args.stage.as_deref(), args.output, out)
+            .map_err(io_failure)?;
         Ok(EXIT_OK)
     })?;
     finish(err, r)

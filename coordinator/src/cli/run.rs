@@ -49,6 +49,8 @@ pub(super) struct LocalProject {
     pub overrides: BTreeMap<String, String>,
     /// This process's environment: `valueFromEnv` and `env` in conditions.
     pub env: BTreeMap<String, String>,
+    /// `-o json`: stdout holds only the run's JSON record (see [`run_json`]).
+    pub output: super::OutputFormat,
 }
 
 impl LocalProject {
@@ -100,9 +102,14 @@ pub(super) async fn up_async(
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> std::io::Result<i32> {
+    let json = local.output == super::OutputFormat::Json;
     let (runs, sub) = local.service();
     let plan = sub.plan.clone();
     let key = sub.project_key.clone();
+    // With -o json, stdout holds only the run's record: progress is not shown.
+    let mut sink = std::io::sink();
+    let data = out;
+    let out: &mut dyn Write = if json { &mut sink } else { &mut *data };
     let submitted = match runs.submit_up(sub).await {
         Ok(s) => s,
         Err(e @ (RunsError::InterruptedFirst { .. } | RunsError::InterruptedOther { .. })) => {
@@ -118,6 +125,7 @@ pub(super) async fn up_async(
         return Ok(EXIT_RUN_FAILED);
     };
     summary(out, runs.store().as_ref(), &key, &plan, run_id, status)?;
+    let mut rollback_run = None;
     if status == RunStatus::Cancelled {
         // How to go on: what was in flight is in doubt and keeps its key.
         let doubt =
@@ -164,11 +172,20 @@ pub(super) async fn up_async(
                 let o = watch_and_print(&runs, &shown, &rb.plan, out, err).await?;
                 if let Some(s) = o.status {
                     writeln!(out, "\nrollback run {} {}", rb.run, s.as_str())?;
+                    rollback_run = Some((rb.run, s));
                 }
             }
         }
     }
     runs.shutdown().await;
+    if json {
+        let mut record = run_json(runs.store().as_ref(), &key, &plan, run_id, status);
+        if let Some((id, s)) = rollback_run {
+            record["rollback"] = serde_json::json!({"run": id, "status": s});
+        }
+        serde_json::to_writer_pretty(&mut *data, &record)?;
+        writeln!(data)?;
+    }
     Ok(match status {
         RunStatus::Succeeded | RunStatus::SucceededWithFailures => EXIT_OK,
         _ => EXIT_RUN_FAILED,
@@ -182,8 +199,13 @@ pub(super) async fn down_async(
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> std::io::Result<i32> {
+    let json = local.output == super::OutputFormat::Json;
     let (runs, sub) = local.service();
     let plan = sub.plan.clone();
+    let key = sub.project_key.clone();
+    let mut sink = std::io::sink();
+    let data = out;
+    let out: &mut dyn Write = if json { &mut sink } else { &mut *data };
     let direction = RunDirection::Down {
         to: plan.down_to.clone(),
         skip_missing_down,
@@ -203,6 +225,11 @@ pub(super) async fn down_async(
         return Ok(EXIT_RUN_FAILED);
     };
     writeln!(out, "\nrun {} {}", submitted.run_id, status.as_str())?;
+    if json {
+        let record = run_json(runs.store().as_ref(), &key, &plan, submitted.run_id, status);
+        serde_json::to_writer_pretty(&mut *data, &record)?;
+        writeln!(data)?;
+    }
     Ok(if status == RunStatus::Succeeded {
         EXIT_OK
     } else {
@@ -331,6 +358,68 @@ fn summary(
     })
 }
 
+/// A finished run as `stages up|down -o json` prints it (schema `baton.run/v1`): its id,
+/// direction and status, and per stage its outcome, duration, error and exports (secrets
+/// masked; from the events and results the store recorded, which hold masked text only).
+pub(super) fn run_json(
+    store: &dyn Store,
+    key: &str,
+    plan: &Plan,
+    run_id: u64,
+    status: RunStatus,
+) -> serde_json::Value {
+    let events = store.events(run_id, 0).unwrap_or_default();
+    let mut stages: Vec<serde_json::Value> = Vec::new();
+    for s in &plan.order {
+        let mut outcome = "not run".to_owned();
+        let (mut duration_ms, mut error, mut reason) = (None, None, None);
+        for e in events
+            .iter()
+            .filter(|e| e.stage.as_deref() == Some(s.name.as_str()))
+        {
+            match &e.kind {
+                EventKind::StageSucceeded { duration_ms: d } => {
+                    outcome = "succeeded".to_owned();
+                    duration_ms = Some(*d);
+                }
+                EventKind::StageFailed { message } => {
+                    outcome = "failed".to_owned();
+                    error = Some(message.clone());
+                }
+                EventKind::StageSkipped { reason: r } => {
+                    outcome = "skipped".to_owned();
+                    reason = Some(r.clone());
+                }
+                _ => {}
+            }
+        }
+        let exports = store
+            .result(&StageKey::new(key, &s.name))
+            .ok()
+            .flatten()
+            .filter(|r| r.run_id == run_id)
+            .map(|r| crate::status::masked_exports(&r.exports, &r.secret))
+            .unwrap_or_default();
+        stages.push(serde_json::json!({
+            "name": s.name,
+            "outcome": outcome,
+            "duration_ms": duration_ms,
+            "error": error,
+            "reason": reason,
+            "exports": exports,
+        }));
+    }
+    serde_json::json!({
+        "schema": schema::RUN,
+        "run": run_id,
+        "direction": plan.direction,
+        "status": status,
+        "plan_digest": plan.digest,
+        "stages": stages,
+        "rollback": null,
+    })
+}
+
 /// [`summary`] from a run's events; `exports` gives a stage's recorded result when known.
 pub(super) fn summary_of(
     out: &mut dyn Write,
@@ -373,18 +462,75 @@ pub(super) fn summary_of(
     Ok(())
 }
 
+/// The JSON schema names and versions of what `-o json` prints (docs/cli.md, "JSON
+/// output"): a breaking change takes a new version.
+pub(super) mod schema {
+    pub const STATUS: &str = "baton.status/v1";
+    pub const OUTPUTS: &str = "baton.outputs/v1";
+    pub const RUN: &str = "baton.run/v1";
+    pub const PLAN: &str = "baton.plan/v1";
+    pub const VALIDATION: &str = "baton.validation/v1";
+}
+
+/// `stages outputs`: every stage's exports (`stage` header, then `name=value` lines), only
+/// one stage's (`name=value` lines), or JSON (`{"schema": "baton.outputs/v1", "stages":
+/// {STAGE: {NAME: VALUE}}}`).
+pub(super) fn write_outputs(
+    exports: &BTreeMap<String, BTreeMap<String, String>>,
+    one: Option<&str>,
+    output: super::OutputFormat,
+    out: &mut dyn Write,
+) -> std::io::Result<()> {
+    if output == super::OutputFormat::Json {
+        serde_json::to_writer_pretty(
+            &mut *out,
+            &serde_json::json!({"schema": schema::OUTPUTS, "stages": exports}),
+        )?;
+        return writeln!(out);
+    }
+    for (stage, vars) in exports {
+        if one.is_none() {
+            writeln!(out, "{stage}")?;
+        }
+        let pad = if one.is_none() { "  " } else { "" };
+        for (n, v) in vars {
+            writeln!(out, "{pad}{n}={v}")?;
+        }
+    }
+    Ok(())
+}
+
+/// `stages status` as text, or as JSON (`{"schema": "baton.status/v1", "stages": [...]}`,
+/// exports always included, secrets masked).
+pub(super) fn write_status(
+    states: &[crate::status::StageState],
+    verbose: bool,
+    output: super::OutputFormat,
+    out: &mut dyn Write,
+) -> std::io::Result<()> {
+    if output == super::OutputFormat::Json {
+        serde_json::to_writer_pretty(
+            &mut *out,
+            &serde_json::json!({"schema": schema::STATUS, "stages": states}),
+        )?;
+        return writeln!(out);
+    }
+    crate::status::write(states, verbose, out)
+}
+
 /// `stages status`: per stage, applied and pending migrations and the last result.
 pub(super) fn status(
     project: &Project,
     store: &dyn Store,
     key: &str,
     verbose: bool,
+    output: super::OutputFormat,
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> std::io::Result<i32> {
     match crate::status::stage_states(project, store, key) {
         Ok(states) => {
-            crate::status::write(&states, verbose, out)?;
+            write_status(&states, verbose, output, out)?;
             Ok(EXIT_OK)
         }
         Err(e) => {

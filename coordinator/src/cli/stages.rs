@@ -9,8 +9,8 @@ use serde::Serialize;
 
 use super::{plan_view, run};
 use super::{
-    DownArgs, OutputFormat, SpecArgs, StateArgs, StatusArgs, UpArgs, ValidateArgs, EXIT_INVALID,
-    EXIT_OK,
+    DownArgs, OutputFormat, OutputsArgs, SpecArgs, StateArgs, StatusArgs, UpArgs, ValidateArgs,
+    EXIT_INVALID, EXIT_OK,
 };
 use crate::planner::{self, NoHistory, Plan, PlanError, Selection};
 use crate::scheduler::driver::PlannedFiles;
@@ -42,6 +42,7 @@ pub(super) fn load_captured(spec: &SpecArgs) -> (Option<Project>, Diagnostics, P
 
 #[derive(Serialize)]
 struct ValidateReport<'a> {
+    schema: &'static str,
     valid: bool,
     stages_file: String,
     stages: usize,
@@ -140,6 +141,7 @@ pub(super) fn validate(
     match args.output {
         OutputFormat::Json => {
             let report = ValidateReport {
+                schema: run::schema::VALIDATION,
                 valid: project.is_some(),
                 stages_file: file,
                 stages,
@@ -181,6 +183,7 @@ pub(super) fn validate(
 
 #[derive(Serialize)]
 struct DryRunReport<'a> {
+    schema: &'static str,
     dry_run: bool,
     plan: &'a Plan,
     diagnostics: &'a Diagnostics,
@@ -289,6 +292,7 @@ fn up_with(
             key,
             overrides,
             env,
+            output: args.output,
         };
         return local.up(out, err);
     }
@@ -297,6 +301,7 @@ fn up_with(
             serde_json::to_writer_pretty(
                 &mut *out,
                 &DryRunReport {
+                    schema: run::schema::PLAN,
                     dry_run: true,
                     plan: &plan,
                     diagnostics: &diags,
@@ -336,9 +341,69 @@ pub(super) fn status(
         store.as_ref(),
         &run::project_key(&project.stages_file),
         args.verbose,
+        args.output,
         out,
         err,
     )
+}
+
+/// `stages outputs [STAGE]` from the state directory.
+pub(super) fn outputs(
+    args: &OutputsArgs,
+    state_key: &StateKey,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> std::io::Result<i32> {
+    let (project, _, store) = match project_with_state(
+        &args.spec,
+        &args.state_dir,
+        state_key,
+        "nothing has run yet, so nothing was exported",
+        out,
+        err,
+    )? {
+        Ok(found) => found,
+        Err(code) => return Ok(code),
+    };
+    let names: Vec<&str> = project
+        .spec
+        .stages
+        .iter()
+        .map(|s| s.name.value.as_str())
+        .collect();
+    if let Some(one) = &args.stage {
+        if !names.contains(&one.as_str()) {
+            let help = baton_common::diag::closest(one, names.iter().copied())
+                .map_or(String::new(), |c| format!(" (did you mean `{c}`?)"));
+            writeln!(err, "error: there is no stage `{one}`{help}")?;
+            return Ok(EXIT_INVALID);
+        }
+    }
+    let key = run::project_key(&project.stages_file);
+    let mut exports = BTreeMap::new();
+    for name in names
+        .iter()
+        .filter(|n| args.stage.as_deref().is_none_or(|one| one == **n))
+    {
+        let stage_key = crate::store::StageKey::new(&key, name);
+        let result = match crate::store::Store::result(store.as_ref(), &stage_key) {
+            Ok(r) => r,
+            Err(e) => {
+                writeln!(err, "error: {e}")?;
+                return Ok(EXIT_INVALID);
+            }
+        };
+        if let Some(r) = result {
+            let vars = if args.reveal {
+                r.exports
+            } else {
+                crate::status::masked_exports(&r.exports, &r.secret)
+            };
+            exports.insert((*name).to_owned(), vars);
+        }
+    }
+    run::write_outputs(&exports, args.stage.as_deref(), args.output, out)?;
+    Ok(EXIT_OK)
 }
 
 pub(super) fn runs(
@@ -429,15 +494,33 @@ pub(super) fn down(
         }
     };
     if plan.order.iter().all(|s| s.pending.is_empty()) {
+        // With -o json the note goes to stderr and stdout holds a run record with no run.
+        let json = args.output == OutputFormat::Json;
+        let note: &mut dyn Write = if json { &mut *err } else { &mut *out };
         match args.down_to {
             Some(v) => writeln!(
-                out,
+                note,
                 "nothing to roll back: nothing is applied above version {v}"
             )?,
             None => writeln!(
-                out,
+                note,
                 "nothing to roll back: no selected stage has applied migrations"
             )?,
+        }
+        if json {
+            serde_json::to_writer_pretty(
+                &mut *out,
+                &serde_json::json!({
+                    "schema": run::schema::RUN,
+                    "run": null,
+                    "direction": "down",
+                    "status": "nothing_to_do",
+                    "plan_digest": plan.digest,
+                    "stages": [],
+                    "rollback": null,
+                }),
+            )?;
+            writeln!(out)?;
         }
         return Ok(EXIT_OK);
     }
@@ -450,7 +533,21 @@ pub(super) fn down(
         return Ok(EXIT_INVALID);
     }
     if args.dry_run {
-        plan_view::write_text(&plan, out)?;
+        match args.output {
+            OutputFormat::Json => {
+                serde_json::to_writer_pretty(
+                    &mut *out,
+                    &DryRunReport {
+                        schema: run::schema::PLAN,
+                        dry_run: true,
+                        plan: &plan,
+                        diagnostics: &Diagnostics::default(),
+                    },
+                )?;
+                writeln!(out)?;
+            }
+            OutputFormat::Text => plan_view::write_text(&plan, out)?,
+        }
         return Ok(EXIT_OK);
     }
     if !args.yes {
@@ -473,6 +570,7 @@ pub(super) fn down(
         key,
         overrides,
         env,
+        output: args.output,
     };
     local.down(args.skip_missing_down, out, err)
 }
@@ -592,6 +690,7 @@ fn resume_down(
         key,
         overrides: set.into_iter().collect(),
         env,
+        output: OutputFormat::Text,
     };
     local.down(skip_missing_down, out, err)
 }
