@@ -177,6 +177,8 @@ pub enum StageEvent {
         status: Option<u16>,
         duration: Duration,
         attempt: u32,
+        /// Why no answer came (`connection refused`); `None` with a status.
+        error: Option<String>,
     },
     Log {
         version: Option<u64>,

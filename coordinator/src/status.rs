@@ -275,9 +275,14 @@ pub fn event_text(e: &EventRecord) -> Option<String> {
             status,
             duration_ms,
             attempt,
+            error,
             ..
         } => {
-            let status = status.map_or_else(|| "no answer".to_owned(), |s| s.to_string());
+            let status = match (status, error) {
+                (Some(s), _) => s.to_string(),
+                (None, Some(why)) => why.clone(),
+                (None, None) => "no answer".to_owned(),
+            };
             let retry = if *attempt > 1 {
                 format!(" (attempt {attempt})")
             } else {

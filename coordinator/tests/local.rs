@@ -1062,3 +1062,31 @@ async fn local_runs_show_json_and_refused_flags() {
         assert_eq!(code, 2, "{args:?} was not refused: {out}");
     }
 }
+
+/// A failed run says why in words and what to do next: a refused connection reads
+/// `connection refused` (not "no answer in 0 ms"), the summary carries the stage's error, and
+/// the next command to try is printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_run_says_why_and_what_next() {
+    let dir = baton_e2e::files::temp_dir("local-failed-why");
+    baton_e2e::files::write(
+        &dir.join("stages.yaml"),
+        "stages:\n  - name: s\n    config_path: s/config.yaml\nglobal:\n  env:\n    api: http://127.0.0.1:9\n  retry: {max_attempts: 1}\n",
+    );
+    baton_e2e::files::write(&dir.join("s/config.yaml"), "migrate_dir: migration\n");
+    baton_e2e::files::write(
+        &dir.join("s/migration/001_x.yaml"),
+        "up:\n  request:\n    method: PUT\n    url: '{{.api}}/x'\n",
+    );
+    // Port 9 (discard) on loopback: nothing listens, the connection is refused.
+    let (code, out) = baton(&dir, &["stages", "up"]).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("PUT http://127.0.0.1:9/x -> connection refused"),
+        "{out}"
+    );
+    assert!(!out.contains("no answer"), "{out}");
+    assert!(out.contains("  s  failed: migration 001_x (up)"), "{out}");
+    assert!(out.contains("to go on: fix what failed"), "{out}");
+    assert!(out.contains("`baton runs show 1`"), "{out}");
+}

@@ -436,18 +436,19 @@ async fn send(
             // (and recorded); after it, dropping the future aborts it (then it is in doubt).
             () = cancelled_with_grace(&ctx.cancel) => return Err(StepError::Cancelled),
         };
-        let sent = |status| StageEvent::RequestSent {
+        let sent = |status, error| StageEvent::RequestSent {
             version,
             method: p.method.to_string(),
             url: p.url.to_string(),
             status,
             duration: started.elapsed(),
             attempt,
+            error,
         };
         match result {
             Ok(resp) => {
                 let status = resp.status().as_u16();
-                ctx.emit(sent(Some(status))).await;
+                ctx.emit(sent(Some(status), None)).await;
                 if transient_status(status) && attempt < attempts {
                     let wait =
                         retry_after(resp.headers()).unwrap_or_else(|| retry.backoff(attempt));
@@ -468,7 +469,7 @@ async fn send(
                 return Ok((status, body));
             }
             Err(e) => {
-                ctx.emit(sent(None)).await;
+                ctx.emit(sent(None, Some(no_answer_reason(&e)))).await;
                 let why = error_chain(&e);
                 if transient_error(&e) && attempt < attempts {
                     let wait = retry.backoff(attempt);
@@ -491,6 +492,26 @@ async fn send(
                 )));
             }
         }
+    }
+}
+
+/// Why a request got no answer, in a few words people know: `connection refused`, `timed
+/// out`, `name not resolved`, `TLS handshake failed`, else the innermost error.
+fn no_answer_reason(e: &reqwest::Error) -> String {
+    let chain = error_chain(e);
+    let lower = chain.to_ascii_lowercase();
+    if e.is_timeout() || lower.contains("timed out") {
+        "timed out".to_owned()
+    } else if lower.contains("connection refused") {
+        "connection refused".to_owned()
+    } else if lower.contains("dns error") || lower.contains("failed to lookup") {
+        "name not resolved".to_owned()
+    } else if lower.contains("certificate") || lower.contains("tls") {
+        "TLS handshake failed".to_owned()
+    } else if lower.contains("connection reset") {
+        "connection reset".to_owned()
+    } else {
+        chain.rsplit(": ").next().unwrap_or(&chain).to_owned()
     }
 }
 

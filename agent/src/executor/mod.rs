@@ -208,6 +208,7 @@ impl StageCtx<'_> {
                 status,
                 duration,
                 attempt,
+                error,
             } => StageEvent::RequestSent {
                 version,
                 method,
@@ -215,6 +216,7 @@ impl StageCtx<'_> {
                 status,
                 duration,
                 attempt,
+                error: error.map(|e| self.mask(&e)),
             },
             other => other,
         };

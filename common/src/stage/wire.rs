@@ -258,6 +258,7 @@ pub fn event_to_wire(attempt: &AttemptId, e: &StageEvent) -> proto::StageEvent {
             status,
             duration,
             attempt,
+            error,
         } => Kind::RequestSent(proto::RequestSent {
             version: *version,
             method: method.clone(),
@@ -265,6 +266,7 @@ pub fn event_to_wire(attempt: &AttemptId, e: &StageEvent) -> proto::StageEvent {
             status: status.map(u32::from),
             duration_ms: ms(*duration),
             attempt: *attempt,
+            error: error.clone().unwrap_or_default(),
         }),
         StageEvent::Log { version, line } => Kind::Log(proto::LogLine {
             version: *version,
@@ -316,6 +318,7 @@ pub fn event_from_wire(e: proto::StageEvent) -> Result<(AttemptId, StageEvent), 
                 .transpose()?,
             duration: Duration::from_millis(r.duration_ms),
             attempt: r.attempt,
+            error: Some(r.error).filter(|e| !e.is_empty()),
         },
         Kind::Log(l) => StageEvent::Log {
             version: l.version,
@@ -505,6 +508,7 @@ mod tests {
                 status: Some(201),
                 duration: Duration::from_millis(3),
                 attempt: 1,
+                error: None,
             },
             StageEvent::RequestSent {
                 version: 1,
@@ -513,6 +517,7 @@ mod tests {
                 status: None,
                 duration: Duration::from_millis(3),
                 attempt: 2,
+                error: Some("connection refused".into()),
             },
             StageEvent::Log {
                 version: None,

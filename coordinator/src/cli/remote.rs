@@ -586,6 +586,9 @@ async fn watch(
     };
     if summarize {
         summary_of(out, &events, &names, run, status, &|_| None).map_err(io_failure)?;
+        if status == RunStatus::Failed {
+            let _ = writeln!(err, "{}", super::run::next_steps(run, " --coordinator URL"));
+        }
     }
     Ok(match status {
         RunStatus::Succeeded | RunStatus::SucceededWithFailures => EXIT_OK,

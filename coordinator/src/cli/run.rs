@@ -125,6 +125,9 @@ pub(super) async fn up_async(
         return Ok(EXIT_RUN_FAILED);
     };
     summary(out, runs.store().as_ref(), &key, &plan, run_id, status)?;
+    if status == RunStatus::Failed && !plan.rollback_on_failure {
+        writeln!(err, "{}", next_steps(run_id, ""))?;
+    }
     let mut rollback_run = None;
     if status == RunStatus::Cancelled {
         // How to go on: what was in flight is in doubt and keeps its key.
@@ -420,6 +423,23 @@ pub(super) fn run_json(
     })
 }
 
+/// A failure message as one line of a summary: its first line, at most 200 characters.
+fn one_line(message: &str) -> String {
+    let first = message.lines().next().unwrap_or_default();
+    match first.char_indices().nth(200) {
+        Some((at, _)) => format!("{}...", &first[..at]),
+        None => first.to_owned(),
+    }
+}
+
+/// What to do after a run that failed: the command that goes on, and where the whole story
+/// is (`remote`: the coordinator flags to add).
+pub(super) fn next_steps(run_id: u64, remote: &str) -> String {
+    format!(
+        "to go on: fix what failed (above), then `baton stages up{remote}` runs what did not succeed; `baton runs show {run_id}{remote}` has the run's whole log"
+    )
+}
+
 /// [`summary`] from a run's events; `exports` gives a stage's recorded result when known.
 pub(super) fn summary_of(
     out: &mut dyn Write,
@@ -436,7 +456,7 @@ pub(super) fn summary_of(
             EventKind::StageSucceeded { duration_ms } => {
                 format!("succeeded in {:.1}s", *duration_ms as f64 / 1000.0)
             }
-            EventKind::StageFailed { .. } => "failed".to_owned(),
+            EventKind::StageFailed { message } => format!("failed: {}", one_line(message)),
             EventKind::StageSkipped { reason } => format!("skipped ({reason})"),
             EventKind::StageNotRun { .. } => "not run".to_owned(),
             _ => continue,

@@ -1052,6 +1052,7 @@ impl Driver {
                 status,
                 duration,
                 attempt,
+                error,
             } => {
                 let duration_ms = u64::try_from(duration.as_millis()).unwrap_or(u64::MAX);
                 self.record(
@@ -1063,6 +1064,7 @@ impl Driver {
                         status,
                         duration_ms,
                         attempt,
+                        error,
                     },
                     vec![],
                 )

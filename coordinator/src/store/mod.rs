@@ -191,6 +191,9 @@ pub enum EventKind {
         status: Option<u16>,
         duration_ms: u64,
         attempt: u32,
+        /// Why no answer came (`connection refused`); absent with a status.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
     },
     Log {
         line: String,
