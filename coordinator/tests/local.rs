@@ -1090,3 +1090,72 @@ async fn a_failed_run_says_why_and_what_next() {
     assert!(out.contains("to go on: fix what failed"), "{out}");
     assert!(out.contains("`baton runs show 1`"), "{out}");
 }
+
+/// How progress is shown: plain lines in a pipe (command output streamed, prefixed); on a
+/// terminal (a real pty, through `script`) the live view, unless NO_COLOR, TERM=dumb, CI or
+/// `--progress plain` ask for lines; `--verbose` prints log lines above the live view; a
+/// failed run ends the live view with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_modes() {
+    let dir = baton_e2e::files::temp_dir("local-progress");
+    baton_e2e::files::write(
+        &dir.join("stages.yaml"),
+        "stages:\n  - name: s\n    config_path: s/config.yaml\n",
+    );
+    baton_e2e::files::write(&dir.join("s/config.yaml"), "migrate_dir: migration\n");
+    baton_e2e::files::write(
+        &dir.join("s/migration/001_x.yaml"),
+        "up:\n  command:\n    program: sh\n    args: [\"-c\", \"echo hello from the step; exit $FAIL\"]\n    env:\n      FAIL: '{{.fail}}'\n",
+    );
+    let bin = env!("CARGO_BIN_EXE_baton");
+    // In a pipe: plain lines, command output included.
+    let (code, out) = baton(&dir, &["stages", "up", "--set", "fail=0"]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("s                  | hello from the step"),
+        "{out}"
+    );
+    // On a pseudo-terminal.
+    let pty = |args: &str, env: &[(&str, &str)]| {
+        let _ = std::fs::remove_dir_all(dir.join(".baton"));
+        let out = Command::new("script")
+            .args(["-qec", &format!("{bin} stages up {args}"), "/dev/null"])
+            .current_dir(&dir)
+            .env_remove("NO_COLOR")
+            .env_remove("CI")
+            .env("TERM", "xterm")
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let live = pty("--set fail=0", &[]);
+    assert!(
+        live.contains("1/1 stages"),
+        "no live view on a terminal:\n{live}"
+    );
+    assert!(!live.contains("| hello from the step"), "{live}");
+    let verbose = pty("--verbose --set fail=0", &[]);
+    assert!(
+        verbose.contains("1/1 stages") && verbose.contains("| hello from the step"),
+        "{verbose}"
+    );
+    for (args, env) in [
+        ("--set fail=0", vec![("NO_COLOR", "1")]),
+        ("--set fail=0", vec![("TERM", "dumb")]),
+        ("--set fail=0", vec![("CI", "true")]),
+        ("--progress plain --set fail=0", vec![]),
+    ] {
+        let plain = pty(args, &env);
+        assert!(
+            !plain.contains("stages  "),
+            "{args} {env:?} drew the live view:\n{plain}"
+        );
+        assert!(
+            plain.contains("| hello from the step"),
+            "{args} {env:?}:\n{plain}"
+        );
+    }
+    let failed = pty("--set fail=3", &[]);
+    assert!(failed.contains("run failed: s failed:"), "{failed}");
+}

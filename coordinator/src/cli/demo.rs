@@ -129,6 +129,8 @@ pub(super) fn run(
                 overrides,
                 env: env.clone(),
                 output: super::OutputFormat::Text,
+                live: super::progress::live_wanted(super::progress::ProgressMode::Auto, &env),
+                verbose: false,
             };
             let c = local::up_async(planned, out, err).await?;
             if c != EXIT_OK {

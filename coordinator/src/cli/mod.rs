@@ -7,7 +7,7 @@ mod coordinator;
 mod demo;
 mod graph;
 mod plan_view;
-mod progress;
+pub mod progress;
 pub(crate) mod remote;
 pub(crate) mod run;
 mod stages;
@@ -190,7 +190,8 @@ pub struct SingleArgs {
     /// `down`: pass over migrations that have no `down` step.
     #[arg(long)]
     pub skip_missing_down: bool,
-    /// `status`: also show exported variables (secrets masked).
+    /// `status`: also show exported variables (secrets masked); `up`/`down`: also show log
+    /// lines (command output, retries) in the live view.
     #[arg(long, short = 'v')]
     pub verbose: bool,
     /// `up`: apply migrations up to this version only; `down`: roll back to this version
@@ -444,6 +445,13 @@ pub struct UpArgs {
     /// With --coordinator: submit, print the run's id, and return without watching.
     #[arg(long, requires = "coordinator")]
     pub detach: bool,
+    /// How progress is shown: the live view on a terminal (auto), always (tty), or plain
+    /// timestamped lines (plain; also what auto gives under NO_COLOR, TERM=dumb or CI).
+    #[arg(long, value_enum, default_value_t)]
+    pub progress: progress::ProgressMode,
+    /// Also show log lines (command output, retries) in the live view.
+    #[arg(long, short = 'v')]
+    pub verbose: bool,
     /// Single-stage `baton up --to VERSION` (not a `stages up` flag): apply up to it.
     #[arg(skip)]
     pub up_to: Option<u64>,
@@ -494,6 +502,12 @@ pub struct DownArgs {
     /// Output format (json: the run's record at the end instead of progress).
     #[arg(long, short = 'o', value_enum, default_value_t)]
     pub output: OutputFormat,
+    /// How progress is shown (see `stages up --help`).
+    #[arg(long, value_enum, default_value_t)]
+    pub progress: progress::ProgressMode,
+    /// Also show log lines (command output, retries) in the live view.
+    #[arg(long, short = 'v')]
+    pub verbose: bool,
     /// Single-stage `baton down --to VERSION` (not a `stages down` flag): roll back to it.
     #[arg(skip)]
     pub down_to: Option<u64>,
@@ -613,6 +627,8 @@ pub fn run(
                 set: a.set,
                 remote: RemoteArgs::default(),
                 detach: false,
+                progress: progress::ProgressMode::Auto,
+                verbose: a.verbose,
                 up_to: a.to,
             };
             stages::up(&up, env, &key, out, err)
@@ -631,6 +647,8 @@ pub fn run(
                 set: a.set,
                 remote: RemoteArgs::default(),
                 output: OutputFormat::Text,
+                progress: progress::ProgressMode::Auto,
+                verbose: a.verbose,
                 down_to: a.to,
             };
             stages::down(&down, env, &key, out, err)

@@ -1,8 +1,11 @@
 //! Progress a person can follow while a run executes.
 //!
 //! On a terminal: a live view, one line per stage (waiting, running with its current
-//! migration, succeeded, failed, skipped) under an overall bar. Otherwise (a pipe, a CI
-//! log): plain timestamped lines, one per stage start and end, migration and request.
+//! migration, succeeded, failed, skipped) under an overall bar whose clock ticks; a failed
+//! run ends it in red with the reason; `--verbose` also prints log lines (command output,
+//! retries) above it. Otherwise (a pipe, a CI log, `NO_COLOR`, `TERM=dumb`, `CI`, or
+//! `--progress plain`): plain timestamped lines, one per stage start and end, migration,
+//! request and log line. [`live_wanted`] decides.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -12,6 +15,35 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::store::{EventKind, EventRecord};
 
+/// `--progress`: how a run's progress is shown.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProgressMode {
+    /// The live view on a terminal, plain lines otherwise (and under NO_COLOR, TERM=dumb
+    /// or CI).
+    #[default]
+    Auto,
+    /// The live view, even when stdout is not a terminal.
+    Tty,
+    /// Plain timestamped lines.
+    Plain,
+}
+
+/// Whether to draw the live view: `mode`, else whether stdout is a terminal that wants it
+/// (`env` is the process environment: `NO_COLOR`, `TERM=dumb` and `CI` ask for plain lines).
+pub(super) fn live_wanted(mode: ProgressMode, env: &BTreeMap<String, String>) -> bool {
+    use std::io::IsTerminal;
+    match mode {
+        ProgressMode::Tty => true,
+        ProgressMode::Plain => false,
+        ProgressMode::Auto => {
+            std::io::stdout().is_terminal()
+                && !env.contains_key("NO_COLOR")
+                && env.get("TERM").is_none_or(|t| t != "dumb")
+                && env.get("CI").is_none_or(|c| c.is_empty() || c == "false")
+        }
+    }
+}
+
 /// Where run events are shown.
 pub(super) enum Progress<'o> {
     Lines(&'o mut dyn Write),
@@ -19,24 +51,35 @@ pub(super) enum Progress<'o> {
 }
 
 pub(super) struct Live {
-    /// Kept so the bars stay drawn together; dropping it would detach them.
-    _multi: MultiProgress,
+    /// Kept so the bars stay drawn together, and to print log lines above them.
+    multi: MultiProgress,
     overall: ProgressBar,
     stages: BTreeMap<String, ProgressBar>,
+    /// Print log lines (command output, retries) above the bars.
+    verbose: bool,
+    /// The first stage failure, for the red end of a failed run.
+    failure: Option<String>,
 }
 
 impl<'o> Progress<'o> {
-    /// A live view when `live` (stdout is a terminal), else lines on `out`.
-    pub(super) fn new(live: bool, stages: &[String], out: &'o mut dyn Write) -> Progress<'o> {
+    /// A live view when `live` (see [`live_wanted`]), else lines on `out`.
+    pub(super) fn new(
+        live: bool,
+        verbose: bool,
+        stages: &[String],
+        out: &'o mut dyn Write,
+    ) -> Progress<'o> {
         if !live {
             return Progress::Lines(out);
         }
         let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stdout());
         let overall = multi.add(ProgressBar::new(stages.len() as u64));
         overall.set_style(
-            ProgressStyle::with_template("{bar:30} {pos}/{len} stages  {elapsed}")
+            ProgressStyle::with_template("{bar:30} {pos}/{len} stages  {elapsed}  {msg}")
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
+        // The clock ticks while nothing else happens.
+        overall.enable_steady_tick(Duration::from_millis(500));
         let width = stages.iter().map(String::len).max().unwrap_or(0);
         let style =
             ProgressStyle::with_template(&format!("{{spinner}} {{prefix:{width}}}  {{msg}}"))
@@ -50,15 +93,21 @@ impl<'o> Progress<'o> {
             bars.insert(s.clone(), bar);
         }
         Progress::Live(Live {
-            _multi: multi,
+            multi,
             overall,
             stages: bars,
+            verbose,
+            failure: None,
         })
     }
 
     pub(super) fn event(&mut self, e: &EventRecord) -> std::io::Result<()> {
         match self {
-            Progress::Lines(out) => super::run::print_event(*out, e),
+            // Log lines (command output, retries) too, prefixed like `runs logs`.
+            Progress::Lines(out) => match super::run::log_line(e) {
+                Some(line) => writeln!(out, "{line}"),
+                None => super::run::print_event(*out, e),
+            },
             Progress::Live(live) => {
                 live.event(e);
                 Ok(())
@@ -81,6 +130,27 @@ impl<'o> Progress<'o> {
 
 impl Live {
     fn event(&mut self, e: &EventRecord) {
+        if let EventKind::RunFinished { status } = &e.kind {
+            self.overall.disable_steady_tick();
+            if *status == crate::store::RunStatus::Failed
+                || *status == crate::store::RunStatus::Cancelled
+            {
+                let red = ProgressStyle::with_template(
+                    "{bar:30.red} {pos}/{len} stages  {elapsed}  {msg:.red}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar());
+                self.overall.set_style(red);
+                let why = self.failure.clone().unwrap_or_default();
+                self.overall
+                    .abandon_with_message(format!("run {}: {why}", status.as_str()));
+            }
+            return;
+        }
+        if self.verbose {
+            if let Some(line) = super::run::log_line(e) {
+                let _ = self.multi.println(line);
+            }
+        }
         let Some(bar) = e.stage.as_ref().and_then(|s| self.stages.get(s)) else {
             return;
         };
@@ -108,6 +178,10 @@ impl Live {
                 );
             }
             EventKind::StageFailed { message } => {
+                if self.failure.is_none() {
+                    let stage = e.stage.clone().unwrap_or_default();
+                    self.failure = Some(format!("{stage} failed: {message}"));
+                }
                 done(bar, &self.overall, format!("FAILED: {message}"))
             }
             EventKind::StageSkipped { reason } => {

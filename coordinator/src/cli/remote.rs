@@ -538,7 +538,9 @@ async fn watch(
     {
         let mut show = if summarize {
             let live = std::io::stdout().is_terminal();
-            Show::Progress(super::progress::Progress::new(live, &names, &mut *out))
+            Show::Progress(super::progress::Progress::new(
+                live, false, &names, &mut *out,
+            ))
         } else {
             Show::Lines {
                 out: &mut *out,

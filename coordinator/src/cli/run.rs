@@ -51,6 +51,10 @@ pub(super) struct LocalProject {
     pub env: BTreeMap<String, String>,
     /// `-o json`: stdout holds only the run's JSON record (see [`run_json`]).
     pub output: super::OutputFormat,
+    /// The live view (see `progress::live_wanted`), else plain lines.
+    pub live: bool,
+    /// Log lines (command output, retries) in the live view too.
+    pub verbose: bool,
 }
 
 impl LocalProject {
@@ -103,6 +107,7 @@ pub(super) async fn up_async(
     err: &mut dyn Write,
 ) -> std::io::Result<i32> {
     let json = local.output == super::OutputFormat::Json;
+    let show = (local.live, local.verbose);
     let (runs, sub) = local.service();
     let plan = sub.plan.clone();
     let key = sub.project_key.clone();
@@ -120,7 +125,7 @@ pub(super) async fn up_async(
     };
     announce(&submitted, &plan, out, err)?;
     let run_id = submitted.run_id;
-    let outcome = watch_and_print(&runs, &submitted, &plan, out, err).await?;
+    let outcome = watch_and_print(&runs, &submitted, &plan, show, out, err).await?;
     let Some(status) = outcome.status else {
         return Ok(EXIT_RUN_FAILED);
     };
@@ -172,7 +177,7 @@ pub(super) async fn up_async(
                     notes: Vec::new(),
                 };
                 announce(&shown, &rb.plan, out, err)?;
-                let o = watch_and_print(&runs, &shown, &rb.plan, out, err).await?;
+                let o = watch_and_print(&runs, &shown, &rb.plan, show, out, err).await?;
                 if let Some(s) = o.status {
                     writeln!(out, "\nrollback run {} {}", rb.run, s.as_str())?;
                     rollback_run = Some((rb.run, s));
@@ -203,6 +208,7 @@ pub(super) async fn down_async(
     err: &mut dyn Write,
 ) -> std::io::Result<i32> {
     let json = local.output == super::OutputFormat::Json;
+    let show = (local.live, local.verbose);
     let (runs, sub) = local.service();
     let plan = sub.plan.clone();
     let key = sub.project_key.clone();
@@ -222,7 +228,7 @@ pub(super) async fn down_async(
         Err(e) => return Err(runs_err(e)),
     };
     announce(&submitted, &plan, out, err)?;
-    let outcome = watch_and_print(&runs, &submitted, &plan, out, err).await?;
+    let outcome = watch_and_print(&runs, &submitted, &plan, show, out, err).await?;
     runs.shutdown().await;
     let Some(status) = outcome.status else {
         return Ok(EXIT_RUN_FAILED);
@@ -277,10 +283,10 @@ async fn watch_and_print(
     runs: &Arc<Runs>,
     s: &Submitted,
     plan: &Plan,
+    show: (bool, bool),
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> std::io::Result<RunOutcome> {
-    use std::io::IsTerminal;
     let run_id = s.run_id;
     let stages: Vec<String> = plan.order.iter().map(|s| s.name.clone()).collect();
     let ctrl_c = CancellationToken::new();
@@ -292,8 +298,7 @@ async fn watch_and_print(
         signal.cancel();
     });
     let mut rx = runs.watch(run_id, s.first_seq, true).map_err(runs_err)?;
-    let mut progress =
-        super::progress::Progress::new(std::io::stdout().is_terminal(), &stages, out);
+    let mut progress = super::progress::Progress::new(show.0, show.1, &stages, out);
     let mut cancelled = false;
     loop {
         tokio::select! {

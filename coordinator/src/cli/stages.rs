@@ -284,6 +284,7 @@ fn up_with(
             return Ok(EXIT_INVALID);
         };
         let overrides: BTreeMap<String, String> = args.set.iter().cloned().collect();
+        let live = super::progress::live_wanted(args.progress, &env);
         let local = run::LocalProject {
             project,
             files,
@@ -293,6 +294,8 @@ fn up_with(
             overrides,
             env,
             output: args.output,
+            live,
+            verbose: args.verbose,
         };
         return local.up(out, err);
     }
@@ -562,6 +565,7 @@ pub(super) fn down(
         }
     }
     let overrides: BTreeMap<String, String> = args.set.iter().cloned().collect();
+    let live = super::progress::live_wanted(args.progress, &env);
     let local = run::LocalProject {
         project,
         files,
@@ -571,6 +575,8 @@ pub(super) fn down(
         overrides,
         env,
         output: args.output,
+        live,
+        verbose: args.verbose,
     };
     local.down(args.skip_missing_down, out, err)
 }
@@ -626,6 +632,8 @@ pub(super) fn resume(
         set,
         remote: super::RemoteArgs::default(),
         detach: false,
+        progress: super::progress::ProgressMode::Auto,
+        verbose: false,
         up_to: None,
     };
     up_with(&up, env, Ok(store), out, err)
@@ -689,8 +697,10 @@ fn resume_down(
         store,
         key,
         overrides: set.into_iter().collect(),
+        live: super::progress::live_wanted(super::progress::ProgressMode::Auto, &env),
         env,
         output: OutputFormat::Text,
+        verbose: false,
     };
     local.down(skip_missing_down, out, err)
 }
