@@ -1159,3 +1159,55 @@ async fn progress_modes() {
     let failed = pty("--set fail=3", &[]);
     assert!(failed.contains("run failed: s failed:"), "{failed}");
 }
+
+/// A command refused because a run holds the state names that run's process and command.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_command_names_the_process_holding_the_state() {
+    let dir = baton_e2e::files::temp_dir("local-holder");
+    let flag = dir.join("started");
+    baton_e2e::files::write(
+        &dir.join("stages.yaml"),
+        "stages:\n  - name: s\n    config_path: s/config.yaml\n",
+    );
+    baton_e2e::files::write(&dir.join("s/config.yaml"), "migrate_dir: migration\n");
+    baton_e2e::files::write(
+        &dir.join("s/migration/001_x.yaml"),
+        &format!(
+            "up:\n  command:\n    program: sh\n    args: [\"-c\", \"touch {}; sleep 3\"]\n",
+            flag.display()
+        ),
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_baton"))
+        .args([
+            "stages",
+            "up",
+            "--set",
+            "secret_token=never-in-the-holder-file",
+        ])
+        .current_dir(&dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let seen = flag.clone();
+    tokio::task::spawn_blocking(move || {
+        baton_e2e::cluster::wait_for(
+            "the run to start",
+            std::time::Duration::from_secs(30),
+            || seen.exists(),
+        )
+    })
+    .await
+    .unwrap();
+    let (code, out) = baton(&dir, &["stages", "status"]).await;
+    let pid = child.id();
+    let _ = child.wait();
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains(&format!("(pid {pid}: baton stages up, since ")),
+        "{out}"
+    );
+    let raw = baton_e2e::files::all_bytes(&dir.join(".baton"));
+    let secret = b"never-in-the-holder-file";
+    assert!(!raw.windows(secret.len()).any(|w| w == secret));
+}

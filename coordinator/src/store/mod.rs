@@ -29,8 +29,13 @@ pub const FORMAT: u32 = 1;
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("state directory `{dir}` is in use by another baton process (only one may open it at a time)")]
-    Locked { dir: String },
+    #[error("state directory `{dir}` is in use by another baton process{holder} (only one may open it at a time: wait for it to finish, or stop it)")]
+    Locked {
+        dir: String,
+        /// ` (pid 123: baton stages up, since 21:50:03 UTC)` when the holder is known and
+        /// alive; empty otherwise.
+        holder: String,
+    },
     /// The directory could not be opened for a reason that is not damage (a path or
     /// permission mistake, a full disk): `hint` says what to do.
     #[error("cannot open the state in `{dir}`: {message} ({hint})")]

@@ -136,7 +136,10 @@ impl SledStore {
                     if io.kind() == std::io::ErrorKind::WouldBlock
                         || io.to_string().contains("lock") =>
                 {
-                    StoreError::Locked { dir: shown.clone() }
+                    StoreError::Locked {
+                        dir: shown.clone(),
+                        holder: lock_holder(dir),
+                    }
                 }
                 sled::Error::Io(io) => open_error(&shown, &io),
                 sled::Error::Corruption { .. } => StoreError::Damaged {
@@ -151,6 +154,7 @@ impl SledStore {
                 },
             })?;
         restrict(dir).map_err(|e| open_error(&shown, &e))?;
+        write_holder(dir);
         let tree = |name: &str| db.open_tree(name).map_err(|e| sled_open_error(&shown, e));
         let meta = tree("meta")?;
         let id = store_id(&db, &meta).map_err(|message| StoreError::Damaged {
@@ -284,6 +288,67 @@ fn open_sealer(
         db.flush().map_err(|e| e.to_string())?;
     }
     Ok(sealer)
+}
+
+/// The file that names the process holding the store: its pid, command line and start time,
+/// written when the store is opened, read when another process is refused.
+const HOLDER: &str = "baton.holder";
+
+/// Records this process as the store's holder (best effort: the name only helps a person).
+/// Only the command's words are kept (`baton stages up`), never its flags or values: a
+/// `--set` value may be a secret.
+fn write_holder(dir: &Path) {
+    let command: Vec<String> = std::env::args()
+        .take_while(|a| !a.starts_with('-'))
+        .take(3)
+        .map(|a| a.rsplit('/').next().unwrap_or_default().to_owned())
+        .collect();
+    let since = now_hms();
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(dir.join(HOLDER))
+        .and_then(|mut f| writeln!(f, "{} {since} {}", std::process::id(), command.join(" ")));
+    if let Err(e) = written {
+        tracing::debug!(error = %e, "the store's holder could not be recorded");
+    }
+}
+
+/// ` (pid 123: baton stages up, since 21:50:03 UTC)` when the recorded holder is alive.
+fn lock_holder(dir: &Path) -> String {
+    let Ok(text) = std::fs::read_to_string(dir.join(HOLDER)) else {
+        return String::new();
+    };
+    let mut parts = text.trim().splitn(3, ' ');
+    let (Some(pid), Some(since), command) = (parts.next(), parts.next(), parts.next()) else {
+        return String::new();
+    };
+    let alive = pid
+        .parse::<u32>()
+        .is_ok_and(|p| p != std::process::id() && Path::new("/proc").join(p.to_string()).exists());
+    if !alive {
+        return String::new();
+    }
+    format!(
+        " (pid {pid}: {}, since {since} UTC)",
+        command.unwrap_or("baton").trim()
+    )
+}
+
+fn now_hms() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    format!(
+        "{:02}:{:02}:{:02}",
+        (secs / 3600) % 24,
+        (secs / 60) % 60,
+        secs % 60
+    )
 }
 
 /// The file beside the store that says how much was durable.
