@@ -310,3 +310,65 @@ fn shell_completions() {
     assert_eq!(code, 2, "{text}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Every synopsis in docs/cli.md names only flags its command has: each `--flag` of a
+/// `baton ...` (or `baton-agent ...`) line in a code block, continuation lines included, is
+/// in that command's `--help`.
+#[test]
+fn documented_synopses_match_help() {
+    let doc = std::fs::read_to_string(repo().join("docs/cli.md")).unwrap();
+    let agent = baton_e2e::cluster::agent_binary(Path::new(env!("CARGO_BIN_EXE_baton")));
+    let mut synopses: Vec<String> = Vec::new();
+    let mut in_block = false;
+    for line in doc.lines() {
+        if line.starts_with("```") {
+            in_block = !in_block;
+            continue;
+        }
+        if !in_block {
+            continue;
+        }
+        if line.starts_with("baton ") || line.starts_with("baton-agent ") {
+            synopses.push(line.to_owned());
+        } else if line.starts_with(' ') && line.trim_start().starts_with('[') {
+            if let Some(last) = synopses.last_mut() {
+                last.push(' ');
+                last.push_str(line.trim());
+            }
+        }
+    }
+    assert!(synopses.len() > 30, "{synopses:?}");
+    let mut missing = Vec::new();
+    for s in &synopses {
+        let mut words = s.split_whitespace();
+        let program = words.next().unwrap();
+        let command: Vec<&str> = words
+            .take_while(|w| {
+                w.chars().all(|c| c.is_ascii_lowercase() || c == '-') && !w.starts_with('-')
+            })
+            .collect();
+        let bin = if program == "baton-agent" {
+            agent.clone()
+        } else {
+            PathBuf::from(env!("CARGO_BIN_EXE_baton"))
+        };
+        let help = Command::new(&bin)
+            .args(&command)
+            .arg("--help")
+            .output()
+            .unwrap();
+        let help = String::from_utf8_lossy(&help.stdout).into_owned();
+        for flag in s
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+            .filter(|t| t.starts_with("--") && t.len() > 2)
+        {
+            if !help.contains(flag) {
+                missing.push(format!("{program} {}: {flag}", command.join(" ")));
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "flags in docs/cli.md that --help does not know: {missing:#?}"
+    );
+}
