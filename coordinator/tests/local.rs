@@ -28,6 +28,45 @@ async fn baton(dir: &Path, args: &[&str]) -> (i32, String) {
     baton_e2e::cli::run(Path::new(env!("CARGO_BIN_EXE_baton")), dir, args).await
 }
 
+/// `baton args` in `dir`, retried (bounded) while the state is still locked by a process
+/// that was just killed (sled lets go of its lock shortly after the process is gone).
+async fn once_unlocked(dir: &Path, args: &[&str]) -> (i32, String) {
+    let mut result = (0, String::new());
+    for _ in 0..100 {
+        result = baton(dir, args).await;
+        if !result.1.contains("in use by another baton process") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    result
+}
+
+/// Starts `baton args` in `dir` and kills it (SIGKILL) once `ready` holds (bounded).
+async fn kill_when(
+    dir: &Path,
+    args: &[&str],
+    what: &'static str,
+    ready: impl FnMut() -> bool + Send + 'static,
+) {
+    let dir = dir.to_path_buf();
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    tokio::task::spawn_blocking(move || {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_baton"))
+            .args(&args)
+            .current_dir(&dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        baton_e2e::cluster::wait_for(what, std::time::Duration::from_secs(30), ready);
+        child.kill().unwrap();
+        child.wait().unwrap();
+    })
+    .await
+    .unwrap();
+}
+
 fn script_seed001(target: &Target) {
     target.on(
         "POST",
@@ -577,18 +616,11 @@ async fn interrupted_run_must_be_resumed_first() {
     }
     // The store above is closed; sled lets go of its lock shortly after (bounded wait).
     let set = format!("api_base={}", api.url);
-    let mut refused = (0, String::new());
-    for _ in 0..100 {
-        refused = baton(
-            &dir,
-            &["stages", "up", "--stage", "infrastructure", "--set", &set],
-        )
-        .await;
-        if !refused.1.contains("in use by another baton process") {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    let refused = once_unlocked(
+        &dir,
+        &["stages", "up", "--stage", "infrastructure", "--set", &set],
+    )
+    .await;
     assert_eq!(refused.0, 2, "{}", refused.1);
     assert!(
         refused
@@ -785,15 +817,7 @@ async fn an_edit_after_a_crash_keeps_the_in_flight_key() {
         &dir.join("stages.yaml"),
         &format!("# edited after the crash\n{stages}"),
     );
-    // sled lets go of its lock shortly after the killed process is gone (bounded wait).
-    let mut result = (0, String::new());
-    for _ in 0..100 {
-        result = baton(&dir, &["stages", "up", "--set", &set]).await;
-        if !result.1.contains("in use by another baton process") {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    let result = once_unlocked(&dir, &["stages", "up", "--set", &set]).await;
     let (code, out) = result;
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("files changed"), "{out}");
@@ -835,17 +859,39 @@ async fn runs_on_in_local_mode_gets_a_notice() {
 /// twice), and the history then matches the target.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_interrupted_down_is_resumed_not_forgotten() {
+    killed_down_is_resumed(false).await;
+}
+
+/// An automatic rollback (`rollback_on_failure`) killed half-way is a down run like any
+/// other: `stages up` refuses until it is resumed, and `runs resume` finishes it, re-sending
+/// the step in flight with its key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_rollback_is_resumed_not_forgotten() {
+    killed_down_is_resumed(true).await;
+}
+
+/// Two migrations whose second DELETE is slow; a down run (`stages down`, or with
+/// `rollback` the automatic rollback of an up run that fails at a third migration) is killed
+/// during that DELETE, then resumed.
+async fn killed_down_is_resumed(rollback: bool) {
     let target = Target::start().await;
     target.answer_unscripted_like_a_cloud();
+    target.on("POST", "/fail", vec![Reply::json(400, json!({}))]);
     target.on(
         "DELETE",
         "/x/2",
         vec![Reply::json(200, json!({})).delayed(std::time::Duration::from_secs(3))],
     );
-    let dir = baton_e2e::files::temp_dir("local-down-resume");
+    let dir = baton_e2e::files::temp_dir(if rollback {
+        "local-rollback-resume"
+    } else {
+        "local-down-resume"
+    });
     baton_e2e::files::write(
         &dir.join("stages.yaml"),
-        "stages:\n  - name: s\n    config_path: s/config.yaml\nglobal:\n  env:\n    api: http://127.0.0.1:9\n",
+        &format!(
+            "stages:\n  - name: s\n    config_path: s/config.yaml\nglobal:\n  env:\n    api: http://127.0.0.1:9\n  rollback_on_failure: {rollback}\n"
+        ),
     );
     baton_e2e::files::write(&dir.join("s/config.yaml"), "migrate_dir: migration\n");
     for v in 1..=2 {
@@ -855,43 +901,35 @@ async fn an_interrupted_down_is_resumed_not_forgotten() {
         );
     }
     let set = format!("api={}", target.url());
-    let (code, out) = baton(&dir, &["stages", "up", "--set", &set]).await;
-    assert_eq!(code, 0, "{out}");
-
-    let (d, s, log) = (dir.clone(), set.clone(), target.clone_handle());
-    tokio::task::spawn_blocking(move || {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_baton"))
-            .args(["stages", "down", "--yes", "--set", &s])
-            .current_dir(&d)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        baton_e2e::cluster::wait_for(
-            "the slow DELETE",
-            std::time::Duration::from_secs(30),
-            || !log.requests_to("DELETE", "/x/2").is_empty(),
+    let (killed, migrations): (&[&str], usize) = if rollback {
+        baton_e2e::files::write(
+            &dir.join("s/migration/003_fail.yaml"),
+            "up:\n  request:\n    method: POST\n    url: '{{.api}}/fail'\n",
         );
-        child.kill().unwrap();
-        child.wait().unwrap();
+        (&["stages", "up", "--set", &set], 3)
+    } else {
+        let (code, out) = baton(&dir, &["stages", "up", "--set", &set]).await;
+        assert_eq!(code, 0, "{out}");
+        (&["stages", "down", "--yes", "--set", &set], 2)
+    };
+    let log = target.clone_handle();
+    kill_when(&dir, killed, "the slow DELETE", move || {
+        !log.requests_to("DELETE", "/x/2").is_empty()
     })
-    .await
-    .unwrap();
+    .await;
 
-    // sled lets go of its lock shortly after the killed process is gone (bounded wait).
-    let mut refused = (0, String::new());
-    for _ in 0..100 {
-        refused = baton(&dir, &["stages", "up", "--set", &set]).await;
-        if !refused.1.contains("in use by another baton process") {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    let refused = once_unlocked(&dir, &["stages", "up", "--set", &set]).await;
     assert_eq!(refused.0, 2, "{}", refused.1);
-    assert!(
-        refused.1.contains("(stages down) was interrupted"),
-        "{}",
-        refused.1
+    let what = if rollback {
+        "(the rollback of a failed run) was interrupted"
+    } else {
+        "(stages down) was interrupted"
+    };
+    assert!(refused.1.contains(what), "{}", refused.1);
+    assert_eq!(
+        target.requests_to("PUT", "/x/1").len(),
+        1,
+        "nothing re-applied"
     );
 
     let (code, out) = baton(&dir, &["runs", "resume", "--set", &set]).await;
@@ -905,7 +943,10 @@ async fn an_interrupted_down_is_resumed_not_forgotten() {
     );
     assert_eq!(target.requests_to("DELETE", "/x/1").len(), 1, "{out}");
     let (_, status) = baton(&dir, &["stages", "status"]).await;
-    assert!(status.contains("s: 0 applied, 2 pending"), "{status}");
+    assert!(
+        status.contains(&format!("s: 0 applied, {migrations} pending")),
+        "{status}"
+    );
 }
 
 /// A secret imported with `env_from_stages` stays secret in the importing stage: its command
@@ -940,85 +981,6 @@ async fn an_imported_secret_stays_secret() {
     let (_, shown) = baton(&dir, &["runs", "show", "1"]).await;
     assert!(shown.contains("connecting with ***"), "{shown}");
     assert!(!shown.contains("imported-pw-7731"), "{shown}");
-}
-
-/// An automatic rollback (`rollback_on_failure`) killed half-way is a down run like any
-/// other: `stages up` refuses until it is resumed, and `runs resume` finishes it, re-sending
-/// the step in flight with its key.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_interrupted_rollback_is_resumed_not_forgotten() {
-    let target = Target::start().await;
-    target.answer_unscripted_like_a_cloud();
-    target.on("POST", "/fail", vec![Reply::json(400, json!({}))]);
-    target.on(
-        "DELETE",
-        "/x/2",
-        vec![Reply::json(200, json!({})).delayed(std::time::Duration::from_secs(3))],
-    );
-    let dir = baton_e2e::files::temp_dir("local-rollback-resume");
-    baton_e2e::files::write(
-        &dir.join("stages.yaml"),
-        "stages:\n  - name: s\n    config_path: s/config.yaml\nglobal:\n  env:\n    api: http://127.0.0.1:9\n  rollback_on_failure: true\n",
-    );
-    baton_e2e::files::write(&dir.join("s/config.yaml"), "migrate_dir: migration\n");
-    for v in 1..=2 {
-        baton_e2e::files::write(
-            &dir.join(format!("s/migration/00{v}_x.yaml")),
-            &format!("up:\n  request:\n    method: PUT\n    url: '{{{{.api}}}}/x/{v}'\ndown:\n  method: DELETE\n  url: '{{{{.api}}}}/x/{v}'\n"),
-        );
-    }
-    baton_e2e::files::write(
-        &dir.join("s/migration/003_fail.yaml"),
-        "up:\n  request:\n    method: POST\n    url: '{{.api}}/fail'\n",
-    );
-    let set = format!("api={}", target.url());
-    let (d, s, log) = (dir.clone(), set.clone(), target.clone_handle());
-    tokio::task::spawn_blocking(move || {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_baton"))
-            .args(["stages", "up", "--set", &s])
-            .current_dir(&d)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        baton_e2e::cluster::wait_for(
-            "the rollback's slow DELETE",
-            std::time::Duration::from_secs(30),
-            || !log.requests_to("DELETE", "/x/2").is_empty(),
-        );
-        child.kill().unwrap();
-        child.wait().unwrap();
-    })
-    .await
-    .unwrap();
-
-    let mut refused = (0, String::new());
-    for _ in 0..100 {
-        refused = baton(&dir, &["stages", "up", "--set", &set]).await;
-        if !refused.1.contains("in use by another baton process") {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    assert_eq!(refused.0, 2, "{}", refused.1);
-    assert!(refused.1.contains("was interrupted"), "{}", refused.1);
-    assert!(
-        target.requests_to("PUT", "/x/1").len() == 1,
-        "nothing re-applied"
-    );
-
-    let (code, out) = baton(&dir, &["runs", "resume", "--set", &set]).await;
-    assert_eq!(code, 0, "{out}");
-    assert!(out.contains("resuming run 2"), "{out}");
-    let second = target.requests_to("DELETE", "/x/2");
-    assert_eq!(second.len(), 2, "{out}");
-    assert_eq!(
-        second[0].header("idempotency-key"),
-        second[1].header("idempotency-key")
-    );
-    assert_eq!(target.requests_to("DELETE", "/x/1").len(), 1, "{out}");
-    let (_, status) = baton(&dir, &["stages", "status"]).await;
-    assert!(status.contains("s: 0 applied, 3 pending"), "{status}");
 }
 
 /// `runs show -o json` works in local mode as against a coordinator (one event per line); a

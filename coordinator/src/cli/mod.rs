@@ -445,13 +445,8 @@ pub struct UpArgs {
     /// With --coordinator: submit, print the run's id, and return without watching.
     #[arg(long, requires = "coordinator")]
     pub detach: bool,
-    /// How progress is shown: the live view on a terminal (auto), always (tty), or plain
-    /// timestamped lines (plain; also what auto gives under NO_COLOR, TERM=dumb or CI).
-    #[arg(long, value_enum, default_value_t)]
-    pub progress: progress::ProgressMode,
-    /// Also show log lines (command output, retries) in the live view.
-    #[arg(long, short = 'v')]
-    pub verbose: bool,
+    #[command(flatten)]
+    pub show: ShowArgs,
     /// Single-stage `baton up --to VERSION` (not a `stages up` flag): apply up to it.
     #[arg(skip)]
     pub up_to: Option<u64>,
@@ -502,15 +497,23 @@ pub struct DownArgs {
     /// Output format (json: the run's record at the end instead of progress).
     #[arg(long, short = 'o', value_enum, default_value_t)]
     pub output: OutputFormat,
-    /// How progress is shown (see `stages up --help`).
+    #[command(flatten)]
+    pub show: ShowArgs,
+    /// Single-stage `baton down --to VERSION` (not a `stages down` flag): roll back to it.
+    #[arg(skip)]
+    pub down_to: Option<u64>,
+}
+
+/// How a run's progress is shown (`stages up`, `stages down`).
+#[derive(Debug, Clone, Copy, Default, Args)]
+pub struct ShowArgs {
+    /// How progress is shown: the live view on a terminal (auto), always (tty), or plain
+    /// timestamped lines (plain; also what auto gives under NO_COLOR, TERM=dumb or CI).
     #[arg(long, value_enum, default_value_t)]
     pub progress: progress::ProgressMode,
     /// Also show log lines (command output, retries) in the live view.
     #[arg(long, short = 'v')]
     pub verbose: bool,
-    /// Single-stage `baton down --to VERSION` (not a `stages down` flag): roll back to it.
-    #[arg(skip)]
-    pub down_to: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -627,8 +630,10 @@ pub fn run(
                 set: a.set,
                 remote: RemoteArgs::default(),
                 detach: false,
-                progress: progress::ProgressMode::Auto,
-                verbose: a.verbose,
+                show: ShowArgs {
+                    progress: progress::ProgressMode::Auto,
+                    verbose: a.verbose,
+                },
                 up_to: a.to,
             };
             stages::up(&up, env, &key, out, err)
@@ -647,8 +652,10 @@ pub fn run(
                 set: a.set,
                 remote: RemoteArgs::default(),
                 output: OutputFormat::Text,
-                progress: progress::ProgressMode::Auto,
-                verbose: a.verbose,
+                show: ShowArgs {
+                    progress: progress::ProgressMode::Auto,
+                    verbose: a.verbose,
+                },
                 down_to: a.to,
             };
             stages::down(&down, env, &key, out, err)

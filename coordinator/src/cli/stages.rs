@@ -284,7 +284,7 @@ fn up_with(
             return Ok(EXIT_INVALID);
         };
         let overrides: BTreeMap<String, String> = args.set.iter().cloned().collect();
-        let live = super::progress::live_wanted(args.progress, &env);
+        let live = super::progress::live_wanted(args.show.progress, &env);
         let local = run::LocalProject {
             project,
             files,
@@ -295,7 +295,7 @@ fn up_with(
             env,
             output: args.output,
             live,
-            verbose: args.verbose,
+            verbose: args.show.verbose,
         };
         return local.up(out, err);
     }
@@ -565,7 +565,7 @@ pub(super) fn down(
         }
     }
     let overrides: BTreeMap<String, String> = args.set.iter().cloned().collect();
-    let live = super::progress::live_wanted(args.progress, &env);
+    let live = super::progress::live_wanted(args.show.progress, &env);
     let local = run::LocalProject {
         project,
         files,
@@ -576,7 +576,7 @@ pub(super) fn down(
         env,
         output: args.output,
         live,
-        verbose: args.verbose,
+        verbose: args.show.verbose,
     };
     local.down(args.skip_missing_down, out, err)
 }
@@ -632,8 +632,7 @@ pub(super) fn resume(
         set,
         remote: super::RemoteArgs::default(),
         detach: false,
-        progress: super::progress::ProgressMode::Auto,
-        verbose: false,
+        show: super::ShowArgs::default(),
         up_to: None,
     };
     up_with(&up, env, Ok(store), out, err)
