@@ -126,8 +126,9 @@ struct Live {
 }
 
 /// The store as the planner's view of earlier runs, read once before planning: a store that
-/// cannot be read is an error there, never "nothing applied".
-#[derive(Debug, Clone, Default)]
+/// cannot be read is an error there, never "nothing applied". Serializable, so a running
+/// process can hand it to a dry run in another (`cli::readonly`).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct StoreHistory {
     succeeded: BTreeSet<String>,
     applied: BTreeMap<String, BTreeSet<u64>>,

@@ -1173,3 +1173,78 @@ async fn a_refused_command_names_the_process_holding_the_state() {
     let secret = b"never-in-the-holder-file";
     assert!(!raw.windows(secret.len()).any(|w| w == secret));
 }
+
+/// While a run holds the state directory, read-only commands are answered by that run's
+/// process (sled lets one process open a store): status (its stages show as running), runs
+/// list/show/logs, outputs and a dry run, each as it would print them; revealing secrets is
+/// never served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_only_commands_work_while_a_run_holds_the_state() {
+    let dir = baton_e2e::files::temp_dir("local-read-only");
+    let flag = dir.join("started");
+    baton_e2e::files::write(
+        &dir.join("stages.yaml"),
+        "stages:\n  - name: s\n    config_path: s/config.yaml\n",
+    );
+    baton_e2e::files::write(&dir.join("s/config.yaml"), "migrate_dir: migration\n");
+    baton_e2e::files::write(
+        &dir.join("s/migration/001_a.yaml"),
+        "up:\n  command:\n    program: sh\n    args: [\"-c\", \"echo first step\"]\n",
+    );
+    baton_e2e::files::write(
+        &dir.join("s/migration/002_b.yaml"),
+        &format!(
+            "up:\n  command:\n    program: sh\n    args: [\"-c\", \"echo second step; touch {}; sleep 4\"]\n",
+            flag.display()
+        ),
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_baton"))
+        .args(["stages", "up"])
+        .current_dir(&dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let seen = flag.clone();
+    tokio::task::spawn_blocking(move || {
+        baton_e2e::cluster::wait_for(
+            "the second step",
+            std::time::Duration::from_secs(30),
+            || seen.exists(),
+        )
+    })
+    .await
+    .unwrap();
+    let (code, status) = baton(&dir, &["stages", "status"]).await;
+    assert_eq!(code, 0, "{status}");
+    assert!(
+        status.contains("s: 1 applied, 1 pending; last run 1: running"),
+        "{status}"
+    );
+    let (code, list) = baton(&dir, &["runs", "list", "-o", "json"]).await;
+    assert_eq!(code, 0, "{list}");
+    assert!(list.contains("\"status\": \"running\""), "{list}");
+    let (code, shown) = baton(&dir, &["runs", "show", "1"]).await;
+    assert_eq!(code, 0, "{shown}");
+    assert!(shown.contains("001_a up done"), "{shown}");
+    let (code, logs) = baton(&dir, &["runs", "logs", "1"]).await;
+    assert_eq!(code, 0, "{logs}");
+    assert!(logs.contains("| second step"), "{logs}");
+    let (code, outputs) = baton(&dir, &["stages", "outputs", "-o", "json"]).await;
+    assert_eq!(code, 0, "{outputs}");
+    let (code, plan) = baton(&dir, &["stages", "up", "--dry-run"]).await;
+    assert_eq!(code, 0, "{plan}");
+    assert!(plan.contains("1 pending: 002_b"), "{plan}");
+    let (code, out) = baton(&dir, &["stages", "outputs", "--reveal"]).await;
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("in use by another baton process"), "{out}");
+    assert!(child.wait().unwrap().success());
+    // The run is over: the socket is gone and commands open the state themselves.
+    assert!(!dir.join(".baton/baton.sock").exists());
+    let (code, status) = once_unlocked(&dir, &["stages", "status"]).await;
+    assert_eq!(code, 0, "{status}");
+    assert!(
+        status.contains("s: 2 applied, 0 pending; last run 1: succeeded"),
+        "{status}"
+    );
+}

@@ -8,6 +8,7 @@ mod demo;
 mod graph;
 mod plan_view;
 pub mod progress;
+mod readonly;
 pub(crate) mod remote;
 pub(crate) mod run;
 mod stages;

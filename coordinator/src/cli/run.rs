@@ -108,9 +108,11 @@ pub(super) async fn up_async(
 ) -> std::io::Result<i32> {
     let json = local.output == super::OutputFormat::Json;
     let show = (local.live, local.verbose);
+    let dir = local.store.dir().to_path_buf();
     let (runs, sub) = local.service();
     let plan = sub.plan.clone();
     let key = sub.project_key.clone();
+    let project = sub.project.clone();
     // With -o json, stdout holds only the run's record: progress is not shown.
     let mut sink = std::io::sink();
     let data = out;
@@ -123,6 +125,14 @@ pub(super) async fn up_async(
         }
         Err(e) => return Err(runs_err(e)),
     };
+    // Read-only commands in other processes ask this one while it holds the state.
+    let _reads = super::readonly::serve(
+        &dir,
+        runs.store().clone(),
+        project,
+        key.clone(),
+        submitted.run_id,
+    );
     announce(&submitted, &plan, out, err)?;
     let run_id = submitted.run_id;
     let outcome = watch_and_print(&runs, &submitted, &plan, show, out, err).await?;
@@ -209,9 +219,11 @@ pub(super) async fn down_async(
 ) -> std::io::Result<i32> {
     let json = local.output == super::OutputFormat::Json;
     let show = (local.live, local.verbose);
+    let dir = local.store.dir().to_path_buf();
     let (runs, sub) = local.service();
     let plan = sub.plan.clone();
     let key = sub.project_key.clone();
+    let project = sub.project.clone();
     let mut sink = std::io::sink();
     let data = out;
     let out: &mut dyn Write = if json { &mut sink } else { &mut *data };
@@ -227,6 +239,13 @@ pub(super) async fn down_async(
         }
         Err(e) => return Err(runs_err(e)),
     };
+    let _reads = super::readonly::serve(
+        &dir,
+        runs.store().clone(),
+        project,
+        key.clone(),
+        submitted.run_id,
+    );
     announce(&submitted, &plan, out, err)?;
     let outcome = watch_and_print(&runs, &submitted, &plan, show, out, err).await?;
     runs.shutdown().await;

@@ -7,7 +7,7 @@ use baton_common::diag::{Diagnostics, Severity};
 use baton_common::spec::{DiskFiles, Project};
 use serde::Serialize;
 
-use super::{plan_view, run};
+use super::{plan_view, readonly, run};
 use super::{
     DownArgs, OutputFormat, OutputsArgs, SpecArgs, StateArgs, StatusArgs, UpArgs, ValidateArgs,
     EXIT_INVALID, EXIT_OK,
@@ -220,9 +220,16 @@ fn up_with(
         .clone()
         .unwrap_or_else(|| run::default_state_dir(&project.stages_file));
     let key = run::project_key(&project.stages_file);
+    // While a run holds the state, a dry run plans with the history that run hands over.
+    let served = if args.dry_run && opened.is_err() && state_dir.exists() {
+        readonly::history(&state_dir, &key)
+    } else {
+        None
+    };
     // A dry run reads history when there is some, and never creates the state directory.
     let store = match opened {
         Ok(store) => Some(store),
+        Err(_) if served.is_some() => None,
         Err(_) if args.dry_run && !state_dir.exists() => None,
         Err(state_key) => match run::open_store(&state_dir, state_key, err)? {
             Some(s) => Some(s),
@@ -234,15 +241,16 @@ fn up_with(
         overrides: args.set.iter().cloned().collect(),
         env: env.clone(),
     };
-    let planned = match &store {
-        Some(s) => match run::StoreHistory::of(s.as_ref(), &key, &project) {
+    let planned = match (&store, served) {
+        (_, Some(history)) => planner::plan_with(&project, &selection, &history, &plan_vars),
+        (Some(s), None) => match run::StoreHistory::of(s.as_ref(), &key, &project) {
             Ok(history) => planner::plan_with(&project, &selection, &history, &plan_vars),
             Err(e) => {
                 writeln!(err, "error: {e}")?;
                 return Ok(EXIT_INVALID);
             }
         },
-        None => planner::plan_with(&project, &selection, &NoHistory, &plan_vars),
+        (None, None) => planner::plan_with(&project, &selection, &NoHistory, &plan_vars),
     };
     let mut plan = match planned {
         Ok(plan) => plan,
@@ -333,6 +341,11 @@ pub(super) fn status(
         &args.state_dir,
         state_key,
         "nothing has run yet",
+        Some(&|project| readonly::Request::Status {
+            project,
+            verbose: args.verbose,
+            json: args.output == OutputFormat::Json,
+        }),
         out,
         err,
     )? {
@@ -357,39 +370,66 @@ pub(super) fn outputs(
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> std::io::Result<i32> {
+    let ask_outputs = |project| readonly::Request::Outputs {
+        project,
+        stage: args.stage.clone(),
+        json: args.output == OutputFormat::Json,
+    };
     let (project, _, store) = match project_with_state(
         &args.spec,
         &args.state_dir,
         state_key,
         "nothing has run yet, so nothing was exported",
+        // A secret is never revealed through another process.
+        (!args.reveal).then_some(&ask_outputs as &dyn Fn(String) -> readonly::Request),
         out,
         err,
     )? {
         Ok(found) => found,
         Err(code) => return Ok(code),
     };
+    write_stage_outputs(
+        &project,
+        store.as_ref(),
+        &run::project_key(&project.stages_file),
+        args.stage.as_deref(),
+        args.reveal,
+        args.output,
+        out,
+        err,
+    )
+}
+
+/// The exports of `project`'s stages (or only `one`), masked unless `reveal`, as `stages
+/// outputs` prints them; also what a running process answers for it.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn write_stage_outputs(
+    project: &Project,
+    store: &dyn crate::store::Store,
+    key: &str,
+    one: Option<&str>,
+    reveal: bool,
+    output: OutputFormat,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> std::io::Result<i32> {
     let names: Vec<&str> = project
         .spec
         .stages
         .iter()
         .map(|s| s.name.value.as_str())
         .collect();
-    if let Some(one) = &args.stage {
-        if !names.contains(&one.as_str()) {
+    if let Some(one) = one {
+        if !names.contains(&one) {
             let help = baton_common::diag::closest(one, names.iter().copied())
                 .map_or(String::new(), |c| format!(" (did you mean `{c}`?)"));
             writeln!(err, "error: there is no stage `{one}`{help}")?;
             return Ok(EXIT_INVALID);
         }
     }
-    let key = run::project_key(&project.stages_file);
     let mut exports = BTreeMap::new();
-    for name in names
-        .iter()
-        .filter(|n| args.stage.as_deref().is_none_or(|one| one == **n))
-    {
-        let stage_key = crate::store::StageKey::new(&key, name);
-        let result = match crate::store::Store::result(store.as_ref(), &stage_key) {
+    for name in names.iter().filter(|n| one.is_none_or(|o| o == **n)) {
+        let result = match store.result(&crate::store::StageKey::new(key, name)) {
             Ok(r) => r,
             Err(e) => {
                 writeln!(err, "error: {e}")?;
@@ -397,7 +437,7 @@ pub(super) fn outputs(
             }
         };
         if let Some(r) = result {
-            let vars = if args.reveal {
+            let vars = if reveal {
                 r.exports
             } else {
                 crate::status::masked_exports(&r.exports, &r.secret)
@@ -405,7 +445,7 @@ pub(super) fn outputs(
             exports.insert((*name).to_owned(), vars);
         }
     }
-    run::write_outputs(&exports, args.stage.as_deref(), args.output, out)?;
+    run::write_outputs(&exports, one, output, out)?;
     Ok(EXIT_OK)
 }
 
@@ -418,6 +458,14 @@ pub(super) fn runs(
     err: &mut dyn Write,
 ) -> std::io::Result<i32> {
     let stages_file = baton_common::spec::normalize(&args.config);
+    let json = output == OutputFormat::Json;
+    let request = match id {
+        None => readonly::Request::RunsList { json },
+        Some(run) => readonly::Request::RunsShow { run, json },
+    };
+    if let Some(code) = readonly::ask(&state_dir_of(args, &stages_file), &request, out, err)? {
+        return Ok(code);
+    }
     let Some(store) = existing_store(args, state_key, &stages_file, err)? else {
         return Ok(EXIT_INVALID);
     };
@@ -437,6 +485,13 @@ pub(super) fn logs(
     err: &mut dyn Write,
 ) -> std::io::Result<i32> {
     let stages_file = baton_common::spec::normalize(&args.config);
+    let request = readonly::Request::RunsLogs {
+        run,
+        stage: stage.map(str::to_owned),
+    };
+    if let Some(code) = readonly::ask(&state_dir_of(args, &stages_file), &request, out, err)? {
+        return Ok(code);
+    }
     let Some(store) = existing_store(args, state_key, &stages_file, err)? else {
         return Ok(EXIT_INVALID);
     };
@@ -455,6 +510,7 @@ pub(super) fn down(
         &args.state_dir,
         state_key,
         "nothing has run, nothing to roll back",
+        None,
         out,
         err,
     )? {
@@ -766,6 +822,7 @@ fn project_with_state(
     state_dir: &Option<std::path::PathBuf>,
     state_key: &StateKey,
     no_state: &str,
+    read: Option<&dyn Fn(String) -> readonly::Request>,
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> std::io::Result<
@@ -790,10 +847,23 @@ fn project_with_state(
         writeln!(out, "no state in {}: {no_state}", state_dir.display())?;
         return Ok(Err(EXIT_OK));
     }
+    // A read-only command while a run holds the state: that run answers it.
+    if let Some(request) = read.map(|r| r(run::project_key(&project.stages_file))) {
+        if let Some(code) = readonly::ask(&state_dir, &request, out, err)? {
+            return Ok(Err(code));
+        }
+    }
     match run::open_store(&state_dir, state_key, err)? {
         Some(store) => Ok(Ok((project, files, store))),
         None => Ok(Err(EXIT_INVALID)),
     }
+}
+
+/// Where the state of `stages_file` is: `--state-dir`, else `.baton/` beside it.
+fn state_dir_of(args: &StateArgs, stages_file: &std::path::Path) -> std::path::PathBuf {
+    args.state_dir
+        .clone()
+        .unwrap_or_else(|| run::default_state_dir(stages_file))
 }
 
 /// The store of `stages_file`'s state directory; `None` (reported) when there is no state or
@@ -804,10 +874,7 @@ fn existing_store(
     stages_file: &std::path::Path,
     err: &mut dyn Write,
 ) -> std::io::Result<Option<std::sync::Arc<crate::store::SledStore>>> {
-    let state_dir = args
-        .state_dir
-        .clone()
-        .unwrap_or_else(|| run::default_state_dir(stages_file));
+    let state_dir = state_dir_of(args, stages_file);
     if !state_dir.exists() {
         writeln!(
             err,

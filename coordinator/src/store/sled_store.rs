@@ -116,6 +116,11 @@ impl GroupFlush {
 }
 
 impl SledStore {
+    /// The state directory this store lives in.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// Opens (creating if needed) the store in `dir`. A second process on the same directory
     /// is refused with [`StoreError::Locked`].
     pub fn open(dir: &Path) -> Result<SledStore, StoreError> {
