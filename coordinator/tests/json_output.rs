@@ -231,28 +231,43 @@ async fn json_through_a_coordinator_matches_the_schemas() {
         let v: Value = serde_json::from_str(line).unwrap();
         assert!(violations(&event, &v).is_empty(), "{line}");
     }
-    // --reveal never goes through a coordinator; -o json for a remote run is refused, not
-    // ignored.
+    // --reveal never goes through a coordinator.
     let (code, out) = baton(
         &dir,
         &["stages", "outputs", "--reveal", "--coordinator", &url],
     )
     .await;
     assert_eq!(code, 2, "{out}");
-    let (code, out) = baton(
-        &dir,
-        &[
-            "stages",
-            "up",
-            "-o",
-            "json",
-            "--coordinator",
-            &url,
-            "--set",
-            &set,
-        ],
-    )
-    .await;
-    assert_eq!(code, 2, "{out}");
+    // A run through the coordinator prints the same record as a local one.
+    let up = [
+        "stages",
+        "up",
+        "-o",
+        "json",
+        "--coordinator",
+        &url,
+        "--set",
+        &set,
+    ];
+    let down = [
+        "stages",
+        "down",
+        "--yes",
+        "-o",
+        "json",
+        "--coordinator",
+        &url,
+        "--set",
+        &set,
+    ];
+    let run = json_of(&dir, &up, "run", 0).await;
+    assert_eq!(run["status"], "succeeded");
+    assert_eq!(run["run"], 2);
+    assert_eq!(run["stages"][0]["exports"]["api_token"], "***", "{run}");
+    let rolled = json_of(&dir, &down, "run", 0).await;
+    assert_eq!(rolled["direction"], "down");
+    assert_eq!(rolled["stages"][0]["outcome"], "succeeded", "{rolled}");
+    let none = json_of(&dir, &down, "run", 0).await;
+    assert_eq!(none["status"], "nothing_to_do");
     let _ = std::fs::remove_dir_all(&root);
 }

@@ -225,6 +225,7 @@ fn distributed(
                 set: [("api_base".to_owned(), api.url.clone())].into(),
                 detach: false,
                 down: None,
+                json: false,
             };
             let result = match super::remote::connect(&remote).await {
                 Ok(mut client) => super::remote::submit_and_watch(&mut client, submission, out, err).await,

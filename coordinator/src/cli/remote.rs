@@ -217,13 +217,6 @@ pub fn up(
         )?;
         return Ok(EXIT_INVALID);
     }
-    if args.output == OutputFormat::Json {
-        writeln!(
-            err,
-            "error: -o json with --coordinator is not available yet for `stages up`; submit with --detach and read the run with `baton runs show RUN -o json --coordinator URL`"
-        )?;
-        return Ok(EXIT_INVALID);
-    }
     let (project, diags, files) = load_captured(&args.spec);
     if project.is_none() {
         print_invalid(args, &diags, out, err)?;
@@ -245,6 +238,7 @@ pub fn up(
         set: args.set.iter().cloned().collect(),
         detach,
         down: None,
+        json: args.output == OutputFormat::Json,
     };
     let r = block(async {
         let mut client = connect(remote).await?;
@@ -259,13 +253,6 @@ pub fn down(args: &DownArgs, out: &mut dyn Write, err: &mut dyn Write) -> std::i
         writeln!(
             err,
             "error: --dry-run with --coordinator is not available yet; `baton stages status --coordinator URL` shows what is applied"
-        )?;
-        return Ok(EXIT_INVALID);
-    }
-    if args.output == OutputFormat::Json {
-        writeln!(
-            err,
-            "error: -o json with --coordinator is not available yet for `stages down`; read the run with `baton runs show RUN -o json --coordinator URL`"
         )?;
         return Ok(EXIT_INVALID);
     }
@@ -308,6 +295,7 @@ pub fn down(args: &DownArgs, out: &mut dyn Write, err: &mut dyn Write) -> std::i
         set: args.set.iter().cloned().collect(),
         detach: false,
         down: Some((args.cascade, args.skip_missing_down)),
+        json: args.output == OutputFormat::Json,
     };
     let r = block(async {
         let mut client = connect(&args.remote).await?;
@@ -443,6 +431,65 @@ pub(super) struct Submit<'a> {
     pub detach: bool,
     /// `stages down`: `Some((cascade, skip_missing_down))`.
     pub down: Option<(bool, bool)>,
+    /// `-o json`: stdout holds only the finished run's `baton.run/v1` record.
+    pub json: bool,
+}
+
+/// A finished run's `baton.run/v1` record from the coordinator: its events, and the exports
+/// its stages recorded in this run (masked, from the status the coordinator computes).
+async fn remote_run_record(
+    client: &mut Client,
+    run: u64,
+    direction: &str,
+    digest: &str,
+    status_request: proto::StagesStatusRequest,
+) -> Result<serde_json::Value, Failure> {
+    let mut stream = client
+        .watch_run(proto::WatchRunRequest {
+            run_id: run,
+            from_seq: 0,
+            follow: false,
+        })
+        .await?
+        .into_inner();
+    let mut events = Vec::new();
+    while let Some(e) = stream.message().await? {
+        if let Ok(record) = serde_json::from_str::<EventRecord>(&e.record_json) {
+            events.push(record);
+        }
+    }
+    let mut stages = Vec::new();
+    let mut status = RunStatus::Failed;
+    for e in &events {
+        match &e.kind {
+            EventKind::RunStarted { stages: s } => stages.clone_from(s),
+            EventKind::RunFinished { status: s } => status = *s,
+            _ => {}
+        }
+    }
+    let states: Vec<crate::status::StageState> = client
+        .stages_status(status_request)
+        .await?
+        .into_inner()
+        .stages
+        .iter()
+        .filter_map(|s| serde_json::from_str(&s.record_json).ok())
+        .collect();
+    Ok(super::run::run_record(
+        &events,
+        &stages,
+        run,
+        direction,
+        status,
+        digest,
+        &|stage| {
+            states
+                .iter()
+                .find(|s| s.name == stage)
+                .filter(|s| s.last.as_ref().is_some_and(|l| l.run == run))
+                .map(|s| s.exports.clone())
+        },
+    ))
 }
 
 /// Submits a project and (unless detached) watches its run to the end, like local mode.
@@ -454,6 +501,11 @@ pub(super) async fn submit_and_watch(
 ) -> Result<i32, Failure> {
     let (name, files) = project_files(s.stages_file, s.files)?;
     let (stages, from, to) = s.selection;
+    let status_request = proto::StagesStatusRequest {
+        files: files.clone(),
+        stages_file: name.clone(),
+        project: String::new(),
+    };
     let resp = client
         .submit_run(proto::SubmitRunRequest {
             files,
@@ -469,12 +521,59 @@ pub(super) async fn submit_and_watch(
         })
         .await?
         .into_inner();
+    let direction = if s.down.is_some() { "down" } else { "up" };
     if resp.run_id == 0 {
         // A down submission with nothing to roll back records no run.
         for n in &resp.notes {
-            let _ = writeln!(out, "{n}");
+            if s.json {
+                let _ = writeln!(err, "{n}");
+            } else {
+                let _ = writeln!(out, "{n}");
+            }
+        }
+        if s.json {
+            let record = serde_json::json!({
+                "schema": super::run::schema::RUN,
+                "run": null,
+                "direction": direction,
+                "status": "nothing_to_do",
+                "plan_digest": resp.plan_digest,
+                "stages": [],
+                "rollback": null,
+            });
+            serde_json::to_writer_pretty(&mut *out, &record).map_err(|e| io_failure(e.into()))?;
+            let _ = writeln!(out);
         }
         return Ok(EXIT_OK);
+    }
+    if s.json {
+        // Progress is not shown; the run's record is printed when it ends.
+        for n in &resp.notes {
+            let _ = writeln!(err, "{n}");
+        }
+        let code = watch(
+            client,
+            resp.run_id,
+            0,
+            true,
+            &s.stage_names,
+            false,
+            false,
+            &mut std::io::sink(),
+            err,
+        )
+        .await?;
+        let record = remote_run_record(
+            client,
+            resp.run_id,
+            direction,
+            &resp.plan_digest,
+            status_request,
+        )
+        .await?;
+        serde_json::to_writer_pretty(&mut *out, &record).map_err(|e| io_failure(e.into()))?;
+        let _ = writeln!(out);
+        return Ok(code);
     }
     if s.detach {
         for n in &resp.notes {

@@ -396,13 +396,43 @@ pub(super) fn run_json(
     status: RunStatus,
 ) -> serde_json::Value {
     let events = store.events(run_id, 0).unwrap_or_default();
-    let mut stages: Vec<serde_json::Value> = Vec::new();
-    for s in &plan.order {
+    let stages: Vec<String> = plan.order.iter().map(|s| s.name.clone()).collect();
+    run_record(
+        &events,
+        &stages,
+        run_id,
+        plan.direction,
+        status,
+        &plan.digest,
+        &|stage| {
+            store
+                .result(&StageKey::new(key, stage))
+                .ok()
+                .flatten()
+                .filter(|r| r.run_id == run_id)
+                .map(|r| crate::status::masked_exports(&r.exports, &r.secret))
+        },
+    )
+}
+
+/// The `baton.run/v1` record of a finished run from its events: per stage of `stages`, its
+/// outcome, duration, error or skip reason, and what `exports` gives for it (masked).
+pub(super) fn run_record(
+    events: &[EventRecord],
+    stages: &[String],
+    run_id: u64,
+    direction: &str,
+    status: RunStatus,
+    digest: &str,
+    exports: &dyn Fn(&str) -> Option<BTreeMap<String, String>>,
+) -> serde_json::Value {
+    let mut rows: Vec<serde_json::Value> = Vec::new();
+    for name in stages {
         let mut outcome = "not run".to_owned();
         let (mut duration_ms, mut error, mut reason) = (None, None, None);
         for e in events
             .iter()
-            .filter(|e| e.stage.as_deref() == Some(s.name.as_str()))
+            .filter(|e| e.stage.as_deref() == Some(name.as_str()))
         {
             match &e.kind {
                 EventKind::StageSucceeded { duration_ms: d } => {
@@ -420,29 +450,22 @@ pub(super) fn run_json(
                 _ => {}
             }
         }
-        let exports = store
-            .result(&StageKey::new(key, &s.name))
-            .ok()
-            .flatten()
-            .filter(|r| r.run_id == run_id)
-            .map(|r| crate::status::masked_exports(&r.exports, &r.secret))
-            .unwrap_or_default();
-        stages.push(serde_json::json!({
-            "name": s.name,
+        rows.push(serde_json::json!({
+            "name": name,
             "outcome": outcome,
             "duration_ms": duration_ms,
             "error": error,
             "reason": reason,
-            "exports": exports,
+            "exports": exports(name).unwrap_or_default(),
         }));
     }
     serde_json::json!({
         "schema": schema::RUN,
         "run": run_id,
-        "direction": plan.direction,
+        "direction": direction,
         "status": status,
-        "plan_digest": plan.digest,
-        "stages": stages,
+        "plan_digest": digest,
+        "stages": rows,
         "rollback": null,
     })
 }
