@@ -113,24 +113,22 @@ impl StageVars {
     }
 
     /// What a stage's `condition` is evaluated with: the flat variables of the engine's
-    /// scope, and what `env "KEY"` reads (`global.env` over `environment`, as apirun).
-    ///
-    /// # Errors
-    /// A template in a value written in the files that cannot be rendered.
-    #[allow(clippy::type_complexity)]
+    /// scope, and what `env "KEY"` reads (`global.env` over `environment`, as apirun). A
+    /// value whose template needs what is unknown here (the agent's environment, on a
+    /// coordinator) is left out: a condition reading it says so, others are unaffected.
     pub fn condition_inputs(
         &self,
         environment: &BTreeMap<String, String>,
-    ) -> Result<(BTreeMap<String, String>, BTreeMap<String, String>), crate::vars::VarError> {
+    ) -> (BTreeMap<String, String>, BTreeMap<String, String>) {
         let vars = self
             .layers(environment.clone())
-            .resolve(crate::vars::ENGINE)?;
+            .resolve_known(crate::vars::ENGINE);
         let mut env = environment.clone();
         env.extend(
             self.layers(BTreeMap::new())
-                .resolve(&[crate::vars::Layer::Global])?,
+                .resolve_known(&[crate::vars::Layer::Global]),
         );
-        Ok((vars, env))
+        (vars, env)
     }
 }
 

@@ -174,6 +174,22 @@ impl Layers<BTreeMap<String, String>> {
     /// A template that does not parse, names a variable that is not defined below it, or is
     /// part of a cycle.
     pub fn resolve(&self, scope: &[Layer]) -> Result<BTreeMap<String, String>, VarError> {
+        self.resolve_with(scope, true)
+    }
+
+    /// [`Layers::resolve`] for what is decided before a stage runs (its condition, its
+    /// `runs_on`, the plan's forecast), where some sources may be unknown (on a coordinator,
+    /// the agent's environment): a value whose template cannot be rendered here is left out,
+    /// so only what reads it fails (as a missing variable), not everything.
+    pub fn resolve_known(&self, scope: &[Layer]) -> BTreeMap<String, String> {
+        self.resolve_with(scope, false).unwrap_or_default()
+    }
+
+    fn resolve_with(
+        &self,
+        scope: &[Layer],
+        strict: bool,
+    ) -> Result<BTreeMap<String, String>, VarError> {
         let mut out = BTreeMap::new();
         for layer in Layer::ALL {
             if !scope.contains(&layer) {
@@ -192,7 +208,11 @@ impl Layers<BTreeMap<String, String>> {
                 .collect();
             for name in templated {
                 if values.contains_key(name) {
-                    resolve_one(name, values, templated, &out, &mut done, &mut Vec::new())?;
+                    let rendered =
+                        resolve_one(name, values, templated, &out, &mut done, &mut Vec::new());
+                    if strict {
+                        rendered?;
+                    }
                 }
             }
             out.overlay(&done);
@@ -329,6 +349,10 @@ mod tests {
         );
         let e = l.resolve(MIGRATION).unwrap_err();
         assert!(e.message.contains("cycle: a -> b -> a"), "{e}");
+        // Where some sources are unknown, only what cannot be rendered is left out.
+        let known = l.resolve_known(MIGRATION);
+        assert_eq!(known.get("c").map(String::as_str), Some("ok"));
+        assert!(!known.contains_key("a") && !known.contains_key("b"));
         let mut l = Layers::new();
         l.set_authored(Layer::ConfigEnv, map(&[("a", "{{.nope}}")]));
         let e = l.resolve(MIGRATION).unwrap_err();

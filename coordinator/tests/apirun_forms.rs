@@ -382,3 +382,45 @@ async fn templated_body_file_and_result_code() {
     assert_eq!(code, 2, "{out}");
     assert!(out.contains("names no file"), "{out}");
 }
+
+/// In distributed mode a value written in the files may read the agent's environment (the
+/// coordinator cannot see it): the engine leaves it for the agent, which renders it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn value_templates_read_the_agents_environment() {
+    use baton_e2e::cluster::{agent_binary, start_agent_with_env, start_coordinator};
+    let bin = Path::new(env!("CARGO_BIN_EXE_baton"));
+    let target = Target::start().await;
+    target.answer_unscripted_like_a_cloud();
+    let root = baton_e2e::files::temp_dir("apirun-agent-env");
+    let dir = root.join("project");
+    write(
+        &dir.join("stages.yaml"),
+        "stages:\n  - name: s\n    config_path: s/config.yaml\n    env:\n      label: '{{.AGENT_REGION}}-web'\nglobal:\n  env:\n    api: http://127.0.0.1:9\n",
+    );
+    write(&dir.join("s/config.yaml"), "migrate_dir: migration\n");
+    write(
+        &dir.join("s/migration/001_x.yaml"),
+        "up:\n  request:\n    method: PUT\n    url: '{{.api}}/items/{{.label}}'\n",
+    );
+    let (_coordinator, url) = start_coordinator(bin, &root.join("data"), &[]);
+    let _agent = start_agent_with_env(
+        &agent_binary(bin),
+        &url,
+        "agent-env",
+        &root.join("agents"),
+        &[("AGENT_REGION", "westeu")],
+    );
+    let set = format!("api={}", target.url());
+    let (code, out) = baton(
+        &dir,
+        &["stages", "up", "--coordinator", &url, "--set", &set],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        target.requests_to("PUT", "/items/westeu-web").len(),
+        1,
+        "{out}"
+    );
+    let _ = std::fs::remove_dir_all(&root);
+}

@@ -1122,7 +1122,7 @@ async fn progress_modes() {
     assert!(failed.contains("run failed: s failed:"), "{failed}");
 }
 
-/// A command refused because a run holds the state names that run's process and command.
+/// A writer refused because a run holds the state names that run's process and command.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_command_names_the_process_holding_the_state() {
     let dir = baton_e2e::files::temp_dir("local-holder");
@@ -1161,7 +1161,8 @@ async fn a_refused_command_names_the_process_holding_the_state() {
     })
     .await
     .unwrap();
-    let (code, out) = baton(&dir, &["stages", "status"]).await;
+    // A writer (a second run) is refused; read-only commands are answered by the run.
+    let (code, out) = baton(&dir, &["stages", "up"]).await;
     let pid = child.id();
     let _ = child.wait();
     assert_eq!(code, 2, "{out}");

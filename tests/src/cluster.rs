@@ -214,6 +214,25 @@ pub fn start_agent(
         .expect("baton-agent starts")
 }
 
+/// [`start_agent`] with `env` added to the agent's environment (what its stages see).
+pub fn start_agent_with_env(
+    agent: &Path,
+    url: &str,
+    name: &str,
+    data_dir: &Path,
+    env: &[(&str, &str)],
+) -> Proc {
+    agent_command(agent, url, name, &[], data_dir, &[])
+        .envs(env.iter().copied())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map(|child| Proc {
+            child,
+            name: name.to_owned(),
+        })
+        .expect("baton-agent starts")
+}
+
 /// [`start_agent`] with its log (at `filter`, e.g. `baton_agent=debug`) collected.
 pub fn start_agent_logged(
     agent: &Path,

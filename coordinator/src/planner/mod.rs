@@ -565,14 +565,7 @@ pub fn plan_with(
                     .collect(),
                 ..Default::default()
             };
-            let (vars, env) = match stage_vars.condition_inputs(&plan_vars.env) {
-                Ok(inputs) => inputs,
-                Err(e) => {
-                    return ConditionForecast::AtRunTime {
-                        reason: e.to_string(),
-                    }
-                }
-            };
+            let (vars, env) = stage_vars.condition_inputs(&plan_vars.env);
             let scope = Scope {
                 vars: Some(&vars),
                 env: Some(&env),

@@ -790,13 +790,12 @@ impl Driver {
         Ok((imported, secret))
     }
 
-    /// The flat scope the engine evaluates for a stage (its condition, its `runs_on`).
-    fn flat_vars(
-        &self,
-        vars: &StageVars,
-    ) -> Result<BTreeMap<String, String>, baton_common::vars::VarError> {
+    /// The flat scope the engine evaluates for a stage (its `runs_on`): values whose
+    /// templates need what only the stage's runner knows are left out (see
+    /// `Layers::resolve_known`).
+    fn flat_vars(&self, vars: &StageVars) -> BTreeMap<String, String> {
         vars.layers(self.r.condition_env.clone())
-            .resolve(baton_common::vars::ENGINE)
+            .resolve_known(baton_common::vars::ENGINE)
     }
 
     async fn check_condition(&mut self, k: usize) -> Result<Event, DriveError> {
@@ -808,18 +807,14 @@ impl Driver {
             });
         };
         let stage_vars = self.stage_vars(k)?.0;
-        let evaluated = stage_vars
-            .condition_inputs(&self.r.condition_env)
-            .map(|(vars, env)| {
-                let scope = Scope {
-                    vars: Some(&vars),
-                    auth: None,
-                    stage_outcomes: Some(&self.outcomes),
-                    env: Some(&env),
-                };
-                cond.value.evaluate(&scope).map_err(|e| e.message)
-            });
-        match evaluated.unwrap_or_else(|e| Err(e.to_string())) {
+        let (vars, env) = stage_vars.condition_inputs(&self.r.condition_env);
+        let scope = Scope {
+            vars: Some(&vars),
+            auth: None,
+            stage_outcomes: Some(&self.outcomes),
+            env: Some(&env),
+        };
+        match cond.value.evaluate(&scope).map_err(|e| e.message) {
             Ok(runs) => Ok(Event::ConditionChecked { stage: k, runs }),
             Err(e) => {
                 let message = format!(
@@ -863,10 +858,8 @@ impl Driver {
             .result(&key)?
             .map(|r| r.secret)
             .unwrap_or_default();
-        let (flat, mut problem) = match self.flat_vars(&vars) {
-            Ok(flat) => (flat, None),
-            Err(e) => (BTreeMap::new(), Some(e.to_string())),
-        };
+        let flat = self.flat_vars(&vars);
+        let mut problem = None;
         let spec = &self.r.project.spec;
         let stage = &spec.stages[self.spec_index[k]];
         let loaded = &self.r.project.stages[self.spec_index[k]];
