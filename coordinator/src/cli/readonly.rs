@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use baton_common::spec::Project;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt as _, AsyncWriteExt, BufReader};
 
 use super::OutputFormat;
 use crate::store::Store;
@@ -110,10 +110,12 @@ pub(super) fn serve(
             tokio::spawn(async move {
                 let (read, mut write) = conn.into_split();
                 let mut line = String::new();
-                // One bounded request line.
+                // One bounded request line, sent promptly.
                 let mut reader = BufReader::new(read).take(64 * 1024);
-                if reader.read_line(&mut line).await.is_err() {
-                    return;
+                let limit = std::time::Duration::from_secs(10);
+                match tokio::time::timeout(limit, reader.read_line(&mut line)).await {
+                    Ok(Ok(_)) => {}
+                    _ => return,
                 }
                 let response = match serde_json::from_str::<Request>(&line) {
                     Ok(request) => tokio::task::spawn_blocking(move || {
@@ -140,8 +142,6 @@ pub(super) fn serve(
     });
     Some(ReadService { path, task })
 }
-
-use tokio::io::AsyncReadExt as _;
 
 /// Renders `request` from the open store, as the command would; `run` is the run this
 /// process drives (its stages show as running, not interrupted).
