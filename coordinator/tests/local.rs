@@ -42,6 +42,29 @@ async fn once_unlocked(dir: &Path, args: &[&str]) -> (i32, String) {
     result
 }
 
+/// Starts `baton args` in `dir` and returns it once the file `flag` exists (a step of the
+/// run creates it), bounded.
+async fn start_until(dir: &Path, args: &[&str], flag: &Path) -> std::process::Child {
+    let child = Command::new(env!("CARGO_BIN_EXE_baton"))
+        .args(args)
+        .current_dir(dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let seen = flag.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        baton_e2e::cluster::wait_for(
+            "the run to start",
+            std::time::Duration::from_secs(30),
+            || seen.exists(),
+        )
+    })
+    .await
+    .unwrap();
+    child
+}
+
 /// Starts `baton args` in `dir` and kills it (SIGKILL) once `ready` holds (bounded).
 async fn kill_when(
     dir: &Path,
@@ -1139,28 +1162,13 @@ async fn a_refused_command_names_the_process_holding_the_state() {
             flag.display()
         ),
     );
-    let mut child = Command::new(env!("CARGO_BIN_EXE_baton"))
-        .args([
-            "stages",
-            "up",
-            "--set",
-            "secret_token=never-in-the-holder-file",
-        ])
-        .current_dir(&dir)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let seen = flag.clone();
-    tokio::task::spawn_blocking(move || {
-        baton_e2e::cluster::wait_for(
-            "the run to start",
-            std::time::Duration::from_secs(30),
-            || seen.exists(),
-        )
-    })
-    .await
-    .unwrap();
+    let args = [
+        "stages",
+        "up",
+        "--set",
+        "secret_token=never-in-the-holder-file",
+    ];
+    let mut child = start_until(&dir, &args, &flag).await;
     // A writer (a second run) is refused; read-only commands are answered by the run.
     let (code, out) = baton(&dir, &["stages", "up"]).await;
     let pid = child.id();
@@ -1199,23 +1207,7 @@ async fn read_only_commands_work_while_a_run_holds_the_state() {
             flag.display()
         ),
     );
-    let mut child = Command::new(env!("CARGO_BIN_EXE_baton"))
-        .args(["stages", "up"])
-        .current_dir(&dir)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let seen = flag.clone();
-    tokio::task::spawn_blocking(move || {
-        baton_e2e::cluster::wait_for(
-            "the second step",
-            std::time::Duration::from_secs(30),
-            || seen.exists(),
-        )
-    })
-    .await
-    .unwrap();
+    let mut child = start_until(&dir, &["stages", "up"], &flag).await;
     let (code, status) = baton(&dir, &["stages", "status"]).await;
     assert_eq!(code, 0, "{status}");
     assert!(
