@@ -532,17 +532,8 @@ pub(super) async fn submit_and_watch(
             }
         }
         if s.json {
-            let record = serde_json::json!({
-                "schema": super::run::schema::RUN,
-                "run": null,
-                "direction": direction,
-                "status": "nothing_to_do",
-                "plan_digest": resp.plan_digest,
-                "stages": [],
-                "rollback": null,
-            });
-            serde_json::to_writer_pretty(&mut *out, &record).map_err(|e| io_failure(e.into()))?;
-            let _ = writeln!(out);
+            let record = super::run::nothing_to_do_json(direction, &resp.plan_digest);
+            super::run::write_json(out, &record).map_err(io_failure)?;
         }
         return Ok(EXIT_OK);
     }
@@ -571,8 +562,7 @@ pub(super) async fn submit_and_watch(
             status_request,
         )
         .await?;
-        serde_json::to_writer_pretty(&mut *out, &record).map_err(|e| io_failure(e.into()))?;
-        let _ = writeln!(out);
+        super::run::write_json(out, &record).map_err(io_failure)?;
         return Ok(code);
     }
     if s.detach {
@@ -943,9 +933,7 @@ pub fn agents_list(
                         })
                     })
                     .collect();
-                serde_json::to_writer_pretty(&mut *out, &rows)
-                    .map_err(std::io::Error::from)
-                    .and_then(|()| writeln!(out))
+                super::run::write_json(out, &rows)
             }
             OutputFormat::Text => writeln!(
                 out,

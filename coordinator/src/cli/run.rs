@@ -201,8 +201,7 @@ pub(super) async fn up_async(
         if let Some((id, s)) = rollback_run {
             record["rollback"] = serde_json::json!({"run": id, "status": s});
         }
-        serde_json::to_writer_pretty(&mut *data, &record)?;
-        writeln!(data)?;
+        write_json(data, &record)?;
     }
     Ok(match status {
         RunStatus::Succeeded | RunStatus::SucceededWithFailures => EXIT_OK,
@@ -255,8 +254,7 @@ pub(super) async fn down_async(
     writeln!(out, "\nrun {} {}", submitted.run_id, status.as_str())?;
     if json {
         let record = run_json(runs.store().as_ref(), &key, &plan, submitted.run_id, status);
-        serde_json::to_writer_pretty(&mut *data, &record)?;
-        writeln!(data)?;
+        write_json(data, &record)?;
     }
     Ok(if status == RunStatus::Succeeded {
         EXIT_OK
@@ -539,6 +537,28 @@ pub(super) mod schema {
     pub const VALIDATION: &str = "baton.validation/v1";
 }
 
+/// One JSON document on `out`, pretty-printed, then a newline: every `-o json` output.
+pub(super) fn write_json(
+    out: &mut dyn Write,
+    value: &impl serde::Serialize,
+) -> std::io::Result<()> {
+    serde_json::to_writer_pretty(&mut *out, value)?;
+    writeln!(out)
+}
+
+/// The `baton.run/v1` record of a down submission that had nothing to roll back (no run).
+pub(super) fn nothing_to_do_json(direction: &str, digest: &str) -> serde_json::Value {
+    serde_json::json!({
+        "schema": schema::RUN,
+        "run": null,
+        "direction": direction,
+        "status": "nothing_to_do",
+        "plan_digest": digest,
+        "stages": [],
+        "rollback": null,
+    })
+}
+
 /// `stages outputs`: every stage's exports (`stage` header, then `name=value` lines), only
 /// one stage's (`name=value` lines), or JSON (`{"schema": "baton.outputs/v1", "stages":
 /// {STAGE: {NAME: VALUE}}}`).
@@ -549,11 +569,10 @@ pub(super) fn write_outputs(
     out: &mut dyn Write,
 ) -> std::io::Result<()> {
     if output == super::OutputFormat::Json {
-        serde_json::to_writer_pretty(
-            &mut *out,
+        return write_json(
+            out,
             &serde_json::json!({"schema": schema::OUTPUTS, "stages": exports}),
-        )?;
-        return writeln!(out);
+        );
     }
     for (stage, vars) in exports {
         if one.is_none() {
@@ -576,11 +595,10 @@ pub(super) fn write_status(
     out: &mut dyn Write,
 ) -> std::io::Result<()> {
     if output == super::OutputFormat::Json {
-        serde_json::to_writer_pretty(
-            &mut *out,
+        return write_json(
+            out,
             &serde_json::json!({"schema": schema::STATUS, "stages": states}),
-        )?;
-        return writeln!(out);
+        );
     }
     crate::status::write(states, verbose, out)
 }
@@ -668,8 +686,7 @@ pub(super) fn write_runs(
     out: &mut dyn Write,
 ) -> std::io::Result<()> {
     if output == super::OutputFormat::Json {
-        serde_json::to_writer_pretty(&mut *out, rows)?;
-        return writeln!(out);
+        return write_json(out, &rows);
     }
     for r in rows {
         writeln!(

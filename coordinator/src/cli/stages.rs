@@ -151,8 +151,7 @@ pub(super) fn validate(
                 notices: diags.count(Severity::Notice),
                 diagnostics: &diags,
             };
-            serde_json::to_writer_pretty(&mut *out, &report)?;
-            writeln!(out)?;
+            run::write_json(out, &report)?;
         }
         OutputFormat::Text => {
             if !diags.is_empty() {
@@ -187,6 +186,19 @@ struct DryRunReport<'a> {
     dry_run: bool,
     plan: &'a Plan,
     diagnostics: &'a Diagnostics,
+}
+
+/// A dry run's plan as JSON (`baton.plan/v1`).
+fn write_plan_json(plan: &Plan, diags: &Diagnostics, out: &mut dyn Write) -> std::io::Result<()> {
+    run::write_json(
+        out,
+        &DryRunReport {
+            schema: run::schema::PLAN,
+            dry_run: true,
+            plan,
+            diagnostics: diags,
+        },
+    )
 }
 
 pub(super) fn up(
@@ -308,18 +320,7 @@ fn up_with(
         return local.up(out, err);
     }
     match args.output {
-        OutputFormat::Json => {
-            serde_json::to_writer_pretty(
-                &mut *out,
-                &DryRunReport {
-                    schema: run::schema::PLAN,
-                    dry_run: true,
-                    plan: &plan,
-                    diagnostics: &diags,
-                },
-            )?;
-            writeln!(out)?;
-        }
+        OutputFormat::Json => write_plan_json(&plan, &diags, out)?,
         OutputFormat::Text => {
             if !diags.is_empty() {
                 write!(err, "{diags}")?;
@@ -567,19 +568,7 @@ pub(super) fn down(
             )?,
         }
         if json {
-            serde_json::to_writer_pretty(
-                &mut *out,
-                &serde_json::json!({
-                    "schema": run::schema::RUN,
-                    "run": null,
-                    "direction": "down",
-                    "status": "nothing_to_do",
-                    "plan_digest": plan.digest,
-                    "stages": [],
-                    "rollback": null,
-                }),
-            )?;
-            writeln!(out)?;
+            run::write_json(out, &run::nothing_to_do_json("down", &plan.digest))?;
         }
         return Ok(EXIT_OK);
     }
@@ -593,18 +582,7 @@ pub(super) fn down(
     }
     if args.dry_run {
         match args.output {
-            OutputFormat::Json => {
-                serde_json::to_writer_pretty(
-                    &mut *out,
-                    &DryRunReport {
-                        schema: run::schema::PLAN,
-                        dry_run: true,
-                        plan: &plan,
-                        diagnostics: &Diagnostics::default(),
-                    },
-                )?;
-                writeln!(out)?;
-            }
+            OutputFormat::Json => write_plan_json(&plan, &Diagnostics::default(), out)?,
             OutputFormat::Text => plan_view::write_text(&plan, out)?,
         }
         return Ok(EXIT_OK);
@@ -768,13 +746,10 @@ pub(super) fn print_invalid(
     err: &mut dyn Write,
 ) -> std::io::Result<()> {
     match args.output {
-        OutputFormat::Json => {
-            serde_json::to_writer_pretty(
-                &mut *out,
-                &serde_json::json!({ "valid": false, "diagnostics": diags }),
-            )?;
-            writeln!(out)
-        }
+        OutputFormat::Json => run::write_json(
+            out,
+            &serde_json::json!({ "valid": false, "diagnostics": diags }),
+        ),
         OutputFormat::Text => {
             write!(err, "{diags}")?;
             writeln!(
