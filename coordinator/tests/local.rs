@@ -1228,6 +1228,13 @@ async fn read_only_commands_work_while_a_run_holds_the_state() {
     let (code, plan) = baton(&dir, &["stages", "up", "--dry-run"]).await;
     assert_eq!(code, 0, "{plan}");
     assert!(plan.contains("1 pending: 002_b"), "{plan}");
+    let (code, plan) = baton(
+        &dir,
+        &["stages", "down", "--dry-run", "--skip-missing-down"],
+    )
+    .await;
+    assert_eq!(code, 0, "{plan}");
+    assert!(plan.contains("1 to roll back: 001_a"), "{plan}");
     let (code, out) = baton(&dir, &["stages", "outputs", "--reveal"]).await;
     assert_eq!(code, 2, "{out}");
     assert!(out.contains("in use by another baton process"), "{out}");

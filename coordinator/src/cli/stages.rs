@@ -506,31 +506,50 @@ pub(super) fn down(
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> std::io::Result<i32> {
-    let (project, files, store) = match project_with_state(
-        &args.spec,
-        &args.state_dir,
-        state_key,
-        "nothing has run, nothing to roll back",
-        None,
-        out,
-        err,
-    )? {
-        Ok(found) => found,
-        Err(code) => return Ok(code),
+    let (project, diags, files) = load_captured(&args.spec);
+    let Some(project) = project else {
+        write!(err, "{diags}")?;
+        return Ok(EXIT_INVALID);
     };
     let key = run::project_key(&project.stages_file);
+    let state_dir = args
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| run::default_state_dir(&project.stages_file));
+    if !state_dir.exists() {
+        writeln!(
+            out,
+            "no state in {}: nothing has run, nothing to roll back",
+            state_dir.display()
+        )?;
+        return Ok(EXIT_OK);
+    }
+    // While a run holds the state, a dry run plans with the history that run hands over.
+    let served = if args.dry_run {
+        readonly::history(&state_dir, &key)
+    } else {
+        None
+    };
+    let (store, history) = match served {
+        Some(history) => (None, history),
+        None => {
+            let Some(store) = run::open_store(&state_dir, state_key, err)? else {
+                return Ok(EXIT_INVALID);
+            };
+            match run::StoreHistory::of(store.as_ref(), &key, &project) {
+                Ok(h) => (Some(store), h),
+                Err(e) => {
+                    writeln!(err, "error: {e}")?;
+                    return Ok(EXIT_INVALID);
+                }
+            }
+        }
+    };
     let selection = selection_of(&args.stage, &args.from, &args.to);
     let dependents = if args.cascade {
         planner::Dependents::Cascade
     } else {
         planner::Dependents::Refuse
-    };
-    let history = match run::StoreHistory::of(store.as_ref(), &key, &project) {
-        Ok(h) => h,
-        Err(e) => {
-            writeln!(err, "error: {e}")?;
-            return Ok(EXIT_INVALID);
-        }
     };
     let plan = match planner::plan_down(&project, &selection, &history, dependents) {
         Ok(mut p) => {
@@ -600,6 +619,10 @@ pub(super) fn down(
     }
     let overrides: BTreeMap<String, String> = args.set.iter().cloned().collect();
     let live = super::progress::live_wanted(args.show.progress, &env);
+    // Only a dry run plans with served history, and it has returned above.
+    let Some(store) = store else {
+        return Ok(EXIT_INVALID);
+    };
     let local = run::LocalProject {
         project,
         files,
