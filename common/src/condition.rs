@@ -27,6 +27,8 @@ enum Expr {
         left: Operand,
         right: Operand,
         equal: bool,
+        /// Compare ignoring case (the Azure Pipelines functions do).
+        fold_case: bool,
     },
     Truthy(Operand),
 }
@@ -52,6 +54,12 @@ enum Tok {
 
 impl Condition {
     pub fn parse(source: &str) -> Result<Condition, TemplateError> {
+        if let Some(expr) = azure::parse(source)? {
+            return Ok(Condition {
+                expr,
+                source: source.to_owned(),
+            });
+        }
         let toks = tokenize(source)?;
         if toks.is_empty() {
             return Err(TemplateError::syntax(0, "condition is empty"));
@@ -144,8 +152,19 @@ fn eval(expr: &Expr, scope: &Scope<'_>) -> Result<bool, TemplateError> {
         Expr::Or(a, b) => eval(a, scope)? || eval(b, scope)?,
         Expr::And(a, b) => eval(a, scope)? && eval(b, scope)?,
         Expr::Not(a) => !eval(a, scope)?,
-        Expr::Cmp { left, right, equal } => {
-            (render(left, scope)? == render(right, scope)?) == *equal
+        Expr::Cmp {
+            left,
+            right,
+            equal,
+            fold_case,
+        } => {
+            let (l, r) = (render(left, scope)?, render(right, scope)?);
+            let same = if *fold_case {
+                l.to_lowercase() == r.to_lowercase()
+            } else {
+                l == r
+            };
+            same == *equal
         }
         Expr::Truthy(o) => {
             let v = render(o, scope)?;
@@ -163,6 +182,304 @@ fn eval(expr: &Expr, scope: &Scope<'_>) -> Result<bool, TemplateError> {
             }
         }
     })
+}
+
+/// The Azure Pipelines form users of pipeline files write:
+/// `eq(variables['environmentAbbreviation'], 'prd')`, with `ne`, `and`, `or`, `not`, `in`,
+/// `notIn` (comparisons ignore case, as there). Operands: `variables['name']` or
+/// `variables.name`, a quoted string, `true`/`false` or a number.
+mod azure {
+    use super::{Expr, Operand};
+    use crate::template::{Template, TemplateError};
+
+    const FUNCTIONS: &[&str] = &["eq", "ne", "and", "or", "not", "in", "notIn"];
+
+    /// `Some` when `source` is in this form (it starts with one of its functions and `(`).
+    pub(super) fn parse(source: &str) -> Result<Option<Expr>, TemplateError> {
+        let trimmed = source.trim_start();
+        let start = source.len() - trimmed.len();
+        let is_call = FUNCTIONS.iter().any(|f| {
+            trimmed
+                .strip_prefix(f)
+                .is_some_and(|rest| rest.trim_start().starts_with('('))
+        });
+        if !is_call {
+            return Ok(None);
+        }
+        let mut p = P {
+            src: source,
+            i: start,
+        };
+        let e = p.expr()?;
+        p.space();
+        if p.i < source.len() {
+            return Err(TemplateError::syntax(
+                p.i,
+                "unexpected text after the end of the condition",
+            ));
+        }
+        Ok(Some(e))
+    }
+
+    struct P<'s> {
+        src: &'s str,
+        i: usize,
+    }
+
+    enum Arg {
+        Expr(Expr),
+        Value(Operand),
+    }
+
+    impl P<'_> {
+        fn rest(&self) -> &str {
+            &self.src[self.i..]
+        }
+
+        fn space(&mut self) {
+            let rest = self.rest();
+            self.i += rest.len() - rest.trim_start().len();
+        }
+
+        fn eat(&mut self, c: char) -> bool {
+            self.space();
+            if self.rest().starts_with(c) {
+                self.i += c.len_utf8();
+                true
+            } else {
+                false
+            }
+        }
+
+        fn word(&mut self) -> &str {
+            self.space();
+            let rest = self.rest();
+            let n = rest
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '.' || c == '-'))
+                .unwrap_or(rest.len());
+            let w = &self.src[self.i..self.i + n];
+            self.i += n;
+            w
+        }
+
+        fn expr(&mut self) -> Result<Expr, TemplateError> {
+            match self.arg()? {
+                Arg::Expr(e) => Ok(e),
+                Arg::Value(o) => Ok(Expr::Truthy(o)),
+            }
+        }
+
+        fn arg(&mut self) -> Result<Arg, TemplateError> {
+            self.space();
+            let at = self.i;
+            if let Some(q) = self
+                .rest()
+                .chars()
+                .next()
+                .filter(|c| *c == '\'' || *c == '"')
+            {
+                return Ok(Arg::Value(self.quoted(q)?));
+            }
+            let word = self.word().to_owned();
+            if word.is_empty() {
+                return Err(TemplateError::syntax(
+                    at,
+                    "expected a function (`eq(...)`), `variables['name']` or a quoted value",
+                ));
+            }
+            if word == "variables" {
+                return Ok(Arg::Value(self.variable(at)?));
+            }
+            if let Some(name) = word.strip_prefix("variables.") {
+                return variable_operand(name, at).map(Arg::Value);
+            }
+            if FUNCTIONS.contains(&word.as_str()) {
+                if !self.eat('(') {
+                    return Err(TemplateError::syntax(
+                        self.i,
+                        format!("expected `(` after `{word}`"),
+                    ));
+                }
+                let mut args = Vec::new();
+                if !self.eat(')') {
+                    loop {
+                        args.push(self.arg()?);
+                        if self.eat(')') {
+                            break;
+                        }
+                        if !self.eat(',') {
+                            return Err(TemplateError::syntax(
+                                self.i,
+                                format!("expected `,` or `)` in `{word}(...)`"),
+                            ));
+                        }
+                    }
+                }
+                return call(&word, args, at).map(Arg::Expr);
+            }
+            if word == "true" || word == "false" || word.parse::<f64>().is_ok() {
+                return literal(&word, at).map(Arg::Value);
+            }
+            Err(TemplateError::syntax(
+                at,
+                format!("unknown function or value `{word}` (use {}, `variables['name']`, a quoted string, true or false)", FUNCTIONS.join(", ")),
+            ))
+        }
+
+        /// `variables['name']` / `variables["name"]` after the word `variables`.
+        fn variable(&mut self, at: usize) -> Result<Operand, TemplateError> {
+            if !self.eat('[') {
+                return Err(TemplateError::syntax(
+                    self.i,
+                    "expected `['name']` after `variables`",
+                ));
+            }
+            self.space();
+            let q = self.rest().chars().next().unwrap_or(' ');
+            if q != '\'' && q != '"' {
+                return Err(TemplateError::syntax(
+                    self.i,
+                    "expected a quoted variable name",
+                ));
+            }
+            self.i += 1;
+            let Some(end) = self.rest().find(q) else {
+                return Err(TemplateError::syntax(self.i, "unclosed quote"));
+            };
+            let name = self.src[self.i..self.i + end].to_owned();
+            self.i += end + 1;
+            if !self.eat(']') {
+                return Err(TemplateError::syntax(self.i, "expected `]`"));
+            }
+            variable_operand(&name, at)
+        }
+
+        fn quoted(&mut self, q: char) -> Result<Operand, TemplateError> {
+            let at = self.i;
+            self.i += 1;
+            let Some(end) = self.rest().find(q) else {
+                return Err(TemplateError::syntax(at, "unclosed quote"));
+            };
+            let text = self.src[self.i..self.i + end].to_owned();
+            self.i += end + 1;
+            literal(&text, at)
+        }
+    }
+
+    fn variable_operand(name: &str, at: usize) -> Result<Operand, TemplateError> {
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(TemplateError::syntax(
+                at,
+                format!("variable name `{name}` is not supported (letters, digits and `_`)"),
+            ));
+        }
+        Ok(Operand {
+            template: Template::parse(&format!("{{{{.{name}}}}}"))
+                .map_err(|e| TemplateError::syntax(at, e.message))?,
+            offset: at,
+        })
+    }
+
+    /// A literal value: never rendered, so `{{` in it is text.
+    fn literal(text: &str, at: usize) -> Result<Operand, TemplateError> {
+        let escaped = serde_json::Value::String(text.to_owned()).to_string();
+        Ok(Operand {
+            template: Template::parse(&format!("{{{{ {escaped} }}}}"))
+                .map_err(|e| TemplateError::syntax(at, e.message))?,
+            offset: at,
+        })
+    }
+
+    fn value(a: Arg, f: &str, at: usize) -> Result<Operand, TemplateError> {
+        match a {
+            Arg::Value(o) => Ok(o),
+            Arg::Expr(_) => Err(TemplateError::syntax(
+                at,
+                format!("`{f}` compares values: give it `variables['name']` or quoted strings, not a function"),
+            )),
+        }
+    }
+
+    fn boolean(a: Arg) -> Expr {
+        match a {
+            Arg::Expr(e) => e,
+            Arg::Value(o) => Expr::Truthy(o),
+        }
+    }
+
+    fn call(f: &str, args: Vec<Arg>, at: usize) -> Result<Expr, TemplateError> {
+        let arity = |n: usize, exact: bool| {
+            if (exact && args.len() != n) || (!exact && args.len() < n) {
+                Err(TemplateError::syntax(
+                    at,
+                    format!(
+                        "`{f}` takes {}{n} arguments, not {}",
+                        if exact { "" } else { "at least " },
+                        args.len()
+                    ),
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        match f {
+            "eq" | "ne" => {
+                arity(2, true)?;
+                let mut it = args.into_iter();
+                let left = value(it.next().expect("arity checked"), f, at)?;
+                let right = value(it.next().expect("arity checked"), f, at)?;
+                Ok(Expr::Cmp {
+                    left,
+                    right,
+                    equal: f == "eq",
+                    fold_case: true,
+                })
+            }
+            "not" => {
+                arity(1, true)?;
+                Ok(Expr::Not(Box::new(boolean(
+                    args.into_iter().next().expect("arity checked"),
+                ))))
+            }
+            "and" | "or" => {
+                arity(2, false)?;
+                let mut it = args.into_iter().map(boolean);
+                let first = it.next().expect("arity checked");
+                Ok(it.fold(first, |acc, e| {
+                    if f == "and" {
+                        Expr::And(Box::new(acc), Box::new(e))
+                    } else {
+                        Expr::Or(Box::new(acc), Box::new(e))
+                    }
+                }))
+            }
+            _ => {
+                // in / notIn: the first value equals one of the rest.
+                arity(2, false)?;
+                let mut it = args.into_iter();
+                let needle = value(it.next().expect("arity checked"), f, at)?;
+                let mut any: Option<Expr> = None;
+                for a in it {
+                    let cmp = Expr::Cmp {
+                        left: needle.clone(),
+                        right: value(a, f, at)?,
+                        equal: true,
+                        fold_case: true,
+                    };
+                    any = Some(match any {
+                        None => cmp,
+                        Some(e) => Expr::Or(Box::new(e), Box::new(cmp)),
+                    });
+                }
+                let any = any.expect("arity checked");
+                Ok(if f == "in" {
+                    any
+                } else {
+                    Expr::Not(Box::new(any))
+                })
+            }
+        }
+    }
 }
 
 fn tokenize(src: &str) -> Result<Vec<Tok>, TemplateError> {
@@ -375,7 +692,12 @@ impl ExprParser<'_> {
         };
         self.pos += 1;
         let right = self.operand()?;
-        Ok(Expr::Cmp { left, right, equal })
+        Ok(Expr::Cmp {
+            left,
+            right,
+            equal,
+            fold_case: false,
+        })
     }
 }
 
@@ -394,6 +716,28 @@ mod tests {
             .map(|(k, v)| ((*k).into(), (*v).into()))
             .collect();
         Condition::parse(src)?.evaluate(&Scope::with_vars(&vars))
+    }
+
+    #[test]
+    fn azure_pipelines_form() {
+        let v = [("environmentAbbreviation", "prd"), ("region", "westeurope")];
+        assert!(check("eq(variables['environmentAbbreviation'], 'prd')", &v).unwrap());
+        assert!(check("eq(variables['environmentAbbreviation'], 'PRD')", &v).unwrap());
+        assert!(!check("ne(variables.environmentAbbreviation, 'prd')", &v).unwrap());
+        assert!(check(
+            "and(eq(variables['environmentAbbreviation'], 'prd'), in(variables['region'], 'uksouth', 'westeurope'))",
+            &v
+        )
+        .unwrap());
+        assert!(check("or(not(eq(variables['region'], 'x')), eq('a', 'b'))", &v).unwrap());
+        assert!(!check("notIn(variables['region'], 'westeurope')", &v).unwrap());
+        // A value is never re-parsed: `{{` in a literal is text.
+        assert!(check("eq('{{.region}}', '{{.region}}')", &v).unwrap());
+        let c = Condition::parse("eq(variables['missing'], 'x')").unwrap();
+        assert_eq!(c.references().len(), 1);
+        assert!(Condition::parse("eq(variables['a'])").is_err());
+        assert!(Condition::parse("eq(variables['a'], 'b') extra").is_err());
+        assert!(Condition::parse("and(eq(variables['a'], 'b'), bogus)").is_err());
     }
 
     #[test]

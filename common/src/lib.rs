@@ -25,6 +25,7 @@ pub mod spec;
 pub mod stage;
 pub mod telemetry;
 pub mod template;
+pub mod tokens;
 pub mod vars;
 pub mod yaml;
 

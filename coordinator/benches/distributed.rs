@@ -191,6 +191,7 @@ async fn run_local(name: &str, files: &MemoryFiles, api: &str) -> Duration {
         Path::new("stages.yaml"),
         files,
         ["api".to_owned()].into(),
+        None,
         false,
     );
     let project = loaded.project.expect("valid");

@@ -52,13 +52,23 @@ pub fn submission_of(
     let stages_file = PathBuf::from(&r.stages_file);
     let set: BTreeMap<String, String> = r.set.into_iter().collect();
     let files = files_of(r.files);
-    let loaded = crate::project::load(&stages_file, &files, set.keys().cloned().collect(), false);
+    let environment = Some(r.environment.as_str()).filter(|e| !e.is_empty());
+    let loaded = crate::project::load(
+        &stages_file,
+        &files,
+        set.keys().cloned().collect(),
+        environment,
+        false,
+    );
     let Some(project) = loaded.project else {
         return Err(Status::invalid_argument(format!(
             "the project is invalid; nothing was run:\n{}",
             loaded.diagnostics
         )));
     };
+    if let Some(message) = crate::project::environment_required(&project) {
+        return Err(Status::invalid_argument(message));
+    }
     let selection = match (r.stages.is_empty(), r.from.is_empty(), r.to.is_empty()) {
         (false, _, _) => Selection::Stages { names: r.stages },
         (true, false, _) | (true, _, false) => Selection::Range {
@@ -67,11 +77,14 @@ pub fn submission_of(
         },
         _ => Selection::All,
     };
-    let key = if r.project.is_empty() {
-        crate::runs::project_key(&stages_file)
-    } else {
-        r.project
-    };
+    let key = crate::runs::scoped_key(
+        &if r.project.is_empty() {
+            crate::runs::project_key(&stages_file)
+        } else {
+            r.project
+        },
+        environment,
+    );
     let history =
         StoreHistory::of(runs.store().as_ref(), &key, &project).map_err(|e| status_of(e.into()))?;
     let plan_vars = planner::PlanVars {
@@ -258,6 +271,7 @@ impl control_service_server::ControlService for ControlApi {
             &PathBuf::from(&r.stages_file),
             &files,
             r.provided.into_iter().collect(),
+            Some(r.environment.as_str()).filter(|e| !e.is_empty()),
             r.strict,
         );
         Ok(Response::new(proto::ValidateResponse {
@@ -424,18 +438,26 @@ impl control_service_server::ControlService for ControlApi {
         let r = request.into_inner();
         let stages_file = PathBuf::from(&r.stages_file);
         let files = files_of(r.files);
-        let loaded = crate::project::load(&stages_file, &files, Default::default(), false);
+        let environment = Some(r.environment.as_str()).filter(|e| !e.is_empty());
+        let loaded =
+            crate::project::load(&stages_file, &files, Default::default(), environment, false);
         let Some(project) = loaded.project else {
             return Err(Status::invalid_argument(format!(
                 "the project is invalid:\n{}",
                 loaded.diagnostics
             )));
         };
-        let key = if r.project.is_empty() {
-            crate::runs::project_key(&stages_file)
-        } else {
-            r.project
-        };
+        if let Some(message) = crate::project::environment_required(&project) {
+            return Err(Status::invalid_argument(message));
+        }
+        let key = crate::runs::scoped_key(
+            &if r.project.is_empty() {
+                crate::runs::project_key(&stages_file)
+            } else {
+                r.project
+            },
+            environment,
+        );
         let states = crate::status::stage_states(&project, self.runs.store().as_ref(), &key)
             .map_err(|e| status_of(e.into()))?;
         Ok(Response::new(proto::StagesStatusResponse {

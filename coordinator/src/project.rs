@@ -23,24 +23,53 @@ pub struct LoadedProject {
 }
 
 /// Loads `stages_file` and everything it names from `files`. `provided` are variables the
-/// command line sets (`--set`); `strict` turns warnings into errors.
+/// command line sets (`--set`); `environment` is `--environment` (a project that declares
+/// environments, loaded without one, is checked once per environment: every finding of any
+/// of them is reported, once); `strict` turns warnings into errors.
 pub fn load(
     stages_file: &Path,
     files: &dyn SourceFiles,
     provided: BTreeSet<String>,
+    environment: Option<&str>,
     strict: bool,
 ) -> LoadedProject {
     let options = LoadOptions {
-        provided,
+        provided: provided.clone(),
+        environment: environment.map(str::to_owned),
         ..LoadOptions::default()
     };
     let capture = CapturingFiles::new(files);
     let loaded = load_project(stages_file, &capture, options);
     let mut diags = loaded.diagnostics;
-    if let Some(project) = &loaded.project {
-        diags.extend(planner::check(&project.spec, &project.stages_file));
-    } else if let Some(partial) = &loaded.partial {
-        diags.extend(planner::check(partial, &normalize(stages_file)));
+    let spec = loaded
+        .project
+        .as_ref()
+        .map(|p| &p.spec)
+        .or(loaded.partial.as_ref());
+    if let Some(spec) = spec {
+        if environment.is_none() && !spec.environments.is_empty() {
+            // Without the environments' variables, the load reports what they provide as
+            // missing: every environment's load says what is true instead.
+            diags = Diagnostics::new();
+        }
+        diags.extend(planner::check(spec, &normalize(stages_file)));
+        if environment.is_none() {
+            for env in &spec.environments {
+                let options = LoadOptions {
+                    provided: provided.clone(),
+                    environment: Some(env.name.value.clone()),
+                    ..LoadOptions::default()
+                };
+                for d in load_project(stages_file, &capture, options)
+                    .diagnostics
+                    .iter()
+                {
+                    if !diags.iter().any(|seen| seen == d) {
+                        diags.push(d.clone());
+                    }
+                }
+            }
+        }
     }
     if strict {
         diags.promote_warnings();
@@ -56,4 +85,23 @@ pub fn load(
         diagnostics: diags,
         files: capture.into_files(),
     }
+}
+
+/// A project that declares environments, loaded without `--environment` for a command that
+/// runs or reads state: the error to show (which environments there are, and how to pick).
+pub fn environment_required(project: &Project) -> Option<String> {
+    if project.spec.environments.is_empty() || project.spec.environment.is_some() {
+        return None;
+    }
+    let names: Vec<&str> = project
+        .spec
+        .environments
+        .iter()
+        .map(|e| e.name.value.as_str())
+        .collect();
+    Some(format!(
+        "this project has environments ({}); choose one with --environment NAME (-e), e.g. `-e {}`",
+        names.join(", "),
+        names[0]
+    ))
 }

@@ -212,6 +212,31 @@ pub fn project_key(stages_file: &Path) -> String {
     )
 }
 
+/// The store key of a project in an environment: the project's key alone when it declares
+/// no environments (the implicit one, as before environments existed), else
+/// `PROJECT/ENVIRONMENT`. A stages file's name never holds a `/`, so keys cannot collide:
+/// history, exports, runs, their queue and their interrupted-run check are all per key.
+pub fn scoped_key(project: &str, environment: Option<&str>) -> String {
+    match environment {
+        Some(env) => format!("{project}/{env}"),
+        None => project.to_owned(),
+    }
+}
+
+/// The store key of a loaded project: its stages file's name, scoped to the environment it
+/// was loaded for.
+pub fn key_of(project: &Project) -> String {
+    scoped_key(
+        &project_key(&project.stages_file),
+        project.spec.environment_name(),
+    )
+}
+
+/// A key's environment (`None`: the implicit one).
+pub fn environment_of(key: &str) -> Option<&str> {
+    key.split_once('/').map(|(_, env)| env)
+}
+
 /// The latest run of `project` (up or down) that never finished.
 pub fn interrupted_run(store: &dyn Store, project: &str) -> Result<Option<RunRecord>, StoreError> {
     Ok(store

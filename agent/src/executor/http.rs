@@ -212,12 +212,28 @@ async fn prepare(
         }
         Some(BodySpec::File(f)) => {
             let path = body_file_path(file, &f.value, &sc)?;
-            let bytes = ctx.task.files.read(&path).map_err(|e| {
+            let mut bytes = ctx.task.files.read(&path).map_err(|e| {
                 StepError::failed(format!(
                     "body_file `{}` cannot be read: {e}",
                     path.display()
                 ))
             })?;
+            // `#{name}#` tokens (parameter files) take the step's variables, rendered or not.
+            if let Ok(text) = std::str::from_utf8(&bytes) {
+                if baton_common::tokens::has_tokens(text) {
+                    let json = looks_like_json(&headers, text);
+                    let replaced =
+                        baton_common::tokens::replace(text, |n| vars.get(n).cloned(), json)
+                            .map_err(|e| {
+                                StepError::failed(format!(
+                                    "body_file `{}`: {e}; define `{}` in the environment's variables or the stage's env",
+                                    path.display(),
+                                    e.name
+                                ))
+                            })?;
+                    bytes = replaced.into_bytes();
+                }
+            }
             if req.renders_body(&ctx.task.config) {
                 let text = String::from_utf8(bytes).map_err(|_| {
                     StepError::failed(format!("body_file `{}` is not UTF-8 text", path.display()))

@@ -31,7 +31,7 @@ pub(super) fn variables(
     provided: &BTreeSet<String>,
 ) {
     let mut global: BTreeSet<&str> = provided.iter().map(String::as_str).collect();
-    global.extend(spec.global.env.iter().map(|e| e.name.value.as_str()));
+    global.extend(spec.global_entries().map(|e| e.name.value.as_str()));
     let stage_names: Vec<&str> = spec.stages.iter().map(|s| s.name.value.as_str()).collect();
     let index = spec.index();
     check_env_values(
@@ -40,14 +40,50 @@ pub(super) fn variables(
         &spec.global.env,
         &global,
     );
-    for (stage, loaded) in spec.stages.iter().zip(stages) {
+    if let Some(env) = &spec.environment {
+        let who = format!("environment `{}`", env.spec.name.value);
+        check_env_values(
+            &mut Reader::new(stages_file, stages_text, diags),
+            &who,
+            &env.spec.env,
+            &global,
+        );
+        if let Some(file) = &env.file {
+            let text = sources.get(file).map_or("", String::as_str);
+            check_env_values(
+                &mut Reader::new(file, text, diags),
+                &who,
+                &env.file_env,
+                &global,
+            );
+        }
+    }
+    // Parameter names per stage (owned: the sets below borrow them).
+    let parameter_names: Vec<Vec<String>> = spec
+        .stages
+        .iter()
+        .map(|stage| {
+            parameters_text(sources, stages_file, stage)
+                .and_then(|(_, text)| {
+                    super::parameters::parameters(text, |_| Some(String::new())).ok()
+                })
+                .map(|p| p.into_keys().collect())
+                .unwrap_or_default()
+        })
+        .collect();
+    for ((stage, loaded), params) in spec.stages.iter().zip(stages).zip(&parameter_names) {
         // The environment where the stage runs is unknown here: its layer stays empty.
         let mut layers: Layers<BTreeSet<&str>> = Layers::new();
         layers
             .set(Layer::Global, global.clone())
             .set(
                 Layer::StageEnv,
-                stage.env.iter().map(|e| e.name.value.as_str()).collect(),
+                stage
+                    .env
+                    .iter()
+                    .map(|e| e.name.value.as_str())
+                    .chain(params.iter().map(String::as_str))
+                    .collect(),
             )
             .set(
                 Layer::ConfigEnv,
@@ -108,6 +144,12 @@ pub(super) fn variables(
             }
         }
 
+        // A parameters file's tokens take what the engine gives the stage.
+        if let Some((path, text)) = parameters_text(sources, stages_file, stage) {
+            let engine = layers.flatten(&[Layer::Global, Layer::StageEnv, Layer::Imported]);
+            check_tokens(diags, &path, text, &stage.name.value, &engine);
+        }
+
         // Values written in the files may be templates, rendered against the layers below
         // and their own layer (see `vars`).
         let who = format!("stage `{}`", stage.name.value);
@@ -151,6 +193,7 @@ pub(super) fn variables(
                 let step = with_names(&mut scope, up.env.iter().map(|e| e.name.value.as_str()));
                 check_env_values(&mut r, &who, &up.env, &scope);
                 check_step(&mut r, stage, &loaded.config, up, &scope, &auth_names);
+                check_body_tokens(r.diags, sources, &m.file, up, &stage.name.value, &scope);
                 without(&mut scope, step);
             }
             if let Some(down) = &m.down {
@@ -168,6 +211,7 @@ pub(super) fn variables(
                         .flat_map(|f| f.response.env_from.iter().map(|(n, _)| n.value.as_str())),
                 );
                 check_step(&mut r, stage, &loaded.config, down, &scope, &auth_names);
+                check_body_tokens(r.diags, sources, &m.file, down, &stage.name.value, &scope);
                 without(&mut scope, finds);
                 without(&mut scope, ups);
                 without(&mut scope, step);
@@ -205,6 +249,72 @@ pub(super) fn variables(
                 }
             }
         }
+    }
+}
+
+/// A stage's `parameters_file`, as read when the project was loaded.
+fn parameters_text<'s>(
+    sources: &'s HashMap<PathBuf, String>,
+    stages_file: &Path,
+    stage: &StageSpec,
+) -> Option<(PathBuf, &'s str)> {
+    let rel = stage.parameters_file.as_ref()?;
+    let path = super::beside(stages_file, &rel.value);
+    let text = sources.get(&path)?;
+    Some((path, text.as_str()))
+}
+
+/// `#{name}#` tokens of a step's `body_file` (read when the project was loaded).
+fn check_body_tokens(
+    diags: &mut Diagnostics,
+    sources: &HashMap<PathBuf, String>,
+    migration_file: &Path,
+    step: &StepSpec,
+    stage: &str,
+    scope: &BTreeSet<&str>,
+) {
+    if let Some(StepAction::Request(req)) = &step.action {
+        if let Some(BodySpec::File(f)) = &req.body {
+            let path = super::beside(migration_file, &f.value);
+            if let Some(text) = sources.get(&path) {
+                check_tokens(diags, &path, text, stage, scope);
+            }
+        }
+    }
+}
+
+/// Every `#{name}#` token of `text` that no source in `scope` provides: a warning at its
+/// line, as for a template's variables.
+fn check_tokens(
+    diags: &mut Diagnostics,
+    path: &Path,
+    text: &str,
+    stage: &str,
+    scope: &BTreeSet<&str>,
+) {
+    for t in crate::tokens::tokens(text) {
+        if scope.contains(t.name) {
+            continue;
+        }
+        let (line, col) = crate::tokens::position(text, t.offset);
+        let pos = crate::yaml::Pos {
+            line: u32::try_from(line).unwrap_or(u32::MAX),
+            col: u32::try_from(col).unwrap_or(u32::MAX),
+        };
+        let help = closest(t.name, scope.iter().copied()).map_or_else(
+            || format!("define `{}` in the environment's variables (env_file or env), global.env or the stage's env", t.name),
+            |c| format!("did you mean `{c}`?"),
+        );
+        diags
+            .warning(
+                path,
+                pos,
+                format!(
+                    "stage `{stage}`: token `#{{{}}}#`, which no source provides",
+                    t.name
+                ),
+            )
+            .with_help(help);
     }
 }
 

@@ -11,9 +11,11 @@
 
 mod check;
 mod config;
+pub mod environments;
 pub use config::MIN_WAIT_INTERVAL;
 pub mod duration;
 mod migration;
+pub mod parameters;
 mod read;
 mod stages;
 
@@ -57,9 +59,77 @@ impl Tmpl {
 pub struct StagesSpec {
     pub stages: Vec<StageSpec>,
     pub global: GlobalSpec,
+    /// `environments:` in promotion order (a baton extension); empty: one implicit
+    /// environment, as before environments existed.
+    pub environments: Vec<EnvironmentSpec>,
+    /// The environment this load is for (`--environment`), with its variables read.
+    pub environment: Option<SelectedEnvironment>,
 }
 
 impl StagesSpec {
+    /// The run's lowest layer of variables: `global.env`, then the selected environment's
+    /// `env_file`, then its inline `env` (a later source wins). Values of `valueFromEnv`
+    /// entries are empty here (they are read where the stage runs).
+    pub fn global_vars(&self) -> BTreeMap<String, String> {
+        self.global_entries()
+            .map(|e| (e.name.value.clone(), e.value.clone()))
+            .collect()
+    }
+
+    /// Every entry [`StagesSpec::global_vars`] is made of, lowest precedence first.
+    pub fn global_entries(&self) -> impl Iterator<Item = &EnvEntry> {
+        let env = self.environment.as_ref();
+        self.global.env.iter().chain(
+            env.into_iter()
+                .flat_map(|e| e.file_env.iter().chain(&e.spec.env)),
+        )
+    }
+
+    /// The agent labels stage `stage` needs: its own `runs_on` (else `global.runs_on`), plus
+    /// the selected environment's `runs_on` for every label the stage does not set itself,
+    /// so an environment's stages go to that environment's agents.
+    pub fn runs_on_of(&self, stage: &StageSpec) -> Vec<(String, String)> {
+        let mut labels = if stage.runs_on.is_empty() {
+            self.global.runs_on.clone()
+        } else {
+            stage.runs_on.clone()
+        };
+        if let Some(env) = &self.environment {
+            for (k, v) in &env.spec.runs_on {
+                if !labels.iter().any(|(l, _)| l == k) {
+                    labels.push((k.clone(), v.clone()));
+                }
+            }
+        }
+        labels
+    }
+
+    /// The approval stage `stage` needs before it starts (its own `approval:`; the selected
+    /// environment's gates the run before its first stage instead).
+    pub fn approval_of<'a>(&self, stage: &'a StageSpec) -> Option<&'a ApprovalSpec> {
+        stage.approval.as_ref().filter(|a| a.required)
+    }
+
+    /// The selected environment's approval, when it requires one.
+    pub fn environment_approval(&self) -> Option<&ApprovalSpec> {
+        self.environment
+            .as_ref()
+            .and_then(|e| e.spec.approval.as_ref())
+            .filter(|a| a.required)
+    }
+
+    /// The name of the environment this load is for.
+    pub fn environment_name(&self) -> Option<&str> {
+        self.environment
+            .as_ref()
+            .map(|e| e.spec.name.value.as_str())
+    }
+
+    /// The environment named `name`.
+    pub fn environment_named(&self, name: &str) -> Option<&EnvironmentSpec> {
+        self.environments.iter().find(|e| e.name.value == name)
+    }
+
     /// Stage positions by name; with duplicate names (an error) a name means its first stage.
     pub fn index(&self) -> std::collections::HashMap<&str, usize> {
         let mut index = std::collections::HashMap::with_capacity(self.stages.len());
@@ -95,6 +165,11 @@ pub struct StageSpec {
     pub retry_on_lost: Option<RetryOnLost>,
     /// Variables whose names say they are secret (`db_password`) but are not: not masked.
     pub not_secret: Vec<Located<String>>,
+    /// An approval this stage needs before it starts (`approval:` on the stage).
+    pub approval: Option<ApprovalSpec>,
+    /// A parameters file (`#{name}#` tokens; ARM `parameters` or a flat mapping) whose
+    /// parameters become the stage's variables, above its `env`.
+    pub parameters_file: Option<Located<PathBuf>>,
 }
 
 impl StageSpec {
@@ -121,8 +196,47 @@ impl StageSpec {
             secrets: Vec::new(),
             retry_on_lost: None,
             not_secret: Vec::new(),
+            approval: None,
+            parameters_file: None,
         }
     }
+}
+
+/// One entry of `environments:`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EnvironmentSpec {
+    pub name: Located<String>,
+    /// Inline variables (above the `env_file`'s).
+    pub env: Vec<EnvEntry>,
+    /// A variables file in the `variables:` form (`vars-production.yml`).
+    pub env_file: Option<Located<PathBuf>>,
+    /// Agent labels every stage of this environment needs.
+    pub runs_on: Vec<(String, String)>,
+    pub approval: Option<ApprovalSpec>,
+}
+
+/// `approval:` on an environment or a stage.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApprovalSpec {
+    pub pos: Pos,
+    pub required: bool,
+    /// Who may approve: identities, or `group:NAME` (a role of operator tokens). Empty:
+    /// anyone but, with `separate_from_submitter`, the submitter.
+    pub approvers: Vec<Located<String>>,
+    /// How long the run waits; then it is rejected (`on_timeout: reject`, the only choice).
+    pub timeout: Option<Located<Duration>>,
+    /// The identity that submitted the run may not approve it.
+    pub separate_from_submitter: bool,
+}
+
+/// The environment a project was loaded for, with its variables file read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SelectedEnvironment {
+    pub spec: EnvironmentSpec,
+    /// The entries of its `env_file` (positions in that file).
+    pub file_env: Vec<EnvEntry>,
+    /// The `env_file` as read (relative to nothing: the loader's path).
+    pub file: Option<PathBuf>,
 }
 
 /// One variable definition.
@@ -712,6 +826,9 @@ pub struct LoadOptions {
     pub limits: Limits,
     /// Variables given on the command line (`--set`): sources for the variable checks.
     pub provided: std::collections::BTreeSet<String>,
+    /// `--environment NAME`: the environment whose variables (and agent labels) the load is
+    /// for. Required to name one of `environments:` when given.
+    pub environment: Option<String>,
 }
 
 /// Result of loading: the project when there was no error, and every finding.
@@ -852,10 +969,21 @@ pub fn load_project(stages_file: &Path, files: &dyn SourceFiles, opts: LoadOptio
             diagnostics: l.diags,
         };
     };
-    let spec = {
+    let mut spec = {
         let mut r = read::Reader::new(&stages_file, &text, &mut l.diags);
         stages::read(&mut r, &doc)
     };
+    if let Some(name) = l.opts.environment.clone() {
+        spec.environment = select_environment(&mut l, &stages_file, &spec, &name);
+        if spec.environment.is_none() {
+            // Checking the stages without the environment asked for would only add noise.
+            return Loaded {
+                project: None,
+                partial: Some(spec),
+                diagnostics: l.diags,
+            };
+        }
+    }
     let mut loaded_stages = Vec::with_capacity(spec.stages.len());
     for stage in &spec.stages {
         let config_file = beside(&stages_file, &stage.config_path.value);
@@ -866,6 +994,19 @@ pub fn load_project(stages_file: &Path, files: &dyn SourceFiles, opts: LoadOptio
             config_file,
             Some(named_at),
         ));
+        // The engine reads a stage's parameters file (its tokens take the environment's
+        // variables), so it is digested with the plan but not shipped with the stage.
+        if let Some(rel) = &stage.parameters_file {
+            let path = beside(&stages_file, &rel.value);
+            if let Some(text) = l.read_text(
+                &path,
+                Some((stages_file.as_path(), rel.pos)),
+                "parameters_file",
+            ) {
+                parameters::check_shape(&mut l.diags, &path, &text);
+                l.sources.insert(path, text);
+            }
+        }
     }
     let mut stages = Vec::with_capacity(loaded_stages.len());
     let mut complete = true;
@@ -904,6 +1045,57 @@ pub fn load_project(stages_file: &Path, files: &dyn SourceFiles, opts: LoadOptio
         partial: None,
         diagnostics: l.diags,
     }
+}
+
+/// Reads the environment `name` of `spec` (its `env_file`) for a load with `--environment`;
+/// `None` (with an error) when the project has no such environment.
+fn select_environment(
+    l: &mut Loader<'_>,
+    stages_file: &Path,
+    spec: &StagesSpec,
+    name: &str,
+) -> Option<SelectedEnvironment> {
+    let Some(env) = spec.environment_named(name) else {
+        let known: Vec<&str> = spec
+            .environments
+            .iter()
+            .map(|e| e.name.value.as_str())
+            .collect();
+        let d = l.diags.error(
+            stages_file,
+            Pos::FILE,
+            if known.is_empty() {
+                format!("--environment `{name}`: the stages file declares no environments")
+            } else {
+                format!("--environment `{name}`: the stages file declares no such environment")
+            },
+        );
+        if known.is_empty() {
+            d.with_help(
+                "add an `environments:` list to the stages file, or leave out --environment",
+            );
+        } else {
+            d.with_help(environments::unknown_environment_help(name, &known));
+        }
+        return None;
+    };
+    let mut selected = SelectedEnvironment {
+        spec: env.clone(),
+        file_env: Vec::new(),
+        file: None,
+    };
+    if let Some(rel) = &env.env_file {
+        let path = beside(stages_file, &rel.value);
+        let text = l.read_text(&path, Some((stages_file, rel.pos)), "env_file")?;
+        let doc = l.parse_yaml(&path, &text)?;
+        selected.file_env = {
+            let mut r = read::Reader::new(&path, &text, &mut l.diags);
+            environments::read_variables_file(&mut r, &doc)
+        };
+        l.sources.insert(path.clone(), text);
+        selected.file = Some(path);
+    }
+    Some(selected)
 }
 
 /// Loads one stage from its config file alone: what an agent does with the files an
@@ -1067,8 +1259,11 @@ fn load_body_files(l: &mut Loader<'_>, migration_file: &Path, step: &StepSpec) {
         let path = beside(migration_file, &f.value);
         if crate::vars::is_template(&f.value.to_string_lossy()) {
             load_templated_body_files(l, migration_file, f.pos, &path);
-        } else {
-            let _ = l.read_text(&path, Some((migration_file, f.pos)), "body_file");
+        } else if let Some(text) = l.read_text(&path, Some((migration_file, f.pos)), "body_file") {
+            // Its `#{name}#` tokens are checked against the step's variables.
+            if crate::tokens::has_tokens(&text) {
+                l.sources.insert(path, text);
+            }
         }
     }
     if let Some(find) = &step.find {

@@ -13,7 +13,7 @@ use super::{
     StagesSpec,
 };
 
-const TOP_KEYS: &[&str] = &["apiVersion", "kind", "stages", "global"];
+const TOP_KEYS: &[&str] = &["apiVersion", "kind", "stages", "global", "environments"];
 const STAGE_KEYS: &[&str] = &[
     "name",
     "config_path",
@@ -28,6 +28,8 @@ const STAGE_KEYS: &[&str] = &[
     "secrets",
     "retry_on_lost",
     "not_secret",
+    "approval",
+    "parameters_file",
 ];
 const GLOBAL_KEYS: &[&str] = &[
     "env",
@@ -88,6 +90,7 @@ pub(crate) fn read(r: &mut Reader<'_>, doc: &Node) -> StagesSpec {
                 }
             }
             "global" => spec.global = read_global(r, v),
+            "environments" => spec.environments = super::environments::read_environments(r, v),
             "stages" => match &v.value {
                 Value::Seq(items) => {
                     spec.stages = items.iter().filter_map(|n| read_stage(r, n)).collect()
@@ -120,7 +123,7 @@ pub(crate) fn read(r: &mut Reader<'_>, doc: &Node) -> StagesSpec {
 }
 
 /// `runs_on: {label: value, ...}`: the labels an agent needs to take a stage.
-fn read_runs_on(r: &mut Reader<'_>, v: &Node) -> Vec<(String, String)> {
+pub(crate) fn read_runs_on(r: &mut Reader<'_>, v: &Node) -> Vec<(String, String)> {
     let mut out = Vec::new();
     match &v.value {
         Value::Map(labels) => {
@@ -326,6 +329,13 @@ fn read_stage(r: &mut Reader<'_>, node: &Node) -> Option<StageSpec> {
             "secrets" => stage.secrets = r.string_list(v, "secrets"),
             "retry_on_lost" => stage.retry_on_lost = read_retry_on_lost(r, v),
             "not_secret" => stage.not_secret = r.string_list(v, "not_secret"),
+            "approval" => stage.approval = super::environments::read_approval(r, v),
+            "parameters_file" => {
+                stage.parameters_file = r.name(v, "parameters_file").map(|s| Located {
+                    value: PathBuf::from(s.value),
+                    pos: s.pos,
+                })
+            }
             _ => {}
         }
     }

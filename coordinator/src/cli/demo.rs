@@ -37,6 +37,7 @@ fn load_example(
         strict: false,
         generated: None,
         provided: vec!["api_base".to_owned()],
+        environment: None,
     });
     match project {
         Some(p) => Ok(Some((p, files))),
@@ -100,7 +101,7 @@ pub(super) fn run(
                     return Ok(EXIT_RUN_FAILED);
                 }
             };
-            let key = local::project_key(&project.stages_file);
+            let key = local::key_of(&project);
             let history = match local::StoreHistory::of(store.as_ref(), &key, &project) {
                 Ok(h) => h,
                 Err(e) => {
@@ -226,6 +227,7 @@ fn distributed(
                 detach: false,
                 down: None,
                 json: false,
+                environment: String::new(),
             };
             let result = match super::remote::connect(&remote).await {
                 Ok(mut client) => super::remote::submit_and_watch(&mut client, submission, out, err).await,

@@ -31,7 +31,11 @@ pub fn shown_project(project: &str) -> String {
     match project.strip_suffix(SINGLE_STAGE_FILE) {
         Some("") => "single stage".to_owned(),
         Some(dir) => format!("single stage in {}", dir.trim_end_matches('/')),
-        None => project.to_owned(),
+        // A project key scoped to an environment (`stages.yaml/prod`).
+        None => match project.split_once('/') {
+            Some((file, env)) => format!("{file} [{env}]"),
+            None => project.to_owned(),
+        },
     }
 }
 
@@ -232,6 +236,7 @@ impl SingleArgs {
             strict: false,
             generated: Some(generated),
             provided: self.set.iter().map(|(k, _)| k.clone()).collect(),
+            environment: None,
         }
     }
 }
@@ -359,6 +364,9 @@ pub struct StateArgs {
     /// Where state lives (default: `.baton/` beside the stages file).
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
+    /// The environment (for a project that declares environments).
+    #[arg(long, short = 'e', value_name = "NAME", env = "BATON_ENVIRONMENT")]
+    pub environment: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -393,6 +401,11 @@ pub struct SpecArgs {
     /// Variables the command line sets (`--set`), so validation counts them as provided.
     #[arg(skip)]
     pub provided: Vec<String>,
+    /// The environment (one of the stages file's `environments:`): its variables, agents,
+    /// history and runs. Required by commands that run or read state when the project
+    /// declares environments; `validate` without it checks every environment.
+    #[arg(long, short = 'e', value_name = "NAME", env = "BATON_ENVIRONMENT")]
+    pub environment: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
@@ -678,8 +691,12 @@ pub fn run(
         Command::Runs(RunsCommand::Resume { state, set }) => {
             stages::resume(&state, set, env, &key, out, err)
         }
-        Command::Runs(RunsCommand::List { remote, output, .. }) if remote.coordinator.is_some() => {
-            remote::runs_list(&remote, output, out, err)
+        Command::Runs(RunsCommand::List {
+            remote,
+            output,
+            state,
+        }) if remote.coordinator.is_some() => {
+            remote::runs_list(&remote, state.environment.as_deref(), output, out, err)
         }
         Command::Runs(RunsCommand::List { state, output, .. }) => {
             stages::runs(&state, &key, None, output, out, err)

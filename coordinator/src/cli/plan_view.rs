@@ -19,8 +19,12 @@ pub(super) fn write_text(plan: &Plan, out: &mut dyn Write) -> std::io::Result<()
     let stages = plan.order.len();
     writeln!(
         out,
-        "plan for {}: {} stage{} in {} wave{} (digest {})",
+        "plan for {}{}: {} stage{} in {} wave{} (digest {})",
         super::shown_project(&plan.stages_file),
+        plan.environment
+            .as_ref()
+            .map(|e| format!(" in {e}"))
+            .unwrap_or_default(),
         stages,
         if stages == 1 { "" } else { "s" },
         plan.waves.len(),

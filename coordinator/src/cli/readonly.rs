@@ -40,6 +40,9 @@ pub(super) enum Request {
     },
     RunsList {
         json: bool,
+        /// `runs list -e ENV`: only that environment's runs.
+        #[serde(default)]
+        environment: Option<String>,
     },
     RunsShow {
         run: u64,
@@ -192,9 +195,13 @@ fn answer(
             &mut out,
             &mut err,
         ),
-        Request::RunsList { json } => {
-            super::run::runs_list(store, format(*json), &mut out, &mut err)
-        }
+        Request::RunsList { json, environment } => super::run::runs_list(
+            store,
+            environment.as_deref(),
+            format(*json),
+            &mut out,
+            &mut err,
+        ),
         Request::RunsShow { run, json } => {
             super::run::runs_show(store, *run, format(*json), &mut out, &mut err)
         }

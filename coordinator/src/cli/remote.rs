@@ -173,6 +173,7 @@ pub fn validate(
                 stages_file: name,
                 strict: args.spec.strict,
                 provided: args.spec.provided.clone(),
+                environment: args.spec.environment.clone().unwrap_or_default(),
             })
             .await?
             .into_inner();
@@ -239,6 +240,7 @@ pub fn up(
         detach,
         down: None,
         json: args.output == OutputFormat::Json,
+        environment: args.spec.environment.clone().unwrap_or_default(),
     };
     let r = block(async {
         let mut client = connect(remote).await?;
@@ -296,6 +298,7 @@ pub fn down(args: &DownArgs, out: &mut dyn Write, err: &mut dyn Write) -> std::i
         detach: false,
         down: Some((args.cascade, args.skip_missing_down)),
         json: args.output == OutputFormat::Json,
+        environment: args.spec.environment.clone().unwrap_or_default(),
     };
     let r = block(async {
         let mut client = connect(&args.remote).await?;
@@ -332,6 +335,11 @@ async fn remote_states(
             files,
             stages_file: name,
             project: String::new(),
+            environment: project
+                .spec
+                .environment_name()
+                .unwrap_or_default()
+                .to_owned(),
         })
         .await?
         .into_inner();
@@ -433,6 +441,8 @@ pub(super) struct Submit<'a> {
     pub down: Option<(bool, bool)>,
     /// `-o json`: stdout holds only the finished run's `baton.run/v1` record.
     pub json: bool,
+    /// `--environment` (empty: none).
+    pub environment: String,
 }
 
 /// A finished run's `baton.run/v1` record from the coordinator: its events, and the exports
@@ -505,6 +515,7 @@ pub(super) async fn submit_and_watch(
         files: files.clone(),
         stages_file: name.clone(),
         project: String::new(),
+        environment: s.environment.clone(),
     };
     let resp = client
         .submit_run(proto::SubmitRunRequest {
@@ -518,6 +529,7 @@ pub(super) async fn submit_and_watch(
             down: s.down.is_some(),
             cascade: s.down.is_some_and(|(c, _)| c),
             skip_missing_down: s.down.is_some_and(|(_, k)| k),
+            environment: s.environment,
         })
         .await?
         .into_inner();
@@ -871,6 +883,7 @@ pub fn agents_drain(
 /// `runs list` against a coordinator.
 pub fn runs_list(
     remote: &RemoteArgs,
+    environment: Option<&str>,
     output: OutputFormat,
     out: &mut dyn Write,
     err: &mut dyn Write,
@@ -888,12 +901,13 @@ pub fn runs_list(
                 id: r.run_id,
                 status: r.status,
                 direction: r.direction,
+                environment: crate::runs::environment_of(&r.project).map(str::to_owned),
                 project: r.project,
                 selection: r.selection,
                 created_at_ms: r.created_at_ms,
             })
             .collect();
-        let written = super::run::write_runs(&rows, output, out);
+        let written = super::run::write_runs(&rows, environment, output, out);
         written.map_err(io_failure)?;
         Ok(EXIT_OK)
     })?;

@@ -13,7 +13,9 @@ use tokio_util::sync::CancellationToken;
 use super::{EXIT_INVALID, EXIT_OK, EXIT_RUN_FAILED};
 use crate::planner::Plan;
 use crate::runner::in_process::InProcessRunner;
-pub(super) use crate::runs::{describe_selection, interrupted_run, project_key, StoreHistory};
+pub(super) use crate::runs::{
+    describe_selection, interrupted_run, key_of, project_key, scoped_key, StoreHistory,
+};
 use crate::runs::{RunOutcome, Runs, RunsError, Submission, Submitted};
 use crate::scheduler::driver::{PlannedFiles, RunDirection};
 use crate::store::{EventKind, EventRecord, RunStatus, SledStore, StageKey, StateKey, Store};
@@ -283,9 +285,14 @@ pub(super) fn announce(
         } else {
             "to run"
         };
+        let env = plan
+            .environment
+            .as_ref()
+            .map(|e| format!(" in {e}"))
+            .unwrap_or_default();
         writeln!(
             out,
-            "run {}: {} stage(s) {what} (plan {})",
+            "run {}{env}: {} stage(s) {what} (plan {})",
             s.run_id,
             plan.order.len(),
             &plan.digest[..12.min(plan.digest.len())]
@@ -674,17 +681,25 @@ pub(super) struct RunRow {
     pub id: u64,
     pub status: String,
     pub direction: String,
+    /// The project's store key (`stages.yaml`, or `stages.yaml/prod`).
     pub project: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub environment: Option<String>,
     pub selection: String,
     pub created_at_ms: u64,
 }
 
-/// `runs list` as a table or JSON.
+/// `runs list` as a table or JSON; with `environment`, only that environment's runs.
 pub(super) fn write_runs(
     rows: &[RunRow],
+    environment: Option<&str>,
     output: super::OutputFormat,
     out: &mut dyn Write,
 ) -> std::io::Result<()> {
+    let rows: Vec<&RunRow> = rows
+        .iter()
+        .filter(|r| environment.is_none() || r.environment.as_deref() == environment)
+        .collect();
     if output == super::OutputFormat::Json {
         return write_json(out, &rows);
     }
@@ -705,6 +720,7 @@ pub(super) fn write_runs(
 /// `runs list` on a state directory.
 pub(super) fn runs_list(
     store: &dyn Store,
+    environment: Option<&str>,
     output: super::OutputFormat,
     out: &mut dyn Write,
     err: &mut dyn Write,
@@ -723,11 +739,12 @@ pub(super) fn runs_list(
             status: r.status.as_str().to_owned(),
             selection: describe_selection(&r.selection),
             direction: r.direction,
+            environment: crate::runs::environment_of(&r.project).map(str::to_owned),
             project: r.project,
             created_at_ms: r.created_at_ms,
         })
         .collect();
-    write_runs(&rows, output, out)?;
+    write_runs(&rows, environment, output, out)?;
     Ok(EXIT_OK)
 }
 

@@ -16,17 +16,35 @@ use crate::planner::{self, NoHistory, Plan, PlanError, Selection};
 use crate::scheduler::driver::PlannedFiles;
 use crate::store::StateKey;
 
-/// Loads the project and runs the graph checks: the whole of validation.
+/// Loads the project and runs the graph checks: the whole of validation (every environment
+/// when none is named).
 pub(super) fn load_and_check(spec: &SpecArgs) -> (Option<Project>, Diagnostics) {
-    let (project, diags, _) = load_captured(spec);
+    let (project, diags, _) = load_any(spec);
     (project, diags)
 }
 
-/// [`load_and_check`], also returning the bytes of every file it read: what a run ships.
+/// [`load_and_check`] for a command that runs or reads state, so needs one environment of a
+/// project that declares environments; also returns the bytes of every file it read: what
+/// a run ships.
 pub(super) fn load_captured(spec: &SpecArgs) -> (Option<Project>, Diagnostics, PlannedFiles) {
+    let (project, mut diags, files) = load_any(spec);
+    if let Some(message) = project
+        .as_ref()
+        .and_then(crate::project::environment_required)
+    {
+        diags
+            .error(&spec.config, baton_common::yaml::Pos::FILE, message)
+            .with_help("`baton stages validate` lists the environments; `stages status --all-environments` shows them side by side");
+        return (None, diags, files);
+    }
+    (project, diags, files)
+}
+
+fn load_any(spec: &SpecArgs) -> (Option<Project>, Diagnostics, PlannedFiles) {
     let provided = spec.provided.iter().cloned().collect();
+    let environment = spec.environment.as_deref();
     let loaded = match &spec.generated {
-        None => crate::project::load(&spec.config, &DiskFiles, provided, spec.strict),
+        None => crate::project::load(&spec.config, &DiskFiles, provided, environment, spec.strict),
         Some(content) => {
             let mut extra = baton_common::spec::MemoryFiles::default();
             extra.insert(&spec.config, content.as_bytes());
@@ -34,7 +52,7 @@ pub(super) fn load_captured(spec: &SpecArgs) -> (Option<Project>, Diagnostics, P
                 base: &DiskFiles,
                 extra,
             };
-            crate::project::load(&spec.config, &files, provided, spec.strict)
+            crate::project::load(&spec.config, &files, provided, environment, spec.strict)
         }
     };
     (loaded.project, loaded.diagnostics, loaded.files)
@@ -231,7 +249,7 @@ fn up_with(
         .state_dir
         .clone()
         .unwrap_or_else(|| run::default_state_dir(&project.stages_file));
-    let key = run::project_key(&project.stages_file);
+    let key = run::key_of(&project);
     // While a run holds the state, a dry run plans with the history that run hands over.
     let served = if args.dry_run && opened.is_err() && state_dir.exists() {
         readonly::history(&state_dir, &key)
@@ -356,7 +374,7 @@ pub(super) fn status(
     run::status(
         &project,
         store.as_ref(),
-        &run::project_key(&project.stages_file),
+        &run::key_of(&project),
         args.verbose,
         args.output,
         out,
@@ -392,7 +410,7 @@ pub(super) fn outputs(
     write_stage_outputs(
         &project,
         store.as_ref(),
-        &run::project_key(&project.stages_file),
+        &run::key_of(&project),
         args.stage.as_deref(),
         args.reveal,
         args.output,
@@ -461,7 +479,10 @@ pub(super) fn runs(
     let stages_file = baton_common::spec::normalize(&args.config);
     let json = output == OutputFormat::Json;
     let request = match id {
-        None => readonly::Request::RunsList { json },
+        None => readonly::Request::RunsList {
+            json,
+            environment: args.environment.clone(),
+        },
         Some(run) => readonly::Request::RunsShow { run, json },
     };
     if let Some(code) = readonly::ask(&state_dir_of(args, &stages_file), &request, out, err)? {
@@ -471,7 +492,13 @@ pub(super) fn runs(
         return Ok(EXIT_INVALID);
     };
     match id {
-        None => run::runs_list(store.as_ref(), output, out, err),
+        None => run::runs_list(
+            store.as_ref(),
+            args.environment.as_deref(),
+            output,
+            out,
+            err,
+        ),
         Some(id) => run::runs_show(store.as_ref(), id, output, out, err),
     }
 }
@@ -511,7 +538,7 @@ pub(super) fn down(
         write!(err, "{diags}")?;
         return Ok(EXIT_INVALID);
     };
-    let key = run::project_key(&project.stages_file);
+    let key = run::key_of(&project);
     let state_dir = args
         .state_dir
         .clone()
@@ -649,7 +676,7 @@ pub(super) fn resume(
     err: &mut dyn Write,
 ) -> std::io::Result<i32> {
     let stages_file = baton_common::spec::normalize(&args.config);
-    let key = run::project_key(&stages_file);
+    let key = run::scoped_key(&run::project_key(&stages_file), args.environment.as_deref());
     let Some(store) = existing_store(args, state_key, &stages_file, err)? else {
         return Ok(EXIT_INVALID);
     };
@@ -679,6 +706,7 @@ pub(super) fn resume(
             strict: false,
             generated: None,
             provided: set.iter().map(|(k, _)| k.clone()).collect(),
+            environment: args.environment.clone(),
         },
         dry_run: false,
         stage,
@@ -711,13 +739,14 @@ fn resume_down(
         strict: false,
         generated: None,
         provided: set.iter().map(|(k, _)| k.clone()).collect(),
+        environment: args.environment.clone(),
     };
     let (project, diags, files) = load_captured(&spec);
     let Some(project) = project else {
         write!(err, "{diags}")?;
         return Ok(EXIT_INVALID);
     };
-    let key = run::project_key(&project.stages_file);
+    let key = run::key_of(&project);
     let history = match run::StoreHistory::of(store.as_ref(), &key, &project) {
         Ok(h) => h,
         Err(e) => {
@@ -846,7 +875,7 @@ fn project_with_state(
         return Ok(Err(EXIT_OK));
     }
     // A read-only command while a run holds the state: that run answers it.
-    if let Some(request) = read.map(|r| r(run::project_key(&project.stages_file))) {
+    if let Some(request) = read.map(|r| r(run::key_of(&project))) {
         if let Some(code) = readonly::ask(&state_dir, &request, out, err)? {
             return Ok(Err(code));
         }

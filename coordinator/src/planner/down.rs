@@ -12,7 +12,7 @@ use petgraph::Direction;
 
 use super::{checked_graph, lookup_stage, project_inputs};
 
-use super::{digest_inputs, display, History, Plan, PlanError, PlannedStage, Selection};
+use super::{display, History, Plan, PlanError, PlannedStage, Selection};
 
 /// What to do about dependents, outside the selection, that still have applied migrations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -173,7 +173,9 @@ pub fn plan_down(
         max_concurrent_stages: spec.global.max_concurrent_stages.as_ref().map(|m| m.value),
         wait_between_stages: None,
         rollback_on_failure: false,
-        digest: digest_inputs(&inputs),
+        digest: super::plan_digest(project, &inputs),
+        release: super::release_of(project, &inputs),
+        environment: project.spec.environment_name().map(str::to_owned),
         inputs,
         up_to: BTreeMap::new(),
         down_to: BTreeMap::new(),

@@ -138,6 +138,13 @@ pub struct Plan {
     pub digest: String,
     /// Every file read, with its SHA-256.
     pub inputs: BTreeMap<String, String>,
+    /// The environment the plan is for (`--environment`); absent without environments.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub environment: Option<String>,
+    /// The release: SHA-256 over the project's files without the environment's variables
+    /// file, so the same files give the same release in every environment (what promotion
+    /// compares). The plan's `digest` also covers the environment and `--set`.
+    pub release: String,
     /// `baton up --to VERSION`: per stage, the highest version this run applies (see
     /// [`Plan::cap_up`]). Kept in the stored plan, so a resumed run keeps its cap.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -534,12 +541,7 @@ pub fn plan_with(
         "the graph was checked to be acyclic"
     );
 
-    let mut global_vars: BTreeMap<String, String> = spec
-        .global
-        .env
-        .iter()
-        .map(|e| (e.name.value.clone(), e.value.clone()))
-        .collect();
+    let mut global_vars: BTreeMap<String, String> = spec.global_vars();
     global_vars.extend(plan_vars.overrides.clone());
     let mut planned = Vec::with_capacity(order.len());
     for &i in &order {
@@ -635,7 +637,9 @@ pub fn plan_with(
         max_concurrent_stages: spec.global.max_concurrent_stages.as_ref().map(|m| m.value),
         wait_between_stages: spec.global.wait_between_stages.as_ref().map(|w| w.value),
         rollback_on_failure: spec.global.rollback_on_failure,
-        digest: cover_overrides(digest_inputs(&inputs), project, &plan_vars.overrides),
+        digest: cover_overrides(plan_digest(project, &inputs), project, &plan_vars.overrides),
+        release: release_of(project, &inputs),
+        environment: project.spec.environment_name().map(str::to_owned),
         inputs,
         up_to: BTreeMap::new(),
         down_to: BTreeMap::new(),
@@ -690,6 +694,33 @@ pub(crate) fn project_inputs(project: &Project) -> BTreeMap<String, String> {
         .iter()
         .map(|(p, d)| (display(p.strip_prefix(base).unwrap_or(p)), d.clone()))
         .collect()
+}
+
+/// The digest of a plan of `project` before `--set` and caps: its inputs, and the
+/// environment it is for (the same files planned for two environments are two plans).
+pub(crate) fn plan_digest(project: &Project, inputs: &BTreeMap<String, String>) -> String {
+    let digest = digest_inputs(inputs);
+    match project.spec.environment_name() {
+        None => digest,
+        Some(env) => sha256_hex(format!("{digest}\nenvironment {env}").as_bytes()),
+    }
+}
+
+/// The release of `project` (see [`Plan::release`]).
+pub fn release_of(project: &Project, inputs: &BTreeMap<String, String>) -> String {
+    let mut release = inputs.clone();
+    for env in &project.spec.environments {
+        if let Some(f) = &env.env_file {
+            let path = baton_common::spec::beside(&project.stages_file, &f.value);
+            release.remove(&project_inputs_key(project, &path));
+        }
+    }
+    digest_inputs(&release)
+}
+
+fn project_inputs_key(project: &Project, path: &Path) -> String {
+    let base = project.stages_file.parent().unwrap_or(Path::new(""));
+    display(path.strip_prefix(base).unwrap_or(path))
 }
 
 /// SHA-256 over `path NUL digest LF` for every input in path order.

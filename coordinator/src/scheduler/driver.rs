@@ -735,12 +735,7 @@ impl Driver {
     fn stage_vars(&self, k: usize) -> Result<(StageVars, Vec<String>), DriveError> {
         let spec = &self.r.project.spec;
         let stage = &spec.stages[self.spec_index[k]];
-        let mut global: BTreeMap<String, String> = spec
-            .global
-            .env
-            .iter()
-            .map(|e| (e.name.value.clone(), e.value.clone()))
-            .collect();
+        let mut global: BTreeMap<String, String> = spec.global_vars();
         global.extend(self.r.overrides.clone());
         let (imported, secret) = self.imports(k)?;
         let vars = StageVars {
@@ -793,6 +788,35 @@ impl Driver {
     /// The flat scope the engine evaluates for a stage (its `runs_on`): values whose
     /// templates need what only the stage's runner knows are left out (see
     /// `Layers::resolve_known`).
+    /// Stage `k`'s `parameters_file`, its `#{name}#` tokens replaced with what the engine
+    /// gives the stage (`vars`): the parameters become the stage's variables, above its
+    /// `env`. An error says which token has no value, in which file and line.
+    fn parameters(&self, k: usize, vars: &StageVars) -> Result<BTreeMap<String, String>, String> {
+        let stage = &self.r.project.spec.stages[self.spec_index[k]];
+        let Some(rel) = &stage.parameters_file else {
+            return Ok(BTreeMap::new());
+        };
+        let path = baton_common::spec::beside(&self.r.project.stages_file, &rel.value);
+        let text = self
+            .r
+            .files
+            .get(&path)
+            .and_then(|b| std::str::from_utf8(b).ok())
+            .ok_or_else(|| {
+                format!(
+                    "parameters_file `{}` is not among the files the run was planned with",
+                    path.display()
+                )
+            })?;
+        let flat = self.flat_vars(vars);
+        baton_common::spec::parameters::parameters(text, |n| flat.get(n).cloned()).map_err(|e| {
+            format!(
+                "parameters_file `{}`: {e}; define it in the environment's variables (env_file or env), global.env or the stage's env",
+                path.display()
+            )
+        })
+    }
+
     fn flat_vars(&self, vars: &StageVars) -> BTreeMap<String, String> {
         vars.layers(self.r.condition_env.clone())
             .resolve_known(baton_common::vars::ENGINE)
@@ -851,15 +875,19 @@ impl Driver {
                 vars: a.vars,
             })
             .collect();
-        let (vars, imported_secrets) = self.stage_vars(k)?;
+        let (mut vars, imported_secrets) = self.stage_vars(k)?;
         let earlier_secrets = self
             .r
             .store
             .result(&key)?
             .map(|r| r.secret)
             .unwrap_or_default();
-        let flat = self.flat_vars(&vars);
         let mut problem = None;
+        match self.parameters(k, &vars) {
+            Ok(params) => vars.stage.extend(params),
+            Err(message) => problem = Some(message),
+        }
+        let flat = self.flat_vars(&vars);
         let spec = &self.r.project.spec;
         let stage = &spec.stages[self.spec_index[k]];
         let loaded = &self.r.project.stages[self.spec_index[k]];
@@ -924,13 +952,9 @@ impl Driver {
                 }
             }
         }
-        let runs_on = if stage.runs_on.is_empty() {
-            &spec.global.runs_on
-        } else {
-            &stage.runs_on
-        };
+        let runs_on = spec.runs_on_of(stage);
         let mut selector = Selector::new();
-        for (label, value) in runs_on {
+        for (label, value) in &runs_on {
             let scope = Scope::with_vars(&flat);
             match Template::parse(value).and_then(|t| t.render(&scope)) {
                 Ok(v) => {

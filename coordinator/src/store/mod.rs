@@ -267,10 +267,14 @@ pub struct StageKey {
 }
 
 impl StageKey {
+    /// The key of `stage` under a project key (`stages.yaml`, or `stages.yaml/prod` for an
+    /// environment: see `runs::scoped_key`). The implicit environment is `default`, as
+    /// before environments existed, so earlier history keeps its keys.
     pub fn new(project: &str, stage: &str) -> Self {
+        let (project, environment) = project.split_once('/').unwrap_or((project, "default"));
         StageKey {
             project: project.to_owned(),
-            environment: "default".to_owned(),
+            environment: environment.to_owned(),
             stage: stage.to_owned(),
         }
     }
