@@ -63,9 +63,14 @@ pub fn token_from_file(path: &std::path::Path) -> Result<String, String> {
     Ok(token.to_owned())
 }
 
-/// Adds `authorization: Bearer TOKEN` to every call (nothing when there is no token).
+/// Adds `authorization: Bearer TOKEN` to every call (nothing when there is no token), and
+/// `x-baton-user` when a user is named ([`BearerToken::as_user`]: who a coordinator without
+/// named operator tokens records as the caller).
 #[derive(Clone, Default)]
-pub struct BearerToken(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+pub struct BearerToken(
+    Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+    Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+);
 
 impl std::fmt::Debug for BearerToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -80,12 +85,20 @@ impl BearerToken {
     /// A token as read from a file or the environment (surrounding whitespace ignored).
     pub fn new(token: Option<&str>) -> Result<Self, String> {
         match token.map(str::trim).filter(|t| !t.is_empty()) {
-            None => Ok(BearerToken(None)),
+            None => Ok(BearerToken(None, None)),
             Some(t) => format!("Bearer {t}")
                 .parse()
-                .map(|v| BearerToken(Some(v)))
+                .map(|v| BearerToken(Some(v), None))
                 .map_err(|_| "the token holds characters a header cannot carry".to_owned()),
         }
+    }
+}
+
+impl BearerToken {
+    /// Also names the user (a name a header cannot carry is left out).
+    pub fn as_user(mut self, user: &str) -> Self {
+        self.1 = user.parse().ok();
+        self
     }
 }
 
@@ -93,6 +106,9 @@ impl tonic::service::Interceptor for BearerToken {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
         if let Some(v) = &self.0 {
             req.metadata_mut().insert("authorization", v.clone());
+        }
+        if let Some(u) = &self.1 {
+            req.metadata_mut().insert("x-baton-user", u.clone());
         }
         Ok(req)
     }

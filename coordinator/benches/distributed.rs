@@ -204,6 +204,8 @@ async fn run_local(name: &str, files: &MemoryFiles, api: &str) -> Duration {
         overrides: [("api".to_owned(), api.to_owned())].into(),
         condition_env: BTreeMap::new(),
         request: None,
+        by: "bench".into(),
+        skip_promotion: None,
     };
     let submitted = runs.submit_up(sub).await.expect("submit");
     let outcome = runs.outcome(submitted.run_id).await.expect("outcome");

@@ -35,7 +35,9 @@ pub fn status_of(e: RunsError) -> Status {
         RunsError::Rollback(_) | RunsError::Resolve(_) => {
             Status::failed_precondition(e.to_string())
         }
-        RunsError::NotLive(_) => Status::failed_precondition(e.to_string()),
+        RunsError::NotLive(_) | RunsError::Promotion(_) => {
+            Status::failed_precondition(e.to_string())
+        }
         RunsError::Store(_) | RunsError::Random(_) => Status::internal(e.to_string()),
     }
 }
@@ -47,6 +49,7 @@ pub fn submission_of(
     runs: &Runs,
     r: proto::SubmitRunRequest,
     rollback: Option<&BTreeMap<String, u64>>,
+    by: &str,
 ) -> Result<Submission, Status> {
     let request = Arc::new(r.clone());
     let stages_file = PathBuf::from(&r.stages_file);
@@ -142,6 +145,8 @@ pub fn submission_of(
         // Conditions' `env` is the environment where baton decides; on a coordinator that
         // is nobody's: agents' environments stay on the agents.
         condition_env: BTreeMap::new(),
+        by: by.to_owned(),
+        skip_promotion: Some(r.skip_promotion_reason).filter(|r| !r.is_empty()),
         request: Some(request),
     })
 }
@@ -283,10 +288,15 @@ impl control_service_server::ControlService for ControlApi {
         &self,
         request: Request<proto::SubmitRunRequest>,
     ) -> Result<Response<proto::SubmitRunResponse>, Status> {
+        let caller = operator_of(&request);
+        caller.require("submit", "submit runs")?;
         let r = request.into_inner();
+        if !r.skip_promotion_reason.is_empty() {
+            caller.require("admin", "skip the promotion check")?;
+        }
         let down = r.down;
         let skip_missing_down = r.skip_missing_down;
-        let sub = submission_of(&self.runs, r, None)?;
+        let sub = submission_of(&self.runs, r, None, &caller.identity.name)?;
         let submitted = if down {
             if sub.plan.order.iter().all(|s| s.pending.is_empty()) {
                 return Ok(Response::new(proto::SubmitRunResponse {
@@ -319,6 +329,7 @@ impl control_service_server::ControlService for ControlApi {
         &self,
         request: Request<proto::ResolveStageRequest>,
     ) -> Result<Response<proto::ResolveStageResponse>, Status> {
+        operator_of(&request).require("admin", "resolve stages")?;
         let r = request.into_inner();
         let Some(resolution) = Resolution::parse(&r.resolution) else {
             return Err(Status::invalid_argument(format!(
@@ -342,6 +353,7 @@ impl control_service_server::ControlService for ControlApi {
         &self,
         request: Request<proto::DrainAgentRequest>,
     ) -> Result<Response<proto::DrainAgentResponse>, Status> {
+        operator_of(&request).require("admin", "drain agents")?;
         let id = request.into_inner().agent_id;
         match self.registry.drain(&id) {
             Some(running) => Ok(Response::new(proto::DrainAgentResponse { running })),
@@ -392,6 +404,8 @@ impl control_service_server::ControlService for ControlApi {
         &self,
         request: Request<proto::CancelRunRequest>,
     ) -> Result<Response<proto::CancelRunResponse>, Status> {
+        let caller = operator_of(&request);
+        caller.require("submit", "cancel runs")?;
         let id = request.into_inner().run_id;
         if self
             .runs
@@ -402,7 +416,10 @@ impl control_service_server::ControlService for ControlApi {
         {
             return Err(status_of(RunsError::UnknownRun(id)));
         }
-        let cancelled = self.runs.cancel(id);
+        let cancelled = self
+            .runs
+            .cancel_by(id, &caller.identity.name)
+            .map_err(status_of)?;
         tracing::info!(run = id, cancelled, "cancel requested");
         Ok(Response::new(proto::CancelRunResponse { cancelled }))
     }
@@ -426,6 +443,8 @@ impl control_service_server::ControlService for ControlApi {
                     project: r.project,
                     selection: describe_selection(&r.selection),
                     created_at_ms: r.created_at_ms,
+                    release: r.release,
+                    by: r.by,
                 })
                 .collect(),
         }))
@@ -476,6 +495,45 @@ impl control_service_server::ControlService for ControlApi {
         }))
     }
 
+    async fn decide_run(
+        &self,
+        request: Request<proto::DecideRunRequest>,
+    ) -> Result<Response<proto::DecideRunResponse>, Status> {
+        let caller = operator_of(&request);
+        let r = request.into_inner();
+        caller.require(
+            "approve",
+            if r.approve {
+                "approve runs"
+            } else {
+                "reject runs"
+            },
+        )?;
+        let gate = self
+            .runs
+            .decide(r.run_id, r.approve, &caller.identity, &r.comment)
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(proto::DecideRunResponse { gate }))
+    }
+
+    async fn audit(
+        &self,
+        _request: Request<proto::AuditRequest>,
+    ) -> Result<Response<proto::AuditResponse>, Status> {
+        let store = self.runs.store().clone();
+        let entries = tokio::task::spawn_blocking(move || store.audit())
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| status_of(e.into()))?;
+        Ok(Response::new(proto::AuditResponse {
+            entries_json: entries
+                .iter()
+                .map(|e| serde_json::to_string(e).unwrap_or_default())
+                .collect(),
+        }))
+    }
+
     async fn list_agents(
         &self,
         _request: Request<proto::ListAgentsRequest>,
@@ -499,10 +557,89 @@ impl control_service_server::ControlService for ControlApi {
     }
 }
 
-/// Checks `authorization: Bearer TOKEN` against a token read from a file, in constant time.
+/// A named operator token (`--operator-token-file` in the `operators:` form): who presents
+/// it, what it may do, and the groups `approval.approvers` may name (`group:NAME`).
+#[derive(Clone)]
+pub struct OperatorToken {
+    pub name: String,
+    pub token: String,
+    /// `submit` (runs, cancel), `approve` (approve, reject), `admin` (everything, also
+    /// resolve, drain and `--skip-promotion-check`).
+    pub roles: Vec<String>,
+    pub groups: Vec<String>,
+}
+
+impl std::fmt::Debug for OperatorToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the token itself.
+        f.debug_struct("OperatorToken")
+            .field("name", &self.name)
+            .field("roles", &self.roles)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Who called the control service, as [`BearerCheck`] established it (a request extension).
+#[derive(Debug, Clone)]
+pub struct Operator {
+    pub identity: crate::runs::Identity,
+    pub roles: Vec<String>,
+    /// From a named token (enforced), or claimed by the CLI (`x-baton-user`: no named tokens
+    /// are configured, so the coordinator trusts what the caller says, as local mode does).
+    pub named: bool,
+}
+
+impl Operator {
+    /// Whether it may act in `role` (`admin` may do everything).
+    pub fn may(&self, role: &str) -> bool {
+        self.roles.iter().any(|r| r == role || r == "admin")
+    }
+
+    /// `Err(permission denied)` unless it may act in `role`.
+    pub fn require(&self, role: &str, what: &str) -> Result<(), Status> {
+        if self.may(role) {
+            Ok(())
+        } else {
+            Err(Status::permission_denied(format!(
+                "operator `{}` may not {what}: that needs the `{role}` role (its roles: {}); ask an admin to add it to the operator tokens file",
+                self.identity.name,
+                if self.roles.is_empty() { "none".to_owned() } else { self.roles.join(", ") }
+            )))
+        }
+    }
+}
+
+/// The caller of a control request (anyone with every role when no check ran: tests that
+/// call the service directly).
+pub fn operator_of<T>(req: &Request<T>) -> Operator {
+    req.extensions()
+        .get::<Operator>()
+        .cloned()
+        .unwrap_or_else(|| Operator {
+            identity: crate::runs::Identity {
+                name: claimed_user(req.metadata()),
+                groups: Vec::new(),
+            },
+            roles: vec!["admin".to_owned()],
+            named: false,
+        })
+}
+
+/// The `x-baton-user` a CLI sends (its BATON_USER or OS user), else `operator`.
+fn claimed_user(m: &tonic::metadata::MetadataMap) -> String {
+    m.get("x-baton-user")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map_or_else(|| "operator".to_owned(), str::to_owned)
+}
+
+/// Checks `authorization: Bearer TOKEN` against a token read from a file, or against named
+/// operator tokens, in constant time; records who called as an [`Operator`].
 #[derive(Clone)]
 pub struct BearerCheck {
     expected: Option<Arc<Vec<u8>>>,
+    operators: Arc<Vec<OperatorToken>>,
     /// `agent` or `operator`, for the message.
     who: &'static str,
 }
@@ -512,6 +649,7 @@ impl std::fmt::Debug for BearerCheck {
         f.debug_struct("BearerCheck")
             .field("who", &self.who)
             .field("required", &self.expected.is_some())
+            .field("operators", &self.operators.len())
             .finish()
     }
 }
@@ -521,7 +659,17 @@ impl BearerCheck {
     pub fn new(expected: Option<String>, who: &'static str) -> Self {
         BearerCheck {
             expected: expected.map(|t| Arc::new(t.into_bytes())),
+            operators: Arc::default(),
             who,
+        }
+    }
+
+    /// Named operator tokens: each caller is the operator whose token it presents.
+    pub fn operators(operators: Vec<OperatorToken>) -> Self {
+        BearerCheck {
+            expected: None,
+            operators: Arc::new(operators),
+            who: "operator",
         }
     }
 }
@@ -535,17 +683,64 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 impl tonic::service::Interceptor for BearerCheck {
-    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
-        let Some(expected) = &self.expected else {
-            return Ok(req);
-        };
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
         let given = req
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        match given {
-            Some(t) if constant_time_eq(t.trim().as_bytes(), expected) => Ok(req),
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(|t| t.trim().to_owned());
+        if !self.operators.is_empty() {
+            // Every token is compared, so the time taken does not say which one matched.
+            let mut found = None;
+            for o in self.operators.iter() {
+                let same = given
+                    .as_deref()
+                    .is_some_and(|t| constant_time_eq(t.as_bytes(), o.token.as_bytes()));
+                if same && found.is_none() {
+                    found = Some(o);
+                }
+            }
+            return match found {
+                Some(o) => {
+                    req.extensions_mut().insert(Operator {
+                        identity: crate::runs::Identity {
+                            name: o.name.clone(),
+                            groups: o.groups.clone(),
+                        },
+                        roles: o.roles.clone(),
+                        named: true,
+                    });
+                    Ok(req)
+                }
+                None => {
+                    tracing::warn!(who = self.who, "request refused: unknown operator token");
+                    Err(Status::unauthenticated(if given.is_some() {
+                        "the operator token is not one of the coordinator's operators (check --token-file or BATON_TOKEN)"
+                    } else {
+                        "this coordinator requires an operator token: pass --token-file FILE or set BATON_TOKEN"
+                    }))
+                }
+            };
+        }
+        // One shared token (or none): everyone is the same principal, named as they claim.
+        let claimed = Operator {
+            identity: crate::runs::Identity {
+                name: claimed_user(req.metadata()),
+                groups: Vec::new(),
+            },
+            roles: vec!["admin".to_owned()],
+            named: false,
+        };
+        let Some(expected) = &self.expected else {
+            req.extensions_mut().insert(claimed);
+            return Ok(req);
+        };
+        match given.as_deref() {
+            Some(t) if constant_time_eq(t.as_bytes(), expected) => {
+                req.extensions_mut().insert(claimed);
+                Ok(req)
+            }
             Some(_) => {
                 tracing::warn!(who = self.who, "request refused: wrong token");
                 Err(Status::unauthenticated(format!(

@@ -7,6 +7,7 @@
 //! - [`demo`]: the local cloud API `baton demo` runs the examples against.
 //! - [`synthetic`]: generated projects for tests and benchmarks.
 
+pub mod audit;
 pub mod cli;
 pub mod demo;
 pub mod grpc;

@@ -57,6 +57,17 @@ pub enum RunsError {
     NotLive(u64),
     #[error("{0}")]
     Resolve(String),
+    /// Promotion order: the release has not succeeded in the environment before.
+    #[error("{0}")]
+    Promotion(String),
+}
+
+/// Who acts: a name, and the groups it belongs to (`approvers: [group:NAME]`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Identity {
+    pub name: String,
+    #[serde(default)]
+    pub groups: Vec<String>,
 }
 
 /// A planned project to run.
@@ -75,6 +86,11 @@ pub struct Submission {
     /// A coordinator keeps the submission as the CLI sent it with each run it records, so
     /// it can rebuild the run after a restart; local mode re-reads its files instead.
     pub request: Option<Arc<baton_common::proto::SubmitRunRequest>>,
+    /// Who submits it (the OS user locally, the operator token's name on a coordinator).
+    pub by: String,
+    /// `--skip-promotion-check --reason TEXT`: run even though the release has not
+    /// succeeded in the environment before this one (recorded in the audit log).
+    pub skip_promotion: Option<String>,
 }
 
 /// An accepted submission.
@@ -306,8 +322,33 @@ impl Runs {
         Ok(submitted)
     }
 
-    /// Decides a stage of a live run that needs attention; recorded with `by`.
+    /// Decides a stage of a live run that needs attention; recorded with `by` (in the run's
+    /// log and the audit log).
     pub async fn resolve(
+        &self,
+        run: u64,
+        stage: &str,
+        resolution: Resolution,
+        by: &str,
+    ) -> Result<(), RunsError> {
+        self.resolve_unaudited(run, stage, resolution, by).await?;
+        if let Some(record) = self.store.run(run)? {
+            crate::audit::append(
+                self.store.as_ref(),
+                crate::audit::Entry {
+                    action: "resolve",
+                    by: by.to_owned(),
+                    project: record.project,
+                    run,
+                    release: record.release,
+                    reason: format!("stage {stage} as {}", resolution.as_str()),
+                },
+            )?;
+        }
+        Ok(())
+    }
+
+    async fn resolve_unaudited(
         &self,
         run: u64,
         stage: &str,
@@ -334,6 +375,57 @@ impl Runs {
             .map_err(RunsError::Resolve)
     }
 
+    /// Approves (or rejects) what a live run awaits, as `by`: the gate decided, or why
+    /// `by` may not (not an approver, the submitter of a run that needs someone else).
+    pub async fn decide(
+        &self,
+        run: u64,
+        approve: bool,
+        by: &Identity,
+        comment: &str,
+    ) -> Result<String, RunsError> {
+        let control = match self.live().get(&run) {
+            Some(l) if l.outcome.borrow().is_none() => l.control.clone(),
+            _ => return Err(RunsError::NotLive(run)),
+        };
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        control
+            .send(Control::Decide {
+                approve,
+                by: by.clone(),
+                comment: comment.to_owned(),
+                reply,
+            })
+            .await
+            .map_err(|_| RunsError::NotLive(run))?;
+        answer
+            .await
+            .map_err(|_| RunsError::NotLive(run))?
+            .map_err(RunsError::Resolve)
+    }
+
+    /// Cancels a live run on `by`'s request, recorded in the audit log.
+    pub fn cancel_by(&self, run: u64, by: &str) -> Result<bool, RunsError> {
+        let Some(record) = self.store.run(run)? else {
+            return Err(RunsError::UnknownRun(run));
+        };
+        if !self.cancel(run) {
+            return Ok(false);
+        }
+        crate::audit::append(
+            self.store.as_ref(),
+            crate::audit::Entry {
+                action: "cancel",
+                by: by.to_owned(),
+                project: record.project,
+                run,
+                release: record.release,
+                reason: String::new(),
+            },
+        )?;
+        Ok(true)
+    }
+
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
     }
@@ -354,7 +446,19 @@ impl Runs {
         let plan = s.plan.clone();
         let live = self.live_ids();
         let stored = stored_submission(&s, 0);
+        let origin = Origin::of(&s);
+        let previous = previous_environment(&s.project);
         let prepared = blocking(move || {
+            let mut origin = origin;
+            if let Some(prev) = previous {
+                origin.promotion = promotion_check(store.as_ref(), &key, &prev, &plan)?;
+                if origin.promotion.is_some() && origin.override_reason.is_none() {
+                    return Err(RunsError::Promotion(format!(
+                        "{}; run `stages up -e {prev}` with these files first, or pass --skip-promotion-check --reason TEXT (recorded in the audit log)",
+                        origin.promotion.clone().unwrap_or_default()
+                    )));
+                }
+            }
             prepare(
                 store.as_ref(),
                 &key,
@@ -362,6 +466,7 @@ impl Runs {
                 &live,
                 &RunDirection::Up,
                 stored,
+                &origin,
             )
         })
         .await?;
@@ -389,8 +494,10 @@ impl Runs {
         let live = self.live_ids();
         let asked = direction.clone();
         let stored = stored_submission(&s, 0);
+        let origin = Origin::of(&s);
         let prepared =
-            blocking(move || prepare(store.as_ref(), &key, &plan, &live, &asked, stored)).await?;
+            blocking(move || prepare(store.as_ref(), &key, &plan, &live, &asked, stored, &origin))
+                .await?;
         let submitted = Submitted {
             run_id: prepared.run.id,
             resumed: prepared.resumed,
@@ -644,8 +751,14 @@ impl Runs {
         let plan = sub.plan.clone();
         let record = down_record(&direction);
         let stored = stored_submission(&sub, failed_run);
+        let origin = Origin {
+            by: "baton".to_owned(),
+            reason: format!("rollback_on_failure of run {failed_run}"),
+            ..Origin::default()
+        };
         let run =
-            blocking(move || new_run(store.as_ref(), &key, &plan, None, record, stored)).await?;
+            blocking(move || new_run(store.as_ref(), &key, &plan, None, record, stored, &origin))
+                .await?;
         let run_id = run.id;
         let ch = self.register(run_id, Arc::new(std::sync::atomic::AtomicBool::new(false)));
         let prepared = Prepared::new(run);
@@ -938,6 +1051,7 @@ fn prepare(
     live: &BTreeSet<u64>,
     direction: &RunDirection,
     stored: Option<Vec<u8>>,
+    origin: &Origin,
 ) -> Result<Prepared, RunsError> {
     let interrupted = store
         .runs()?
@@ -1011,7 +1125,15 @@ fn prepare(
                 store.commit(t)?;
                 notes.push(format!("note: run {} was interrupted, but the files changed since it was planned; it is marked failed and a new run starts (a migration it had in flight is sent with the same Idempotency-Key)", old.id));
             }
-            let run = new_run(store, key, plan, inherit, down_record(direction), stored)?;
+            let run = new_run(
+                store,
+                key,
+                plan,
+                inherit,
+                down_record(direction),
+                stored,
+                origin,
+            )?;
             Ok(Prepared {
                 notes,
                 ..Prepared::new(run)
@@ -1170,6 +1292,7 @@ fn new_run(
     uid: Option<String>,
     down: Option<crate::store::DownRecord>,
     stored: Option<Vec<u8>>,
+    origin: &Origin,
 ) -> Result<RunRecord, RunsError> {
     let id = store.next_id()?;
     let uid = match uid {
@@ -1189,6 +1312,8 @@ fn new_run(
         status: RunStatus::Running,
         finished_at_ms: None,
         down,
+        by: origin.by.clone(),
+        release: plan.release.clone(),
     };
     let started = EventRecord {
         v: FORMAT,
@@ -1207,8 +1332,189 @@ fn new_run(
     if let Some(bytes) = stored {
         t.push(Op::PutSubmission { run: id, bytes });
     }
-    store.commit(t)?;
+    // The submission and its audit entries are one transition: never one without the other.
+    let entry = |action, reason: &str| crate::audit::Entry {
+        action,
+        by: origin.by.clone(),
+        project: key.to_owned(),
+        run: id,
+        release: plan.release.clone(),
+        reason: reason.to_owned(),
+    };
+    let mut entries = vec![entry(
+        if plan.direction == "down" {
+            "down"
+        } else {
+            "submit"
+        },
+        &origin.reason,
+    )];
+    if let (Some(why), Some(reason)) = (&origin.promotion, &origin.override_reason) {
+        entries.push(entry(
+            "override",
+            &format!("{reason} (promotion check: {why})"),
+        ));
+    }
+    crate::audit::commit_with(store, entries, t)?;
     Ok(run)
+}
+
+/// Approves (or rejects) what an interrupted run awaits, in its stored log, when no process
+/// drives it (local mode between `stages up` and `runs resume`): the same rules as
+/// [`Runs::decide`]; the run goes on when it is resumed.
+pub fn decide_stored(
+    store: &dyn Store,
+    run: u64,
+    approve: bool,
+    by: &Identity,
+    comment: &str,
+) -> Result<String, RunsError> {
+    let Some(record) = store.run(run)? else {
+        return Err(RunsError::UnknownRun(run));
+    };
+    if record.status != RunStatus::Running {
+        return Err(RunsError::Resolve(format!(
+            "run {run} has ended ({}); there is nothing to approve",
+            record.status.as_str()
+        )));
+    }
+    let events = store.events(run, 0)?;
+    let Some((gate, approvers, separate)) = crate::scheduler::driver::waiting_gate(&events) else {
+        return Err(RunsError::Resolve(format!(
+            "run {run} is not awaiting an approval"
+        )));
+    };
+    crate::scheduler::driver::may_approve(by, &approvers, separate, &record.by)
+        .map_err(RunsError::Resolve)?;
+    let stage = gate.strip_prefix("stage ").map(str::to_owned);
+    let kind = if approve {
+        EventKind::Approved {
+            gate: gate.clone(),
+            by: by.name.clone(),
+            digest: record.plan_digest.clone(),
+            comment: comment.to_owned(),
+        }
+    } else {
+        EventKind::Rejected {
+            gate: gate.clone(),
+            by: by.name.clone(),
+            reason: comment.to_owned(),
+        }
+    };
+    let mut t = Transition::new();
+    t.push(Op::AppendEvent {
+        run,
+        event: EventRecord {
+            v: FORMAT,
+            seq: events.last().map_or(0, |e| e.seq + 1),
+            at_ms: now_ms(),
+            stage,
+            kind,
+        },
+    });
+    let entry = crate::audit::Entry {
+        action: if approve { "approve" } else { "reject" },
+        by: by.name.clone(),
+        project: record.project,
+        run,
+        release: record.release,
+        reason: comment.to_owned(),
+    };
+    crate::audit::commit_with(store, vec![entry], t)?;
+    Ok(gate)
+}
+
+/// Who submits a run, and why when that matters, for its record and the audit log.
+#[derive(Debug, Clone, Default)]
+struct Origin {
+    by: String,
+    /// Recorded with the submission (a rollback's cause).
+    reason: String,
+    /// `--skip-promotion-check --reason`.
+    override_reason: Option<String>,
+    /// Why the promotion check failed (`None`: it passed, or there is none).
+    promotion: Option<String>,
+}
+
+impl Origin {
+    fn of(s: &Submission) -> Origin {
+        Origin {
+            by: s.by.clone(),
+            reason: String::new(),
+            override_reason: s.skip_promotion.clone(),
+            promotion: None,
+        }
+    }
+}
+
+/// The environment before the one `project` was loaded for, in `environments:` order.
+pub fn previous_environment(project: &Project) -> Option<String> {
+    let env = project.spec.environment_name()?;
+    let at = project
+        .spec
+        .environments
+        .iter()
+        .position(|e| e.name.value == env)?;
+    at.checked_sub(1)
+        .map(|i| project.spec.environments[i].name.value.clone())
+}
+
+/// The latest run of the project `key` (scoped to an environment) in environment `env`
+/// that applied every stage of a release and succeeded.
+pub fn last_release(
+    store: &dyn Store,
+    key: &str,
+    env: &str,
+) -> Result<Option<RunRecord>, StoreError> {
+    let base = key.split_once('/').map_or(key, |(p, _)| p);
+    let scoped = scoped_key(base, Some(env));
+    Ok(store.runs()?.into_iter().rev().find(|r| {
+        r.project == scoped
+            && r.direction == "up"
+            && r.status == RunStatus::Succeeded
+            && r.selection == Selection::All
+            && !r.release.is_empty()
+    }))
+}
+
+/// Promotion order: `plan`'s release must have succeeded (every stage) in `previous`. `None`
+/// when it has; else why not.
+fn promotion_check(
+    store: &dyn Store,
+    key: &str,
+    previous: &str,
+    plan: &Plan,
+) -> Result<Option<String>, RunsError> {
+    let base = key.split_once('/').map_or(key, |(p, _)| p);
+    let scoped = scoped_key(base, Some(previous));
+    let done = store.runs()?.into_iter().any(|r| {
+        r.project == scoped
+            && r.direction == "up"
+            && r.status == RunStatus::Succeeded
+            && r.selection == Selection::All
+            && r.release == plan.release
+    });
+    if done {
+        return Ok(None);
+    }
+    let env = plan.environment.as_deref().unwrap_or("this environment");
+    Ok(Some(match last_release(store, key, previous)? {
+        Some(r) => format!(
+            "release {} has not succeeded in {previous} (the environment before {env}); {previous} last succeeded with release {} in run {}",
+            short(&plan.release),
+            short(&r.release),
+            r.id
+        ),
+        None => format!(
+            "release {} has not succeeded in {previous} (the environment before {env}); nothing has succeeded there yet",
+            short(&plan.release)
+        ),
+    }))
+}
+
+/// The first 12 hex digits of a digest, as shown.
+pub fn short(digest: &str) -> &str {
+    &digest[..12.min(digest.len())]
 }
 
 /// Runs blocking store work (sled's flush) off the async workers.

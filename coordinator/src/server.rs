@@ -35,6 +35,9 @@ pub struct ServeConfig {
     pub agent_token: Option<String>,
     /// Bearer token the CLI must present; `None`: none required.
     pub operator_token: Option<String>,
+    /// Named operator tokens (the `operators:` form of the operator token file): each CLI
+    /// caller is who its token names, with its roles. Non-empty: `operator_token` is unused.
+    pub operators: Vec<crate::grpc::OperatorToken>,
     /// How often agents send heartbeats (H).
     pub heartbeat: Duration,
     /// How long an attempt's lease lasts without renewal (L, told to agents).
@@ -60,6 +63,7 @@ impl ServeConfig {
             tls: None,
             agent_token: None,
             operator_token: None,
+            operators: Vec::new(),
             heartbeat: Duration::from_secs(5),
             lease: Duration::from_secs(15),
             grace: Duration::from_secs(10),
@@ -154,7 +158,11 @@ pub async fn serve(
         ))
         .add_service(tonic::service::interceptor::InterceptedService::new(
             control,
-            BearerCheck::new(config.operator_token.clone(), "operator"),
+            if config.operators.is_empty() {
+                BearerCheck::new(config.operator_token.clone(), "operator")
+            } else {
+                BearerCheck::operators(config.operators.clone())
+            },
         ));
     tracing::info!(addr = ?listener.local_addr().ok(), data_dir = %config.data_dir.display(), "coordinator serving");
     // Our own listener: tonic's TCP options do not reach it, so no-delay is set per stream
@@ -234,7 +242,7 @@ async fn recover(runs: &Arc<Runs>, registry: &AgentRegistry, failover: Duration)
             },
             None => RunDirection::Up,
         };
-        let sub = match submission_of(runs, request, rollback.as_ref()) {
+        let sub = match submission_of(runs, request, rollback.as_ref(), &run.by) {
             Ok(s) => s,
             Err(status) => {
                 tracing::error!(

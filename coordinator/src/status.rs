@@ -258,6 +258,27 @@ pub fn write(states: &[StageState], verbose: bool, out: &mut dyn Write) -> std::
     Ok(())
 }
 
+/// `2026-11-30 23:50 UTC` for ms since the epoch.
+pub fn utc(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rest) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = i64::try_from(days).unwrap_or(0) + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02} UTC",
+        rest / 3600,
+        (rest % 3600) / 60
+    )
+}
+
 /// The line people read for an event (the CLI's progress and `runs show`, the `message` of
 /// a watched event); `None` for those it does not show.
 pub fn event_text(e: &EventRecord) -> Option<String> {
@@ -315,6 +336,51 @@ pub fn event_text(e: &EventRecord) -> Option<String> {
         }
         EventKind::StaleResult { message, token, .. } => {
             format!("stale (token {token}): {message}")
+        }
+        EventKind::AwaitingApproval {
+            gate,
+            run,
+            digest,
+            approvers,
+            separate_from_submitter,
+            submitter,
+            timeout_at_ms,
+        } => {
+            let who = if approvers.is_empty() {
+                "anyone".to_owned()
+            } else {
+                approvers.join(", ")
+            };
+            let not = if *separate_from_submitter {
+                format!(", not {submitter} (who submitted it)")
+            } else {
+                String::new()
+            };
+            let until = timeout_at_ms.map_or_else(String::new, |t| {
+                format!("; rejected if not approved by {}", utc(t))
+            });
+            format!(
+                "AWAITING APPROVAL ({gate}) of plan {}: may approve: {who}{not}{until}; approve with `baton runs approve {run}`, reject with `baton runs reject {run}`",
+                &digest[..12.min(digest.len())]
+            )
+        }
+        EventKind::Approved {
+            gate, by, comment, ..
+        } => {
+            let comment = if comment.is_empty() {
+                String::new()
+            } else {
+                format!(": {comment}")
+            };
+            format!("approved ({gate}) by {by}{comment}")
+        }
+        EventKind::Rejected { gate, by, reason } => {
+            let reason = if reason.is_empty() {
+                String::new()
+            } else {
+                format!(": {reason}")
+            };
+            format!("REJECTED ({gate}) by {by}{reason}")
         }
     };
     Some(line)

@@ -632,6 +632,8 @@ async fn interrupted_run_must_be_resumed_first() {
             status: RunStatus::Running,
             finished_at_ms: None,
             down: None,
+            by: String::new(),
+            release: String::new(),
         };
         let mut t = Transition::new();
         t.push(Op::PutRun(run));

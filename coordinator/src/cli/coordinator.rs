@@ -20,6 +20,104 @@ fn token(path: &Option<std::path::PathBuf>) -> Result<Option<String>, String> {
         .transpose()
 }
 
+/// The named operators of an operator token file in the `operators:` form; `None` for a
+/// file that holds one token (everyone who has it is the same operator).
+///
+/// ```yaml
+/// operators:
+///   - name: alice
+///     token_file: /etc/baton/alice.token   # or token: "..."
+///     roles: [submit]                       # submit, approve, admin
+///     groups: [developers]                  # what `approvers: [group:NAME]` names
+/// ```
+fn operators(path: &Path) -> Result<Option<Vec<crate::grpc::OperatorToken>>, String> {
+    use baton_common::yaml::Value;
+    let text = String::from_utf8(read(path, "operator token file")?).map_err(|_| {
+        format!(
+            "the operator token file `{}` is not UTF-8 text",
+            path.display()
+        )
+    })?;
+    let Ok(doc) = baton_common::yaml::parse(&text, baton_common::yaml::Limits::default()) else {
+        return Ok(None);
+    };
+    let Some(list) = doc.get("operators") else {
+        return Ok(None);
+    };
+    let bad = |line: u32, what: &str| format!("{}:{line}: {what}", path.display());
+    let Value::Seq(items) = &list.value else {
+        return Err(bad(
+            list.pos.line,
+            "`operators` must be a list of `- name: ...` entries",
+        ));
+    };
+    let strings = |n: Option<&baton_common::yaml::Node>| -> Vec<String> {
+        match n.map(|n| &n.value) {
+            Some(Value::Seq(v)) => v
+                .iter()
+                .filter_map(|x| x.as_str().map(str::to_owned))
+                .collect(),
+            Some(Value::Scalar(s, _)) => vec![s.clone()],
+            _ => Vec::new(),
+        }
+    };
+    let mut out: Vec<crate::grpc::OperatorToken> = Vec::new();
+    for item in items {
+        let line = item.pos.line;
+        let name = item
+            .get("name")
+            .and_then(|n| n.as_str())
+            .filter(|n| !n.trim().is_empty())
+            .ok_or_else(|| bad(line, "an operator has no `name`"))?
+            .to_owned();
+        let token = match (
+            item.get("token").and_then(|n| n.as_str()),
+            item.get("token_file").and_then(|n| n.as_str()),
+        ) {
+            (Some(t), None) => t.trim().to_owned(),
+            (None, Some(f)) => baton_common::client::token_from_file(&baton_common::spec::beside(
+                path,
+                Path::new(f),
+            ))?,
+            _ => {
+                return Err(bad(
+                    line,
+                    &format!("operator `{name}` needs exactly one of `token` and `token_file`"),
+                ))
+            }
+        };
+        if token.len() < 16 {
+            return Err(bad(line, &format!("operator `{name}`'s token is shorter than 16 characters; use a long random one (e.g. `openssl rand -hex 32`)")));
+        }
+        let roles = strings(item.get("roles"));
+        if let Some(r) = roles
+            .iter()
+            .find(|r| !["submit", "approve", "admin"].contains(&r.as_str()))
+        {
+            return Err(bad(
+                line,
+                &format!("operator `{name}`: unknown role `{r}` (use submit, approve, admin)"),
+            ));
+        }
+        if out.iter().any(|o| o.name == name || o.token == token) {
+            return Err(bad(
+                line,
+                &format!("operator `{name}`: names and tokens must be unique"),
+            ));
+        }
+        out.push(crate::grpc::OperatorToken {
+            name,
+            token,
+            roles,
+            groups: strings(item.get("groups")),
+        });
+    }
+    if out.is_empty() {
+        return Err(bad(list.pos.line, "`operators` is empty"));
+    }
+    Ok(Some(out))
+}
+
 /// The config `args` describe, or why they are refused: off loopback, plaintext and missing
 /// tokens need `--insecure` (and then each is warned about).
 pub(super) fn config(
@@ -29,7 +127,12 @@ pub(super) fn config(
 ) -> Result<ServeConfig, String> {
     let mut c = ServeConfig::new(args.data_dir.clone());
     c.agent_token = token(&args.agent_token_file)?;
-    c.operator_token = token(&args.operator_token_file)?;
+    if let Some(path) = &args.operator_token_file {
+        match operators(path)? {
+            Some(named) => c.operators = named,
+            None => c.operator_token = token(&args.operator_token_file)?,
+        }
+    }
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
         c.tls = Some((read(cert, "TLS certificate")?, read(key, "TLS key")?));
     }
@@ -54,7 +157,7 @@ pub(super) fn config(
         if c.agent_token.is_none() {
             gaps.push("no --agent-token-file");
         }
-        if c.operator_token.is_none() {
+        if c.operator_token.is_none() && c.operators.is_empty() {
             gaps.push("no --operator-token-file");
         }
         if !gaps.is_empty() {

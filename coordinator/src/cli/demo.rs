@@ -132,6 +132,7 @@ pub(super) fn run(
                 output: super::OutputFormat::Text,
                 live: super::progress::live_wanted(super::progress::ProgressMode::Auto, &env),
                 verbose: false,
+                skip_promotion: None,
             };
             let c = local::up_async(planned, out, err).await?;
             if c != EXIT_OK {
@@ -228,6 +229,7 @@ fn distributed(
                 down: None,
                 json: false,
                 environment: String::new(),
+                skip_promotion: None,
             };
             let result = match super::remote::connect(&remote).await {
                 Ok(mut client) => super::remote::submit_and_watch(&mut client, submission, out, err).await,

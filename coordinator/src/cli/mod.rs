@@ -5,6 +5,7 @@
 
 mod coordinator;
 mod demo;
+mod environments;
 mod graph;
 mod plan_view;
 pub mod progress;
@@ -37,6 +38,28 @@ pub fn shown_project(project: &str) -> String {
             None => project.to_owned(),
         },
     }
+}
+
+/// Who runs this CLI locally, for run records, approvals and the audit log: `BATON_USER`,
+/// else the OS user (`USER`, `LOGNAME`); groups from `BATON_GROUPS` (comma-separated).
+/// Locally this is what the user says: whoever can write the state directory can do
+/// anything there. A coordinator's operator tokens are the identities it enforces.
+pub fn identity(env: &std::collections::BTreeMap<String, String>) -> crate::runs::Identity {
+    let name = ["BATON_USER", "USER", "LOGNAME"]
+        .iter()
+        .find_map(|k| env.get(*k).filter(|v| !v.trim().is_empty()))
+        .map_or_else(|| "unknown".to_owned(), |v| v.trim().to_owned());
+    let groups = env
+        .get("BATON_GROUPS")
+        .map(|g| {
+            g.split(',')
+                .map(str::trim)
+                .filter(|g| !g.is_empty())
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default();
+    crate::runs::Identity { name, groups }
 }
 
 /// Exit codes.
@@ -79,6 +102,12 @@ pub enum Command {
     /// The agents attached to a coordinator.
     #[command(subcommand)]
     Agents(AgentsCommand),
+    /// Run in an environment the release that last succeeded (every stage) in the
+    /// environment before it: `baton promote --to prod`.
+    Promote(PromoteArgs),
+    /// The audit log: every submit, approval, rejection, cancel, override, resolve and stage
+    /// down, who did it, when, where and why. `baton audit verify` checks its hash chain.
+    Audit(AuditArgs),
     /// The coordinator service.
     #[command(subcommand)]
     Coordinator(CoordinatorCommand),
@@ -89,6 +118,65 @@ pub enum Command {
         /// The shell.
         #[arg(value_enum)]
         shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct PromoteArgs {
+    /// The environment to promote to (the one before it must have succeeded with these
+    /// files).
+    #[arg(long, value_name = "ENVIRONMENT")]
+    pub to: String,
+    /// The stages file.
+    #[arg(long, short = 'c', default_value = "stages.yaml")]
+    pub config: PathBuf,
+    /// Print the plan and send nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Where state lives (default: `.baton/` beside the stages file).
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Set a variable on top of `global.env` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE", value_parser = parse_set)]
+    pub set: Vec<(String, String)>,
+    /// Output format.
+    #[arg(long, short = 'o', value_enum, default_value_t)]
+    pub output: OutputFormat,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
+    /// With --coordinator: submit, print the run's id, and return without watching.
+    #[arg(long, requires = "coordinator")]
+    pub detach: bool,
+    #[command(flatten)]
+    pub show: ShowArgs,
+}
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct AuditArgs {
+    #[command(subcommand)]
+    pub action: Option<AuditAction>,
+    #[command(flatten)]
+    pub state: StateArgs,
+    /// Only this run's entries.
+    #[arg(long)]
+    pub run: Option<u64>,
+    /// Output format (json: {"schema": "baton.audit/v1", "entries": [...]}).
+    #[arg(long, short = 'o', value_enum, default_value_t)]
+    pub output: OutputFormat,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditAction {
+    /// Check the hash chain: exit 0 with the entry count and head hash when intact, 1
+    /// naming the first entry that was changed, removed or reordered.
+    Verify {
+        #[command(flatten)]
+        state: StateArgs,
+        #[command(flatten)]
+        remote: RemoteArgs,
     },
 }
 
@@ -319,6 +407,31 @@ pub enum RunsCommand {
         #[command(flatten)]
         remote: RemoteArgs,
     },
+    /// Approve what a run awaits (`awaiting approval`): as yourself locally (BATON_USER, else
+    /// the OS user), as your operator token on a coordinator.
+    Approve {
+        /// The run's id.
+        run: u64,
+        /// Recorded with the approval.
+        #[arg(long)]
+        comment: Option<String>,
+        #[command(flatten)]
+        state: StateArgs,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// Reject what a run awaits: the stages behind the approval fail, nothing is sent.
+    Reject {
+        /// The run's id.
+        run: u64,
+        /// Why, recorded with the rejection.
+        #[arg(long)]
+        reason: Option<String>,
+        #[command(flatten)]
+        state: StateArgs,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
     /// Cancel a run on a coordinator: nothing new starts, agents stop in-flight stages.
     Cancel {
         /// The run's id.
@@ -386,7 +499,7 @@ pub enum StagesCommand {
     Outputs(OutputsArgs),
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct SpecArgs {
     /// The stages file.
     #[arg(long, short = 'c', default_value = "stages.yaml")]
@@ -459,6 +572,13 @@ pub struct UpArgs {
     /// With --coordinator: submit, print the run's id, and return without watching.
     #[arg(long, requires = "coordinator")]
     pub detach: bool,
+    /// Run in this environment although the release has not succeeded in the environment
+    /// before it (needs --reason; recorded in the audit log).
+    #[arg(long, requires = "reason")]
+    pub skip_promotion_check: bool,
+    /// Why the promotion check is skipped.
+    #[arg(long, requires = "skip_promotion_check")]
+    pub reason: Option<String>,
     #[command(flatten)]
     pub show: ShowArgs,
     /// Single-stage `baton up --to VERSION` (not a `stages up` flag): apply up to it.
@@ -564,6 +684,10 @@ pub struct StatusArgs {
     /// Where state lives (default: `.baton/` beside the stages file).
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
+    /// Every environment side by side: the release each runs, who ran it and when, and the
+    /// versions each stage has applied.
+    #[arg(long, conflicts_with = "environment")]
+    pub all_environments: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
@@ -625,6 +749,9 @@ pub fn run(
         Command::Stages(StagesCommand::Status(a)) if a.remote.coordinator.is_some() => {
             remote::status(&a, out, err)
         }
+        Command::Stages(StagesCommand::Status(a)) if a.all_environments => {
+            environments::status_all(&a, &key, out, err)
+        }
         Command::Stages(StagesCommand::Status(a)) => stages::status(&a, &key, out, err),
         Command::Stages(StagesCommand::Graph(a)) => graph::run(&a, out, err),
         Command::Stages(StagesCommand::Outputs(a)) if a.remote.coordinator.is_some() => {
@@ -632,6 +759,34 @@ pub fn run(
         }
         Command::Stages(StagesCommand::Outputs(a)) => stages::outputs(&a, &key, out, err),
         Command::Demo(a) => demo::run(&a, env, out, err),
+        Command::Promote(a) => environments::promote(&a, env, &key, out, err),
+        Command::Audit(a) => {
+            let (verify, state, remote) = match a.action {
+                Some(AuditAction::Verify { state, remote }) => (true, state, remote),
+                None => (false, a.state, a.remote),
+            };
+            let filter = environments::AuditFilter {
+                environment: state.environment.clone(),
+                run: a.run,
+            };
+            if remote.coordinator.is_some() {
+                remote::audit(&remote, &filter, verify, a.output, out, err)
+            } else {
+                environments::audit_local(&state, &key, filter, verify, a.output, out, err)
+            }
+        }
+        Command::Runs(RunsCommand::Approve {
+            run,
+            comment,
+            state,
+            remote,
+        }) => decide(run, true, comment, &state, &remote, &env, &key, out, err),
+        Command::Runs(RunsCommand::Reject {
+            run,
+            reason,
+            state,
+            remote,
+        }) => decide(run, false, reason, &state, &remote, &env, &key, out, err),
         Command::Up(a) => {
             let up = UpArgs {
                 spec: a.spec(),
@@ -644,6 +799,8 @@ pub fn run(
                 set: a.set,
                 remote: RemoteArgs::default(),
                 detach: false,
+                skip_promotion_check: false,
+                reason: None,
                 show: ShowArgs {
                     progress: progress::ProgressMode::Auto,
                     verbose: a.verbose,
@@ -685,6 +842,7 @@ pub fn run(
                 verbose: a.verbose,
                 state_dir: a.state_dir,
                 output: OutputFormat::Text,
+                all_environments: false,
             };
             stages::status(&status, &key, out, err)
         }
@@ -788,6 +946,27 @@ pub fn run(
         Command::Coordinator(CoordinatorCommand::Health { remote }) => {
             with_coordinator(&remote, "coordinator health", err, remote::health, out)
         }
+    }
+}
+
+/// `runs approve|reject`: through a coordinator, else on the state directory.
+#[allow(clippy::too_many_arguments)]
+fn decide(
+    run: u64,
+    approve: bool,
+    comment: Option<String>,
+    state: &StateArgs,
+    remote: &RemoteArgs,
+    env: &std::collections::BTreeMap<String, String>,
+    key: &crate::store::StateKey,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> std::io::Result<i32> {
+    let comment = comment.unwrap_or_default();
+    if remote.coordinator.is_some() {
+        remote::decide(remote, run, approve, &comment, out, err)
+    } else {
+        environments::decide_local(state, key, run, approve, comment, identity(env), out, err)
     }
 }
 

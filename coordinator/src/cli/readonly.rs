@@ -6,7 +6,8 @@
 //! the run does; a stale one is ignored.
 //!
 //! Protocol: the client writes one JSON [`Request`] line and reads one JSON [`Response`]
-//! line. Nothing a request asks can change the state.
+//! line. Nothing a request asks can change the state, but for `runs approve|reject`, which
+//! the running process's driver decides (as a coordinator's would), recording who decided.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -37,6 +38,20 @@ pub(super) enum Request {
         project: String,
         stage: Option<String>,
         json: bool,
+    },
+    /// `runs approve|reject RUN`: the one request that changes state, decided by the run's
+    /// driver under the same rules as on a coordinator.
+    Decide {
+        run: u64,
+        approve: bool,
+        by: crate::runs::Identity,
+        comment: String,
+    },
+    /// `baton audit` (and `audit verify`).
+    Audit {
+        filter: super::environments::AuditFilter,
+        json: bool,
+        verify: bool,
     },
     RunsList {
         json: bool,
@@ -91,11 +106,12 @@ impl Drop for ReadService {
 /// as before, naming this process).
 pub(super) fn serve(
     dir: &Path,
-    store: Arc<dyn Store>,
+    runs: Arc<crate::runs::Runs>,
     project: Arc<Project>,
     key: String,
     run: u64,
 ) -> Option<ReadService> {
+    let store = runs.store().clone();
     use std::os::unix::fs::PermissionsExt;
     let path = dir.join(SOCKET);
     let _ = std::fs::remove_file(&path);
@@ -110,6 +126,7 @@ pub(super) fn serve(
     let task = tokio::spawn(async move {
         while let Ok((conn, _)) = listener.accept().await {
             let (store, project, key) = (store.clone(), project.clone(), key.clone());
+            let runs = runs.clone();
             tokio::spawn(async move {
                 let (read, mut write) = conn.into_split();
                 let mut line = String::new();
@@ -121,6 +138,12 @@ pub(super) fn serve(
                     _ => return,
                 }
                 let response = match serde_json::from_str::<Request>(&line) {
+                    Ok(Request::Decide {
+                        run,
+                        approve,
+                        by,
+                        comment,
+                    }) => decided(runs.decide(run, approve, &by, &comment).await, run, approve),
                     Ok(request) => tokio::task::spawn_blocking(move || {
                         answer(&request, store.as_ref(), &project, &key, run)
                     })
@@ -144,6 +167,25 @@ pub(super) fn serve(
         }
     });
     Some(ReadService { path, task })
+}
+
+/// What `runs approve|reject` prints for the driver's answer.
+fn decided(answer: Result<String, crate::runs::RunsError>, run: u64, approve: bool) -> Response {
+    match answer {
+        Ok(gate) => Response {
+            code: super::EXIT_OK,
+            out: format!(
+                "run {run}: {gate} {}\n",
+                if approve { "approved" } else { "rejected" }
+            ),
+            err: String::new(),
+        },
+        Err(e) => Response {
+            code: super::EXIT_INVALID,
+            out: String::new(),
+            err: format!("error: {e}\n"),
+        },
+    }
 }
 
 /// Renders `request` from the open store, as the command would; `run` is the run this
@@ -191,6 +233,20 @@ fn answer(
             key,
             stage.as_deref(),
             false,
+            format(*json),
+            &mut out,
+            &mut err,
+        ),
+        // Answered by the driver before this is reached.
+        Request::Decide { .. } => Ok(super::EXIT_INVALID),
+        Request::Audit {
+            filter,
+            json,
+            verify,
+        } => super::environments::write_audit(
+            store,
+            filter,
+            *verify,
             format(*json),
             &mut out,
             &mut err,

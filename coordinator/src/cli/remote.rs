@@ -82,7 +82,10 @@ pub(super) async fn connect(r: &RemoteArgs) -> Result<Client, Failure> {
         (Some(f), _) => Some(baton_common::client::token_from_file(f).map_err(usage)?),
         (None, t) => t.clone(),
     };
-    let token = BearerToken::new(token.as_deref()).map_err(usage)?;
+    let env: std::collections::BTreeMap<String, String> = std::env::vars().collect();
+    let token = BearerToken::new(token.as_deref())
+        .map_err(usage)?
+        .as_user(&super::identity(&env).name);
     let ca = r
         .ca_file
         .as_deref()
@@ -105,9 +108,9 @@ pub(super) async fn connect(r: &RemoteArgs) -> Result<Client, Failure> {
 }
 
 /// Runs `fut` on a fresh runtime.
-fn block<Fut>(fut: Fut) -> std::io::Result<Result<i32, Failure>>
+fn block<T, Fut>(fut: Fut) -> std::io::Result<Result<T, Failure>>
 where
-    Fut: std::future::Future<Output = Result<i32, Failure>>,
+    Fut: std::future::Future<Output = Result<T, Failure>>,
 {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -241,6 +244,7 @@ pub fn up(
         down: None,
         json: args.output == OutputFormat::Json,
         environment: args.spec.environment.clone().unwrap_or_default(),
+        skip_promotion: args.reason.clone().filter(|_| args.skip_promotion_check),
     };
     let r = block(async {
         let mut client = connect(remote).await?;
@@ -299,6 +303,7 @@ pub fn down(args: &DownArgs, out: &mut dyn Write, err: &mut dyn Write) -> std::i
         down: Some((args.cascade, args.skip_missing_down)),
         json: args.output == OutputFormat::Json,
         environment: args.spec.environment.clone().unwrap_or_default(),
+        skip_promotion: None,
     };
     let r = block(async {
         let mut client = connect(&args.remote).await?;
@@ -443,6 +448,8 @@ pub(super) struct Submit<'a> {
     pub json: bool,
     /// `--environment` (empty: none).
     pub environment: String,
+    /// `--skip-promotion-check --reason TEXT`.
+    pub skip_promotion: Option<String>,
 }
 
 /// A finished run's `baton.run/v1` record from the coordinator: its events, and the exports
@@ -530,6 +537,7 @@ pub(super) async fn submit_and_watch(
             cascade: s.down.is_some_and(|(c, _)| c),
             skip_missing_down: s.down.is_some_and(|(_, k)| k),
             environment: s.environment,
+            skip_promotion_reason: s.skip_promotion.unwrap_or_default(),
         })
         .await?
         .into_inner();
@@ -822,6 +830,102 @@ pub fn runs_resolve(
         Ok(EXIT_OK)
     })?;
     finish(err, r)
+}
+
+/// `runs approve|reject RUN --coordinator`: decided as the caller's operator identity.
+pub fn decide(
+    remote: &RemoteArgs,
+    run: u64,
+    approve: bool,
+    comment: &str,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> std::io::Result<i32> {
+    let r = block(async {
+        let mut client = connect(remote).await?;
+        let resp = client
+            .decide_run(proto::DecideRunRequest {
+                run_id: run,
+                approve,
+                comment: comment.to_owned(),
+            })
+            .await?
+            .into_inner();
+        let _ = writeln!(
+            out,
+            "run {run}: {} {}",
+            resp.gate,
+            if approve { "approved" } else { "rejected" }
+        );
+        Ok(EXIT_OK)
+    })?;
+    finish(err, r)
+}
+
+/// `baton audit [verify] --coordinator`.
+pub(super) fn audit(
+    remote: &RemoteArgs,
+    filter: &super::environments::AuditFilter,
+    verify: bool,
+    output: OutputFormat,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> std::io::Result<i32> {
+    let r = block(async {
+        let mut client = connect(remote).await?;
+        let resp = client.audit(proto::AuditRequest {}).await?.into_inner();
+        let mut entries = Vec::new();
+        for e in &resp.entries_json {
+            entries.push(serde_json::from_str(e).map_err(|e| Failure {
+                message: format!("the coordinator sent an audit entry this CLI cannot read: {e}"),
+                code: EXIT_RUN_FAILED,
+            })?);
+        }
+        let mut text_err = Vec::new();
+        let code =
+            super::environments::print_audit(&entries, filter, verify, output, out, &mut text_err)
+                .map_err(io_failure)?;
+        let _ = err.write_all(&text_err);
+        Ok(code)
+    })?;
+    finish(err, r)
+}
+
+/// The coordinator's latest successful run of every stage of `key`'s project in `env`:
+/// its id, release and who ran it. `Err(exit code)` once reported.
+pub(super) fn last_release(
+    remote: &RemoteArgs,
+    key: &str,
+    env: &str,
+    err: &mut dyn Write,
+) -> std::io::Result<Result<Option<super::environments::LastRelease>, i32>> {
+    let scoped = crate::runs::scoped_key(key.split_once('/').map_or(key, |(p, _)| p), Some(env));
+    let r = block(async {
+        let mut client = connect(remote).await?;
+        let runs = client
+            .list_runs(proto::ListRunsRequest {})
+            .await?
+            .into_inner()
+            .runs;
+        Ok(runs
+            .into_iter()
+            .rev()
+            .find(|r| {
+                r.project == scoped
+                    && r.direction == "up"
+                    && r.status == "succeeded"
+                    && r.selection == "all stages"
+                    && !r.release.is_empty()
+            })
+            .map(|r| (r.run_id, r.release, r.by)))
+    })?;
+    Ok(match r {
+        Ok(found) => Ok(found),
+        Err(f) => {
+            writeln!(err, "error: {}", f.message)?;
+            Err(f.code)
+        }
+    })
 }
 
 /// Who runs this CLI, for decisions recorded in a run's log: `USER@HOST`.

@@ -57,6 +57,8 @@ pub(super) struct LocalProject {
     pub live: bool,
     /// Log lines (command output, retries) in the live view too.
     pub verbose: bool,
+    /// `--skip-promotion-check --reason TEXT`.
+    pub skip_promotion: Option<String>,
 }
 
 impl LocalProject {
@@ -85,8 +87,10 @@ impl LocalProject {
             plan: self.plan,
             project_key: self.key,
             overrides: self.overrides,
+            by: super::identity(&self.env).name,
             condition_env: self.env,
             request: None,
+            skip_promotion: self.skip_promotion,
         };
         (runs, sub)
     }
@@ -128,13 +132,7 @@ pub(super) async fn up_async(
         Err(e) => return Err(runs_err(e)),
     };
     // Read-only commands in other processes ask this one while it holds the state.
-    let _reads = super::readonly::serve(
-        &dir,
-        runs.store().clone(),
-        project,
-        key.clone(),
-        submitted.run_id,
-    );
+    let _reads = super::readonly::serve(&dir, runs.clone(), project, key.clone(), submitted.run_id);
     announce(&submitted, &plan, out, err)?;
     let run_id = submitted.run_id;
     let outcome = watch_and_print(&runs, &submitted, &plan, show, out, err).await?;
@@ -240,13 +238,7 @@ pub(super) async fn down_async(
         }
         Err(e) => return Err(runs_err(e)),
     };
-    let _reads = super::readonly::serve(
-        &dir,
-        runs.store().clone(),
-        project,
-        key.clone(),
-        submitted.run_id,
-    );
+    let _reads = super::readonly::serve(&dir, runs.clone(), project, key.clone(), submitted.run_id);
     announce(&submitted, &plan, out, err)?;
     let outcome = watch_and_print(&runs, &submitted, &plan, show, out, err).await?;
     runs.shutdown().await;
@@ -542,6 +534,8 @@ pub(super) mod schema {
     pub const RUN: &str = "baton.run/v1";
     pub const PLAN: &str = "baton.plan/v1";
     pub const VALIDATION: &str = "baton.validation/v1";
+    pub const AUDIT: &str = "baton.audit/v1";
+    pub const ENVIRONMENTS: &str = "baton.environments/v1";
 }
 
 /// One JSON document on `out`, pretty-printed, then a newline: every `-o json` output.

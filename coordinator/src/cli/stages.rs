@@ -334,6 +334,7 @@ fn up_with(
             output: args.output,
             live,
             verbose: args.show.verbose,
+            skip_promotion: args.reason.clone().filter(|_| args.skip_promotion_check),
         };
         return local.up(out, err);
     }
@@ -661,6 +662,7 @@ pub(super) fn down(
         output: args.output,
         live,
         verbose: args.show.verbose,
+        skip_promotion: None,
     };
     local.down(args.skip_missing_down, out, err)
 }
@@ -717,6 +719,8 @@ pub(super) fn resume(
         set,
         remote: super::RemoteArgs::default(),
         detach: false,
+        skip_promotion_check: false,
+        reason: None,
         show: super::ShowArgs::default(),
         up_to: None,
     };
@@ -786,6 +790,7 @@ fn resume_down(
         env,
         output: OutputFormat::Text,
         verbose: false,
+        skip_promotion: None,
     };
     local.down(skip_missing_down, out, err)
 }

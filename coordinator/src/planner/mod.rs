@@ -687,7 +687,7 @@ pub(crate) fn display(p: &Path) -> String {
 
 /// Every file the project read, by path relative to the stages file's directory (so the
 /// digest does not depend on where baton was started from), with its SHA-256.
-pub(crate) fn project_inputs(project: &Project) -> BTreeMap<String, String> {
+pub fn project_inputs(project: &Project) -> BTreeMap<String, String> {
     let base = project.stages_file.parent().unwrap_or(Path::new(""));
     project
         .inputs

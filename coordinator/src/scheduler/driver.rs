@@ -101,6 +101,27 @@ pub enum Control {
         by: String,
         reply: oneshot::Sender<Result<(), String>>,
     },
+    /// Approve or reject what the run awaits (the first gate waiting). Replies with the
+    /// gate decided, or why the caller may not decide it.
+    Decide {
+        approve: bool,
+        by: crate::runs::Identity,
+        comment: String,
+        reply: oneshot::Sender<Result<String, String>>,
+    },
+}
+
+/// An approval gate's state in a run (see `EventKind::AwaitingApproval`).
+#[derive(Debug, Clone, PartialEq)]
+enum Gate {
+    /// Waiting; the stages held behind it (plan order indices).
+    Waiting {
+        parked: Vec<usize>,
+        approvers: Vec<String>,
+        separate_from_submitter: bool,
+    },
+    Approved,
+    Rejected(String),
 }
 
 /// What an operator decided about a stage that needs attention.
@@ -153,11 +174,109 @@ struct Exports {
 /// needs attention (an agent that dies on it every time must not loop forever).
 const MAX_ATTEMPTS: u32 = 3;
 
+/// The next gate that timed out, or never when there is no channel.
+async fn recv_gate(rx: &mut Option<mpsc::Receiver<String>>) -> Option<String> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// The next request on `control`, or never when there is no channel.
 async fn recv(control: &mut Option<mpsc::Receiver<Control>>) -> Option<Control> {
     match control {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
+    }
+}
+
+/// The gates a run's recorded events opened and decided.
+fn gates_of(events: &[EventRecord]) -> Vec<(String, Gate)> {
+    let mut gates: Vec<(String, Gate)> = Vec::new();
+    for e in events {
+        let (gate, state) = match &e.kind {
+            EventKind::AwaitingApproval {
+                gate,
+                approvers,
+                separate_from_submitter,
+                ..
+            } => (
+                gate,
+                Gate::Waiting {
+                    parked: Vec::new(),
+                    approvers: approvers.clone(),
+                    separate_from_submitter: *separate_from_submitter,
+                },
+            ),
+            EventKind::Approved { gate, .. } => (gate, Gate::Approved),
+            EventKind::Rejected { gate, by, reason } => {
+                (gate, Gate::Rejected(rejection(by, reason)))
+            }
+            _ => continue,
+        };
+        match gates.iter_mut().find(|(g, _)| g == gate) {
+            Some((_, s)) => *s = state,
+            None => gates.push((gate.clone(), state)),
+        }
+    }
+    gates
+}
+
+/// The first gate a run's recorded events leave waiting: its name, approvers and whether
+/// the submitter is excluded.
+pub fn waiting_gate(events: &[EventRecord]) -> Option<(String, Vec<String>, bool)> {
+    gates_of(events).into_iter().find_map(|(g, s)| match s {
+        Gate::Waiting {
+            approvers,
+            separate_from_submitter,
+            ..
+        } => Some((g, approvers, separate_from_submitter)),
+        _ => None,
+    })
+}
+
+/// Why gated stages fail: `rejected by bob: not today`.
+fn rejection(by: &str, reason: &str) -> String {
+    if reason.is_empty() {
+        format!("not approved: rejected by {by}")
+    } else {
+        format!("not approved: rejected by {by}: {reason}")
+    }
+}
+
+/// Whether `who` may decide a gate with these rules: one of `approvers` (a name, or
+/// `group:NAME` of one of its groups; none listed: anyone), and not the submitter when the
+/// gate says so. `Err` says why not.
+pub fn may_approve(
+    who: &crate::runs::Identity,
+    approvers: &[String],
+    separate_from_submitter: bool,
+    submitter: &str,
+) -> Result<(), String> {
+    if separate_from_submitter && who.name == submitter {
+        return Err(format!(
+            "{} submitted this run and may not approve it (separate_from_submitter): someone else must",
+            who.name
+        ));
+    }
+    let listed = approvers.is_empty()
+        || approvers.iter().any(|a| match a.strip_prefix("group:") {
+            Some(g) => who.groups.iter().any(|mine| mine == g),
+            None => *a == who.name,
+        });
+    if listed {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} may not approve this run: approvers are {}{}",
+            who.name,
+            approvers.join(", "),
+            if who.groups.is_empty() {
+                String::new()
+            } else {
+                format!(" ({}'s groups: {})", who.name, who.groups.join(", "))
+            }
+        ))
     }
 }
 
@@ -199,6 +318,12 @@ struct Driver {
     gated: Vec<Option<u64>>,
     /// Attempts whose stale messages were already recorded once.
     stale_seen: BTreeSet<AttemptId>,
+    /// Approval gates by name (`environment`, `stage NAME`), in the order they opened.
+    gates: Vec<(String, Gate)>,
+    /// Where a gate's timeout is reported.
+    timeouts: (mpsc::Sender<String>, Option<mpsc::Receiver<String>>),
+    /// Gates whose timer runs.
+    armed: BTreeSet<String>,
 }
 
 impl Driver {
@@ -251,7 +376,17 @@ impl Driver {
             .iter()
             .map(|s| r.in_doubt.get(&s.name).cloned())
             .collect();
+        // A resumed run keeps the approvals it was given (they bound to this same plan).
+        let gates = if r.next_seq > 1 {
+            gates_of(&r.store.events(r.run.id, 0)?)
+        } else {
+            Vec::new()
+        };
+        let (timeout_tx, timeout_rx) = mpsc::channel(16);
         Ok(Driver {
+            gates,
+            timeouts: (timeout_tx, Some(timeout_rx)),
+            armed: BTreeSet::new(),
             in_doubt,
             needs_attention: vec![false; n],
             gated: vec![None; n],
@@ -277,6 +412,299 @@ impl Driver {
 
     fn key(&self, k: usize) -> StageKey {
         StageKey::new(&self.r.project_key, self.name(k))
+    }
+
+    /// [`Driver::record`] with an audit log entry in the same transition.
+    async fn record_audited(
+        &mut self,
+        stage: Option<usize>,
+        kind: EventKind,
+        action: &'static str,
+        by: &str,
+        reason: &str,
+    ) -> Result<(), DriveError> {
+        let event = EventRecord {
+            v: FORMAT,
+            seq: self.seq,
+            at_ms: now_ms(),
+            stage: stage.map(|k| self.name(k).to_owned()),
+            kind,
+        };
+        self.seq += 1;
+        let mut t = Transition::new();
+        t.push(Op::AppendEvent {
+            run: self.r.run.id,
+            event: event.clone(),
+        });
+        let entry = crate::audit::Entry {
+            action,
+            by: by.to_owned(),
+            project: self.r.project_key.clone(),
+            run: self.r.run.id,
+            release: self.r.plan.release.clone(),
+            reason: reason.to_owned(),
+        };
+        let store = self.r.store.clone();
+        tokio::task::spawn_blocking(move || {
+            crate::audit::commit_with(store.as_ref(), vec![entry], t)
+        })
+        .await
+        .map_err(|e| StoreError::Io(format!("store task failed: {e}")))??;
+        let _ = self.progress.send(event).await;
+        Ok(())
+    }
+
+    /// The approvals stage `k` needs before it starts (up runs only): the environment's,
+    /// then its own.
+    fn gates_for(&self, k: usize) -> Vec<(String, baton_common::spec::ApprovalSpec)> {
+        if self.r.direction != RunDirection::Up {
+            return Vec::new();
+        }
+        let spec = &self.r.project.spec;
+        let stage = &spec.stages[self.spec_index[k]];
+        let mut out = Vec::new();
+        // A run that changes nothing needs no approval; a stage with nothing pending neither.
+        let changes = self.r.plan.order.iter().any(|s| !s.pending.is_empty());
+        if let (Some(a), Some(env), true) = (
+            spec.environment_approval(),
+            spec.environment_name(),
+            changes,
+        ) {
+            out.push((format!("environment {env}"), a.clone()));
+        }
+        if let Some(a) = spec
+            .approval_of(stage)
+            .filter(|_| !self.r.plan.order[k].pending.is_empty())
+        {
+            out.push((format!("stage {}", stage.name.value), a.clone()));
+        }
+        out
+    }
+
+    /// Starts stage `k`, unless an approval it needs is pending (then it waits behind it; the
+    /// first to wait opens the gate) or was refused (then it fails).
+    async fn gate_or_dispatch(
+        &mut self,
+        k: usize,
+        tx: &mpsc::Sender<RunnerMessage>,
+    ) -> Result<Option<Event>, DriveError> {
+        for (gate, spec) in self.gates_for(k) {
+            match self.gates.iter_mut().find(|(g, _)| *g == gate) {
+                Some((_, Gate::Approved)) => continue,
+                Some((_, Gate::Rejected(why))) => {
+                    let message = why.clone();
+                    self.outcomes
+                        .insert(self.name(k).to_owned(), StageOutcome::Failed);
+                    self.record(Some(k), EventKind::StageFailed { message }, vec![])
+                        .await?;
+                    return Ok(Some(Event::StageFinished {
+                        stage: k,
+                        ok: false,
+                    }));
+                }
+                Some((_, Gate::Waiting { parked, .. })) => {
+                    parked.push(k);
+                    // A gate reopened after a restart times out when it was set to.
+                    self.arm_timeout(&gate);
+                    return Ok(None);
+                }
+                None => {
+                    let timeout_at_ms = spec.timeout.as_ref().map(|t| {
+                        now_ms()
+                            .saturating_add(u64::try_from(t.value.as_millis()).unwrap_or(u64::MAX))
+                    });
+                    self.gates.push((
+                        gate.clone(),
+                        Gate::Waiting {
+                            parked: vec![k],
+                            approvers: spec.approvers.iter().map(|a| a.value.clone()).collect(),
+                            separate_from_submitter: spec.separate_from_submitter,
+                        },
+                    ));
+                    let kind = EventKind::AwaitingApproval {
+                        gate: gate.clone(),
+                        run: self.r.run.id,
+                        digest: self.r.plan.digest.clone(),
+                        approvers: spec.approvers.iter().map(|a| a.value.clone()).collect(),
+                        separate_from_submitter: spec.separate_from_submitter,
+                        submitter: self.r.run.by.clone(),
+                        timeout_at_ms,
+                    };
+                    let stage = gate.starts_with("stage ").then_some(k);
+                    self.record(stage, kind, vec![]).await?;
+                    self.arm_timeout(&gate);
+                    return Ok(None);
+                }
+            }
+        }
+        self.dispatch(k, tx).await
+    }
+
+    /// Starts `gate`'s timer (once per driver), from the deadline its event recorded.
+    fn arm_timeout(&mut self, gate: &str) {
+        if !self.armed.insert(gate.to_owned()) {
+            return;
+        }
+        let deadline = self
+            .r
+            .store
+            .events(self.r.run.id, 0)
+            .ok()
+            .and_then(|events| {
+                events.into_iter().rev().find_map(|e| match e.kind {
+                    EventKind::AwaitingApproval {
+                        gate: g,
+                        timeout_at_ms,
+                        ..
+                    } if g == gate => timeout_at_ms,
+                    _ => None,
+                })
+            });
+        if let Some(at) = deadline {
+            let wait = std::time::Duration::from_millis(at.saturating_sub(now_ms()));
+            let tx = self.timeouts.0.clone();
+            let gate = gate.to_owned();
+            tokio::spawn(async move {
+                tokio::time::sleep(wait).await;
+                let _ = tx.send(gate).await;
+            });
+        }
+    }
+
+    /// Every stage held behind a gate, released from it (the run is cancelled).
+    fn unpark_all(&mut self) -> Vec<usize> {
+        let mut out = Vec::new();
+        for (_, g) in &mut self.gates {
+            if let Gate::Waiting { parked, .. } = g {
+                out.append(parked);
+            }
+        }
+        out
+    }
+
+    /// An operator's decision on the first gate waiting: checked against who may decide it.
+    async fn decide(
+        &mut self,
+        approve: bool,
+        by: &crate::runs::Identity,
+        comment: &str,
+        queue: &mut std::collections::VecDeque<Event>,
+        tx: &mpsc::Sender<RunnerMessage>,
+    ) -> Result<Result<String, String>, DriveError> {
+        let Some((gate, approvers, separate)) =
+            self.gates.iter().find_map(|(g, state)| match state {
+                Gate::Waiting {
+                    approvers,
+                    separate_from_submitter,
+                    ..
+                } => Some((g.clone(), approvers.clone(), *separate_from_submitter)),
+                _ => None,
+            })
+        else {
+            return Ok(Err(format!(
+                "run {} is not awaiting an approval",
+                self.r.run.id
+            )));
+        };
+        if let Err(why) = may_approve(by, &approvers, separate, &self.r.run.by) {
+            return Ok(Err(why));
+        }
+        let parked = self.decide_gate(&gate, approve, &by.name, comment).await?;
+        if approve {
+            for k in parked {
+                if let Some(e) = self.gate_or_dispatch(k, tx).await? {
+                    queue.push_back(e);
+                }
+            }
+        } else {
+            self.fail_parked(parked, queue).await?;
+        }
+        Ok(Ok(gate))
+    }
+
+    /// Records `gate` as approved or rejected (with the audit entry); returns the stages
+    /// that waited behind it. A gate that is not waiting is left as it is.
+    async fn decide_gate(
+        &mut self,
+        gate: &str,
+        approve: bool,
+        by: &str,
+        comment: &str,
+    ) -> Result<Vec<usize>, DriveError> {
+        let Some((_, state)) = self.gates.iter_mut().find(|(g, _)| g == gate) else {
+            return Ok(Vec::new());
+        };
+        let Gate::Waiting { parked, .. } = state else {
+            return Ok(Vec::new());
+        };
+        let parked = std::mem::take(parked);
+        *state = if approve {
+            Gate::Approved
+        } else {
+            Gate::Rejected(rejection(by, comment))
+        };
+        let stage = gate
+            .strip_prefix("stage ")
+            .and_then(|name| self.by_name.get(name).copied());
+        let (kind, action) = if approve {
+            (
+                EventKind::Approved {
+                    gate: gate.to_owned(),
+                    by: by.to_owned(),
+                    digest: self.r.plan.digest.clone(),
+                    comment: comment.to_owned(),
+                },
+                "approve",
+            )
+        } else {
+            (
+                EventKind::Rejected {
+                    gate: gate.to_owned(),
+                    by: by.to_owned(),
+                    reason: comment.to_owned(),
+                },
+                if by == "baton" { "timeout" } else { "reject" },
+            )
+        };
+        self.record_audited(stage, kind, action, by, comment)
+            .await?;
+        Ok(parked)
+    }
+
+    /// Fails stages whose approval was refused.
+    async fn fail_parked(
+        &mut self,
+        parked: Vec<usize>,
+        queue: &mut std::collections::VecDeque<Event>,
+    ) -> Result<(), DriveError> {
+        for k in parked {
+            if let Some(e) = self.fail_gated(k).await? {
+                queue.push_back(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Stage `k` behind a refused gate: fails with the gate's reason.
+    async fn fail_gated(&mut self, k: usize) -> Result<Option<Event>, DriveError> {
+        let why = self
+            .gates_for(k)
+            .into_iter()
+            .find_map(|(gate, _)| {
+                self.gates.iter().find_map(|(g, s)| match s {
+                    Gate::Rejected(why) if *g == gate => Some(why.clone()),
+                    _ => None,
+                })
+            })
+            .unwrap_or_else(|| "not approved".to_owned());
+        self.outcomes
+            .insert(self.name(k).to_owned(), StageOutcome::Failed);
+        self.record(Some(k), EventKind::StageFailed { message: why }, vec![])
+            .await?;
+        Ok(Some(Event::StageFinished {
+            stage: k,
+            ok: false,
+        }))
     }
 
     /// Persists `ops` plus one event, durably, then reports the event.
@@ -328,6 +756,7 @@ impl Driver {
             std::collections::VecDeque::from([Event::Start]);
         let mut cancel_seen = false;
         let mut control = self.r.control.take();
+        let mut timeouts = self.timeouts.1.take();
         let stop = self.r.stop.clone();
         loop {
             let event = match queue.pop_front() {
@@ -340,6 +769,12 @@ impl Driver {
                         cancel_seen = true;
                         for a in self.attempts.iter().flatten() {
                             self.r.runner.cancel(a);
+                        }
+                        // Stages held for an approval will not start now.
+                        for k in self.unpark_all() {
+                            self.outcomes.insert(self.name(k).to_owned(), StageOutcome::Failed);
+                            self.record(Some(k), EventKind::StageFailed { message: "cancelled while awaiting approval".to_owned() }, vec![]).await?;
+                            queue.push_back(Event::StageFinished { stage: k, ok: false });
                         }
                         // A stage waiting for a decision will not get one now.
                         for k in 0..self.needs_attention.len() {
@@ -355,9 +790,16 @@ impl Driver {
                         }
                         Event::Cancel
                     }
-                    Some(c) = recv(&mut control) => match self.on_control(c, &tx).await? {
-                        Some(e) => e,
-                        None => continue,
+                    Some(c) = recv(&mut control) => match c {
+                        Control::Decide { approve, by, comment, reply } => {
+                            let answer = self.decide(approve, &by, &comment, &mut queue, &tx).await?;
+                            let _ = reply.send(answer);
+                            continue;
+                        }
+                        c => match self.on_control(c, &tx).await? {
+                            Some(e) => e,
+                            None => continue,
+                        },
                     },
                     // What the runner reports, in the order it happened per attempt.
                     Some(msg) = rx.recv() => match self.on_runner(msg, cancel_seen, &tx).await? {
@@ -366,6 +808,12 @@ impl Driver {
                     },
                     // A `wait_between_stages` pause is over.
                     Some(k) = release_rx.recv() => Event::Released { stage: k },
+                    // An approval was not given in time.
+                    Some(gate) = recv_gate(&mut timeouts) => {
+                        let parked = self.decide_gate(&gate, false, "baton", "no approval before the timeout (on_timeout: reject)").await?;
+                        self.fail_parked(parked, &mut queue).await?;
+                        continue;
+                    }
                 },
             };
             let actions = self.core.apply(event)?;
@@ -373,7 +821,7 @@ impl Driver {
                 match action {
                     Action::CheckCondition(k) => queue.push_back(self.check_condition(k).await?),
                     Action::Dispatch(k) => {
-                        if let Some(e) = self.dispatch(k, &tx).await? {
+                        if let Some(e) = self.gate_or_dispatch(k, &tx).await? {
                             queue.push_back(e);
                         }
                     }
@@ -440,7 +888,10 @@ impl Driver {
             resolution,
             by,
             reply,
-        } = c;
+        } = c
+        else {
+            return Ok(None);
+        };
         let Some(&k) = self.by_name.get(&stage) else {
             let _ = reply.send(Err(format!("run {} has no stage `{stage}`", self.r.run.id)));
             return Ok(None);

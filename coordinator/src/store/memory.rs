@@ -4,8 +4,8 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use super::{
-    AppliedRecord, EventRecord, Op, RunRecord, StageKey, StageResultRecord, Store, StoreError,
-    Transition,
+    AppliedRecord, AuditRecord, EventRecord, Op, RunRecord, StageKey, StageResultRecord, Store,
+    StoreError, Transition,
 };
 
 #[derive(Debug, Default)]
@@ -16,6 +16,7 @@ struct State {
     applied: BTreeMap<(StageKey, u64), AppliedRecord>,
     results: BTreeMap<StageKey, StageResultRecord>,
     submissions: BTreeMap<u64, Vec<u8>>,
+    audit: BTreeMap<u64, AuditRecord>,
     tokens: u64,
 }
 
@@ -93,6 +94,9 @@ impl Store for MemoryStore {
                 Op::PutSubmission { run, bytes } => {
                     s.submissions.insert(run, bytes);
                 }
+                Op::AppendAudit(a) => {
+                    s.audit.insert(a.seq, a);
+                }
             }
         }
         Ok(())
@@ -129,5 +133,13 @@ impl Store for MemoryStore {
 
     fn submission(&self, run: u64) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self.lock().submissions.get(&run).cloned())
+    }
+
+    fn audit(&self) -> Result<Vec<AuditRecord>, StoreError> {
+        Ok(self.lock().audit.values().cloned().collect())
+    }
+
+    fn last_audit(&self) -> Result<Option<AuditRecord>, StoreError> {
+        Ok(self.lock().audit.values().next_back().cloned())
     }
 }

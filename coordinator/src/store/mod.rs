@@ -108,6 +108,12 @@ pub struct RunRecord {
     pub created_at_ms: u64,
     pub status: RunStatus,
     pub finished_at_ms: Option<u64>,
+    /// Who submitted it (see [`AuditRecord::by`]); empty in runs recorded before.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub by: String,
+    /// The release it ran (see `planner::Plan::release`); empty in runs recorded before.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub release: String,
     /// A down run: how far each stage goes back, so an interrupted one resumes as it began.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub down: Option<DownRecord>,
@@ -227,6 +233,40 @@ pub enum EventKind {
     Notice {
         message: String,
     },
+    /// The run waits for an approval before the stages behind `gate` start: `environment`
+    /// (the environment's `approval:`, before its first stage) or `stage` (the event's
+    /// stage's own `approval:`). Says who may approve.
+    AwaitingApproval {
+        gate: String,
+        /// The run (for the commands the message shows).
+        #[serde(default)]
+        run: u64,
+        /// The plan the approval is for: an approval binds to it.
+        digest: String,
+        #[serde(default)]
+        approvers: Vec<String>,
+        #[serde(default)]
+        separate_from_submitter: bool,
+        #[serde(default)]
+        submitter: String,
+        /// When the wait ends in a rejection (`timeout`), ms since the epoch.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timeout_at_ms: Option<u64>,
+    },
+    Approved {
+        gate: String,
+        by: String,
+        digest: String,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        comment: String,
+    },
+    /// Rejected by `by` (or by `baton` when the wait timed out): the gated stages fail.
+    Rejected {
+        gate: String,
+        by: String,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        reason: String,
+    },
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -318,6 +358,39 @@ pub enum Op {
         run: u64,
         bytes: Vec<u8>,
     },
+    /// An entry of the audit log, at its `seq` (built by `crate::audit`, which chains it).
+    AppendAudit(AuditRecord),
+}
+
+/// One entry of the audit log: who did what, when, where. Entries are hash-chained: `hash`
+/// is SHA-256 over the previous entry's hash and this entry's fields, so an edited or
+/// removed entry breaks the chain (`baton audit verify`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    pub v: u32,
+    /// 0, 1, 2, ... without gaps.
+    pub seq: u64,
+    pub at_ms: u64,
+    /// `submit`, `approve`, `reject`, `cancel`, `override`, `resolve`, `down`, `timeout`.
+    pub action: String,
+    /// The identity that acted (`alice`, the OS user locally; the operator token's name on a
+    /// coordinator; `baton` for what baton decided itself, such as a timeout).
+    pub by: String,
+    /// The project's store key (`stages.yaml/prod`).
+    pub project: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub environment: String,
+    /// The run it concerns (0: none).
+    #[serde(default)]
+    pub run: u64,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub release: String,
+    /// Why (`--reason`, a comment, the stage resolved), masked.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+    /// The previous entry's hash (empty for the first).
+    pub prev: String,
+    pub hash: String,
 }
 
 /// Writes that become durable together, or not at all.
@@ -368,6 +441,10 @@ pub trait Store: Send + Sync {
     fn result(&self, key: &StageKey) -> Result<Option<StageResultRecord>, StoreError>;
     /// What [`Op::PutSubmission`] kept for `run`.
     fn submission(&self, run: u64) -> Result<Option<Vec<u8>>, StoreError>;
+    /// The audit log, oldest first.
+    fn audit(&self) -> Result<Vec<AuditRecord>, StoreError>;
+    /// The newest audit entry.
+    fn last_audit(&self) -> Result<Option<AuditRecord>, StoreError>;
 }
 
 pub(crate) fn now_ms() -> u64 {

@@ -21,8 +21,8 @@ use baton_common::seal::{Sealer, StateKey};
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 
 use super::{
-    decode, encode, AppliedRecord, EventRecord, Op, RunRecord, StageKey, StageResultRecord, Store,
-    StoreError, Transition,
+    decode, encode, AppliedRecord, AuditRecord, EventRecord, Op, RunRecord, StageKey,
+    StageResultRecord, Store, StoreError, Transition,
 };
 
 #[derive(Debug, Clone)]
@@ -35,6 +35,9 @@ pub struct SledStore {
     applied: sled::Tree,
     results: sled::Tree,
     submissions: sled::Tree,
+    /// The audit log by sequence number (not sealed: it holds no secret, and `baton audit`
+    /// reads it as it is).
+    audit: sled::Tree,
     /// Counters (`next_id`).
     meta: sled::Tree,
     /// The directory, for messages and the high-water mark.
@@ -180,6 +183,7 @@ impl SledStore {
             applied: tree("applied")?,
             results: tree("results")?,
             submissions: tree("submissions")?,
+            audit: tree("audit")?,
             meta,
             db,
             dir: dir.to_path_buf(),
@@ -519,8 +523,9 @@ impl SledStore {
             &self.applied,
             &self.results,
             &self.submissions,
+            &self.audit,
         )
-            .transaction(|(runs, events, applied, results, submissions)| {
+            .transaction(|(runs, events, applied, results, submissions, audit)| {
                 for op in &t.ops {
                     match op {
                         Op::PutRun(r) => {
@@ -547,6 +552,9 @@ impl SledStore {
                         }
                         Op::PutSubmission { run, bytes } => {
                             submissions.insert(&run_key(*run), self.sealer.seal(&frame(bytes)))?;
+                        }
+                        Op::AppendAudit(a) => {
+                            audit.insert(&run_key(a.seq), frame(&encode(a)))?;
                         }
                     }
                 }
@@ -675,6 +683,28 @@ impl Store for SledStore {
         }
     }
 
+    fn audit(&self) -> Result<Vec<AuditRecord>, StoreError> {
+        self.audit
+            .iter()
+            .map(|kv| {
+                kv.map_err(io).and_then(|(k, v)| {
+                    let seq = <[u8; 8]>::try_from(k.as_ref()).map_or(0, u64::from_be_bytes);
+                    self.read(|| format!("audit entry {seq}"), &v)
+                })
+            })
+            .collect()
+    }
+
+    fn last_audit(&self) -> Result<Option<AuditRecord>, StoreError> {
+        match self.audit.last().map_err(io)? {
+            Some((k, v)) => {
+                let seq = <[u8; 8]>::try_from(k.as_ref()).map_or(0, u64::from_be_bytes);
+                self.read(|| format!("audit entry {seq}"), &v).map(Some)
+            }
+            None => Ok(None),
+        }
+    }
+
     fn submission(&self, run: u64) -> Result<Option<Vec<u8>>, StoreError> {
         match self.submissions.get(run_key(run)).map_err(io)? {
             Some(v) => self
@@ -730,6 +760,8 @@ mod damage_tests {
             status: RunStatus::Running,
             finished_at_ms: None,
             down: None,
+            by: String::new(),
+            release: String::new(),
         })
     }
 

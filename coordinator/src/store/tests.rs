@@ -18,6 +18,8 @@ fn run(id: u64, status: RunStatus) -> RunRecord {
         status,
         finished_at_ms: None,
         down: None,
+        by: String::new(),
+        release: String::new(),
     }
 }
 
