@@ -302,19 +302,26 @@ pub fn wait_for(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
 
 /// A run's event log from the coordinator at `url`, as JSON records.
 pub fn events(baton: &Path, url: &str, run: u64) -> Vec<serde_json::Value> {
-    let out = Command::new(baton)
-        .args([
-            "runs",
-            "show",
-            &run.to_string(),
-            "-o",
-            "json",
-            "--coordinator",
-            url,
-        ])
-        .env_remove("BATON_TOKEN")
-        .output()
-        .expect("baton runs");
+    events_as(baton, url, run, None)
+}
+
+/// [`events`] presenting the operator `token`.
+pub fn events_as(baton: &Path, url: &str, run: u64, token: Option<&str>) -> Vec<serde_json::Value> {
+    let mut cmd = Command::new(baton);
+    cmd.args([
+        "runs",
+        "show",
+        &run.to_string(),
+        "-o",
+        "json",
+        "--coordinator",
+        url,
+    ])
+    .env_remove("BATON_TOKEN");
+    if let Some(t) = token {
+        cmd.env("BATON_TOKEN", t);
+    }
+    let out = cmd.output().expect("baton runs");
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
@@ -328,11 +335,18 @@ pub fn kind_of(e: &serde_json::Value) -> &str {
 
 /// The run's status in `runs list`.
 pub fn run_status(baton: &Path, url: &str, run: u64) -> Option<String> {
-    let out = Command::new(baton)
-        .args(["runs", "list", "-o", "json", "--coordinator", url])
-        .env_remove("BATON_TOKEN")
-        .output()
-        .ok()?;
+    run_status_as(baton, url, run, None)
+}
+
+/// [`run_status`] presenting the operator `token`.
+pub fn run_status_as(baton: &Path, url: &str, run: u64, token: Option<&str>) -> Option<String> {
+    let mut cmd = Command::new(baton);
+    cmd.args(["runs", "list", "-o", "json", "--coordinator", url])
+        .env_remove("BATON_TOKEN");
+    if let Some(t) = token {
+        cmd.env("BATON_TOKEN", t);
+    }
+    let out = cmd.output().ok()?;
     let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).ok()?;
     rows.iter()
         .find(|r| r["id"].as_u64() == Some(run))

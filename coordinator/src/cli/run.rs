@@ -125,7 +125,11 @@ pub(super) async fn up_async(
     let out: &mut dyn Write = if json { &mut sink } else { &mut *data };
     let submitted = match runs.submit_up(sub).await {
         Ok(s) => s,
-        Err(e @ (RunsError::InterruptedFirst { .. } | RunsError::InterruptedOther { .. })) => {
+        Err(
+            e @ (RunsError::InterruptedFirst { .. }
+            | RunsError::InterruptedOther { .. }
+            | RunsError::Promotion(_)),
+        ) => {
             writeln!(err, "error: {e}")?;
             return Ok(EXIT_INVALID);
         }
