@@ -20,6 +20,9 @@ const EXAMPLES: &[&str] = &[
     "examples/multi-stage/stages.yaml",
 ];
 
+/// Promoted through its environments after the examples above.
+const ENVIRONMENTS_EXAMPLE: &str = "examples/environments/stages.yaml";
+
 /// Loads a bundled example (with `api_base` provided by the demo); `None` after printing
 /// why when it does not load (`command` names the demo in the hint).
 fn load_example(
@@ -149,6 +152,12 @@ pub(super) fn run(
                 err,
             )?;
         }
+        if args.config.is_empty() {
+            let c = promotion(&api.url, &state_root.join("environments"), &env, out, err).await?;
+            if c != EXIT_OK {
+                code = c;
+            }
+        }
         writeln!(
             out,
             "\nthe demo API now holds {} resources:",
@@ -161,6 +170,170 @@ pub(super) fn run(
         let _ = std::fs::remove_dir_all(&state_root);
         Ok(code)
     })
+}
+
+/// The bundled environments example promoted dev -> test -> prod, prod waiting for an
+/// approval that a second identity (`demo-approver`, group `release-managers`) gives through
+/// the running process, as `baton runs approve` would from another terminal.
+async fn promotion(
+    api: &str,
+    state_dir: &std::path::Path,
+    env: &BTreeMap<String, String>,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> std::io::Result<i32> {
+    let file = std::path::Path::new(ENVIRONMENTS_EXAMPLE);
+    let store = match SledStore::open(state_dir) {
+        Ok(s) => std::sync::Arc::new(s),
+        Err(e) => {
+            writeln!(err, "error: {e}")?;
+            return Ok(EXIT_RUN_FAILED);
+        }
+    };
+    let overrides = BTreeMap::from([("api_base".to_owned(), api.to_owned())]);
+    for environment in ["dev", "test", "prod"] {
+        writeln!(
+            out,
+            "\n=== baton stages up --config {} -e {environment} --set api_base={api}",
+            file.display()
+        )?;
+        let (project, diags, files) = load_captured(&SpecArgs {
+            config: file.to_path_buf(),
+            strict: false,
+            generated: None,
+            provided: vec!["api_base".to_owned()],
+            environment: Some(environment.to_owned()),
+        });
+        let Some(project) = project else {
+            write!(err, "{diags}")?;
+            writeln!(err, "hint: run `baton demo` from the repository root, where examples/ is")?;
+            return Ok(EXIT_INVALID);
+        };
+        let key = local::key_of(&project);
+        let plan = match local::StoreHistory::of(store.as_ref(), &key, &project) {
+            Ok(history) => planner::plan_with(
+                &project,
+                &Selection::All,
+                &history,
+                &planner::PlanVars {
+                    overrides: overrides.clone(),
+                    env: env.clone(),
+                },
+            ),
+            Err(e) => {
+                writeln!(err, "error: {e}")?;
+                return Ok(EXIT_RUN_FAILED);
+            }
+        };
+        let plan = match plan {
+            Ok(p) => p,
+            Err(e) => {
+                writeln!(err, "error: {e}")?;
+                return Ok(EXIT_INVALID);
+            }
+        };
+        let approver = (environment == "prod").then(|| {
+            let dir = state_dir.to_path_buf();
+            tokio::task::spawn_blocking(move || approve_when_asked(&dir))
+        });
+        let planned = local::LocalProject {
+            project,
+            files,
+            plan,
+            store: store.clone(),
+            key,
+            overrides: overrides.clone(),
+            env: env.clone(),
+            output: super::OutputFormat::Text,
+            live: super::progress::live_wanted(super::progress::ProgressMode::Auto, env),
+            verbose: false,
+            skip_promotion: None,
+        };
+        let code = local::up_async(planned, out, err).await?;
+        if let Some(approver) = approver {
+            match approver.await {
+                Ok(Some(line)) => writeln!(out, "(meanwhile, in another terminal) {line}")?,
+                _ => writeln!(err, "error: the demo's approver could not approve the run")?,
+            }
+        }
+        if code != EXIT_OK {
+            return Ok(code);
+        }
+    }
+    writeln!(
+        out,
+        "\n=== baton stages status --config {} --all-environments",
+        file.display()
+    )?;
+    let spec = SpecArgs {
+        config: file.to_path_buf(),
+        strict: false,
+        generated: None,
+        provided: vec!["api_base".to_owned()],
+        environment: None,
+    };
+    let (project, _) = super::stages::load_and_check(&spec);
+    if let Some(project) = project {
+        super::environments::dashboard(
+            &spec,
+            &project,
+            Some(store.as_ref()),
+            super::OutputFormat::Text,
+            out,
+            err,
+        )?;
+    }
+    writeln!(out, "\n=== baton audit")?;
+    super::environments::write_audit(
+        store.as_ref(),
+        &super::environments::AuditFilter::default(),
+        false,
+        super::OutputFormat::Text,
+        out,
+        err,
+    )
+}
+
+/// Waits (bounded: one minute) for the run in `dir` to await approval, then approves it as
+/// `demo-approver` through the running process; the command and its answer, or `None`.
+fn approve_when_asked(dir: &std::path::Path) -> Option<String> {
+    use super::readonly::{ask, Request};
+    for _ in 0..600 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let (mut listed, mut sink) = (Vec::new(), Vec::new());
+        let request = Request::RunsList {
+            json: true,
+            environment: Some("prod".to_owned()),
+        };
+        if ask(dir, &request, &mut listed, &mut sink).ok().flatten() != Some(EXIT_OK) {
+            continue;
+        }
+        let rows: Vec<serde_json::Value> = serde_json::from_slice(&listed).unwrap_or_default();
+        let Some(run) = rows
+            .iter()
+            .find(|r| r["status"] == "running")
+            .and_then(|r| r["id"].as_u64())
+        else {
+            continue;
+        };
+        let decide = Request::Decide {
+            run,
+            approve: true,
+            by: crate::runs::Identity {
+                name: "demo-approver".to_owned(),
+                groups: vec!["release-managers".to_owned()],
+            },
+            comment: "approved by the demo".to_owned(),
+        };
+        let (mut said, mut why) = (Vec::new(), Vec::new());
+        if ask(dir, &decide, &mut said, &mut why).ok().flatten() == Some(EXIT_OK) {
+            return Some(format!(
+                "BATON_USER=demo-approver BATON_GROUPS=release-managers baton runs approve {run}: {}",
+                String::from_utf8_lossy(&said).trim()
+            ));
+        }
+    }
+    None
 }
 
 /// `baton demo --distributed`: the same examples through a coordinator and two agents, all

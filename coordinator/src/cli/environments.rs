@@ -370,12 +370,32 @@ pub(super) fn status_all(
     } else {
         None
     };
+    dashboard(
+        &args.spec,
+        &project,
+        store.as_ref().map(|s| s.as_ref() as &dyn Store),
+        args.output,
+        out,
+        err,
+    )
+}
+
+/// The dashboard of `project` (loaded without an environment) from `store` (`None`: nothing
+/// has run yet).
+pub(super) fn dashboard(
+    spec_args: &super::SpecArgs,
+    project: &baton_common::spec::Project,
+    store: Option<&dyn Store>,
+    output: OutputFormat,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> std::io::Result<i32> {
     let mut columns = Vec::new();
     for env in &project.spec.environments {
         let name = env.name.value.clone();
         let spec = super::SpecArgs {
             environment: Some(name.clone()),
-            ..args.spec.clone()
+            ..spec_args.clone()
         };
         let (loaded, diags) = stages::load_and_check(&spec);
         let Some(loaded) = loaded else {
@@ -383,14 +403,14 @@ pub(super) fn status_all(
             return Ok(EXIT_INVALID);
         };
         let key = run::key_of(&loaded);
-        let (release, stages) = match &store {
+        let (release, stages) = match store {
             None => (
                 None,
                 crate::status::stage_states(&loaded, &crate::store::MemoryStore::new(), &key),
             ),
             Some(s) => (
-                runs::last_release(s.as_ref(), &key, &name).ok().flatten(),
-                crate::status::stage_states(&loaded, s.as_ref(), &key),
+                runs::last_release(s, &key, &name).ok().flatten(),
+                crate::status::stage_states(&loaded, s, &key),
             ),
         };
         let stages = match stages {
@@ -411,14 +431,14 @@ pub(super) fn status_all(
             stages,
         });
     }
-    if args.output == OutputFormat::Json {
+    if output == OutputFormat::Json {
         run::write_json(
             out,
             &serde_json::json!({ "schema": run::schema::ENVIRONMENTS, "environments": columns }),
         )?;
         return Ok(EXIT_OK);
     }
-    write_dashboard(&project, &columns, out)?;
+    write_dashboard(project, &columns, out)?;
     Ok(EXIT_OK)
 }
 
@@ -468,8 +488,15 @@ fn write_dashboard(
                     .map(|a| a.version)
                     .max()
                     .map_or_else(|| "none".to_owned(), |v| format!("v{v:03}"));
+                // The outcome's first words: `failed: why` and `skipped (condition)` are
+                // `failed` and `skipped` here; `runs show` has the rest.
                 let last = st.last.as_ref().map_or("never run".to_owned(), |l| {
-                    l.outcome.split(':').next().unwrap_or("").to_owned()
+                    l.outcome
+                        .split([':', '('])
+                        .next()
+                        .unwrap_or("")
+                        .trim()
+                        .to_owned()
                 });
                 format!("{top} {}/{total} {last}", st.applied.len())
             });

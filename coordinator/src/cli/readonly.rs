@@ -26,7 +26,7 @@ pub(super) const SOCKET: &str = "baton.sock";
 /// A read-only command, as the client was asked it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
-pub(super) enum Request {
+pub(crate) enum Request {
     /// `stages status` of the stages file `project` names (its project key).
     Status {
         project: String,

@@ -330,7 +330,12 @@ async fn watch_and_print(
             },
             () = ctrl_c.cancelled(), if !cancelled => {
                 cancelled = true;
-                runs.cancel(run_id);
+                // Locally the one who stops the run is the one who started it.
+                let by = runs.store().run(run_id).ok().flatten().map(|r| r.by).unwrap_or_default();
+                if let Err(e) = runs.cancel_by(run_id, &by) {
+                    tracing::warn!(run = run_id, error = %e, "the cancel was not audited");
+                    runs.cancel(run_id);
+                }
             }
         }
     }
