@@ -345,6 +345,7 @@ pub fn event_text(e: &EventRecord) -> Option<String> {
             separate_from_submitter,
             submitter,
             timeout_at_ms,
+            plan,
         } => {
             let who = if approvers.is_empty() {
                 "anyone".to_owned()
@@ -359,8 +360,13 @@ pub fn event_text(e: &EventRecord) -> Option<String> {
             let until = timeout_at_ms.map_or_else(String::new, |t| {
                 format!("; rejected if not approved by {}", utc(t))
             });
+            let what = if plan.is_empty() {
+                String::new()
+            } else {
+                format!(" [{}]", plan.join("; "))
+            };
             format!(
-                "AWAITING APPROVAL ({gate}) of plan {}: may approve: {who}{not}{until}; approve with `baton runs approve {run}`, reject with `baton runs reject {run}`",
+                "AWAITING APPROVAL ({gate}) of plan {}{what}: may approve: {who}{not}{until}; approve with `baton runs approve {run}`, reject with `baton runs reject {run}`",
                 &digest[..12.min(digest.len())]
             )
         }

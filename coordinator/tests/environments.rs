@@ -670,6 +670,27 @@ async fn through_a_coordinator_environments_route_to_their_agents_and_need_an_ap
     }
     assert_keys_unique(&target);
 
+    // The dashboard, from the coordinator's history.
+    let (code, text) = run(with(
+        &["stages", "status", "--all-environments", "-o", "json"],
+        carol_t,
+    ))
+    .await;
+    assert_eq!(code, 0, "{text}");
+    let board: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let broken = violations(&load("environments"), &board);
+    assert!(broken.is_empty(), "{broken:?}");
+    assert_eq!(board["environments"][2]["release"]["run"], run_id);
+    assert_eq!(board["environments"][2]["release"]["by"], "alice");
+    assert_eq!(
+        board["environments"][2]["stages"][3]["applied"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2,
+        "dependent_stage3 ran in prod: {board}"
+    );
+
     let (code, text) = run(with(&["audit", "-o", "json"], carol_t)).await;
     assert_eq!(code, 0, "{text}");
     let audit: serde_json::Value = serde_json::from_str(&text).unwrap();

@@ -206,7 +206,10 @@ async fn promotion(
         });
         let Some(project) = project else {
             write!(err, "{diags}")?;
-            writeln!(err, "hint: run `baton demo` from the repository root, where examples/ is")?;
+            writeln!(
+                err,
+                "hint: run `baton demo` from the repository root, where examples/ is"
+            )?;
             return Ok(EXIT_INVALID);
         };
         let key = local::key_of(&project);
@@ -277,7 +280,7 @@ async fn promotion(
         super::environments::dashboard(
             &spec,
             &project,
-            Some(store.as_ref()),
+            &mut super::environments::store_columns(Some(store.as_ref())),
             super::OutputFormat::Text,
             out,
             err,

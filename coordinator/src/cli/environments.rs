@@ -13,9 +13,6 @@ use super::{
 use crate::runs::{self, Identity, RunsError};
 use crate::store::{AuditRecord, StateKey, Store};
 
-/// The latest successful run of every stage in an environment: its id, release, who ran it.
-pub(super) type LastRelease = (u64, String, String);
-
 /// Which audit entries `baton audit` shows.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub(super) struct AuditFilter {
@@ -283,7 +280,7 @@ pub(super) fn promote(
                 return Ok(EXIT_INVALID);
             };
             match runs::last_release(store.as_ref(), &key, &previous) {
-                Ok(last) => last.map(|r| (r.id, r.release, r.by)),
+                Ok(last) => last.map(Release::of),
                 Err(e) => {
                     writeln!(err, "error: {e}")?;
                     return Ok(EXIT_RUN_FAILED);
@@ -291,7 +288,13 @@ pub(super) fn promote(
             }
         }
     };
-    let Some((run_id, last_release, by)) = last else {
+    let Some(Release {
+        run: run_id,
+        digest: last_release,
+        by,
+        ..
+    }) = last
+    else {
         writeln!(
             err,
             "error: nothing has succeeded in {previous} yet (every stage, in one run): run `baton stages up -e {previous}` first"
@@ -325,17 +328,43 @@ pub(super) fn promote(
 struct EnvironmentStatus {
     name: String,
     /// The release its last successful run of every stage applied.
-    release: Option<ReleaseStatus>,
+    release: Option<Release>,
     stages: Vec<crate::status::StageState>,
 }
 
+/// The latest successful run of every stage in an environment: its release, its id, who ran
+/// it and when.
 #[derive(Debug, Serialize)]
-struct ReleaseStatus {
-    digest: String,
-    run: u64,
-    by: String,
-    at_ms: u64,
+pub(super) struct Release {
+    pub digest: String,
+    pub run: u64,
+    pub by: String,
+    pub at_ms: u64,
 }
+
+impl Release {
+    fn of(r: crate::store::RunRecord) -> Release {
+        Release {
+            digest: r.release,
+            run: r.id,
+            by: r.by,
+            at_ms: r.finished_at_ms.unwrap_or(r.created_at_ms),
+        }
+    }
+}
+
+/// What the dashboard shows of one environment: its release and its stages' status.
+pub(super) type Column = (Option<Release>, Vec<crate::status::StageState>);
+
+/// Where the dashboard's columns come from: given the project loaded for an environment,
+/// its store key, the environment's name and the files read, the column or why not.
+pub(super) type ColumnSource<'a> = dyn FnMut(
+        &baton_common::spec::Project,
+        &str,
+        &str,
+        crate::scheduler::driver::PlannedFiles,
+    ) -> Result<Column, String>
+    + 'a;
 
 /// `stages status --all-environments`: environments × stages, with the release each
 /// environment runs, who ran it and when, and the versions applied.
@@ -358,6 +387,19 @@ pub(super) fn status_all(
         )?;
         return Ok(EXIT_INVALID);
     }
+    if args.remote.coordinator.is_some() {
+        let remote = args.remote.clone();
+        return dashboard(
+            &args.spec,
+            &project,
+            &mut |loaded, key, env, files| {
+                super::remote::environment_column(&remote, loaded, key, env, files)
+            },
+            args.output,
+            out,
+            err,
+        );
+    }
     let dir = args
         .state_dir
         .clone()
@@ -370,22 +412,36 @@ pub(super) fn status_all(
     } else {
         None
     };
-    dashboard(
-        &args.spec,
-        &project,
-        store.as_ref().map(|s| s.as_ref() as &dyn Store),
-        args.output,
-        out,
-        err,
-    )
+    let mut columns = store_columns(store.as_ref().map(|s| s.as_ref() as &dyn Store));
+    dashboard(&args.spec, &project, &mut columns, args.output, out, err)
 }
 
-/// The dashboard of `project` (loaded without an environment) from `store` (`None`: nothing
-/// has run yet).
+/// The columns of `store` (`None`: nothing has run yet).
+pub(super) fn store_columns(
+    store: Option<&dyn Store>,
+) -> impl FnMut(
+    &baton_common::spec::Project,
+    &str,
+    &str,
+    crate::scheduler::driver::PlannedFiles,
+) -> Result<Column, String>
+       + '_ {
+    move |loaded, key, env, _files| {
+        let empty = crate::store::MemoryStore::new();
+        let s: &dyn Store = store.unwrap_or(&empty);
+        let release = runs::last_release(s, key, env)
+            .map_err(|e| e.to_string())?
+            .map(Release::of);
+        let stages = crate::status::stage_states(loaded, s, key).map_err(|e| e.to_string())?;
+        Ok((release, stages))
+    }
+}
+
+/// The dashboard of `project` (loaded without an environment), its columns from `column`.
 pub(super) fn dashboard(
     spec_args: &super::SpecArgs,
     project: &baton_common::spec::Project,
-    store: Option<&dyn Store>,
+    column: &mut ColumnSource<'_>,
     output: OutputFormat,
     out: &mut dyn Write,
     err: &mut dyn Write,
@@ -397,24 +453,14 @@ pub(super) fn dashboard(
             environment: Some(name.clone()),
             ..spec_args.clone()
         };
-        let (loaded, diags) = stages::load_and_check(&spec);
+        let (loaded, diags, files) = stages::load_captured(&spec);
         let Some(loaded) = loaded else {
             write!(err, "{diags}")?;
             return Ok(EXIT_INVALID);
         };
         let key = run::key_of(&loaded);
-        let (release, stages) = match store {
-            None => (
-                None,
-                crate::status::stage_states(&loaded, &crate::store::MemoryStore::new(), &key),
-            ),
-            Some(s) => (
-                runs::last_release(s, &key, &name).ok().flatten(),
-                crate::status::stage_states(&loaded, s, &key),
-            ),
-        };
-        let stages = match stages {
-            Ok(s) => s,
+        let (release, stages) = match column(&loaded, &key, &name, files) {
+            Ok(c) => c,
             Err(e) => {
                 writeln!(err, "error: {e}")?;
                 return Ok(EXIT_RUN_FAILED);
@@ -422,12 +468,7 @@ pub(super) fn dashboard(
         };
         columns.push(EnvironmentStatus {
             name,
-            release: release.map(|r| ReleaseStatus {
-                digest: r.release,
-                run: r.id,
-                by: r.by,
-                at_ms: r.finished_at_ms.unwrap_or(r.created_at_ms),
-            }),
+            release,
             stages,
         });
     }
@@ -443,7 +484,7 @@ pub(super) fn dashboard(
 }
 
 /// One line of the dashboard's release rows.
-type ReleaseCell = fn(&ReleaseStatus) -> String;
+type ReleaseCell = fn(&Release) -> String;
 
 fn write_dashboard(
     project: &baton_common::spec::Project,

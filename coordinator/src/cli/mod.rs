@@ -746,11 +746,11 @@ pub fn run(
             a.spec.provided = a.set.iter().map(|(k, _)| k.clone()).collect();
             stages::down(&a, env, &key, out, err)
         }
-        Command::Stages(StagesCommand::Status(a)) if a.remote.coordinator.is_some() => {
-            remote::status(&a, out, err)
-        }
         Command::Stages(StagesCommand::Status(a)) if a.all_environments => {
             environments::status_all(&a, &key, out, err)
+        }
+        Command::Stages(StagesCommand::Status(a)) if a.remote.coordinator.is_some() => {
+            remote::status(&a, out, err)
         }
         Command::Stages(StagesCommand::Status(a)) => stages::status(&a, &key, out, err),
         Command::Stages(StagesCommand::Graph(a)) => graph::run(&a, out, err),

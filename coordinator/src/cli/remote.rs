@@ -891,33 +891,17 @@ pub(super) fn audit(
     finish(err, r)
 }
 
-/// The coordinator's latest successful run of every stage of `key`'s project in `env`:
-/// its id, release and who ran it. `Err(exit code)` once reported.
+/// The coordinator's latest successful run of every stage of `key`'s project in `env`.
+/// `Err(exit code)` once reported.
 pub(super) fn last_release(
     remote: &RemoteArgs,
     key: &str,
     env: &str,
     err: &mut dyn Write,
-) -> std::io::Result<Result<Option<super::environments::LastRelease>, i32>> {
-    let scoped = crate::runs::scoped_key(key.split_once('/').map_or(key, |(p, _)| p), Some(env));
+) -> std::io::Result<Result<Option<super::environments::Release>, i32>> {
     let r = block(async {
         let mut client = connect(remote).await?;
-        let runs = client
-            .list_runs(proto::ListRunsRequest {})
-            .await?
-            .into_inner()
-            .runs;
-        Ok(runs
-            .into_iter()
-            .rev()
-            .find(|r| {
-                r.project == scoped
-                    && r.direction == "up"
-                    && r.status == "succeeded"
-                    && r.selection == "all stages"
-                    && !r.release.is_empty()
-            })
-            .map(|r| (r.run_id, r.release, r.by)))
+        release_in(&mut client, key, env).await
     })?;
     Ok(match r {
         Ok(found) => Ok(found),
@@ -926,6 +910,54 @@ pub(super) fn last_release(
             Err(f.code)
         }
     })
+}
+
+/// [`last_release`] on an open connection.
+async fn release_in(
+    client: &mut Client,
+    key: &str,
+    env: &str,
+) -> Result<Option<super::environments::Release>, Failure> {
+    let scoped = crate::runs::scoped_key(key.split_once('/').map_or(key, |(p, _)| p), Some(env));
+    let runs = client
+        .list_runs(proto::ListRunsRequest {})
+        .await?
+        .into_inner()
+        .runs;
+    Ok(runs
+        .into_iter()
+        .rev()
+        .find(|r| {
+            r.project == scoped
+                && r.direction == "up"
+                && r.status == "succeeded"
+                && r.selection == "all stages"
+                && !r.release.is_empty()
+        })
+        .map(|r| super::environments::Release {
+            digest: r.release,
+            run: r.run_id,
+            by: r.by,
+            at_ms: r.created_at_ms,
+        }))
+}
+
+/// One environment's column of `stages status --all-environments --coordinator`.
+pub(super) fn environment_column(
+    remote: &RemoteArgs,
+    project: &baton_common::spec::Project,
+    key: &str,
+    env: &str,
+    files: crate::scheduler::driver::PlannedFiles,
+) -> Result<super::environments::Column, String> {
+    let r = block(async {
+        let states = remote_states(remote, project, files).await?;
+        let mut client = connect(remote).await?;
+        let release = release_in(&mut client, key, env).await?;
+        Ok((release, states))
+    })
+    .map_err(|e| e.to_string())?;
+    r.map_err(|f| f.message)
 }
 
 /// Who runs this CLI, for decisions recorded in a run's log: `USER@HOST`.

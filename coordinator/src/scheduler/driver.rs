@@ -521,7 +521,28 @@ impl Driver {
                             separate_from_submitter: spec.separate_from_submitter,
                         },
                     ));
+                    // The approver sees what the approval lets run: the whole run's pending
+                    // migrations for the environment's gate, the stage's for its own.
+                    let plan = self
+                        .r
+                        .plan
+                        .order
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, s)| {
+                            !s.pending.is_empty() && (gate.starts_with("environment ") || *i == k)
+                        })
+                        .map(|(_, s)| {
+                            let pending: Vec<String> = s
+                                .pending
+                                .iter()
+                                .map(|(v, n)| format!("{v:03}_{n}"))
+                                .collect();
+                            format!("{}: {}", s.name, pending.join(", "))
+                        })
+                        .collect();
                     let kind = EventKind::AwaitingApproval {
+                        plan,
                         gate: gate.clone(),
                         run: self.r.run.id,
                         digest: self.r.plan.digest.clone(),

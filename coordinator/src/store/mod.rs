@@ -252,6 +252,9 @@ pub enum EventKind {
         /// When the wait ends in a rejection (`timeout`), ms since the epoch.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         timeout_at_ms: Option<u64>,
+        /// What the approval lets run: per stage behind the gate, `stage: 001_a, 002_b`.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        plan: Vec<String>,
     },
     Approved {
         gate: String,
