@@ -526,7 +526,7 @@ async fn through_a_coordinator_environments_route_to_their_agents_and_need_an_ap
     let data = dir.join("coordinator-data");
     baton_e2e::files::write(
         &dir.join("operators.yaml"),
-        "operators:\n  - name: alice\n    token: alice-0123456789abcdef\n    roles: [submit]\n  - name: bob\n    token: bob-0123456789abcdef\n    roles: [approve]\n    groups: [release-managers]\n  - name: carol\n    token: carol-0123456789abcdef\n    roles: [approve]\n    groups: [developers]\n",
+        "operators:\n  - name: alice\n    token: alice-0123456789abcdef\n    roles: [submit]\n  - name: bob\n    token: bob-0123456789abcdef\n    roles: [approve]\n    groups: [release-managers]\n  - name: carol\n    token: carol-0123456789abcdef\n    roles: [approve]\n    groups: [developers]\n  - name: root\n    token: root-0123456789abcdef\n    roles: [admin]\n",
     );
     let ops = dir.join("operators.yaml");
     let (_coordinator, url) = cluster::start_coordinator(
@@ -572,6 +572,7 @@ async fn through_a_coordinator_environments_route_to_their_agents_and_need_an_ap
     let alice_t = "alice-0123456789abcdef";
     let bob_t = "bob-0123456789abcdef";
     let carol_t = "carol-0123456789abcdef";
+    let root_t = "root-0123456789abcdef";
 
     let (code, text) = run(with(
         &["stages", "up", "-e", "dev", "--progress", "plain"],
@@ -599,6 +600,82 @@ async fn through_a_coordinator_environments_route_to_their_agents_and_need_an_ap
     .await;
     assert_ne!(code, 0, "{text}");
     assert!(text.contains("needs the `admin` role"), "{text}");
+    // dev left prod pending on the coordinator too.
+    let (code, text) = run(with(
+        &["stages", "status", "-e", "prod", "-o", "json"],
+        carol_t,
+    ))
+    .await;
+    assert_eq!(code, 0, "{text}");
+    let status: serde_json::Value = serde_json::from_str(&text).unwrap();
+    for s in status["stages"].as_array().unwrap() {
+        assert!(s["applied"].as_array().unwrap().is_empty(), "{s}");
+    }
+
+    // Submits detached; returns the run once it awaits approval (bounded).
+    let awaiting_remote = |args: Vec<String>| {
+        let url = url.clone();
+        let run = run.clone();
+        async move {
+            let (code, text) = run(args).await;
+            assert_eq!(code, 0, "{text}");
+            let id: u64 = text
+                .split_whitespace()
+                .find_map(|w| w.parse().ok())
+                .unwrap_or_else(|| panic!("no run id in {text}"));
+            tokio::task::spawn_blocking(move || {
+                cluster::wait_for("prod to await approval", Duration::from_secs(60), || {
+                    cluster::events_as(bin(), &url, id, Some(alice_t))
+                        .iter()
+                        .any(|e| cluster::kind_of(e) == "awaiting_approval")
+                });
+            })
+            .await
+            .unwrap();
+            id
+        }
+    };
+    // An admin overrides the promotion order (audited); prod still waits for its approval,
+    // and a release manager rejects it: nothing reaches production.
+    let hotfix = awaiting_remote(with(
+        &[
+            "stages",
+            "up",
+            "-e",
+            "prod",
+            "--skip-promotion-check",
+            "--reason",
+            "hotfix 7",
+            "--detach",
+        ],
+        root_t,
+    ))
+    .await;
+    let (code, text) = run(with(
+        &[
+            "runs",
+            "reject",
+            &hotfix.to_string(),
+            "--reason",
+            "not like this",
+        ],
+        bob_t,
+    ))
+    .await;
+    assert_eq!(code, 0, "{text}");
+    {
+        let url = url.clone();
+        tokio::task::spawn_blocking(move || {
+            cluster::wait_for("the rejected run to fail", Duration::from_secs(60), || {
+                cluster::run_status_as(bin(), &url, hotfix, Some(alice_t)).as_deref()
+                    == Some("failed")
+            });
+        })
+        .await
+        .unwrap();
+    }
+    assert!(puts(&target).iter().all(|p| !p.contains("prd")));
+
     let (code, text) = run(with(
         &["stages", "up", "-e", "test", "--progress", "plain"],
         alice_t,
@@ -607,25 +684,8 @@ async fn through_a_coordinator_environments_route_to_their_agents_and_need_an_ap
     assert_eq!(code, 0, "{text}");
 
     // prod, detached: it waits for an approval.
-    let (code, text) = run(with(&["stages", "up", "-e", "prod", "--detach"], alice_t)).await;
-    assert_eq!(code, 0, "{text}");
-    let run_id: u64 = text
-        .split_whitespace()
-        .find_map(|w| w.trim_end_matches(':').parse().ok())
-        .unwrap_or_else(|| panic!("no run id in {text}"));
+    let run_id = awaiting_remote(with(&["stages", "up", "-e", "prod", "--detach"], alice_t)).await;
     let id = run_id.to_string();
-    {
-        let (url, id) = (url.clone(), run_id);
-        tokio::task::spawn_blocking(move || {
-            cluster::wait_for("prod to await approval", Duration::from_secs(60), || {
-                cluster::events_as(bin(), &url, id, Some(alice_t))
-                    .iter()
-                    .any(|e| cluster::kind_of(e) == "awaiting_approval")
-            });
-        })
-        .await
-        .unwrap();
-    }
     // alice may not approve (no approve role); carol is not a release manager.
     let (code, text) = run(with(&["runs", "approve", &id], alice_t)).await;
     assert_ne!(code, 0, "{text}");
@@ -710,6 +770,9 @@ async fn through_a_coordinator_environments_route_to_their_agents_and_need_an_ap
         entries,
         [
             ("submit", "alice", "dev"),
+            ("submit", "root", "prod"),
+            ("override", "root", "prod"),
+            ("reject", "bob", "prod"),
             ("submit", "alice", "test"),
             ("submit", "alice", "prod"),
             ("approve", "bob", "prod"),

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 const LIMIT: Duration = Duration::from_secs(120);
 
 /// Runs `bin args` in `dir`; its exit code (-1 when killed by a signal) and its stdout then
-/// stderr. `BATON_COORDINATOR` and `BATON_TOKEN` are removed from its environment.
+/// stderr. `BATON_COORDINATOR`, `BATON_TOKEN` and `BATON_ENVIRONMENT` are removed from its
+/// environment.
 pub async fn run(bin: &Path, dir: &Path, args: &[&str]) -> (i32, String) {
     run_with_env(bin, dir, args, &[]).await
 }
@@ -33,6 +34,7 @@ pub async fn run_with_env(
             .current_dir(&dir)
             .env_remove("BATON_COORDINATOR")
             .env_remove("BATON_TOKEN")
+            .env_remove("BATON_ENVIRONMENT")
             .envs(env)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
