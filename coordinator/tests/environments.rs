@@ -615,7 +615,6 @@ async fn through_a_coordinator_environments_route_to_their_agents_and_need_an_ap
     // Submits detached; returns the run once it awaits approval (bounded).
     let awaiting_remote = |args: Vec<String>| {
         let url = url.clone();
-        let run = run.clone();
         async move {
             let (code, text) = run(args).await;
             assert_eq!(code, 0, "{text}");
