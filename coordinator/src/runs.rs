@@ -1459,22 +1459,31 @@ pub fn previous_environment(project: &Project) -> Option<String> {
         .map(|i| project.spec.environments[i].name.value.clone())
 }
 
-/// The latest run of the project `key` (scoped to an environment) in environment `env`
-/// that applied every stage of a release and succeeded.
+/// The runs of the project `key` (scoped to any environment) in environment `env` that
+/// applied every stage of a release and succeeded, oldest first: what promotion counts.
+fn full_successes(store: &dyn Store, key: &str, env: &str) -> Result<Vec<RunRecord>, StoreError> {
+    let base = key.split_once('/').map_or(key, |(p, _)| p);
+    let scoped = scoped_key(base, Some(env));
+    Ok(store
+        .runs()?
+        .into_iter()
+        .filter(|r| {
+            r.project == scoped
+                && r.direction == "up"
+                && r.status == RunStatus::Succeeded
+                && r.selection == Selection::All
+                && !r.release.is_empty()
+        })
+        .collect())
+}
+
+/// The latest of [`full_successes`].
 pub fn last_release(
     store: &dyn Store,
     key: &str,
     env: &str,
 ) -> Result<Option<RunRecord>, StoreError> {
-    let base = key.split_once('/').map_or(key, |(p, _)| p);
-    let scoped = scoped_key(base, Some(env));
-    Ok(store.runs()?.into_iter().rev().find(|r| {
-        r.project == scoped
-            && r.direction == "up"
-            && r.status == RunStatus::Succeeded
-            && r.selection == Selection::All
-            && !r.release.is_empty()
-    }))
+    Ok(full_successes(store, key, env)?.pop())
 }
 
 /// Promotion order: `plan`'s release must have succeeded (every stage) in `previous`. `None`
@@ -1485,20 +1494,12 @@ fn promotion_check(
     previous: &str,
     plan: &Plan,
 ) -> Result<Option<String>, RunsError> {
-    let base = key.split_once('/').map_or(key, |(p, _)| p);
-    let scoped = scoped_key(base, Some(previous));
-    let done = store.runs()?.into_iter().any(|r| {
-        r.project == scoped
-            && r.direction == "up"
-            && r.status == RunStatus::Succeeded
-            && r.selection == Selection::All
-            && r.release == plan.release
-    });
-    if done {
+    let done = full_successes(store, key, previous)?;
+    if done.iter().any(|r| r.release == plan.release) {
         return Ok(None);
     }
     let env = plan.environment.as_deref().unwrap_or("this environment");
-    Ok(Some(match last_release(store, key, previous)? {
+    Ok(Some(match done.last() {
         Some(r) => format!(
             "release {} has not succeeded in {previous} (the environment before {env}); {previous} last succeeded with release {} in run {}",
             short(&plan.release),

@@ -119,6 +119,8 @@ enum Gate {
         parked: Vec<usize>,
         approvers: Vec<String>,
         separate_from_submitter: bool,
+        /// When the wait ends in a rejection (as recorded, so a restart keeps it).
+        timeout_at_ms: Option<u64>,
     },
     Approved,
     Rejected(String),
@@ -199,6 +201,7 @@ fn gates_of(events: &[EventRecord]) -> Vec<(String, Gate)> {
                 gate,
                 approvers,
                 separate_from_submitter,
+                timeout_at_ms,
                 ..
             } => (
                 gate,
@@ -206,6 +209,7 @@ fn gates_of(events: &[EventRecord]) -> Vec<(String, Gate)> {
                     parked: Vec::new(),
                     approvers: approvers.clone(),
                     separate_from_submitter: *separate_from_submitter,
+                    timeout_at_ms: *timeout_at_ms,
                 },
             ),
             EventKind::Approved { gate, .. } => (gate, Gate::Approved),
@@ -324,6 +328,8 @@ struct Driver {
     timeouts: (mpsc::Sender<String>, Option<mpsc::Receiver<String>>),
     /// Gates whose timer runs.
     armed: BTreeSet<String>,
+    /// The gates' timers (aborted when the driver goes).
+    timers: JoinSet<()>,
 }
 
 impl Driver {
@@ -387,6 +393,7 @@ impl Driver {
             gates,
             timeouts: (timeout_tx, Some(timeout_rx)),
             armed: BTreeSet::new(),
+            timers: JoinSet::new(),
             in_doubt,
             needs_attention: vec![false; n],
             gated: vec![None; n],
@@ -519,6 +526,7 @@ impl Driver {
                             parked: vec![k],
                             approvers: spec.approvers.iter().map(|a| a.value.clone()).collect(),
                             separate_from_submitter: spec.separate_from_submitter,
+                            timeout_at_ms,
                         },
                     ));
                     // The approver sees what the approval lets run: the whole run's pending
@@ -561,35 +569,26 @@ impl Driver {
         self.dispatch(k, tx).await
     }
 
-    /// Starts `gate`'s timer (once per driver), from the deadline its event recorded.
+    /// Starts `gate`'s timer (once per driver), to the deadline its event recorded. The
+    /// timer goes with the driver.
     fn arm_timeout(&mut self, gate: &str) {
+        let deadline = self.gates.iter().find_map(|(g, s)| match s {
+            Gate::Waiting { timeout_at_ms, .. } if g == gate => *timeout_at_ms,
+            _ => None,
+        });
+        let Some(at) = deadline else {
+            return;
+        };
         if !self.armed.insert(gate.to_owned()) {
             return;
         }
-        let deadline = self
-            .r
-            .store
-            .events(self.r.run.id, 0)
-            .ok()
-            .and_then(|events| {
-                events.into_iter().rev().find_map(|e| match e.kind {
-                    EventKind::AwaitingApproval {
-                        gate: g,
-                        timeout_at_ms,
-                        ..
-                    } if g == gate => timeout_at_ms,
-                    _ => None,
-                })
-            });
-        if let Some(at) = deadline {
-            let wait = std::time::Duration::from_millis(at.saturating_sub(now_ms()));
-            let tx = self.timeouts.0.clone();
-            let gate = gate.to_owned();
-            tokio::spawn(async move {
-                tokio::time::sleep(wait).await;
-                let _ = tx.send(gate).await;
-            });
-        }
+        let wait = std::time::Duration::from_millis(at.saturating_sub(now_ms()));
+        let tx = self.timeouts.0.clone();
+        let gate = gate.to_owned();
+        self.timers.spawn(async move {
+            tokio::time::sleep(wait).await;
+            let _ = tx.send(gate).await;
+        });
     }
 
     /// Every stage held behind a gate, released from it (the run is cancelled).

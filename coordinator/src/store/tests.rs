@@ -129,6 +129,34 @@ fn suite(store: &dyn Store) {
     t.push(Op::RemoveResult { key: key.clone() });
     store.commit(t).unwrap();
     assert_eq!(store.result(&key).unwrap(), None);
+
+    // Environments keep their own history under one project.
+    let prod = StageKey::new("p/prod", "infra");
+    assert_eq!(prod.environment, "prod");
+    assert_ne!(prod.bytes(), key.bytes());
+    assert_eq!(key.environment, "default");
+    assert!(store.applied(&prod).unwrap().is_empty());
+
+    // The audit log: appended with the transition it records, read in order, chained.
+    assert_eq!(store.last_audit().unwrap(), None);
+    for (action, by) in [("submit", "alice"), ("approve", "bob"), ("cancel", "alice")] {
+        crate::audit::append(
+            store,
+            crate::audit::Entry {
+                action,
+                by: by.into(),
+                project: "p/prod".into(),
+                run: 7,
+                release: "r".into(),
+                reason: String::new(),
+            },
+        )
+        .unwrap();
+    }
+    let audit = store.audit().unwrap();
+    assert_eq!(audit.iter().map(|a| a.seq).collect::<Vec<_>>(), [0, 1, 2]);
+    assert_eq!(store.last_audit().unwrap().as_ref(), audit.last());
+    assert!(crate::audit::verify(&audit).is_ok());
 }
 
 #[test]
