@@ -781,3 +781,37 @@ async fn through_a_coordinator_environments_route_to_their_agents_and_need_an_ap
     assert_eq!(code, 0, "{text}");
     drop(agents);
 }
+
+/// A stage's own `approval:` holds that stage only (here in a project without
+/// environments): the stage before it runs, the gated one waits for its approver.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_with_its_own_approval_waits_for_it_alone() {
+    let target = Target::start().await;
+    target.answer_unscripted_like_a_cloud();
+    let dir = baton_e2e::files::temp_dir("env-stage-gate");
+    baton_e2e::files::write(
+        &dir.join("stages.yaml"),
+        &format!(
+            "stages:\n  - name: build\n    config_path: s/config.yaml\n    env: {{what: build}}\n  - name: release\n    config_path: s/config.yaml\n    depends_on: [build]\n    env: {{what: release}}\n    approval:\n      approvers: [bob]\nglobal:\n  env:\n    api: {}\n",
+            target.url()
+        ),
+    );
+    baton_e2e::files::write(&dir.join("s/config.yaml"), "migrate_dir: migration\n");
+    baton_e2e::files::write(
+        &dir.join("s/migration/001_x.yaml"),
+        "up:\n  request:\n    method: PUT\n    url: '{{.api}}/{{.what}}'\n",
+    );
+    let log = dir.join("up.log");
+    let child = spawn_alice(&dir, &["stages", "up", "--progress", "plain"], &log);
+    let run = awaiting(&log).await.to_string();
+    assert_eq!(puts(&target), ["/build"], "only the gated stage waits");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("AWAITING APPROVAL (stage release)"), "{text}");
+    assert!(text.contains("[release: 001_x]"), "{text}");
+    let (code, text) = baton_as(&dir, "carol", "", &["runs", "approve", &run]).await;
+    assert_eq!(code, 2, "{text}");
+    let (code, text) = baton_as(&dir, "bob", "", &["runs", "approve", &run]).await;
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(exit_of(child).await, 0);
+    assert_eq!(puts(&target), ["/build", "/release"]);
+}
