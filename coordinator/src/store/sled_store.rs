@@ -966,3 +966,84 @@ mod damage_tests {
         let _ = std::fs::remove_file(&file);
     }
 }
+
+#[cfg(test)]
+mod group_tests {
+    use super::GroupFlush;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::{mpsc, Arc, Mutex};
+    use std::time::Duration;
+
+    /// Waits (bounded) until `check` holds.
+    fn until(what: &str, check: impl Fn() -> bool) {
+        for _ in 0..1000 {
+            if check() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        panic!("timed out waiting for {what}");
+    }
+
+    /// With a flush that can be held: a writer that arrives while a flush runs is not
+    /// released by that flush (it may not cover its transition), only by the next one, and
+    /// writers that arrive together share one flush.
+    #[test]
+    fn no_waiter_is_released_before_the_flush_that_covers_it() {
+        let group = Arc::new(GroupFlush::default());
+        let (release, held) = mpsc::channel::<()>();
+        let held = Arc::new(Mutex::new(held));
+        let started = Arc::new(AtomicU64::new(0));
+        let completed = Arc::new(AtomicU64::new(0));
+        let flush = {
+            let (started, completed) = (started.clone(), completed.clone());
+            move || {
+                started.fetch_add(1, Ordering::SeqCst);
+                held.lock().unwrap().recv().unwrap();
+                completed.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            }
+        };
+        // A writer: returns the number of flushes completed when it was released.
+        let writer = |done: Arc<AtomicBool>| {
+            let (group, flush, completed) = (group.clone(), flush.clone(), completed.clone());
+            std::thread::spawn(move || {
+                group.flush_after_this(&flush).unwrap();
+                done.store(true, Ordering::SeqCst);
+                completed.load(Ordering::SeqCst)
+            })
+        };
+        let a_done = Arc::new(AtomicBool::new(false));
+        let a = writer(a_done.clone());
+        until("the first flush to start", || {
+            started.load(Ordering::SeqCst) == 1
+        });
+        // B and C arrive while A's flush runs: it was started before their transitions.
+        let (b_done, c_done) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let b = writer(b_done.clone());
+        let c = writer(c_done.clone());
+        until("B and C to take their tickets", || group.lock().issued == 3);
+        assert!(
+            !a_done.load(Ordering::SeqCst),
+            "A returned before its flush ended"
+        );
+        release.send(()).unwrap();
+        assert_eq!(a.join().unwrap(), 1);
+        // One of B and C runs the next flush for both; neither is out before it ends.
+        until("the second flush to start", || {
+            started.load(Ordering::SeqCst) == 2
+        });
+        assert!(!b_done.load(Ordering::SeqCst) && !c_done.load(Ordering::SeqCst));
+        release.send(()).unwrap();
+        assert_eq!(b.join().unwrap(), 2);
+        assert_eq!(c.join().unwrap(), 2);
+        assert_eq!(
+            started.load(Ordering::SeqCst),
+            2,
+            "B and C shared one flush"
+        );
+    }
+}
