@@ -151,6 +151,26 @@ impl Live {
                 let _ = self.multi.println(line);
             }
         }
+        // Approvals are decisions people wait on: always shown, with who may decide and how.
+        if matches!(
+            e.kind,
+            EventKind::AwaitingApproval { .. }
+                | EventKind::Approved { .. }
+                | EventKind::Rejected { .. }
+        ) {
+            if let Some(text) = crate::status::event_text(e) {
+                let _ = self.multi.println(text);
+            }
+            let waiting = matches!(e.kind, EventKind::AwaitingApproval { .. });
+            self.overall
+                .set_message(if waiting { "awaiting approval" } else { "" });
+            if let Some(bar) = e.stage.as_ref().and_then(|s| self.stages.get(s)) {
+                if waiting {
+                    bar.set_message("awaiting approval");
+                }
+            }
+            return;
+        }
         let Some(bar) = e.stage.as_ref().and_then(|s| self.stages.get(s)) else {
             return;
         };
