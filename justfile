@@ -29,6 +29,13 @@ bench:
 bench-distributed:
     cargo bench -p baton-coordinator --bench distributed
 
+# Whole runs of the real binaries on generated projects (a chain, a fan-out, a 500-stage DAG)
+# at 0 and 20 ms target latency, locally and through a coordinator with two agents, side by
+# side with a bare async fan-out as the floor (results: docs/benchmarks.md).
+# BENCH_RUNS=chain,fan,dag BENCH_MODES=floor,local,distributed BENCH_LATENCIES=0,20 pick parts.
+bench-runs:
+    cargo bench -p baton-coordinator --bench runs
+
 # The randomized fault soak: runs of a 30-stage DAG while agents and the coordinator are
 # killed and restarted at random; reproducible from the printed seed (default 9 minutes, so
 # the whole recipe stays under 10). CI runs 120 s.

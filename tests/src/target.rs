@@ -104,6 +104,8 @@ struct Shared {
     answered: HashMap<String, Reply>,
     /// See [`Target::answer_unscripted_like_a_cloud`].
     cloud: bool,
+    /// See [`Target::set_cloud_latency`].
+    cloud_latency: Duration,
     /// Per request, in arrival order: its path, when it arrived, when it was answered.
     timings: Vec<(String, std::time::Instant, std::time::Instant)>,
 }
@@ -218,6 +220,11 @@ impl Target {
     /// with 201 and `{"id": PATH, "name": LAST_SEGMENT}`, `DELETE` and `GET` with 200.
     pub fn answer_unscripted_like_a_cloud(&self) {
         self.shared.lock().expect("target lock").cloud = true;
+    }
+
+    /// Those cloud answers take `latency` each (the benchmarks' latency knob).
+    pub fn set_cloud_latency(&self, latency: Duration) {
+        self.shared.lock().expect("target lock").cloud_latency = latency;
     }
 
     /// Per request, in arrival order: its path, when it arrived and when the handler answered
@@ -342,7 +349,7 @@ async fn handle(
                     }
                 })
             })
-            .or_else(|| cloud.then(|| cloud_reply(&method, &path)));
+            .or_else(|| cloud.then(|| cloud_reply(&method, &path).delayed(s.cloud_latency)));
         if let (Some(k), Some(r)) = (idem, &reply) {
             s.answered.entry(k).or_insert_with(|| r.clone());
         }
