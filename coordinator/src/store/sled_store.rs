@@ -50,6 +50,7 @@ pub struct SledStore {
     events_written: std::sync::Arc<AtomicU64>,
     /// Group commit: transitions that arrive while a flush runs share the next one.
     group: std::sync::Arc<GroupFlush>,
+    high_water: std::sync::Arc<HighWaterFile>,
 }
 
 /// Group commit. Every writer takes a ticket once its transaction is applied; a flush
@@ -177,6 +178,7 @@ impl SledStore {
         })?;
         let store = SledStore {
             group: std::sync::Arc::default(),
+            high_water: std::sync::Arc::default(),
             id,
             runs: tree("runs")?,
             events: tree("events")?,
@@ -239,7 +241,7 @@ impl SledStore {
             events: self.events_written.load(Ordering::SeqCst),
         };
         self.db.flush().map_err(io)?;
-        if let Err(e) = write_high_water(&self.dir, &mark) {
+        if let Err(e) = self.high_water.write(&self.dir, &mark) {
             // The data is durable; only damage detection is weaker until the next flush.
             tracing::warn!(dir = %self.dir.display(), error = %e, "cannot write the high-water mark");
         }
@@ -383,19 +385,40 @@ fn read_high_water(dir: &Path) -> Result<Option<HighWater>, String> {
         .map_err(|e| e.to_string())
 }
 
-fn write_high_water(dir: &Path, mark: &HighWater) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = dir.join(format!("{HIGH_WATER}.tmp"));
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(&frame(&encode(mark)))?;
-    drop(f);
-    std::fs::rename(&tmp, dir.join(HIGH_WATER))
+/// The high-water mark file, kept open: each flush overwrites it in place. A new mark is
+/// never shorter than the one before (its counts only grow), so the write covers the old one
+/// whole; and no file is created or renamed per flush (that cost more than the flush).
+#[derive(Debug, Default)]
+struct HighWaterFile(std::sync::Mutex<Option<(std::fs::File, usize)>>);
+
+impl HighWaterFile {
+    fn write(&self, dir: &Path, mark: &HighWater) -> std::io::Result<()> {
+        use std::os::unix::fs::{FileExt, OpenOptionsExt};
+        let mut slot = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if slot.is_none() {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(dir.join(HIGH_WATER))?;
+            let len = usize::try_from(f.metadata()?.len()).unwrap_or(usize::MAX);
+            *slot = Some((f, len));
+        }
+        let Some((f, len)) = slot.as_mut() else {
+            return Ok(());
+        };
+        let bytes = frame(&encode(mark));
+        f.write_all_at(&bytes, 0)?;
+        if bytes.len() < *len {
+            f.set_len(u64::try_from(bytes.len()).unwrap_or(u64::MAX))?;
+        }
+        *len = bytes.len();
+        Ok(())
+    }
 }
 
 /// The first byte of a framed value (a JSON record starts with `{`).
