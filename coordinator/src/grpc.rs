@@ -42,6 +42,21 @@ pub fn status_of(e: RunsError) -> Status {
     }
 }
 
+/// The store key a request names: its `project` (else the stages file's name), scoped to
+/// its environment.
+fn request_key(
+    stages_file: &std::path::Path,
+    project: String,
+    environment: Option<&str>,
+) -> String {
+    let project = if project.is_empty() {
+        crate::runs::project_key(stages_file)
+    } else {
+        project
+    };
+    crate::runs::scoped_key(&project, environment)
+}
+
 /// Loads and plans a submission as the CLI sent it: what `SubmitRun` does, and what a
 /// restarted coordinator does again from the stored request. `rollback`: plan the rollback
 /// of a failed run instead (per stage, the version to roll back to).
@@ -80,14 +95,7 @@ pub fn submission_of(
         },
         _ => Selection::All,
     };
-    let key = crate::runs::scoped_key(
-        &if r.project.is_empty() {
-            crate::runs::project_key(&stages_file)
-        } else {
-            r.project
-        },
-        environment,
-    );
+    let key = request_key(&stages_file, r.project, environment);
     let history =
         StoreHistory::of(runs.store().as_ref(), &key, &project).map_err(|e| status_of(e.into()))?;
     let plan_vars = planner::PlanVars {
@@ -469,14 +477,7 @@ impl control_service_server::ControlService for ControlApi {
         if let Some(message) = crate::project::environment_required(&project) {
             return Err(Status::invalid_argument(message));
         }
-        let key = crate::runs::scoped_key(
-            &if r.project.is_empty() {
-                crate::runs::project_key(&stages_file)
-            } else {
-                r.project
-            },
-            environment,
-        );
+        let key = request_key(&stages_file, r.project, environment);
         let states = crate::status::stage_states(&project, self.runs.store().as_ref(), &key)
             .map_err(|e| status_of(e.into()))?;
         Ok(Response::new(proto::StagesStatusResponse {

@@ -355,18 +355,29 @@ impl Runs {
         resolution: Resolution,
         by: &str,
     ) -> Result<(), RunsError> {
+        self.ask_driver(run, |reply| Control::Resolve {
+            stage: stage.to_owned(),
+            resolution,
+            by: by.to_owned(),
+            reply,
+        })
+        .await
+    }
+
+    /// Sends a live run's driver the request `make` builds around the reply channel, and
+    /// returns its answer (its refusal as [`RunsError::Resolve`]).
+    async fn ask_driver<T>(
+        &self,
+        run: u64,
+        make: impl FnOnce(tokio::sync::oneshot::Sender<Result<T, String>>) -> Control,
+    ) -> Result<T, RunsError> {
         let control = match self.live().get(&run) {
             Some(l) if l.outcome.borrow().is_none() => l.control.clone(),
             _ => return Err(RunsError::NotLive(run)),
         };
         let (reply, answer) = tokio::sync::oneshot::channel();
         control
-            .send(Control::Resolve {
-                stage: stage.to_owned(),
-                resolution,
-                by: by.to_owned(),
-                reply,
-            })
+            .send(make(reply))
             .await
             .map_err(|_| RunsError::NotLive(run))?;
         answer
@@ -384,24 +395,13 @@ impl Runs {
         by: &Identity,
         comment: &str,
     ) -> Result<String, RunsError> {
-        let control = match self.live().get(&run) {
-            Some(l) if l.outcome.borrow().is_none() => l.control.clone(),
-            _ => return Err(RunsError::NotLive(run)),
-        };
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        control
-            .send(Control::Decide {
-                approve,
-                by: by.clone(),
-                comment: comment.to_owned(),
-                reply,
-            })
-            .await
-            .map_err(|_| RunsError::NotLive(run))?;
-        answer
-            .await
-            .map_err(|_| RunsError::NotLive(run))?
-            .map_err(RunsError::Resolve)
+        self.ask_driver(run, |reply| Control::Decide {
+            approve,
+            by: by.clone(),
+            comment: comment.to_owned(),
+            reply,
+        })
+        .await
     }
 
     /// Cancels a live run on `by`'s request, recorded in the audit log.

@@ -137,8 +137,23 @@ pub(super) fn audit_local(
         json: output == OutputFormat::Json,
         verify,
     };
-    if let Some(code) = readonly::ask(&dir, &request, out, err)? {
-        return Ok(code);
+    match ask_or_open(&dir, state_key, &request, out, err)? {
+        Ok(store) => write_audit(store.as_ref(), &filter, verify, output, out, err),
+        Err(code) => Ok(code),
+    }
+}
+
+/// `request` answered by the process running in the state directory `dir`, else that
+/// directory's store, opened. `Err(exit code)` when answered, or when there is no state.
+fn ask_or_open(
+    dir: &std::path::Path,
+    state_key: &StateKey,
+    request: &readonly::Request,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> std::io::Result<Result<std::sync::Arc<crate::store::SledStore>, i32>> {
+    if let Some(code) = readonly::ask(dir, request, out, err)? {
+        return Ok(Err(code));
     }
     if !dir.exists() {
         writeln!(
@@ -146,12 +161,9 @@ pub(super) fn audit_local(
             "error: no state in {}: nothing has run yet",
             dir.display()
         )?;
-        return Ok(EXIT_INVALID);
+        return Ok(Err(EXIT_INVALID));
     }
-    let Some(store) = run::open_store(&dir, state_key, err)? else {
-        return Ok(EXIT_INVALID);
-    };
-    write_audit(store.as_ref(), &filter, verify, output, out, err)
+    Ok(run::open_store(dir, state_key, err)?.ok_or(EXIT_INVALID))
 }
 
 /// `runs approve|reject RUN` on the state directory: decided by the process driving the run
@@ -178,19 +190,9 @@ pub(super) fn decide_local(
         by: by.clone(),
         comment: comment.clone(),
     };
-    if let Some(code) = readonly::ask(&dir, &request, out, err)? {
-        return Ok(code);
-    }
-    if !dir.exists() {
-        writeln!(
-            err,
-            "error: no state in {}: nothing has run yet",
-            dir.display()
-        )?;
-        return Ok(EXIT_INVALID);
-    }
-    let Some(store) = run::open_store(&dir, state_key, err)? else {
-        return Ok(EXIT_INVALID);
+    let store = match ask_or_open(&dir, state_key, &request, out, err)? {
+        Ok(store) => store,
+        Err(code) => return Ok(code),
     };
     match runs::decide_stored(store.as_ref(), run_id, approve, &by, &comment) {
         Ok(gate) => {

@@ -430,14 +430,7 @@ impl Driver {
         by: &str,
         reason: &str,
     ) -> Result<(), DriveError> {
-        let event = EventRecord {
-            v: FORMAT,
-            seq: self.seq,
-            at_ms: now_ms(),
-            stage: stage.map(|k| self.name(k).to_owned()),
-            kind,
-        };
-        self.seq += 1;
+        let event = self.next_event(stage, kind);
         let mut t = Transition::new();
         t.push(Op::AppendEvent {
             run: self.r.run.id,
@@ -727,13 +720,8 @@ impl Driver {
         }))
     }
 
-    /// Persists `ops` plus one event, durably, then reports the event.
-    async fn record(
-        &mut self,
-        stage: Option<usize>,
-        kind: EventKind,
-        mut ops: Vec<Op>,
-    ) -> Result<(), DriveError> {
+    /// The run's next event (its sequence number taken).
+    fn next_event(&mut self, stage: Option<usize>, kind: EventKind) -> EventRecord {
         let event = EventRecord {
             v: FORMAT,
             seq: self.seq,
@@ -742,6 +730,17 @@ impl Driver {
             kind,
         };
         self.seq += 1;
+        event
+    }
+
+    /// Persists `ops` plus one event, durably, then reports the event.
+    async fn record(
+        &mut self,
+        stage: Option<usize>,
+        kind: EventKind,
+        mut ops: Vec<Op>,
+    ) -> Result<(), DriveError> {
+        let event = self.next_event(stage, kind);
         ops.push(Op::AppendEvent {
             run: self.r.run.id,
             event: event.clone(),
