@@ -212,12 +212,32 @@ async fn environments_keep_their_own_resources_and_history_and_promote_in_order(
         "{prod:?}"
     );
 
-    // test runs its own release after that, with its own names.
-    let (code, text) = alice(&dir, &["stages", "up", "-e", "test", "--progress", "plain"]).await;
+    // `promote` runs in test the release dev last ran (these files), with test's names.
+    let (code, text) = alice(&dir, &["promote", "--to", "dev"]).await;
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("`dev` is the first environment"), "{text}");
+    let (code, text) = alice(&dir, &["promote", "--to", "test", "--progress", "plain"]).await;
     assert_eq!(code, 0, "{text}");
+    assert!(text.contains("promoting release"), "{text}");
+    assert!(
+        text.contains("from dev (run 1, by alice) to test"),
+        "{text}"
+    );
     assert!(puts(&target)
         .iter()
         .any(|p| p.ends_with("rg-myComplexApp-prerequisite-tst")));
+    // Each environment's runs, by itself.
+    let (code, text) = alice(&dir, &["runs", "list", "-e", "prod", "-o", "json"]).await;
+    assert_eq!(code, 0, "{text}");
+    let runs: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let ids: Vec<u64> = runs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ids, [2]);
+    assert_eq!(runs[0]["environment"], "prod");
 
     // The audit log has every submission and the override with its reason, and is intact.
     let (code, text) = alice(&dir, &["audit", "-o", "json"]).await;
@@ -436,7 +456,11 @@ async fn an_approval_times_out_and_does_not_carry_over_to_changed_files() {
             .replace("timeout: 2s", "timeout: 1h"),
     )
     .unwrap();
-    // That changed the release: it goes through dev and test first.
+    // That changed the release: `promote` will not run these files as what dev ran; they go
+    // through dev and test first.
+    let (code, text) = alice(&dir, &["promote", "--to", "test"]).await;
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("but these files are release"), "{text}");
     for env in ["dev", "test"] {
         let (code, text) = alice(&dir, &["stages", "up", "-e", env, "--progress", "plain"]).await;
         assert_eq!(code, 0, "{text}");
