@@ -331,7 +331,13 @@ impl Runs {
         resolution: Resolution,
         by: &str,
     ) -> Result<(), RunsError> {
-        self.resolve_unaudited(run, stage, resolution, by).await?;
+        self.ask_driver(run, |reply| Control::Resolve {
+            stage: stage.to_owned(),
+            resolution,
+            by: by.to_owned(),
+            reply,
+        })
+        .await?;
         if let Some(record) = self.store.run(run)? {
             crate::audit::append(
                 self.store.as_ref(),
@@ -346,22 +352,6 @@ impl Runs {
             )?;
         }
         Ok(())
-    }
-
-    async fn resolve_unaudited(
-        &self,
-        run: u64,
-        stage: &str,
-        resolution: Resolution,
-        by: &str,
-    ) -> Result<(), RunsError> {
-        self.ask_driver(run, |reply| Control::Resolve {
-            stage: stage.to_owned(),
-            resolution,
-            by: by.to_owned(),
-            reply,
-        })
-        .await
     }
 
     /// Sends a live run's driver the request `make` builds around the reply channel, and

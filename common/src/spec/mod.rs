@@ -220,8 +220,9 @@ pub struct EnvironmentSpec {
 pub struct ApprovalSpec {
     pub pos: Pos,
     pub required: bool,
-    /// Who may approve: identities, or `group:NAME` (a role of operator tokens). Empty:
-    /// anyone but, with `separate_from_submitter`, the submitter.
+    /// Who may approve: identities, or `group:NAME` (a group of named operator tokens;
+    /// locally, of `BATON_GROUPS`). Empty: anyone but, with `separate_from_submitter`, the
+    /// submitter.
     pub approvers: Vec<Located<String>>,
     /// How long the run waits; then it is rejected (`on_timeout: reject`, the only choice).
     pub timeout: Option<Located<Duration>>,
@@ -235,7 +236,7 @@ pub struct SelectedEnvironment {
     pub spec: EnvironmentSpec,
     /// The entries of its `env_file` (positions in that file).
     pub file_env: Vec<EnvEntry>,
-    /// The `env_file` as read (relative to nothing: the loader's path).
+    /// The `env_file`'s path as the loader read it.
     pub file: Option<PathBuf>,
 }
 

@@ -99,9 +99,7 @@ fn write_secrets(p: &baton_common::spec::Project, out: &mut dyn Write) -> std::i
         let mut names: Vec<&str> = Vec::new();
         let entries = p
             .spec
-            .global
-            .env
-            .iter()
+            .global_entries()
             .chain(&spec.env)
             .chain(&loaded.config.env)
             .chain(loaded.migrations.iter().flat_map(|m| &m.env));
