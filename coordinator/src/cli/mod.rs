@@ -41,14 +41,17 @@ pub fn shown_project(project: &str) -> String {
 }
 
 /// Who runs this CLI locally, for run records, approvals and the audit log: `BATON_USER`,
-/// else the OS user (`USER`, `LOGNAME`); groups from `BATON_GROUPS` (comma-separated).
+/// else the OS user (`USER`, `LOGNAME`, else the user database's name for this process's
+/// uid); groups from `BATON_GROUPS` (comma-separated).
 /// Locally this is what the user says: whoever can write the state directory can do
 /// anything there. A coordinator's operator tokens are the identities it enforces.
 pub fn identity(env: &std::collections::BTreeMap<String, String>) -> crate::runs::Identity {
     let name = ["BATON_USER", "USER", "LOGNAME"]
         .iter()
         .find_map(|k| env.get(*k).filter(|v| !v.trim().is_empty()))
-        .map_or_else(|| "unknown".to_owned(), |v| v.trim().to_owned());
+        .map(|v| v.trim().to_owned())
+        .or_else(os_user)
+        .unwrap_or_else(|| "unknown".to_owned());
     let groups = env
         .get("BATON_GROUPS")
         .map(|g| {
@@ -60,6 +63,24 @@ pub fn identity(env: &std::collections::BTreeMap<String, String>) -> crate::runs
         })
         .unwrap_or_default();
     crate::runs::Identity { name, groups }
+}
+
+/// This process's user name from the system's user database (containers and CI jobs often
+/// set no `USER`): the real uid from `/proc/self/status`, looked up in `/etc/passwd`.
+fn os_user() -> Option<String> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let uid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))?
+        .split_whitespace()
+        .next()?
+        .to_owned();
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|l| {
+        let mut fields = l.split(':');
+        let name = fields.next()?;
+        (fields.nth(1)? == uid && !name.is_empty()).then(|| name.to_owned())
+    })
 }
 
 /// Exit codes.
