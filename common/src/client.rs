@@ -64,10 +64,11 @@ pub fn token_from_file(path: &std::path::Path) -> Result<String, String> {
 }
 
 /// Adds `authorization: Bearer TOKEN` to every call (nothing when there is no token), and
-/// `x-baton-user` when a user is named ([`BearerToken::as_user`]: who a coordinator without
-/// named operator tokens records as the caller).
+/// `x-baton-user` / `x-baton-groups` when a user is named ([`BearerToken::as_user`]: who a
+/// coordinator without named operator tokens records as the caller).
 #[derive(Clone, Default)]
 pub struct BearerToken(
+    Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
     Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
     Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
 );
@@ -85,19 +86,23 @@ impl BearerToken {
     /// A token as read from a file or the environment (surrounding whitespace ignored).
     pub fn new(token: Option<&str>) -> Result<Self, String> {
         match token.map(str::trim).filter(|t| !t.is_empty()) {
-            None => Ok(BearerToken(None, None)),
+            None => Ok(BearerToken(None, None, None)),
             Some(t) => format!("Bearer {t}")
                 .parse()
-                .map(|v| BearerToken(Some(v), None))
+                .map(|v| BearerToken(Some(v), None, None))
                 .map_err(|_| "the token holds characters a header cannot carry".to_owned()),
         }
     }
 }
 
 impl BearerToken {
-    /// Also names the user (a name a header cannot carry is left out).
-    pub fn as_user(mut self, user: &str) -> Self {
+    /// Also names the user and its groups (`x-baton-groups`, comma-separated); a value a
+    /// header cannot carry is left out.
+    pub fn as_user(mut self, user: &str, groups: &[String]) -> Self {
         self.1 = user.parse().ok();
+        self.2 = Some(groups.join(","))
+            .filter(|g| !g.is_empty())
+            .and_then(|g| g.parse().ok());
         self
     }
 }
@@ -109,6 +114,9 @@ impl tonic::service::Interceptor for BearerToken {
         }
         if let Some(u) = &self.1 {
             req.metadata_mut().insert("x-baton-user", u.clone());
+        }
+        if let Some(g) = &self.2 {
+            req.metadata_mut().insert("x-baton-groups", g.clone());
         }
         Ok(req)
     }

@@ -617,22 +617,33 @@ pub fn operator_of<T>(req: &Request<T>) -> Operator {
         .get::<Operator>()
         .cloned()
         .unwrap_or_else(|| Operator {
-            identity: crate::runs::Identity {
-                name: claimed_user(req.metadata()),
-                groups: Vec::new(),
-            },
+            identity: claimed(req.metadata()),
             roles: vec!["admin".to_owned()],
             named: false,
         })
 }
 
-/// The `x-baton-user` a CLI sends (its BATON_USER or OS user), else `operator`.
-fn claimed_user(m: &tonic::metadata::MetadataMap) -> String {
-    m.get("x-baton-user")
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|u| !u.is_empty())
-        .map_or_else(|| "operator".to_owned(), str::to_owned)
+/// Who a CLI says it is (`x-baton-user`: its BATON_USER or OS user, else `operator`; and
+/// `x-baton-groups`: its BATON_GROUPS): what a coordinator without named tokens records.
+fn claimed(m: &tonic::metadata::MetadataMap) -> crate::runs::Identity {
+    let header = |name: &str| {
+        m.get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+    };
+    crate::runs::Identity {
+        name: header("x-baton-user").map_or_else(|| "operator".to_owned(), str::to_owned),
+        groups: header("x-baton-groups")
+            .map(|g| {
+                g.split(',')
+                    .map(str::trim)
+                    .filter(|g| !g.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default(),
+    }
 }
 
 /// Checks `authorization: Bearer TOKEN` against a token read from a file, or against named
@@ -726,10 +737,7 @@ impl tonic::service::Interceptor for BearerCheck {
         }
         // One shared token (or none): everyone is the same principal, named as they claim.
         let claimed = Operator {
-            identity: crate::runs::Identity {
-                name: claimed_user(req.metadata()),
-                groups: Vec::new(),
-            },
+            identity: claimed(req.metadata()),
             roles: vec!["admin".to_owned()],
             named: false,
         };

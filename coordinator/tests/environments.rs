@@ -839,3 +839,165 @@ async fn a_stage_with_its_own_approval_waits_for_it_alone() {
     assert_eq!(exit_of(child).await, 0);
     assert_eq!(puts(&target), ["/build", "/release"]);
 }
+
+/// Through a coordinator: an approval nobody gives times out into a rejection; an approval
+/// binds to its run's plan, so a submission with changed files waits for its own; and an
+/// edited audit entry is detected after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_a_coordinator_approvals_time_out_and_bind_to_their_plan() {
+    use baton_e2e::cluster;
+    let target = Target::start().await;
+    target.answer_unscripted_like_a_cloud();
+    let dir = example("env-remote-bind", &target, |t| {
+        t.replace("timeout: 24h", "timeout: 10s")
+    });
+    let data = dir.join("coordinator-data");
+    let (mut coordinator, url) = cluster::start_coordinator(bin(), &data, &[]);
+    let agent_bin = cluster::agent_binary(bin());
+    let agents: Vec<_> = ["dev", "test", "prod"]
+        .iter()
+        .map(|env| {
+            cluster::start_agent(
+                &agent_bin,
+                &url,
+                &format!("agent-{env}"),
+                &[&format!("subscription={env}")],
+                &dir.join("agents"),
+                &[],
+            )
+        })
+        .collect();
+    // No named tokens: the coordinator records who the CLI says it is (BATON_USER).
+    let as_user = |user: &'static str, groups: &'static str, args: Vec<String>| {
+        let dir = dir.clone();
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            baton_as(&dir, user, groups, &args).await
+        }
+    };
+    let remote = |base: &[&str]| -> Vec<String> {
+        base.iter()
+            .map(|s| (*s).to_owned())
+            .chain(["--coordinator".to_owned(), url.clone()])
+            .collect()
+    };
+    for env in ["dev", "test"] {
+        let (code, text) = as_user("alice", "", remote(&["stages", "up", "-e", env])).await;
+        assert_eq!(code, 0, "{text}");
+    }
+    let submit = || async {
+        let (code, text) = as_user(
+            "alice",
+            "",
+            remote(&["stages", "up", "-e", "prod", "--detach"]),
+        )
+        .await;
+        assert_eq!(code, 0, "{text}");
+        text.split_whitespace()
+            .find_map(|w| w.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no run id in {text}"))
+    };
+    let events = |run: u64| {
+        let url = url.clone();
+        async move {
+            tokio::task::spawn_blocking(move || cluster::events(bin(), &url, run))
+                .await
+                .unwrap()
+        }
+    };
+    let until = |what: &'static str, run: u64, kind: &'static str| {
+        let url = url.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                cluster::wait_for(what, Duration::from_secs(60), || {
+                    cluster::events(bin(), &url, run)
+                        .iter()
+                        .any(|e| cluster::kind_of(e) == kind)
+                });
+            })
+            .await
+            .unwrap();
+        }
+    };
+
+    // Nobody approves: after 10 s the run is rejected by baton and fails, nothing sent.
+    let timed_out = submit().await;
+    until("the approval to time out", timed_out, "rejected").await;
+    until("the run to finish", timed_out, "run_finished").await;
+    let log = events(timed_out).await;
+    let rejected = log
+        .iter()
+        .find(|e| cluster::kind_of(e) == "rejected")
+        .unwrap();
+    assert_eq!(rejected["kind"]["by"], "baton", "{rejected}");
+    assert!(puts(&target).iter().all(|p| !p.contains("prd")));
+
+    // Run A awaits approval; then prod's variables change and B is submitted: it queues.
+    let a = submit().await;
+    until("A to await approval", a, "awaiting_approval").await;
+    let vars = dir.join("vars/vars-production.yml");
+    let changed = std::fs::read_to_string(&vars)
+        .unwrap()
+        .replace("prd001", "prd002");
+    std::fs::write(&vars, changed).unwrap();
+    let b = submit().await;
+    let (code, text) = as_user(
+        "bob",
+        "release-managers",
+        remote(&["runs", "approve", &a.to_string()]),
+    )
+    .await;
+    assert_eq!(code, 0, "{text}");
+    // A ran as approved (its own files); B waits for an approval of its own plan.
+    until("B to await approval", b, "awaiting_approval").await;
+    let digest = |log: &[serde_json::Value]| {
+        log.iter()
+            .find(|e| cluster::kind_of(e) == "awaiting_approval")
+            .map(|e| e["kind"]["digest"].clone())
+            .unwrap()
+    };
+    assert_ne!(digest(&events(a).await), digest(&events(b).await));
+    let sent = puts(&target);
+    assert!(
+        sent.iter().any(|p| p.contains("stmcastg1prdprd001")),
+        "{sent:?}"
+    );
+    assert!(
+        sent.iter().all(|p| !p.contains("prd002")),
+        "B sent nothing: {sent:?}"
+    );
+    let (code, text) = as_user(
+        "bob",
+        "release-managers",
+        remote(&["runs", "reject", &b.to_string(), "--reason", "not this one"]),
+    )
+    .await;
+    assert_eq!(code, 0, "{text}");
+    until("B to finish", b, "run_finished").await;
+
+    // An audit entry edited while the coordinator is down is detected once it is back.
+    let port = url.rsplit(':').next().unwrap().to_owned();
+    coordinator.signal(15);
+    coordinator.wait_exit(Duration::from_secs(30));
+    {
+        use baton_coordinator::store::{Op, Store, Transition};
+        let store = reopen(&data).await;
+        let mut entries = store.audit().unwrap();
+        let approve = entries.iter().position(|e| e.action == "approve").unwrap();
+        entries[approve].by = "mallory".to_owned();
+        let mut t = Transition::new();
+        t.push(Op::AppendAudit(entries[approve].clone()));
+        store.commit(t).unwrap();
+    }
+    let (_coordinator, url) =
+        cluster::start_coordinator_at(bin(), &data, &format!("127.0.0.1:{port}"), &[]);
+    let (code, text) = as_user(
+        "carol",
+        "",
+        vec!["audit".into(), "verify".into(), "--coordinator".into(), url],
+    )
+    .await;
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("changed after it was written"), "{text}");
+    drop(agents);
+}

@@ -83,9 +83,10 @@ pub(super) async fn connect(r: &RemoteArgs) -> Result<Client, Failure> {
         (None, t) => t.clone(),
     };
     let env: std::collections::BTreeMap<String, String> = std::env::vars().collect();
+    let me = super::identity(&env);
     let token = BearerToken::new(token.as_deref())
         .map_err(usage)?
-        .as_user(&super::identity(&env).name);
+        .as_user(&me.name, &me.groups);
     let ca = r
         .ca_file
         .as_deref()
