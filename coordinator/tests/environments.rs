@@ -474,6 +474,12 @@ async fn an_approval_times_out_and_does_not_carry_over_to_changed_files() {
     let run = awaiting(&log).await;
     child.kill().unwrap();
     child.wait().unwrap();
+    // Resumed, the run asks again (who may decide, how), still the same run.
+    let log = dir.join("prod-resumed.log");
+    let mut child = spawn_alice(&dir, &["runs", "resume", "-e", "prod"], &log);
+    assert_eq!(awaiting(&log).await, run);
+    child.kill().unwrap();
+    child.wait().unwrap();
     let run_arg = run.to_string();
     let (code, text) = once_unlocked(
         &dir,

@@ -328,6 +328,9 @@ struct Driver {
     timeouts: (mpsc::Sender<String>, Option<mpsc::Receiver<String>>),
     /// Gates whose timer runs.
     armed: BTreeSet<String>,
+    /// Gates this driver has asked for (a gate left waiting by an earlier part of the run
+    /// is asked again once).
+    asked: BTreeSet<String>,
     /// The gates' timers (aborted when the driver goes).
     timers: JoinSet<()>,
 }
@@ -393,6 +396,7 @@ impl Driver {
             gates,
             timeouts: (timeout_tx, Some(timeout_rx)),
             armed: BTreeSet::new(),
+            asked: BTreeSet::new(),
             timers: JoinSet::new(),
             in_doubt,
             needs_attention: vec![false; n],
@@ -504,7 +508,12 @@ impl Driver {
                 }
                 Some((_, Gate::Waiting { parked, .. })) => {
                     parked.push(k);
-                    // A gate reopened after a restart times out when it was set to.
+                    // A gate still waiting from before a restart: asked again (same deadline),
+                    // so whoever watches this part of the run sees who may decide, and how.
+                    if self.asked.insert(gate.clone()) {
+                        let timeout_at_ms = self.deadline(&gate);
+                        self.ask_approval(&gate, &spec, k, timeout_at_ms).await?;
+                    }
                     self.arm_timeout(&gate);
                     return Ok(None);
                 }
@@ -522,38 +531,8 @@ impl Driver {
                             timeout_at_ms,
                         },
                     ));
-                    // The approver sees what the approval lets run: the whole run's pending
-                    // migrations for the environment's gate, the stage's for its own.
-                    let plan = self
-                        .r
-                        .plan
-                        .order
-                        .iter()
-                        .enumerate()
-                        .filter(|(i, s)| {
-                            !s.pending.is_empty() && (gate.starts_with("environment ") || *i == k)
-                        })
-                        .map(|(_, s)| {
-                            let pending: Vec<String> = s
-                                .pending
-                                .iter()
-                                .map(|(v, n)| format!("{v:03}_{n}"))
-                                .collect();
-                            format!("{}: {}", s.name, pending.join(", "))
-                        })
-                        .collect();
-                    let kind = EventKind::AwaitingApproval {
-                        plan,
-                        gate: gate.clone(),
-                        run: self.r.run.id,
-                        digest: self.r.plan.digest.clone(),
-                        approvers: spec.approvers.iter().map(|a| a.value.clone()).collect(),
-                        separate_from_submitter: spec.separate_from_submitter,
-                        submitter: self.r.run.by.clone(),
-                        timeout_at_ms,
-                    };
-                    let stage = gate.starts_with("stage ").then_some(k);
-                    self.record(stage, kind, vec![]).await?;
+                    self.asked.insert(gate.clone());
+                    self.ask_approval(&gate, &spec, k, timeout_at_ms).await?;
                     self.arm_timeout(&gate);
                     return Ok(None);
                 }
@@ -562,14 +541,58 @@ impl Driver {
         self.dispatch(k, tx).await
     }
 
+    /// Records that the run awaits `gate`'s approval (first held stage `k`): the plan digest,
+    /// what the approval lets run (the whole run's pending migrations for the environment's
+    /// gate, the stage's for its own), who may decide, and until when.
+    async fn ask_approval(
+        &mut self,
+        gate: &str,
+        spec: &baton_common::spec::ApprovalSpec,
+        k: usize,
+        timeout_at_ms: Option<u64>,
+    ) -> Result<(), DriveError> {
+        let plan = self
+            .r
+            .plan
+            .order
+            .iter()
+            .enumerate()
+            .filter(|(i, s)| !s.pending.is_empty() && (gate.starts_with("environment ") || *i == k))
+            .map(|(_, s)| {
+                let pending: Vec<String> = s
+                    .pending
+                    .iter()
+                    .map(|(v, n)| format!("{v:03}_{n}"))
+                    .collect();
+                format!("{}: {}", s.name, pending.join(", "))
+            })
+            .collect();
+        let kind = EventKind::AwaitingApproval {
+            plan,
+            gate: gate.to_owned(),
+            run: self.r.run.id,
+            digest: self.r.plan.digest.clone(),
+            approvers: spec.approvers.iter().map(|a| a.value.clone()).collect(),
+            separate_from_submitter: spec.separate_from_submitter,
+            submitter: self.r.run.by.clone(),
+            timeout_at_ms,
+        };
+        let stage = gate.starts_with("stage ").then_some(k);
+        self.record(stage, kind, vec![]).await
+    }
+
+    /// The deadline `gate` was opened with.
+    fn deadline(&self, gate: &str) -> Option<u64> {
+        self.gates.iter().find_map(|(g, s)| match s {
+            Gate::Waiting { timeout_at_ms, .. } if g == gate => *timeout_at_ms,
+            _ => None,
+        })
+    }
+
     /// Starts `gate`'s timer (once per driver), to the deadline its event recorded. The
     /// timer goes with the driver.
     fn arm_timeout(&mut self, gate: &str) {
-        let deadline = self.gates.iter().find_map(|(g, s)| match s {
-            Gate::Waiting { timeout_at_ms, .. } if g == gate => *timeout_at_ms,
-            _ => None,
-        });
-        let Some(at) = deadline else {
+        let Some(at) = self.deadline(gate) else {
             return;
         };
         if !self.armed.insert(gate.to_owned()) {
