@@ -543,6 +543,36 @@ async fn reopen(dir: &Path) -> baton_coordinator::store::SledStore {
     SledStore::open(dir).unwrap()
 }
 
+/// A coordinator on `data` (with `extra` flags) and one agent per environment of the
+/// example, labelled `subscription=ENV` as its `runs_on` asks; its URL.
+fn environment_cluster(
+    dir: &Path,
+    data: &Path,
+    extra: &[&str],
+) -> (
+    baton_e2e::cluster::Proc,
+    String,
+    Vec<baton_e2e::cluster::Proc>,
+) {
+    use baton_e2e::cluster;
+    let (coordinator, url) = cluster::start_coordinator(bin(), data, extra);
+    let agent_bin = cluster::agent_binary(bin());
+    let agents = ["dev", "test", "prod"]
+        .iter()
+        .map(|env| {
+            cluster::start_agent(
+                &agent_bin,
+                &url,
+                &format!("agent-{env}"),
+                &[&format!("subscription={env}")],
+                &dir.join("agents"),
+                &[],
+            )
+        })
+        .collect();
+    (coordinator, url, agents)
+}
+
 /// Through a coordinator with named operator tokens and one agent per environment
 /// (`subscription=dev|test|prod`): each environment's stages run on its own agents, promotion
 /// order holds, production waits for an approver with the `approve` role who is not the
@@ -559,25 +589,11 @@ async fn through_a_coordinator_environments_route_to_their_agents_and_need_an_ap
         "operators:\n  - name: alice\n    token: alice-0123456789abcdef\n    roles: [submit]\n  - name: bob\n    token: bob-0123456789abcdef\n    roles: [approve]\n    groups: [release-managers]\n  - name: carol\n    token: carol-0123456789abcdef\n    roles: [approve]\n    groups: [developers]\n  - name: root\n    token: root-0123456789abcdef\n    roles: [admin]\n",
     );
     let ops = dir.join("operators.yaml");
-    let (_coordinator, url) = cluster::start_coordinator(
-        bin(),
+    let (_coordinator, url, agents) = environment_cluster(
+        &dir,
         &data,
         &["--operator-token-file", ops.to_str().unwrap()],
     );
-    let agent_bin = cluster::agent_binary(bin());
-    let agents: Vec<_> = ["dev", "test", "prod"]
-        .iter()
-        .map(|env| {
-            cluster::start_agent(
-                &agent_bin,
-                &url,
-                &format!("agent-{env}"),
-                &[&format!("subscription={env}")],
-                &dir.join("agents"),
-                &[],
-            )
-        })
-        .collect();
     let remote = |token: &'static str| -> Vec<String> {
         vec![
             "--coordinator".into(),
@@ -858,21 +874,7 @@ async fn through_a_coordinator_approvals_time_out_and_bind_to_their_plan() {
         t.replace("timeout: 24h", "timeout: 10s")
     });
     let data = dir.join("coordinator-data");
-    let (mut coordinator, url) = cluster::start_coordinator(bin(), &data, &[]);
-    let agent_bin = cluster::agent_binary(bin());
-    let agents: Vec<_> = ["dev", "test", "prod"]
-        .iter()
-        .map(|env| {
-            cluster::start_agent(
-                &agent_bin,
-                &url,
-                &format!("agent-{env}"),
-                &[&format!("subscription={env}")],
-                &dir.join("agents"),
-                &[],
-            )
-        })
-        .collect();
+    let (mut coordinator, url, agents) = environment_cluster(&dir, &data, &[]);
     // No named tokens: the coordinator records who the CLI says it is (BATON_USER).
     let as_user = |user: &'static str, groups: &'static str, args: Vec<String>| {
         let dir = dir.clone();

@@ -127,11 +127,7 @@ pub(super) fn audit_local(
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> std::io::Result<i32> {
-    let stages_file = baton_common::spec::normalize(&state.config);
-    let dir = state
-        .state_dir
-        .clone()
-        .unwrap_or_else(|| run::default_state_dir(&stages_file));
+    let dir = stages::state_dir_of(state, &baton_common::spec::normalize(&state.config));
     let request = readonly::Request::Audit {
         filter: filter.clone(),
         json: output == OutputFormat::Json,
@@ -179,11 +175,7 @@ pub(super) fn decide_local(
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> std::io::Result<i32> {
-    let stages_file = baton_common::spec::normalize(&state.config);
-    let dir = state
-        .state_dir
-        .clone()
-        .unwrap_or_else(|| run::default_state_dir(&stages_file));
+    let dir = stages::state_dir_of(state, &baton_common::spec::normalize(&state.config));
     let request = readonly::Request::Decide {
         run: run_id,
         approve,

@@ -890,7 +890,7 @@ fn project_with_state(
 }
 
 /// Where the state of `stages_file` is: `--state-dir`, else `.baton/` beside it.
-fn state_dir_of(args: &StateArgs, stages_file: &std::path::Path) -> std::path::PathBuf {
+pub(super) fn state_dir_of(args: &StateArgs, stages_file: &std::path::Path) -> std::path::PathBuf {
     args.state_dir
         .clone()
         .unwrap_or_else(|| run::default_state_dir(stages_file))

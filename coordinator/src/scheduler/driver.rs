@@ -497,14 +497,7 @@ impl Driver {
                 Some((_, Gate::Approved)) => continue,
                 Some((_, Gate::Rejected(why))) => {
                     let message = why.clone();
-                    self.outcomes
-                        .insert(self.name(k).to_owned(), StageOutcome::Failed);
-                    self.record(Some(k), EventKind::StageFailed { message }, vec![])
-                        .await?;
-                    return Ok(Some(Event::StageFinished {
-                        stage: k,
-                        ok: false,
-                    }));
+                    return self.fail_stage(k, message).await;
                 }
                 Some((_, Gate::Waiting { parked, .. })) => {
                     parked.push(k);
@@ -646,16 +639,37 @@ impl Driver {
             return Ok(Err(why));
         }
         let parked = self.decide_gate(&gate, approve, &by.name, comment).await?;
-        if approve {
-            for k in parked {
-                if let Some(e) = self.gate_or_dispatch(k, tx).await? {
-                    queue.push_back(e);
-                }
-            }
-        } else {
-            self.fail_parked(parked, queue).await?;
-        }
+        self.release(parked, queue, tx).await?;
         Ok(Ok(gate))
+    }
+
+    /// Stages that waited behind a gate just decided go on through [`Driver::gate_or_dispatch`]:
+    /// started, held by their next gate, or failed with the refusal's reason.
+    async fn release(
+        &mut self,
+        parked: Vec<usize>,
+        queue: &mut std::collections::VecDeque<Event>,
+        tx: &mpsc::Sender<RunnerMessage>,
+    ) -> Result<(), DriveError> {
+        for k in parked {
+            if let Some(e) = self.gate_or_dispatch(k, tx).await? {
+                queue.push_back(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Fails stage `k` before it starts (a refused approval, a problem building its
+    /// assignment): recorded, and the event the core needs.
+    async fn fail_stage(&mut self, k: usize, message: String) -> Result<Option<Event>, DriveError> {
+        self.outcomes
+            .insert(self.name(k).to_owned(), StageOutcome::Failed);
+        self.record(Some(k), EventKind::StageFailed { message }, vec![])
+            .await?;
+        Ok(Some(Event::StageFinished {
+            stage: k,
+            ok: false,
+        }))
     }
 
     /// Records `gate` as approved or rejected (with the audit entry); returns the stages
@@ -705,42 +719,6 @@ impl Driver {
         self.record_audited(stage, kind, action, by, comment)
             .await?;
         Ok(parked)
-    }
-
-    /// Fails stages whose approval was refused.
-    async fn fail_parked(
-        &mut self,
-        parked: Vec<usize>,
-        queue: &mut std::collections::VecDeque<Event>,
-    ) -> Result<(), DriveError> {
-        for k in parked {
-            if let Some(e) = self.fail_gated(k).await? {
-                queue.push_back(e);
-            }
-        }
-        Ok(())
-    }
-
-    /// Stage `k` behind a refused gate: fails with the gate's reason.
-    async fn fail_gated(&mut self, k: usize) -> Result<Option<Event>, DriveError> {
-        let why = self
-            .gates_for(k)
-            .into_iter()
-            .find_map(|(gate, _)| {
-                self.gates.iter().find_map(|(g, s)| match s {
-                    Gate::Rejected(why) if *g == gate => Some(why.clone()),
-                    _ => None,
-                })
-            })
-            .unwrap_or_else(|| "not approved".to_owned());
-        self.outcomes
-            .insert(self.name(k).to_owned(), StageOutcome::Failed);
-        self.record(Some(k), EventKind::StageFailed { message: why }, vec![])
-            .await?;
-        Ok(Some(Event::StageFinished {
-            stage: k,
-            ok: false,
-        }))
     }
 
     /// The run's next event (its sequence number taken).
@@ -853,7 +831,7 @@ impl Driver {
                     // An approval was not given in time.
                     Some(gate) = recv_gate(&mut timeouts) => {
                         let parked = self.decide_gate(&gate, false, "baton", "no approval before the timeout (on_timeout: reject)").await?;
-                        self.fail_parked(parked, &mut queue).await?;
+                        self.release(parked, &mut queue, &tx).await?;
                         continue;
                     }
                 },
@@ -1519,14 +1497,7 @@ impl Driver {
         )
         .await?;
         if let Some(message) = problem {
-            self.outcomes
-                .insert(self.name(k).to_owned(), StageOutcome::Failed);
-            self.record(Some(k), EventKind::StageFailed { message }, vec![])
-                .await?;
-            return Ok(Some(Event::StageFinished {
-                stage: k,
-                ok: false,
-            }));
+            return self.fail_stage(k, message).await;
         }
         self.attempts[k] = Some(id);
         self.spans[k] = Some(span);
