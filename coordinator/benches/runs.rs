@@ -26,8 +26,10 @@
 //! Run: `just bench-runs` (= `cargo bench -p baton-coordinator --bench runs`).
 //! `BENCH_RUNS=chain,fan` picks workloads, `BENCH_MODES=floor,local` modes,
 //! `BENCH_LATENCIES=0` latencies. CI runs `BENCH_RUNS=chain BENCH_LATENCIES=0` once.
+//! `BENCH_WRAP="perf record -g -o /tmp/baton.perf --"` runs local mode's `baton` under a
+//! profiler.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -87,14 +89,31 @@ impl Workload {
         self.deps.len()
     }
 
-    /// The critical-path bound in units of one call's latency.
+    /// The critical-path bound in units of one call's latency: no schedule with this cap
+    /// finishes sooner. The longest chain; all stages over the cap; and, for each stage, the
+    /// chain up to it followed by everything that depends on it (directly or not) over the
+    /// cap (1 prerequisite and 50 dependents at cap 8: 1 + 7 stage lengths, not 7).
     fn bound_calls(&self) -> usize {
-        let mut depth = vec![0usize; self.stages()];
-        for i in 0..self.stages() {
+        let n = self.stages();
+        let mut depth = vec![0usize; n];
+        for i in 0..n {
             depth[i] = self.deps[i].iter().map(|d| depth[*d]).max().unwrap_or(0) + 1;
         }
-        let longest = depth.into_iter().max().unwrap_or(0);
-        longest.max(self.stages().div_ceil(self.cap)) * self.calls
+        // Dependencies come before their dependents (deps[i] < i): one pass from the end.
+        let mut below: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); n];
+        for i in (0..n).rev() {
+            let mine = below[i].clone();
+            for &d in &self.deps[i] {
+                below[d].insert(i);
+                below[d].extend(mine.iter().copied());
+            }
+        }
+        let longest = depth.iter().copied().max().unwrap_or(0);
+        let then_dependents = (0..n)
+            .map(|i| depth[i] + below[i].len().div_ceil(self.cap))
+            .max()
+            .unwrap_or(0);
+        longest.max(n.div_ceil(self.cap)).max(then_dependents) * self.calls
     }
 
     /// Writes the project under `dir`.
@@ -268,7 +287,18 @@ fn measure(w: &Workload, mode: &str, latency: Duration, rt: &tokio::runtime::Run
             peak = finish(cmd, "the floor");
         }
         "local" => {
-            let mut cmd = Command::new(baton());
+            // `BENCH_WRAP="perf record -g -o /tmp/baton.perf --"`: run `baton` under a
+            // profiler (its CPU then counts in CPU/stage).
+            let wrap = std::env::var("BENCH_WRAP").unwrap_or_default();
+            let mut words = wrap.split_whitespace();
+            let mut cmd = match words.next() {
+                Some(first) => {
+                    let mut c = Command::new(first);
+                    c.args(words).arg(baton());
+                    c
+                }
+                None => Command::new(baton()),
+            };
             cmd.args(["stages", "up", "--progress", "plain", "--set", &api])
                 .arg("--config")
                 .arg(dir.join("stages.yaml"))

@@ -172,6 +172,33 @@ struct Exports {
     secret: Vec<String>,
 }
 
+/// What the driver does once the transitions recorded before it are durable: nothing leaves
+/// the driver (a runner told to start or to send, a result acknowledged, an event shown)
+/// before what it follows is on disk. See [`Driver::settle`].
+enum Effect {
+    /// An event for whoever watches the run.
+    Progress(EventRecord),
+    /// Start an attempt on the runner.
+    Start {
+        assignment: Box<Assignment>,
+        selector: Selector,
+        events: mpsc::Sender<RunnerMessage>,
+    },
+    /// Adopt an attempt that was running when the coordinator stopped.
+    Adopt {
+        attempt: AttemptId,
+        events: mpsc::Sender<RunnerMessage>,
+    },
+    /// The migration's start is recorded: the runner may send.
+    AckStarted(AttemptId, u64),
+    /// The attempt's end is recorded: the runner may forget it.
+    AckEnded(AttemptId),
+}
+
+/// How many runner reports already waiting the driver takes into one batch before it makes
+/// them durable and acts on them (so a flood of reports cannot hold back the batch's acts).
+const MAX_BATCH: usize = 64;
+
 /// How many attempts a stage gets in one run when its runner keeps losing them before it
 /// needs attention (an agent that dies on it every time must not loop forever).
 const MAX_ATTEMPTS: u32 = 3;
@@ -333,6 +360,10 @@ struct Driver {
     asked: BTreeSet<String>,
     /// The gates' timers (aborted when the driver goes).
     timers: JoinSet<()>,
+    /// What waits for the transitions recorded so far to be durable, in order.
+    outbox: Vec<Effect>,
+    /// Transitions were applied since the last flush.
+    dirty: bool,
 }
 
 impl Driver {
@@ -398,6 +429,8 @@ impl Driver {
             armed: BTreeSet::new(),
             asked: BTreeSet::new(),
             timers: JoinSet::new(),
+            outbox: Vec::new(),
+            dirty: false,
             in_doubt,
             needs_attention: vec![false; n],
             gated: vec![None; n],
@@ -454,7 +487,9 @@ impl Driver {
         })
         .await
         .map_err(|e| StoreError::Io(format!("store task failed: {e}")))??;
-        let _ = self.progress.send(event).await;
+        // That commit flushed everything written before it, too.
+        self.dirty = false;
+        self.outbox.push(Effect::Progress(event));
         Ok(())
     }
 
@@ -734,7 +769,8 @@ impl Driver {
         event
     }
 
-    /// Persists `ops` plus one event, durably, then reports the event.
+    /// Applies `ops` plus one event as one transition; it becomes durable, and the event is
+    /// reported, at the next [`Driver::settle`].
     async fn record(
         &mut self,
         stage: Option<usize>,
@@ -746,25 +782,51 @@ impl Driver {
             run: self.r.run.id,
             event: event.clone(),
         });
-        let store = self.r.store.clone();
-        // Log lines and request notes change nothing anyone acts on: written now, durable
-        // with the next transition's flush, so a flood of them costs no flush each.
+        // Log lines and request notes change nothing anyone acts on: durable with the next
+        // transition's flush, so a flood of them costs no flush of its own.
         let lazy = ops.len() == 1
             && matches!(
                 event.kind,
                 EventKind::Log { .. } | EventKind::Request { .. }
             );
-        let t = Transition { ops };
-        if lazy {
-            store.commit_unflushed(t)?;
-        } else {
+        // Applying is in memory (sled writes its log in the background); the flush that
+        // makes it durable is `settle`'s.
+        self.r.store.commit_unflushed(Transition { ops })?;
+        self.dirty |= !lazy;
+        self.outbox.push(Effect::Progress(event));
+        Ok(())
+    }
+
+    /// Group commit: makes every transition recorded so far durable with one flush, then
+    /// performs what waited for it, in order. The loop settles whenever it has nothing
+    /// more at hand, so the reports that arrived together (16 stages finishing at once) share
+    /// one flush, and none of their effects leaves before it.
+    async fn settle(&mut self) -> Result<(), DriveError> {
+        if std::mem::take(&mut self.dirty) {
+            let store = self.r.store.clone();
             // sled's flush blocks: keep it off the async workers.
-            tokio::task::spawn_blocking(move || store.commit(t))
+            tokio::task::spawn_blocking(move || store.sync())
                 .await
                 .map_err(|e| StoreError::Io(format!("store task failed: {e}")))??;
         }
-        // A closed progress channel only means nobody watches.
-        let _ = self.progress.send(event).await;
+        for effect in std::mem::take(&mut self.outbox) {
+            match effect {
+                // A closed progress channel only means nobody watches.
+                Effect::Progress(event) => {
+                    let _ = self.progress.send(event).await;
+                }
+                Effect::Start {
+                    assignment,
+                    selector,
+                    events,
+                } => self.r.runner.start(*assignment, selector, events),
+                Effect::Adopt { attempt, events } => self.r.runner.adopt(&attempt, events),
+                Effect::AckStarted(attempt, version) => {
+                    self.r.runner.ack_started(&attempt, version);
+                }
+                Effect::AckEnded(attempt) => self.r.runner.ack_ended(&attempt),
+            }
+        }
         Ok(())
     }
 
@@ -778,10 +840,28 @@ impl Driver {
         let mut control = self.r.control.take();
         let mut timeouts = self.timeouts.1.take();
         let stop = self.r.stop.clone();
+        // Runner reports taken since the last settle.
+        let mut batch = 0;
         loop {
-            let event = match queue.pop_front() {
-                Some(e) => e,
-                None => tokio::select! {
+            // What is already waiting joins the batch; then the batch is settled (made
+            // durable and acted on) before the driver waits for more.
+            let ready = match queue.is_empty() && batch < MAX_BATCH {
+                true => rx.try_recv().ok(),
+                false => None,
+            };
+            let event = match (queue.pop_front(), ready) {
+                (Some(e), _) => e,
+                (None, Some(msg)) => {
+                    batch += 1;
+                    match self.on_runner(msg, cancel_seen, &tx).await? {
+                        Some(e) => e,
+                        None => continue,
+                    }
+                }
+                (None, None) => {
+                    batch = 0;
+                    self.settle().await?;
+                    tokio::select! {
                     // The coordinator stops: leave the run as it is in the store.
                     () = stop.cancelled() => return Ok(RunStatus::Running),
                     // Cancellation first: stop starting stages and tell running ones.
@@ -813,6 +893,7 @@ impl Driver {
                     Some(c) = recv(&mut control) => match c {
                         Control::Decide { approve, by, comment, reply } => {
                             let answer = self.decide(approve, &by, &comment, &mut queue, &tx).await?;
+                            self.settle().await?;
                             let _ = reply.send(answer);
                             continue;
                         }
@@ -834,7 +915,8 @@ impl Driver {
                         self.release(parked, &mut queue, &tx).await?;
                         continue;
                     }
-                },
+                    }
+                }
             };
             let actions = self.core.apply(event)?;
             for action in actions {
@@ -890,6 +972,7 @@ impl Driver {
                             vec![Op::PutRun(run)],
                         )
                         .await?;
+                        self.settle().await?;
                         return Ok(status);
                     }
                 }
@@ -972,6 +1055,8 @@ impl Driver {
             ops,
         )
         .await?;
+        // The operator's decision is acknowledged once it is durable.
+        self.settle().await?;
         let _ = reply.send(Ok(()));
         match resolution {
             Resolution::Retry => Ok(self.dispatch(k, tx).await?),
@@ -1173,15 +1258,16 @@ impl Driver {
                     self.on_stage_event(k, step).await?;
                 }
                 if let Some(version) = started {
-                    // Durable now: the runner may send.
-                    self.r.runner.ack_started(&msg.attempt, version);
+                    // Once durable, the runner may send.
+                    self.outbox
+                        .push(Effect::AckStarted(msg.attempt.clone(), version));
                 }
                 Ok(None)
             }
             RunnerEvent::Lost(why) => {
                 let event = self.on_lost(k, &msg.attempt, &why, cancel_seen, tx).await?;
-                // Recorded: an agent that reported the loss may forget the attempt.
-                self.r.runner.ack_ended(&msg.attempt);
+                // Once recorded, an agent that reported the loss may forget the attempt.
+                self.outbox.push(Effect::AckEnded(msg.attempt.clone()));
                 Ok(event)
             }
             RunnerEvent::Ended(report) => {
@@ -1191,8 +1277,8 @@ impl Driver {
                     u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX)
                 });
                 let ok = self.on_stage_done(k, report, ms).await?;
-                // Recorded: the runner may forget the result.
-                self.r.runner.ack_ended(&msg.attempt);
+                // Once recorded, the runner may forget the result.
+                self.outbox.push(Effect::AckEnded(msg.attempt.clone()));
                 Ok(Some(Event::StageFinished { stage: k, ok }))
             }
         }
@@ -1385,13 +1471,14 @@ impl Driver {
                 Some(tracing::info_span!("stage", stage = %id.stage, attempt = id.attempt));
             self.record(Some(k), EventKind::Notice { message }, vec![])
                 .await?;
-            self.r.runner.adopt(&id, tx.clone());
+            self.outbox.push(Effect::Adopt {
+                attempt: id,
+                events: tx.clone(),
+            });
             return Ok(None);
         }
-        let store = self.r.store.clone();
-        let token = tokio::task::spawn_blocking(move || store.fencing_token())
-            .await
-            .map_err(|e| StoreError::Io(format!("store task failed: {e}")))??;
+        // No flush of its own: cheap enough for the async worker.
+        let token = self.r.store.fencing_token()?;
         let id = AttemptId {
             run: self.r.run.id,
             stage: stage.name.value.clone(),
@@ -1502,7 +1589,11 @@ impl Driver {
         self.attempts[k] = Some(id);
         self.spans[k] = Some(span);
         self.gated[k] = None;
-        self.r.runner.start(assignment, selector, tx.clone());
+        self.outbox.push(Effect::Start {
+            assignment: Box::new(assignment),
+            selector,
+            events: tx.clone(),
+        });
         Ok(None)
     }
 

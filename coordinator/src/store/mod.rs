@@ -434,6 +434,9 @@ pub trait Store: Send + Sync {
     fn commit_unflushed(&self, t: Transition) -> Result<(), StoreError> {
         self.commit(t)
     }
+    /// Makes every transition applied before this call durable (with
+    /// [`Store::commit_unflushed`], this is how a batch of transitions shares one flush).
+    fn sync(&self) -> Result<(), StoreError>;
     fn run(&self, id: u64) -> Result<Option<RunRecord>, StoreError>;
     /// Every run, oldest first.
     fn runs(&self) -> Result<Vec<RunRecord>, StoreError>;

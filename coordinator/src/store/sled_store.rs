@@ -634,11 +634,15 @@ impl Store for SledStore {
         self.apply(&t)?;
         // Durable before the caller acts on it: a flush that started after this transaction
         // was applied covers it, whoever runs it.
-        self.group.flush_after_this(|| self.flush())
+        self.sync()
     }
 
     fn commit_unflushed(&self, t: Transition) -> Result<(), StoreError> {
         self.apply(&t)
+    }
+
+    fn sync(&self) -> Result<(), StoreError> {
+        self.group.flush_after_this(|| self.flush())
     }
 
     fn run(&self, id: u64) -> Result<Option<RunRecord>, StoreError> {
