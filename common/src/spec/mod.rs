@@ -578,7 +578,8 @@ pub struct CommandSpec {
 }
 
 /// Reads files for the loader.
-pub trait SourceFiles {
+/// `Sync`: a large project's stages are loaded on several threads at once.
+pub trait SourceFiles: Sync {
     fn read(&self, path: &Path) -> io::Result<Vec<u8>>;
     /// File names (not paths) directly inside `dir`.
     fn list(&self, dir: &Path) -> io::Result<Vec<String>>;
@@ -670,7 +671,7 @@ impl SourceFiles for MemoryFiles {
 /// what its plan digested (a file edited on disk during the run changes nothing).
 pub struct CapturingFiles<'a> {
     base: &'a dyn SourceFiles,
-    read: std::cell::RefCell<BTreeMap<PathBuf, Vec<u8>>>,
+    read: std::sync::Mutex<BTreeMap<PathBuf, Vec<u8>>>,
 }
 
 impl std::fmt::Debug for CapturingFiles<'_> {
@@ -683,30 +684,37 @@ impl<'a> CapturingFiles<'a> {
     pub fn new(base: &'a dyn SourceFiles) -> Self {
         CapturingFiles {
             base,
-            read: std::cell::RefCell::new(BTreeMap::new()),
+            read: std::sync::Mutex::new(BTreeMap::new()),
         }
     }
 
     /// Every file read so far, by the path it was read with (normalized).
     pub fn into_files(self) -> BTreeMap<PathBuf, Vec<u8>> {
-        self.read.into_inner()
+        self.read
+            .into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl CapturingFiles<'_> {
+    fn captured(&self) -> std::sync::MutexGuard<'_, BTreeMap<PathBuf, Vec<u8>>> {
+        // A poisoned lock only means a panic elsewhere; the map is still whole.
+        self.read
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
 impl SourceFiles for CapturingFiles<'_> {
     fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
         let bytes = self.base.read(path)?;
-        self.read
-            .borrow_mut()
-            .insert(normalize(path), bytes.clone());
+        self.captured().insert(normalize(path), bytes.clone());
         Ok(bytes)
     }
 
     fn read_limited(&self, path: &Path, limit: usize) -> io::Result<Vec<u8>> {
         let bytes = self.base.read_limited(path, limit)?;
-        self.read
-            .borrow_mut()
-            .insert(normalize(path), bytes.clone());
+        self.captured().insert(normalize(path), bytes.clone());
         Ok(bytes)
     }
 
@@ -985,30 +993,7 @@ pub fn load_project(stages_file: &Path, files: &dyn SourceFiles, opts: LoadOptio
             };
         }
     }
-    let mut loaded_stages = Vec::with_capacity(spec.stages.len());
-    for stage in &spec.stages {
-        let config_file = beside(&stages_file, &stage.config_path.value);
-        let named_at = (stages_file.as_path(), stage.config_path.pos);
-        loaded_stages.push(load_stage(
-            &mut l,
-            &stage.name.value,
-            config_file,
-            Some(named_at),
-        ));
-        // The engine reads a stage's parameters file (its tokens take the environment's
-        // variables), so it is digested with the plan but not shipped with the stage.
-        if let Some(rel) = &stage.parameters_file {
-            let path = beside(&stages_file, &rel.value);
-            if let Some(text) = l.read_text(
-                &path,
-                Some((stages_file.as_path(), rel.pos)),
-                "parameters_file",
-            ) {
-                parameters::check_shape(&mut l.diags, &path, &text);
-                l.sources.insert(path, text);
-            }
-        }
-    }
+    let loaded_stages = load_stages(&mut l, &stages_file, &spec.stages);
     let mut stages = Vec::with_capacity(loaded_stages.len());
     let mut complete = true;
     for s in loaded_stages {
@@ -1046,6 +1031,84 @@ pub fn load_project(stages_file: &Path, files: &dyn SourceFiles, opts: LoadOptio
         partial: None,
         diagnostics: l.diags,
     }
+}
+
+/// A project with at least this many stages loads them on several threads.
+const PARALLEL_FROM: usize = 64;
+
+/// Loads every stage's files, in order. A large project's stages are split into one
+/// contiguous part per core, each loaded by its own loader; the parts' results,
+/// diagnostics, digests and texts are then joined in stage order, so the outcome is the
+/// same as loading them one by one.
+fn load_stages(
+    l: &mut Loader<'_>,
+    stages_file: &Path,
+    stages: &[StageSpec],
+) -> Vec<Option<LoadedStage>> {
+    let workers = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    if stages.len() < PARALLEL_FROM || workers < 2 {
+        return stages
+            .iter()
+            .map(|s| load_listed_stage(l, stages_file, s))
+            .collect();
+    }
+    let files = l.files;
+    let opts = &l.opts;
+    let parts: Vec<_> = std::thread::scope(|scope| {
+        let running: Vec<_> = stages
+            .chunks(stages.len().div_ceil(workers.min(8)))
+            .map(|part| {
+                scope.spawn(move || {
+                    let mut sub = Loader {
+                        files,
+                        opts: opts.clone(),
+                        diags: Diagnostics::new(),
+                        inputs: BTreeMap::new(),
+                        sources: HashMap::new(),
+                        stage_reads: Vec::new(),
+                    };
+                    let loaded: Vec<_> = part
+                        .iter()
+                        .map(|s| load_listed_stage(&mut sub, stages_file, s))
+                        .collect();
+                    (loaded, sub.diags, sub.inputs, sub.sources)
+                })
+            })
+            .collect();
+        running
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    });
+    let mut out = Vec::with_capacity(stages.len());
+    for (loaded, diags, inputs, sources) in parts {
+        out.extend(loaded);
+        l.diags.extend(diags);
+        l.inputs.extend(inputs);
+        l.sources.extend(sources);
+    }
+    out
+}
+
+/// Loads one stage the stages file lists, and its parameters file.
+fn load_listed_stage(
+    l: &mut Loader<'_>,
+    stages_file: &Path,
+    stage: &StageSpec,
+) -> Option<LoadedStage> {
+    let config_file = beside(stages_file, &stage.config_path.value);
+    let named_at = (stages_file, stage.config_path.pos);
+    let loaded = load_stage(l, &stage.name.value, config_file, Some(named_at));
+    // The engine reads a stage's parameters file (its tokens take the environment's
+    // variables), so it is digested with the plan but not shipped with the stage.
+    if let Some(rel) = &stage.parameters_file {
+        let path = beside(stages_file, &rel.value);
+        if let Some(text) = l.read_text(&path, Some((stages_file, rel.pos)), "parameters_file") {
+            parameters::check_shape(&mut l.diags, &path, &text);
+            l.sources.insert(path, text);
+        }
+    }
+    loaded
 }
 
 /// Reads the environment `name` of `spec` (its `env_file`) for a load with `--environment`;

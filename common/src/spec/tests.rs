@@ -476,3 +476,72 @@ fn retry_on_lost_at_stage_and_global_level() {
     );
     assert!(text.contains("use `never`"), "{text}");
 }
+
+/// A project large enough to be loaded on several threads, with broken stages spread over
+/// it: the same stages, diagnostics (in stage order) and digests as loading it one stage
+/// at a time.
+#[test]
+fn a_large_project_loads_in_parallel_exactly_as_one_by_one() {
+    let n = PARALLEL_FROM * 3;
+    let mut stages = String::from("apiVersion: baton/v1\nkind: StageOrchestration\nstages:\n");
+    let mut mem = MemoryFiles::default();
+    for i in 0..n {
+        stages.push_str(&format!(
+            "  - name: s{i}\n    config_path: s{i}/config.yaml\n"
+        ));
+        // Every 50th stage names a config file that does not exist.
+        if i % 50 != 7 {
+            mem.insert(format!("s{i}/config.yaml"), "migrate_dir: m\n");
+            mem.insert(
+                format!("s{i}/m/001_one.yaml"),
+                "up:\n  request:\n    method: GET\n    url: http://127.0.0.1:1/x\n",
+            );
+        }
+    }
+    mem.insert("stages.yaml", stages.as_bytes());
+    let load =
+        |files: &MemoryFiles| load_project(Path::new("stages.yaml"), files, LoadOptions::default());
+    let broken = load(&mem);
+    let errors: Vec<String> = broken
+        .diagnostics
+        .iter()
+        .filter(|d| d.severity == Severity::Error)
+        .map(|d| d.message.clone())
+        .collect();
+    let expected: Vec<String> = (0..n)
+        .filter(|i| i % 50 == 7)
+        .map(|i| format!("stage `s{i}`: config file `s{i}/config.yaml` cannot be read: not found"))
+        .collect();
+    assert_eq!(errors, expected);
+
+    // Fixed, it loads every stage in order, with every file's digest.
+    for i in (0..n).filter(|i| i % 50 == 7) {
+        mem.insert(format!("s{i}/config.yaml"), "migrate_dir: m\n");
+        mem.insert(
+            format!("s{i}/m/001_one.yaml"),
+            "up:\n  request:\n    method: GET\n    url: http://127.0.0.1:1/x\n",
+        );
+    }
+    let p = load(&mem).project.expect("loads");
+    let names: Vec<&str> = p
+        .spec
+        .stages
+        .iter()
+        .map(|s| s.name.value.as_str())
+        .collect();
+    let configs: Vec<String> = p
+        .stages
+        .iter()
+        .map(|s| s.config_file.display().to_string())
+        .collect();
+    assert_eq!(names.len(), n);
+    for (i, (name, config)) in names.iter().zip(&configs).enumerate() {
+        assert_eq!(*name, format!("s{i}"));
+        assert_eq!(*config, format!("s{i}/config.yaml"));
+    }
+    assert_eq!(p.inputs.len(), 1 + 2 * n);
+    assert_eq!(
+        p.inputs.keys().collect::<Vec<_>>(),
+        mem.0.keys().collect::<Vec<_>>()
+    );
+}
