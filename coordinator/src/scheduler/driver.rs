@@ -6,6 +6,12 @@
 //! pauses, and persists every transition before acting on it: a migration's start is recorded
 //! before the runner may send its first request, and its result the moment it arrives, so a
 //! stage interrupted mid-way resumes after its last recorded migration with the same keys.
+//!
+//! Group commit: transitions are applied as they happen and made durable together, by one
+//! flush, when the driver has nothing more at hand ([`Driver::settle`]); what acts on them
+//! (an acknowledgement to the runner, an event to watchers) waits in the driver's outbox
+//! until then. Starting an attempt is not such an act: the runner sends nothing before its
+//! first migration's start is acknowledged, and that flush covers the stage's start too.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -172,18 +178,12 @@ struct Exports {
     secret: Vec<String>,
 }
 
-/// What the driver does once the transitions recorded before it are durable: nothing leaves
-/// the driver (a runner told to start or to send, a result acknowledged, an event shown)
-/// before what it follows is on disk. See [`Driver::settle`].
+/// What the driver does once the transitions recorded before it are durable: nothing that
+/// acts on what was recorded (a runner allowed to send, a result acknowledged, an event
+/// shown) leaves the driver before it is on disk. See [`Driver::settle`].
 enum Effect {
     /// An event for whoever watches the run.
     Progress(EventRecord),
-    /// Start an attempt on the runner.
-    Start {
-        assignment: Box<Assignment>,
-        selector: Selector,
-        events: mpsc::Sender<RunnerMessage>,
-    },
     /// Adopt an attempt that was running when the coordinator stopped.
     Adopt {
         attempt: AttemptId,
@@ -815,11 +815,6 @@ impl Driver {
                 Effect::Progress(event) => {
                     let _ = self.progress.send(event).await;
                 }
-                Effect::Start {
-                    assignment,
-                    selector,
-                    events,
-                } => self.r.runner.start(*assignment, selector, events),
                 Effect::Adopt { attempt, events } => self.r.runner.adopt(&attempt, events),
                 Effect::AckStarted(attempt, version) => {
                     self.r.runner.ack_started(&attempt, version);
@@ -1589,11 +1584,11 @@ impl Driver {
         self.attempts[k] = Some(id);
         self.spans[k] = Some(span);
         self.gated[k] = None;
-        self.outbox.push(Effect::Start {
-            assignment: Box::new(assignment),
-            selector,
-            events: tx.clone(),
-        });
+        // Starting an attempt acts on no target: the runner sends nothing before its first
+        // migration's start is recorded and acknowledged, and that flush covers this
+        // stage's start too (the store recovers a prefix). So it starts now, and its first
+        // step usually joins this batch's flush instead of waiting for one of its own.
+        self.r.runner.start(assignment, selector, tx.clone());
         Ok(None)
     }
 

@@ -23,8 +23,8 @@
 //! after every flush a high-water mark (the highest run id and the number of events written,
 //! with a CRC) is written beside the store in `baton.hwm`. A store that opens with fewer runs
 //! or events than its high-water mark lost records (sled drops the tail of its log after a
-//! damaged entry) and is refused. The mark is written after the flush and replaced by rename,
-//! so it never claims more than is durable.
+//! damaged entry) and is refused. The mark is written after the flush (overwritten in place;
+//! it only grows), so it never claims more than is durable.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
