@@ -58,21 +58,87 @@ pub(super) fn variables(
             );
         }
     }
-    // Parameter names per stage (owned: the sets below borrow them).
-    let parameter_names: Vec<Vec<String>> = spec
-        .stages
-        .iter()
-        .map(|stage| {
-            parameters_text(sources, stages_file, stage)
-                .and_then(|(_, text)| {
-                    super::parameters::parameters(text, |_| Some(String::new())).ok()
-                })
-                .map(|p| p.into_keys().collect())
-                .unwrap_or_default()
-        })
-        .collect();
-    for ((stage, loaded), params) in spec.stages.iter().zip(stages).zip(&parameter_names) {
-        // The environment where the stage runs is unknown here: its layer stays empty.
+    // Each stage's check reads only its own files and what is fixed above: a large
+    // project's stages are checked in parts on several threads, their findings joined in
+    // stage order (the same findings, in the same order, as one by one).
+    let each = Each {
+        sources,
+        stages_file,
+        stages_text,
+        global: &global,
+        stage_names: &stage_names,
+        index: &index,
+    };
+    let parts = super::in_parts(spec.stages.len(), |range| {
+        let mut found = Diagnostics::new();
+        for i in range {
+            each.stage(&mut found, &spec.stages[i], &stages[i]);
+        }
+        found
+    });
+    for found in parts {
+        diags.extend(found);
+    }
+
+    secrets(diags, sources, spec, stages, stages_file, stages_text);
+
+    // env_from_stages names variables the source stage exports.
+    let mut r = Reader::new(stages_file, stages_text, diags);
+    for stage in &spec.stages {
+        for efs in &stage.env_from_stages {
+            let Some(&idx) = index.get(efs.stage.value.as_str()) else {
+                continue;
+            };
+            let exports = stages[idx].exports();
+            for var in &efs.vars {
+                if !exports.contains(&var.value.as_str()) {
+                    let help = match closest(&var.value, exports.iter().copied()) {
+                        Some(c) => format!("did you mean `{c}`?"),
+                        None if exports.is_empty() => format!(
+                            "no migration of `{}` has `response.env_from`",
+                            efs.stage.value
+                        ),
+                        None => format!("it exports: {}", exports.join(", ")),
+                    };
+                    r.warning(
+                        var.pos,
+                        format!("stage `{}`: env_from_stages takes `{}` from `{}`, which no migration of `{}` exports", stage.name.value, var.value, efs.stage.value, efs.stage.value),
+                        Some(help),
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// What every stage's variable check shares.
+struct Each<'a> {
+    sources: &'a HashMap<PathBuf, String>,
+    stages_file: &'a Path,
+    stages_text: &'a str,
+    /// `--set` names and `global.env`.
+    global: &'a BTreeSet<&'a str>,
+    stage_names: &'a [&'a str],
+    index: &'a HashMap<&'a str, usize>,
+}
+
+impl Each<'_> {
+    /// One stage: its condition, parameters file, env values, auth and wait templates, and
+    /// every migration's templates and body tokens, against the variables in their scope.
+    fn stage(&self, diags: &mut Diagnostics, stage: &StageSpec, loaded: &LoadedStage) {
+        let Each {
+            sources,
+            stages_file,
+            stages_text,
+            global,
+            stage_names,
+            index,
+        } = *self;
+        // The parameters file's names are variables of the stage.
+        let params: Vec<String> = parameters_text(sources, stages_file, stage)
+            .and_then(|(_, text)| super::parameters::parameters(text, |_| Some(String::new())).ok())
+            .map(|p| p.into_keys().collect())
+            .unwrap_or_default();
         let mut layers: Layers<BTreeSet<&str>> = Layers::new();
         layers
             .set(Layer::Global, global.clone())
@@ -134,10 +200,10 @@ pub(super) fn variables(
                         ..
                     } if !stage_level.contains(name.as_str()) => {
                         r.warning(
-                            cond.pos,
-                            format!("stage `{}`: condition uses variable `{name}`, which no source provides", stage.name.value),
-                            Some(provide_help(&name)),
-                        );
+                        cond.pos,
+                        format!("stage `{}`: condition uses variable `{name}`, which no source provides", stage.name.value),
+                        Some(provide_help(&name)),
+                    );
                     }
                     _ => {}
                 }
@@ -218,36 +284,6 @@ pub(super) fn variables(
             }
             without(&mut scope, own);
             scope.extend(m.exports());
-        }
-    }
-
-    secrets(diags, sources, spec, stages, stages_file, stages_text);
-
-    // env_from_stages names variables the source stage exports.
-    let mut r = Reader::new(stages_file, stages_text, diags);
-    for stage in &spec.stages {
-        for efs in &stage.env_from_stages {
-            let Some(&idx) = index.get(efs.stage.value.as_str()) else {
-                continue;
-            };
-            let exports = stages[idx].exports();
-            for var in &efs.vars {
-                if !exports.contains(&var.value.as_str()) {
-                    let help = match closest(&var.value, exports.iter().copied()) {
-                        Some(c) => format!("did you mean `{c}`?"),
-                        None if exports.is_empty() => format!(
-                            "no migration of `{}` has `response.env_from`",
-                            efs.stage.value
-                        ),
-                        None => format!("it exports: {}", exports.join(", ")),
-                    };
-                    r.warning(
-                        var.pos,
-                        format!("stage `{}`: env_from_stages takes `{}` from `{}`, which no migration of `{}` exports", stage.name.value, var.value, efs.stage.value, efs.stage.value),
-                        Some(help),
-                    );
-                }
-            }
         }
     }
 }
@@ -512,6 +548,9 @@ fn secrets(
     stages_text: &str,
 ) {
     for (stage, loaded) in spec.stages.iter().zip(stages) {
+        if stage.secrets.is_empty() && loaded.config.secrets.is_empty() {
+            continue;
+        }
         let mut literal: BTreeMap<&str, &str> = BTreeMap::new();
         let mut known: BTreeSet<&str> = BTreeSet::new();
         for e in spec

@@ -865,14 +865,28 @@ struct Loader<'f> {
     files: &'f dyn SourceFiles,
     opts: LoadOptions,
     diags: Diagnostics,
-    inputs: BTreeMap<PathBuf, String>,
+    /// Every file read with its digest, in read order (a file read twice is here twice);
+    /// sorted into [`Project::inputs`] once at the end, which is cheaper than keeping a map
+    /// sorted by path while reading 20,000 files.
+    inputs: Vec<(PathBuf, String)>,
     /// Text of every config and migration file read, for the cross-file checks.
     sources: HashMap<PathBuf, String>,
     /// Files read while loading the current stage.
     stage_reads: Vec<PathBuf>,
 }
 
-impl Loader<'_> {
+impl<'f> Loader<'f> {
+    fn new(files: &'f dyn SourceFiles, opts: LoadOptions) -> Self {
+        Loader {
+            files,
+            opts,
+            diags: Diagnostics::new(),
+            inputs: Vec::new(),
+            sources: HashMap::new(),
+            stage_reads: Vec::new(),
+        }
+    }
+
     /// Reads a text file, recording its digest; problems become diagnostics.
     fn read_text(
         &mut self,
@@ -903,7 +917,7 @@ impl Loader<'_> {
                 return None;
             }
         };
-        self.inputs.insert(path.to_path_buf(), sha256_hex(&bytes));
+        self.inputs.push((path.to_path_buf(), sha256_hex(&bytes)));
         self.stage_reads.push(path.to_path_buf());
         if bytes.len() > self.opts.limits.max_bytes {
             self.diags
@@ -956,14 +970,7 @@ impl Loader<'_> {
 /// Loads and checks a stages file and every file it names.
 pub fn load_project(stages_file: &Path, files: &dyn SourceFiles, opts: LoadOptions) -> Loaded {
     let stages_file = normalize(stages_file);
-    let mut l = Loader {
-        files,
-        opts,
-        diags: Diagnostics::new(),
-        inputs: BTreeMap::new(),
-        sources: HashMap::new(),
-        stage_reads: Vec::new(),
-    };
+    let mut l = Loader::new(files, opts);
     let Some(text) = l.read_text(&stages_file, None, "stages file") else {
         return Loaded {
             project: None,
@@ -1024,7 +1031,9 @@ pub fn load_project(stages_file: &Path, files: &dyn SourceFiles, opts: LoadOptio
         stages_file: stages_file.clone(),
         spec,
         stages,
-        inputs: std::mem::take(&mut l.inputs),
+        // A stable sort, and the map keeps the last of equal paths: the same map as
+        // inserting them one by one in read order.
+        inputs: std::mem::take(&mut l.inputs).into_iter().collect(),
     };
     Loaded {
         project: Some(project),
@@ -1033,54 +1042,55 @@ pub fn load_project(stages_file: &Path, files: &dyn SourceFiles, opts: LoadOptio
     }
 }
 
-/// A project with at least this many stages loads them on several threads.
+/// A project with at least this many stages loads and checks them on several threads.
 const PARALLEL_FROM: usize = 64;
 
-/// Loads every stage's files, in order. A large project's stages are split into one
-/// contiguous part per core, each loaded by its own loader; the parts' results,
-/// diagnostics, digests and texts are then joined in stage order, so the outcome is the
-/// same as loading them one by one.
-fn load_stages(
-    l: &mut Loader<'_>,
-    stages_file: &Path,
-    stages: &[StageSpec],
-) -> Vec<Option<LoadedStage>> {
+/// Runs `work` over `0..n`: split into one contiguous part per core (at most 8), each on its
+/// own scoped thread, when there are at least [`PARALLEL_FROM`] items and more than one
+/// core; otherwise as one part on this thread. The parts' results come back in order, so a
+/// caller that joins them in order gets what one pass in order would give.
+pub(super) fn in_parts<T: Send>(
+    n: usize,
+    work: impl Fn(std::ops::Range<usize>) -> T + Sync,
+) -> Vec<T> {
     let workers = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
-    if stages.len() < PARALLEL_FROM || workers < 2 {
-        return stages
-            .iter()
-            .map(|s| load_listed_stage(l, stages_file, s))
-            .collect();
+    if n < PARALLEL_FROM || workers < 2 {
+        return vec![work(0..n)];
     }
-    let files = l.files;
-    let opts = &l.opts;
-    let parts: Vec<_> = std::thread::scope(|scope| {
-        let running: Vec<_> = stages
-            .chunks(stages.len().div_ceil(workers.min(8)))
-            .map(|part| {
-                scope.spawn(move || {
-                    let mut sub = Loader {
-                        files,
-                        opts: opts.clone(),
-                        diags: Diagnostics::new(),
-                        inputs: BTreeMap::new(),
-                        sources: HashMap::new(),
-                        stage_reads: Vec::new(),
-                    };
-                    let loaded: Vec<_> = part
-                        .iter()
-                        .map(|s| load_listed_stage(&mut sub, stages_file, s))
-                        .collect();
-                    (loaded, sub.diags, sub.inputs, sub.sources)
-                })
-            })
+    let size = n.div_ceil(workers.min(8));
+    let work = &work;
+    std::thread::scope(|scope| {
+        let running: Vec<_> = (0..n)
+            .step_by(size)
+            .map(|start| scope.spawn(move || work(start..n.min(start + size))))
             .collect();
         running
             .into_iter()
             .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
             .collect()
+    })
+}
+
+/// Loads every stage's files, in order: in parts (see [`in_parts`]), each part with its own
+/// loader; the parts' results, diagnostics, digests and texts are then joined in stage
+/// order, so the outcome is the same as loading them one by one.
+fn load_stages(
+    l: &mut Loader<'_>,
+    stages_file: &Path,
+    stages: &[StageSpec],
+) -> Vec<Option<LoadedStage>> {
+    let (files, opts) = (l.files, &l.opts);
+    let parts = in_parts(stages.len(), |range| {
+        let mut sub = Loader::new(files, opts.clone());
+        let loaded: Vec<_> = stages[range]
+            .iter()
+            .map(|s| load_listed_stage(&mut sub, stages_file, s))
+            .collect();
+        (loaded, sub.diags, sub.inputs, sub.sources)
     });
     let mut out = Vec::with_capacity(stages.len());
+    l.sources
+        .reserve(parts.iter().map(|(_, _, _, sources)| sources.len()).sum());
     for (loaded, diags, inputs, sources) in parts {
         out.extend(loaded);
         l.diags.extend(diags);
@@ -1171,14 +1181,7 @@ pub fn load_stage_files(
     files: &dyn SourceFiles,
     opts: LoadOptions,
 ) -> Result<LoadedStage, Diagnostics> {
-    let mut l = Loader {
-        files,
-        opts,
-        diags: Diagnostics::new(),
-        inputs: BTreeMap::new(),
-        sources: HashMap::new(),
-        stage_reads: Vec::new(),
-    };
+    let mut l = Loader::new(files, opts);
     match load_stage(&mut l, name, normalize(config_file), None) {
         Some(stage) if !l.diags.has_errors() => Ok(stage),
         _ => Err(l.diags),
@@ -1285,7 +1288,8 @@ fn load_stage(
             ok = false;
             continue;
         };
-        let digest = l.inputs.get(&path).cloned().unwrap_or_default();
+        // `read_text` recorded the digest last.
+        let digest = l.inputs.last().map(|(_, d)| d.clone()).unwrap_or_default();
         let Some(doc) = l.parse_yaml(&path, &text) else {
             ok = false;
             continue;

@@ -545,3 +545,63 @@ fn a_large_project_loads_in_parallel_exactly_as_one_by_one() {
         mem.0.keys().collect::<Vec<_>>()
     );
 }
+
+/// The cross-file variable checks of a project large enough to be checked in parts: every
+/// finding, for the right stage and file, in stage order, as one by one would give them.
+#[test]
+fn a_large_projects_variable_checks_report_every_stage_in_order() {
+    let n = PARALLEL_FROM * 3;
+    let mut stages = String::from(
+        "apiVersion: baton/v1\nkind: StageOrchestration\nglobal:\n  env:\n    api: http://127.0.0.1:1\nstages:\n",
+    );
+    let mut mem = MemoryFiles::default();
+    for i in 0..n {
+        stages.push_str(&format!(
+            "  - name: s{i}\n    config_path: s{i}/config.yaml\n"
+        ));
+        mem.insert(format!("s{i}/config.yaml"), "migrate_dir: m\n");
+        // Every 7th stage reads a variable nothing provides; every 11th an unknown auth.
+        let var = if i % 7 == 3 { "missing" } else { "api" };
+        let auth = if i % 11 == 5 {
+            "    auth_name: nobody\n"
+        } else {
+            ""
+        };
+        mem.insert(
+            format!("s{i}/m/001_one.yaml"),
+            format!("up:\n  request:\n    method: GET\n    url: '{{{{.{var}}}}}/x'\n{auth}"),
+        );
+    }
+    mem.insert("stages.yaml", stages.as_bytes());
+    let loaded = load_project(Path::new("stages.yaml"), &mem, LoadOptions::default());
+    let found: Vec<(Severity, String)> = loaded
+        .diagnostics
+        .iter()
+        .map(|d| (d.severity, d.file.display().to_string()))
+        .collect();
+    let expected: Vec<(Severity, String)> = (0..n)
+        .flat_map(|i| {
+            let file = format!("s{i}/m/001_one.yaml");
+            let mut each = Vec::new();
+            if i % 7 == 3 {
+                each.push((Severity::Warning, file.clone()));
+            }
+            if i % 11 == 5 {
+                each.push((Severity::Error, file));
+            }
+            each
+        })
+        .collect();
+    assert_eq!(found, expected);
+    assert!(loaded.project.is_none(), "an unknown auth is an error");
+    let missing = loaded
+        .diagnostics
+        .iter()
+        .find(|d| d.severity == Severity::Warning)
+        .expect("a warning");
+    assert!(
+        missing.message.contains("stage `s3`") && missing.message.contains("`missing`"),
+        "{}",
+        missing.message
+    );
+}
