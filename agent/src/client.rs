@@ -28,8 +28,19 @@ struct ClientKey {
 /// stages and migrations. It lives as long as its runner (and so its async runtime, which
 /// drives the pooled connections). Bounded: past [`MAX_CLIENTS`] distinct configurations it
 /// starts over.
+///
+/// A configuration's client is built once even when many stages ask for it at the same
+/// moment (a run's first wave): the first builds it while the others wait on that
+/// configuration's slot, not build their own (each build reads every root certificate).
 #[derive(Debug, Default)]
-pub struct ClientCache(std::sync::Mutex<HashMap<ClientKey, reqwest::Client>>);
+pub struct ClientCache {
+    slots: std::sync::Mutex<HashMap<ClientKey, Slot>>,
+    /// Clients built through this cache so far.
+    built: std::sync::atomic::AtomicUsize,
+}
+
+/// One configuration's client, once built.
+type Slot = std::sync::Arc<std::sync::Mutex<Option<reqwest::Client>>>;
 
 /// Distinct client configurations kept at once.
 const MAX_CLIENTS: usize = 64;
@@ -77,24 +88,29 @@ pub fn build_client(
     let Some(cache) = cache else {
         return new_client(spec, config_file, &key);
     };
-    // A poisoned lock only means a panic elsewhere; the map is still consistent.
-    if let Some(c) = cache
-        .0
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .get(&key)
-    {
-        return Ok(c.clone());
-    }
-    let client = new_client(spec, config_file, &key)?;
-    let mut map = cache
-        .0
+    // A poisoned lock only means a panic elsewhere; the map and slots stay consistent.
+    let slot: Slot = {
+        let mut map = cache
+            .slots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !map.contains_key(&key) && map.len() >= MAX_CLIENTS {
+            map.clear();
+        }
+        map.entry(key.clone()).or_default().clone()
+    };
+    let mut built = slot
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    if map.len() >= MAX_CLIENTS {
-        map.clear();
+    if let Some(c) = built.as_ref() {
+        return Ok(c.clone());
     }
-    map.insert(key, client.clone());
+    // A failed build is not kept: the next stage with these options tries again.
+    let client = new_client(spec, config_file, &key)?;
+    cache
+        .built
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    *built = Some(client.clone());
     Ok(client)
 }
 
@@ -163,13 +179,39 @@ mod tests {
         for _ in 0..3 {
             build_client(&spec, config, &files, "", Some(&cache)).expect("client");
         }
-        assert_eq!(cache.0.lock().expect("lock").len(), 1);
+        assert_eq!(cache.slots.lock().expect("lock").len(), 1);
         let insecure = ClientSpec {
             insecure: true,
             ..ClientSpec::default()
         };
         build_client(&insecure, config, &files, "", Some(&cache)).expect("client");
         build_client(&spec, config, &files, "baton-agent/x (a)", Some(&cache)).expect("client");
-        assert_eq!(cache.0.lock().expect("lock").len(), 3);
+        assert_eq!(cache.slots.lock().expect("lock").len(), 3);
+        assert_eq!(cache.built.load(std::sync::atomic::Ordering::Relaxed), 3);
+    }
+
+    /// A run's first wave asks for the same client at once: it is built once, the others
+    /// wait for it.
+    #[test]
+    fn stages_asking_at_once_share_one_build() {
+        let cache = ClientCache::default();
+        let files = baton_common::spec::MemoryFiles::default();
+        let start = std::sync::Barrier::new(8);
+        std::thread::scope(|scope| {
+            for _ in 0..8 {
+                scope.spawn(|| {
+                    start.wait();
+                    build_client(
+                        &ClientSpec::default(),
+                        Path::new("s/config.yaml"),
+                        &files,
+                        "",
+                        Some(&cache),
+                    )
+                    .expect("client");
+                });
+            }
+        });
+        assert_eq!(cache.built.load(std::sync::atomic::Ordering::Relaxed), 1);
     }
 }

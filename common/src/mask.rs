@@ -309,6 +309,25 @@ const SENSITIVE: &[&[&str]] = &[
 /// word parts (split at `_`, `-`, `.`, spaces and lower-to-upper case changes; case ignored):
 /// `db_password`, `apiKey`, `GITHUB_TOKEN`, `private-key` are; `tokenizer`, `keyboard` are not.
 pub fn sensitive_name(name: &str) -> bool {
+    // Every variable of the process environment is asked about for every stage, so the
+    // common answer comes without splitting: an ASCII name that does not hold the first
+    // word of any sequence (case ignored) cannot match. A non-ASCII name may lowercase into
+    // one (the Kelvin sign becomes `k`), so it always takes the full check.
+    if name.is_ascii()
+        && !SENSITIVE.iter().any(|seq| {
+            let first = seq[0].as_bytes();
+            name.as_bytes()
+                .windows(first.len())
+                .any(|w| w.eq_ignore_ascii_case(first))
+        })
+    {
+        return false;
+    }
+    sensitive_words(name)
+}
+
+/// [`sensitive_name`]'s full check: split into word parts, then look for a sequence.
+fn sensitive_words(name: &str) -> bool {
     let mut words: Vec<String> = Vec::new();
     let mut current = String::new();
     let mut prev_lower = false;
@@ -338,7 +357,18 @@ pub fn sensitive_name(name: &str) -> bool {
 
 #[cfg(test)]
 mod name_tests {
-    use super::sensitive_name;
+    use super::{sensitive_name, sensitive_words};
+    use proptest::prelude::*;
+
+    proptest! {
+        /// The quick answer for names without a sequence's first word is the full check's.
+        #[test]
+        fn the_quick_answer_is_the_full_checks(
+            name in "([a-zA-Z]{0,3}|pass|PASSW|word|secret|Token|api|KEY|private|credential|connection|string|_|-|\\.| |\u{212a})*"
+        ) {
+            prop_assert_eq!(sensitive_name(&name), sensitive_words(&name));
+        }
+    }
 
     #[test]
     fn names_that_say_they_are_secret() {
