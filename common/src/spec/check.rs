@@ -139,6 +139,7 @@ impl Each<'_> {
             .and_then(|(_, text)| super::parameters::parameters(text, |_| Some(String::new())).ok())
             .map(|p| p.into_keys().collect())
             .unwrap_or_default();
+        // The environment where the stage runs is unknown here: its layer stays empty.
         let mut layers: Layers<BTreeSet<&str>> = Layers::new();
         layers
             .set(Layer::Global, global.clone())
@@ -200,10 +201,10 @@ impl Each<'_> {
                         ..
                     } if !stage_level.contains(name.as_str()) => {
                         r.warning(
-                        cond.pos,
-                        format!("stage `{}`: condition uses variable `{name}`, which no source provides", stage.name.value),
-                        Some(provide_help(&name)),
-                    );
+                            cond.pos,
+                            format!("stage `{}`: condition uses variable `{name}`, which no source provides", stage.name.value),
+                            Some(provide_help(&name)),
+                        );
                     }
                     _ => {}
                 }
