@@ -35,7 +35,7 @@ struct ClientKey {
 #[derive(Debug, Default)]
 pub struct ClientCache {
     slots: std::sync::Mutex<HashMap<ClientKey, Slot>>,
-    /// Clients built through this cache so far.
+    /// Clients built through this cache so far (in the debug log with each build).
     built: std::sync::atomic::AtomicUsize,
 }
 
@@ -107,9 +107,11 @@ pub fn build_client(
     }
     // A failed build is not kept: the next stage with these options tries again.
     let client = new_client(spec, config_file, &key)?;
-    cache
+    let n = cache
         .built
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        + 1;
+    tracing::debug!(clients_built = n, "built an HTTP client");
     *built = Some(client.clone());
     Ok(client)
 }
