@@ -10,6 +10,12 @@ use baton_agent::session::{run, AgentConfig};
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
+/// mimalloc instead of the C library's allocator: loading a large project allocates millions
+/// of small strings and tree nodes from two threads at once, and glibc's malloc and free were
+/// a quarter of the load's CPU (see docs/benchmarks.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Runs baton stages near their target, dialling out to a coordinator.
 #[derive(Debug, Parser)]
 #[command(name = "baton-agent", version)]

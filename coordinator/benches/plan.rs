@@ -16,6 +16,10 @@ use baton_coordinator::planner::{self, NoHistory, Selection};
 use baton_coordinator::synthetic;
 use criterion::{criterion_group, criterion_main, Criterion};
 
+/// The allocator of the `baton` binary, so the benchmark measures what the command does.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn bench(c: &mut Criterion) {
     let n = 10_000;
     let files = synthetic::project_files(n, &synthetic::layered_edges(n, 100));

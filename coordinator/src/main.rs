@@ -5,6 +5,12 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+/// mimalloc instead of the C library's allocator: loading a large project allocates millions
+/// of small strings and tree nodes from two threads at once, and glibc's malloc and free were
+/// a quarter of the load's CPU (see docs/benchmarks.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Standard output that a reader may close (`baton stages up | head -1`): once it is gone,
 /// output is dropped instead of failing, so a run never stops half-way because nobody reads
 /// its progress; the process still exits with the run's result.
