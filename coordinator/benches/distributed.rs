@@ -32,6 +32,11 @@ use baton_coordinator::synthetic;
 use baton_e2e::target::Target;
 use tokio_util::sync::CancellationToken;
 
+/// The allocator of the `baton` and `baton-agent` binaries, so the in-process parts measure
+/// what the commands do.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn temp(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("baton-bench-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -69,7 +74,8 @@ fn chain(n: usize) -> MemoryFiles {
 
 fn dag(n: usize) -> MemoryFiles {
     let mut files = synthetic::project_files(n, &synthetic::layered_edges(n, 25));
-    let stages = String::from_utf8(files.0[Path::new("stages.yaml")].clone()).expect("utf-8");
+    let stages = String::from_utf8(files.get("stages.yaml").expect("a stages file").to_vec())
+        .expect("utf-8");
     files.insert(
         "stages.yaml",
         stages.replace("global:\n", "global:\n  max_concurrent_stages: 16\n"),
@@ -149,9 +155,8 @@ async fn run_distributed(c: &Cluster, files: &MemoryFiles, api: &str) -> Duratio
     let submitted = client
         .submit_run(proto::SubmitRunRequest {
             files: files
-                .0
                 .iter()
-                .map(|(p, b)| (p.to_string_lossy().into_owned(), b.clone()))
+                .map(|(p, b)| (p.to_string_lossy().into_owned(), b.to_vec()))
                 .collect::<HashMap<_, _>>(),
             stages_file: "stages.yaml".into(),
             set: [("api".to_owned(), api.to_owned())].into(),

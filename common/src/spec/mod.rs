@@ -20,6 +20,7 @@ mod read;
 mod stages;
 
 use std::collections::{BTreeMap, HashMap};
+use std::ffi::{OsStr, OsString};
 use std::io;
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
@@ -632,33 +633,63 @@ impl SourceFiles for DiskFiles {
 }
 
 /// Files held in memory, keyed by normalised path (tests, fuzzing, files sent over gRPC).
+///
+/// Keys are compared as bytes, not path by path: a 10,000-stage project makes 30,000 lookups,
+/// and comparing paths component by component was a tenth of its load. Byte order still
+/// keeps a directory's entries together (everything under `dir/` follows `dir/`), which is
+/// all [`SourceFiles::list`] needs.
 #[derive(Debug, Clone, Default)]
-pub struct MemoryFiles(pub BTreeMap<PathBuf, Vec<u8>>);
+pub struct MemoryFiles(BTreeMap<OsString, Vec<u8>>);
 
 impl MemoryFiles {
     pub fn insert(&mut self, path: impl AsRef<Path>, content: impl Into<Vec<u8>>) {
-        self.0.insert(normalize(path.as_ref()), content.into());
+        self.0
+            .insert(normalize(path.as_ref()).into_os_string(), content.into());
+    }
+
+    /// The content of the file at `path`, if there is one.
+    pub fn get(&self, path: impl AsRef<Path>) -> Option<&[u8]> {
+        self.0
+            .get(normalize(path.as_ref()).as_os_str())
+            .map(Vec::as_slice)
+    }
+
+    /// Every file, by normalised path, in byte order of the paths.
+    pub fn iter(&self) -> impl Iterator<Item = (&Path, &[u8])> {
+        self.0.iter().map(|(p, c)| (Path::new(p), c.as_slice()))
     }
 }
 
 impl SourceFiles for MemoryFiles {
     fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
-        self.0
-            .get(&normalize(path))
-            .cloned()
+        self.get(path)
+            .map(<[u8]>::to_vec)
             .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))
     }
 
     fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
         let dir = normalize(dir);
-        // Paths order by component, so everything under `dir` follows it contiguously.
+        // Everything under `dir/` follows it contiguously in byte order; `.` is the root,
+        // whose entries have no prefix.
+        let mut prefix = OsString::new();
+        if dir != Path::new(".") {
+            prefix.push(dir.as_os_str());
+            if !prefix.as_encoded_bytes().ends_with(b"/") {
+                prefix.push("/");
+            }
+        }
+        let start = prefix.as_encoded_bytes();
         let names: Vec<String> = self
             .0
-            .range(dir.clone()..)
-            .map(|(p, _)| p)
-            .take_while(|p| p.starts_with(&dir))
-            .filter(|p| p.parent() == Some(dir.as_path()))
-            .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .range::<OsStr, _>((
+                std::ops::Bound::Included(prefix.as_os_str()),
+                std::ops::Bound::Unbounded,
+            ))
+            .map(|(p, _)| p.as_encoded_bytes())
+            .take_while(|p| p.starts_with(start))
+            .map(|p| &p[start.len()..])
+            .filter(|name| !name.is_empty() && !name.contains(&b'/'))
+            .map(|name| String::from_utf8_lossy(name).into_owned())
             .collect();
         if names.is_empty() {
             return Err(io::Error::from(io::ErrorKind::NotFound));

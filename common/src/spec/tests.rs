@@ -540,10 +540,9 @@ fn a_large_project_loads_in_parallel_exactly_as_one_by_one() {
         assert_eq!(*config, format!("s{i}/config.yaml"));
     }
     assert_eq!(p.inputs.len(), 1 + 2 * n);
-    assert_eq!(
-        p.inputs.keys().collect::<Vec<_>>(),
-        mem.0.keys().collect::<Vec<_>>()
-    );
+    let mut held: Vec<_> = mem.iter().map(|(path, _)| path).collect();
+    held.sort();
+    assert_eq!(p.inputs.keys().collect::<Vec<_>>(), held);
 }
 
 /// The cross-file variable checks of a project large enough to be checked in parts: every
@@ -603,5 +602,39 @@ fn a_large_projects_variable_checks_report_every_stage_in_order() {
         missing.message.contains("stage `s3`") && missing.message.contains("`missing`"),
         "{}",
         missing.message
+    );
+}
+
+/// Memory files list a directory's own files, not its subdirectories' nor a sibling's whose
+/// name only starts the same (`a/b-c` and `a/b/...` sort apart from `a/b/` by bytes).
+#[test]
+fn memory_files_list_only_a_directorys_own_files() {
+    let mut mem = MemoryFiles::default();
+    for p in [
+        "top.yaml",
+        "./a/b/one.yaml",
+        "a/b/two.yaml",
+        "a/b/deeper/three.yaml",
+        "a/b-c/four.yaml",
+        "a/b.yaml",
+        "/abs/x.yaml",
+    ] {
+        mem.insert(p, "x");
+    }
+    let list = |dir: &str| mem.list(Path::new(dir)).map_err(|e| e.kind());
+    assert_eq!(list("a/b"), Ok(vec!["one.yaml".into(), "two.yaml".into()]));
+    assert_eq!(
+        list("a/./b/"),
+        Ok(vec!["one.yaml".into(), "two.yaml".into()])
+    );
+    assert_eq!(list("a"), Ok(vec!["b.yaml".into()]));
+    assert_eq!(list("."), Ok(vec!["top.yaml".into()]));
+    assert_eq!(list("/abs"), Ok(vec!["x.yaml".into()]));
+    assert_eq!(list("a/b/deeper"), Ok(vec!["three.yaml".into()]));
+    assert_eq!(list("nowhere"), Err(io::ErrorKind::NotFound));
+    assert_eq!(mem.read(Path::new("a/x/../b/one.yaml")).unwrap(), b"x");
+    assert_eq!(
+        mem.read(Path::new("a/b")).unwrap_err().kind(),
+        io::ErrorKind::NotFound
     );
 }

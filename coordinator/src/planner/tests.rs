@@ -57,7 +57,7 @@ fn cycle_is_named_in_full() {
 #[test]
 fn env_from_stages_must_be_a_transitive_dependency() {
     let mut files = synthetic::project_files(3, &[(1, 0)]);
-    let stages = String::from_utf8(files.0[std::path::Path::new("stages.yaml")].clone()).unwrap();
+    let stages = String::from_utf8(files.get("stages.yaml").unwrap().to_vec()).unwrap();
     let stages = stages.replace(
         "  - name: s2\n    config_path: s2/config.yaml\n",
         "  - name: s2\n    config_path: s2/config.yaml\n    env_from_stages:\n      - stage: s1\n        vars: [out]\n",
@@ -277,8 +277,8 @@ proptest! {
 fn digest_does_not_depend_on_where_baton_runs() {
     let files = synthetic::project_files(3, &[(1, 0), (2, 1)]);
     let mut moved = baton_common::spec::MemoryFiles::default();
-    for (p, c) in &files.0 {
-        moved.insert(std::path::Path::new("some/dir").join(p), c.clone());
+    for (p, c) in files.iter() {
+        moved.insert(std::path::Path::new("some/dir").join(p), c);
     }
     let here = baton_common::spec::load_project(
         std::path::Path::new("stages.yaml"),
