@@ -217,6 +217,9 @@ impl YamlError {
 }
 
 /// Parses one YAML document. An empty document is `Null` at line 1.
+///
+/// A large document whose last top-level key holds a long block list (a stages file of
+/// thousands of stages) is parsed in parts on several threads; see [`parse_in_parts`].
 pub fn parse(source: &str, limits: Limits) -> Result<Node, YamlError> {
     if source.len() > limits.max_bytes {
         return Err(YamlError::TooLarge {
@@ -224,10 +227,24 @@ pub fn parse(source: &str, limits: Limits) -> Result<Node, YamlError> {
             limit: limits.max_bytes,
         });
     }
-    let mut builder = Builder {
-        limits,
-        ..Builder::default()
-    };
+    if source.len() >= PARTS_FROM {
+        let parts = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+        if parts > 1 {
+            if let Some(doc) = parse_in_parts(source, limits, parts.min(8)) {
+                return Ok(doc);
+            }
+        }
+    }
+    parse_whole(source, limits)
+}
+
+/// Documents at least this large are worth parsing in parts (a 10,000-stage stages file is
+/// about 1.5 MB; parsing it whole takes 30–40 ms on one thread).
+const PARTS_FROM: usize = 256 * 1024;
+
+/// Parses the whole of `source` on this thread.
+fn parse_whole(source: &str, limits: Limits) -> Result<Node, YamlError> {
+    let mut builder = Builder::new(limits, 0);
     let mut parser = Parser::new_from_str(source);
     if let Err(e) = parser.load(&mut builder, true) {
         // A semantic error found earlier is more useful than the syntax error it may cause.
@@ -255,6 +272,162 @@ pub fn parse(source: &str, limits: Limits) -> Result<Node, YamlError> {
     }
 }
 
+/// The layout [`parse_in_parts`] can split: a head that ends with a top-level key on a line
+/// of its own (`stages:`), then nothing but that key's block list to the end of the file.
+struct ListTail<'a> {
+    /// The key that holds the list.
+    key: &'a str,
+    /// The byte offset and the 0-based line number of every line that starts an item.
+    items: Vec<(usize, u32)>,
+}
+
+/// Finds the trailing list, looking at lines only: no YAML is interpreted here, so a text
+/// that merely looks like this layout is caught by the parts' parse (see [`parse_in_parts`]).
+fn list_tail(source: &str) -> Option<ListTail<'_>> {
+    // The last top-level `key:` line with nothing after it, and the list since then.
+    let mut key: Option<&str> = None;
+    let mut indent = None;
+    let mut items = Vec::new();
+    let mut offset = 0;
+    for (line_no, line) in source.split_inclusive('\n').enumerate() {
+        let at = offset;
+        offset += line.len();
+        let content = line.trim_end_matches(['\n', '\r']);
+        let text = content.trim_start_matches(' ');
+        if text.is_empty() || text.starts_with('#') {
+            continue;
+        }
+        let spaces = content.len() - text.len();
+        let item = text == "-" || text.starts_with("- ");
+        let list_at_column_0 = item && key.is_some() && matches!(indent, None | Some(0));
+        if spaces == 0 && !list_at_column_0 {
+            // A top-level line: a new key, perhaps the list's.
+            key = text
+                .strip_suffix(':')
+                .map(|k| k.trim_end_matches(' '))
+                .filter(|k| {
+                    !k.is_empty()
+                        && k.bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+                });
+            indent = None;
+            items.clear();
+            continue;
+        }
+        if key.is_none() {
+            continue;
+        }
+        let fits = !text.starts_with('\t')
+            && match indent {
+                None => item,
+                Some(d) => spaces > d || (spaces == d && item),
+            };
+        if !fits {
+            // Not a list (or not one this simple): only a later key can start one.
+            key = None;
+            indent = None;
+            items.clear();
+            continue;
+        }
+        if indent.is_none() {
+            indent = Some(spaces);
+        }
+        if Some(spaces) == indent {
+            items.push((at, u32::try_from(line_no).ok()?));
+        }
+    }
+    (!items.is_empty()).then_some(ListTail { key: key?, items })
+}
+
+/// Parses a document of the [`ListTail`] layout in `parts` pieces at once. The list is cut
+/// at item boundaries into pieces of about equal size. The first piece, with the head, is
+/// parsed whole on this thread; every other piece on its own thread, as a list of its own,
+/// its positions shifted to its place in the file. Their items are then appended to the
+/// first piece's list: the one tree a whole parse gives.
+///
+/// `None` (parse it whole) when the text is not of that layout or any piece fails: a cut
+/// through a construct that spans lines (an open quote or bracket, an alias to an earlier
+/// piece) makes its piece fail, and the whole parse then gives the exact error, if there is
+/// one. The limits hold for the whole: a piece's nesting counts from the list's depth, and
+/// the pieces' nodes are added up.
+fn parse_in_parts(source: &str, limits: Limits, parts: usize) -> Option<Node> {
+    let tail = list_tail(source)?;
+    if parts < 2 || limits.max_depth < 2 {
+        return None;
+    }
+    // Cut points: the first item at or after each equal share of the file.
+    let share = source.len() / parts;
+    let mut cuts: Vec<(usize, u32)> = Vec::with_capacity(parts);
+    for &(at, line) in &tail.items[1..] {
+        if at >= share * (cuts.len() + 1) && cuts.len() + 1 < parts {
+            cuts.push((at, line));
+        }
+    }
+    if cuts.is_empty() {
+        return None;
+    }
+    let ends: Vec<usize> = cuts
+        .iter()
+        .skip(1)
+        .map(|&(at, _)| at)
+        .chain([source.len()])
+        .collect();
+    let part_limits = Limits {
+        max_depth: limits.max_depth - 1,
+        ..limits
+    };
+    let (head, pieces) = std::thread::scope(|scope| {
+        let running: Vec<_> = cuts
+            .iter()
+            .zip(&ends)
+            .map(|(&(start, line), &end)| {
+                scope.spawn(move || parse_list_part(&source[start..end], part_limits, line))
+            })
+            .collect();
+        let head = parse_whole(&source[..cuts[0].0], limits);
+        let pieces: Vec<_> = running
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect();
+        (head, pieces)
+    });
+    let mut head = head.ok()?;
+    // The whole parse counts the head's nodes, then each later piece's but its list node.
+    let mut nodes = node_size(&head);
+    let Value::Map(entries) = &mut head.value else {
+        return None;
+    };
+    let (key, list) = entries.last_mut()?;
+    let Value::Seq(items) = &mut list.value else {
+        return None;
+    };
+    if key.as_str() != Some(tail.key) {
+        return None;
+    }
+    items.reserve(tail.items.len().saturating_sub(items.len()));
+    for piece in pieces {
+        let (piece_items, count) = piece?;
+        nodes += count - 1;
+        items.extend(piece_items);
+    }
+    (nodes <= limits.max_nodes).then_some(head)
+}
+
+/// Parses one piece of a trailing list: its items, and how many nodes were counted (aliases
+/// expanded). `line` is how many lines of the file come before it.
+fn parse_list_part(text: &str, limits: Limits, line: u32) -> Option<(Vec<Node>, usize)> {
+    let mut builder = Builder::new(limits, line);
+    Parser::new_from_str(text).load(&mut builder, true).ok()?;
+    if builder.error.is_some() || builder.docs.len() != 1 {
+        return None;
+    }
+    let nodes = builder.nodes;
+    match builder.docs.pop()?.value {
+        Value::Seq(items) => Some((items, nodes)),
+        _ => None,
+    }
+}
+
 /// Open collections while events stream in.
 #[derive(Debug)]
 enum Frame {
@@ -274,6 +447,9 @@ enum Frame {
 #[derive(Debug, Default)]
 struct Builder {
     limits: Limits,
+    /// Lines of the file before the text being parsed (a part of a list; see
+    /// [`parse_in_parts`]), added to every position.
+    line_offset: u32,
     stack: Vec<Frame>,
     docs: Vec<Node>,
     anchors: HashMap<usize, Node>,
@@ -282,6 +458,14 @@ struct Builder {
 }
 
 impl Builder {
+    fn new(limits: Limits, line_offset: u32) -> Self {
+        Builder {
+            limits,
+            line_offset,
+            ..Builder::default()
+        }
+    }
+
     fn fail(&mut self, err: YamlError) {
         if self.error.is_none() {
             self.error = Some(err);
@@ -372,7 +556,8 @@ impl MarkedEventReceiver for Builder {
         if self.error.is_some() {
             return;
         }
-        let pos = Pos::from_marker(&mark);
+        let mut pos = Pos::from_marker(&mark);
+        pos.line = pos.line.saturating_add(self.line_offset);
         match ev {
             Event::Nothing
             | Event::StreamStart
@@ -539,5 +724,209 @@ mod tests {
             doc.to_json(),
             serde_json::json!({"a": 1, "b": true, "c": "1", "d": 1.5, "e": null, "f": "10.0.0.0/16"})
         );
+    }
+
+    /// A stages file of `n` items, each in one of several shapes that span lines.
+    fn list_doc(n: usize, indent: &str, shape: impl Fn(usize) -> String) -> String {
+        let mut doc =
+            String::from("# a comment\napiVersion: baton/v1\nglobal:\n  env:\n    a: 1\nstages:\n");
+        for i in 0..n {
+            for line in shape(i).lines() {
+                doc.push_str(indent);
+                doc.push_str(line);
+                doc.push('\n');
+            }
+        }
+        doc
+    }
+
+    /// `parse_in_parts`, when it answers, gives what the whole parse gives; `None` otherwise.
+    fn parts_agree(doc: &str, limits: Limits) -> bool {
+        let whole = parse_whole(doc, limits);
+        let mut split = false;
+        for parts in 2..=5 {
+            if let Some(tree) = parse_in_parts(doc, limits, parts) {
+                assert_eq!(Ok(&tree), whole.as_ref(), "{parts} parts of:\n{doc}");
+                split = true;
+            }
+        }
+        split
+    }
+
+    #[test]
+    fn a_trailing_list_parsed_in_parts_is_the_whole_parse() {
+        let shapes: Vec<Box<dyn Fn(usize) -> String>> = vec![
+            Box::new(|i| format!("- name: s{i}\n  depends_on: [a, b]\n")),
+            Box::new(|i| format!("- name: s{i}\n  run: |+\n    echo {i}\n\n\n")),
+            Box::new(|i| {
+                format!(
+                    "- name: s{i}\n  note: >-\n    folded\n    text\n  # between\n# at the left\n"
+                )
+            }),
+            Box::new(|i| format!("- name: 'quoted\n    over two lines {i}'\n  x: \"a\\\"b\"\n")),
+            Box::new(|i| format!("- name: s{i}\n  env:\n    - &x{i} {{a: 1}}\n    - *x{i}\n")),
+            Box::new(|i| format!("-\n  name: s{i}\n- - nested\n  - list\n")),
+            Box::new(|i| format!("- plain scalar\n  over lines {i}\n- name: s{i}\r\n")),
+        ];
+        for shape in &shapes {
+            for indent in ["", "  ", "    "] {
+                let doc = list_doc(12, indent, shape);
+                assert!(parts_agree(&doc, Limits::default()), "never split:\n{doc}");
+            }
+        }
+    }
+
+    #[test]
+    fn what_cannot_be_parsed_in_parts_is_parsed_whole() {
+        let not_split = [
+            // An alias to an anchor of the head, or of an earlier part.
+            list_doc(12, "  ", |i| format!("- name: s{i}\n  v: *top\n"))
+                .replace("a: 1", "a: &top 1"),
+            list_doc(12, "  ", |i| {
+                if i == 0 {
+                    "- &first s0\n".into()
+                } else {
+                    "- *first\n".into()
+                }
+            }),
+            // A top-level key after the list.
+            list_doc(12, "  ", |i| format!("- s{i}\n")) + "after: 1\n",
+            // A second document, a tab, a quote or bracket open across items.
+            list_doc(12, "", |i| format!("- s{i}\n")) + "---\n- more\n",
+            list_doc(12, "  ", |i| format!("- s{i}\n\t- tabbed\n")),
+            list_doc(12, "  ", |i| format!("- \"open {i}\n")),
+            list_doc(12, "  ", |i| format!("- [open {i},\n")),
+            // The list's key twice.
+            "stages: 1\n".to_owned() + &list_doc(12, "  ", |i| format!("- s{i}\n")),
+        ];
+        for doc in &not_split {
+            assert!(!parts_agree(doc, Limits::default()), "split:\n{doc}");
+        }
+        let whole = |doc: &str| parse(doc, Limits::default());
+        assert!(whole(&not_split[1]).is_ok());
+        assert!(matches!(
+            whole(&not_split[5]),
+            Err(YamlError::Syntax { .. })
+        ));
+        assert!(matches!(
+            whole(&not_split[7]),
+            Err(YamlError::DuplicateKey { .. })
+        ));
+    }
+
+    /// A document large enough for `parse` to cut: the whole parse's tree, and an error in
+    /// the last part found exactly where the whole parse finds it.
+    #[test]
+    fn a_large_stages_file_is_parsed_in_parts_to_the_same_tree() {
+        let doc = list_doc(4000, "  ", |i| {
+            format!(
+                "- name: s{i}
+  config_path: s{i}/config.yaml
+  depends_on: [s0]
+"
+            )
+        });
+        assert!(doc.len() >= PARTS_FROM);
+        assert!(parse_in_parts(&doc, Limits::default(), 2).is_some());
+        assert_eq!(
+            parse(&doc, Limits::default()),
+            parse_whole(&doc, Limits::default())
+        );
+        let broken = doc
+            + "  - name: last
+    name: again
+";
+        let err = parse(&broken, Limits::default()).unwrap_err();
+        let lines = u32::try_from(broken.lines().count()).unwrap();
+        assert_eq!(
+            err,
+            YamlError::DuplicateKey {
+                pos: Pos::new(lines, 5),
+                key: "name".into(),
+                first_line: lines - 1,
+            }
+        );
+    }
+
+    /// The limits hold for the whole document, not for each part.
+    #[test]
+    fn parts_keep_the_whole_documents_limits() {
+        let doc = list_doc(40, "  ", |i| format!("- name: s{i}\n  deep: [[[x]]]\n"));
+        let whole = parse_whole(&doc, Limits::default()).expect("valid");
+        let nodes = node_size(&whole);
+        let exact = Limits {
+            max_nodes: nodes,
+            ..Limits::default()
+        };
+        assert!(parts_agree(&doc, exact));
+        let one_less = Limits {
+            max_nodes: nodes - 1,
+            ..Limits::default()
+        };
+        assert!(!parts_agree(&doc, one_less));
+        assert!(matches!(
+            parse(&doc, one_less),
+            Err(YamlError::TooManyNodes { .. })
+        ));
+        // Root map, list, item map, then three brackets: six levels deep.
+        let deep = |max_depth| Limits {
+            max_depth,
+            ..Limits::default()
+        };
+        assert!(parts_agree(&doc, deep(6)));
+        assert!(!parts_agree(&doc, deep(5)));
+        assert!(matches!(
+            parse_whole(&doc, deep(5)),
+            Err(YamlError::TooDeep { .. })
+        ));
+    }
+
+    proptest::proptest! {
+        /// Items of every shape that spans lines, cut into any number of parts: the same
+        /// tree as the whole parse, or a whole parse.
+        #[test]
+        fn any_trailing_list_parses_the_same_in_parts(
+            items in proptest::collection::vec(
+                (0usize..7, proptest::collection::vec(0usize..8, 0..4)),
+                2..30,
+            ),
+            indent in 0usize..3,
+        ) {
+            // Item openers; the first two open a mapping, which the lines below may extend.
+            const OPENERS: [&str; 7] = [
+                "- name: a\n",
+                "-\n  name: b\n",
+                "- \"two\n  lines\"\n",
+                "- &anchor x\n",
+                "- *anchor\n",
+                "- plain\n  continued\n",
+                "- - nested\n  - list\n",
+            ];
+            const LINES: [&str; 8] = [
+                "  key: value\n",
+                "  block: |\n    - not an item\n    text\n",
+                "  quoted: 'it''s\n    long'\n",
+                "  flow: {a: [1,\n    2]}\n",
+                "  keep: |+\n    kept\n\n",
+                "# comment\n",
+                "\n",
+                "  folded: >\n\n    - folded\n   \n",
+            ];
+            let pad = " ".repeat(indent);
+            let mut doc = String::from("top: 1\nstages:\n");
+            for (opener, lines) in items {
+                let mut text = OPENERS[opener].to_owned();
+                if opener < 2 {
+                    text.extend(lines.iter().map(|&l| LINES[l]));
+                }
+                for line in text.split_inclusive('\n') {
+                    if line != "\n" {
+                        doc.push_str(&pad);
+                    }
+                    doc.push_str(line);
+                }
+            }
+            parts_agree(&doc, Limits::default());
+        }
     }
 }
