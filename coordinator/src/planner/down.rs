@@ -163,6 +163,7 @@ pub fn plan_down(
         waves[p.wave].push(k);
     }
     let inputs = project_inputs(project);
+    let (digest, release) = super::digests(project, &inputs);
     Ok(Plan {
         stages_file: display(&project.stages_file),
         direction: "down",
@@ -173,8 +174,8 @@ pub fn plan_down(
         max_concurrent_stages: spec.global.max_concurrent_stages.as_ref().map(|m| m.value),
         wait_between_stages: None,
         rollback_on_failure: false,
-        digest: super::plan_digest(project, &inputs),
-        release: super::release_of(project, &inputs),
+        digest,
+        release,
         environment: project.spec.environment_name().map(str::to_owned),
         inputs,
         up_to: BTreeMap::new(),

@@ -205,11 +205,13 @@ impl Graph {
         let mut g = DiGraph::with_capacity(spec.stages.len(), spec.stages.len() * 2);
         let nodes: Vec<NodeIndex> = (0..spec.stages.len()).map(|i| g.add_node(i)).collect();
         let index = spec.index();
+        // `added_for[d] == i`: the edge d -> i is in (a dependency named twice is one edge).
+        let mut added_for = vec![usize::MAX; spec.stages.len()];
         for (i, s) in spec.stages.iter().enumerate() {
-            let mut seen = BTreeSet::new();
             for dep in &s.depends_on {
                 if let Some(&d) = index.get(dep.value.as_str()) {
-                    if d != i && seen.insert(d) {
+                    if d != i && added_for[d] != i {
+                        added_for[d] = i;
                         g.add_edge(nodes[d], nodes[i], ());
                     }
                 }
@@ -490,11 +492,17 @@ pub fn plan_with(
         }
     };
 
+    let mut in_selection = vec![false; n];
+    for &i in &selected {
+        in_selection[i] = true;
+    }
+    let deps: Vec<Vec<usize>> = (0..n).map(|i| graph.deps(i)).collect();
+
     // Dependencies outside the selection must have run before: their stored results stand in.
     let mut uses_history_of = BTreeSet::new();
     for &i in &selected {
-        for d in graph.deps(i) {
-            if !selected.contains(&d) {
+        for &d in &deps[i] {
+            if !in_selection[d] {
                 if !history.stage_succeeded(names[d]) {
                     return Err(PlanError::History(format!(
                         "stage {}: dependent stage {} has not been executed (run it first, e.g. `baton stages up --stage {}`, or select a range that includes it)",
@@ -509,11 +517,7 @@ pub fn plan_with(
     // Topological order, ties broken by file order.
     let mut indegree = vec![0usize; n];
     for &i in &selected {
-        indegree[i] = graph
-            .deps(i)
-            .iter()
-            .filter(|d| selected.contains(d))
-            .count();
+        indegree[i] = deps[i].iter().filter(|&&d| in_selection[d]).count();
     }
     let mut ready: BinaryHeap<Reverse<usize>> = selected
         .iter()
@@ -525,7 +529,7 @@ pub fn plan_with(
     while let Some(Reverse(i)) = ready.pop() {
         order.push(i);
         for d in graph.dependents(i) {
-            if !selected.contains(&d) {
+            if !in_selection[d] {
                 continue;
             }
             wave_of[d] = wave_of[d].max(wave_of[i] + 1);
@@ -589,11 +593,7 @@ pub fn plan_with(
         planned.push(PlannedStage {
             name: s.name.value.clone(),
             index: i,
-            depends_on: graph
-                .deps(i)
-                .into_iter()
-                .map(|d| names[d].to_owned())
-                .collect(),
+            depends_on: deps[i].iter().map(|&d| names[d].to_owned()).collect(),
             wave: wave_of[i],
             on_failure: s.on_failure,
             timeout: s.timeout.as_ref().map(|t| t.value),
@@ -624,6 +624,7 @@ pub fn plan_with(
     }
 
     let inputs = project_inputs(project);
+    let (digest, release) = digests(project, &inputs);
     Ok(Plan {
         stages_file: display(&project.stages_file),
         direction: "up",
@@ -637,8 +638,8 @@ pub fn plan_with(
         max_concurrent_stages: spec.global.max_concurrent_stages.as_ref().map(|m| m.value),
         wait_between_stages: spec.global.wait_between_stages.as_ref().map(|w| w.value),
         rollback_on_failure: spec.global.rollback_on_failure,
-        digest: cover_overrides(plan_digest(project, &inputs), project, &plan_vars.overrides),
-        release: release_of(project, &inputs),
+        digest: cover_overrides(digest, project, &plan_vars.overrides),
+        release,
         environment: project.spec.environment_name().map(str::to_owned),
         inputs,
         up_to: BTreeMap::new(),
@@ -696,26 +697,41 @@ pub fn project_inputs(project: &Project) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// The digest of a plan of `project` before `--set` and caps: its inputs, and the
-/// environment it is for (the same files planned for two environments are two plans).
-pub(crate) fn plan_digest(project: &Project, inputs: &BTreeMap<String, String>) -> String {
-    let digest = digest_inputs(inputs);
+/// `digest` (of the inputs) extended by the environment the plan is for, if any: the same
+/// files planned for two environments are two plans.
+fn environment_digest(project: &Project, digest: String) -> String {
     match project.spec.environment_name() {
         None => digest,
         Some(env) => sha256_hex(format!("{digest}\nenvironment {env}").as_bytes()),
     }
 }
 
+/// The digest of a plan of `project` before `--set` and caps (its inputs and environment),
+/// and its release (see [`Plan::release`]); the inputs are hashed once when no environment
+/// file sets the two apart.
+pub(crate) fn digests(project: &Project, inputs: &BTreeMap<String, String>) -> (String, String) {
+    let env_files: BTreeSet<String> = project
+        .spec
+        .environments
+        .iter()
+        .filter_map(|env| env.env_file.as_ref())
+        .map(|f| {
+            let path = baton_common::spec::beside(&project.stages_file, &f.value);
+            project_inputs_key(project, &path)
+        })
+        .collect();
+    let all = digest_inputs(inputs, |_| true);
+    let release = if env_files.iter().any(|f| inputs.contains_key(f)) {
+        digest_inputs(inputs, |p| !env_files.contains(p))
+    } else {
+        all.clone()
+    };
+    (environment_digest(project, all), release)
+}
+
 /// The release of `project` (see [`Plan::release`]).
 pub fn release_of(project: &Project, inputs: &BTreeMap<String, String>) -> String {
-    let mut release = inputs.clone();
-    for env in &project.spec.environments {
-        if let Some(f) = &env.env_file {
-            let path = baton_common::spec::beside(&project.stages_file, &f.value);
-            release.remove(&project_inputs_key(project, &path));
-        }
-    }
-    digest_inputs(&release)
+    digests(project, inputs).1
 }
 
 fn project_inputs_key(project: &Project, path: &Path) -> String {
@@ -723,10 +739,13 @@ fn project_inputs_key(project: &Project, path: &Path) -> String {
     display(path.strip_prefix(base).unwrap_or(path))
 }
 
-/// SHA-256 over `path NUL digest LF` for every input in path order.
-pub(crate) fn digest_inputs(inputs: &BTreeMap<String, String>) -> String {
-    let mut buf = Vec::new();
-    for (p, d) in inputs {
+/// SHA-256 over `path NUL digest LF` for every input in path order that `keep` keeps.
+pub(crate) fn digest_inputs(
+    inputs: &BTreeMap<String, String>,
+    keep: impl Fn(&str) -> bool,
+) -> String {
+    let mut buf = Vec::with_capacity(inputs.iter().map(|(p, d)| p.len() + d.len() + 2).sum());
+    for (p, d) in inputs.iter().filter(|(p, _)| keep(p)) {
         buf.extend_from_slice(p.as_bytes());
         buf.push(0);
         buf.extend_from_slice(d.as_bytes());

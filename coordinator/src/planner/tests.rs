@@ -295,3 +295,72 @@ fn digest_does_not_depend_on_where_baton_runs() {
     assert_eq!(a.digest, b.digest);
     assert_eq!(a.inputs, b.inputs);
 }
+
+/// The bundled environments example, in memory, with `edit` applied to one file's text.
+fn environments_example(edit: (&str, &str, &str)) -> baton_common::spec::MemoryFiles {
+    fn walk(
+        dir: &std::path::Path,
+        rel: &std::path::Path,
+        out: &mut baton_common::spec::MemoryFiles,
+    ) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let entry = entry.unwrap();
+            let rel = rel.join(entry.file_name());
+            if entry.file_type().unwrap().is_dir() {
+                walk(&entry.path(), &rel, out);
+            } else {
+                out.insert(rel, std::fs::read(entry.path()).unwrap());
+            }
+        }
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/environments");
+    let mut files = baton_common::spec::MemoryFiles::default();
+    walk(&root, std::path::Path::new(""), &mut files);
+    let (path, from, to) = edit;
+    let text = String::from_utf8(files.get(path).unwrap().to_vec()).unwrap();
+    assert!(text.contains(from), "{path} holds `{from}`");
+    files.insert(path, text.replacen(from, to, 1));
+    files
+}
+
+/// (digest, release) of the example planned for `environment`.
+fn digests_for(files: &baton_common::spec::MemoryFiles, environment: &str) -> (String, String) {
+    let options = baton_common::spec::LoadOptions {
+        environment: Some(environment.to_owned()),
+        ..Default::default()
+    };
+    let loaded =
+        baton_common::spec::load_project(std::path::Path::new("stages.yaml"), files, options);
+    let project = loaded
+        .project
+        .unwrap_or_else(|| panic!("{}", loaded.diagnostics));
+    let plan = plan(&project, &Selection::All, &NoHistory).unwrap();
+    assert_eq!(
+        plan.release,
+        release_of(&project, &project_inputs(&project))
+    );
+    (plan.digest, plan.release)
+}
+
+/// A release is the files less the environments' variables files: the same for every
+/// environment, unchanged by an edit of a variables file, changed by an edit of a stage. A
+/// plan's digest is for one environment and its variables.
+#[test]
+fn a_release_leaves_out_the_environments_variables_files_and_a_digest_does_not() {
+    let same = environments_example(("stages.yaml", "\n", "\n"));
+    let (dev, dev_release) = digests_for(&same, "dev");
+    let (test, test_release) = digests_for(&same, "test");
+    assert_ne!(dev, test);
+    assert_eq!(dev_release, test_release);
+    assert_ne!(dev, dev_release);
+
+    let vars_edited = environments_example(("vars/vars-development.yml", ":", ": "));
+    let (dev_after, dev_release_after) = digests_for(&vars_edited, "dev");
+    assert_ne!(dev_after, dev);
+    assert_eq!(dev_release_after, dev_release);
+
+    let stage_edited = environments_example(("prerequisite/config.yaml", "\n", "\n\n"));
+    let (dev_after, dev_release_after) = digests_for(&stage_edited, "dev");
+    assert_ne!(dev_after, dev);
+    assert_ne!(dev_release_after, dev_release);
+}
