@@ -17,13 +17,13 @@ use crate::template::{Reference, Template};
 
 use super::read::Reader;
 use super::{
-    BodySpec, EnvEntry, JsonTemplate, LoadedStage, StageConfigSpec, StageSpec, StagesSpec,
+    BodySpec, EnvEntry, JsonTemplate, LoadedStage, Sources, StageConfigSpec, StageSpec, StagesSpec,
     StepAction, StepSpec, Tmpl,
 };
 
 pub(super) fn variables(
     diags: &mut Diagnostics,
-    sources: &HashMap<PathBuf, String>,
+    sources: &Sources,
     spec: &StagesSpec,
     stages: &[LoadedStage],
     stages_file: &Path,
@@ -49,7 +49,7 @@ pub(super) fn variables(
             &global,
         );
         if let Some(file) = &env.file {
-            let text = sources.get(file).map_or("", String::as_str);
+            let text = sources.get(file).unwrap_or("");
             check_env_values(
                 &mut Reader::new(file, text, diags),
                 &who,
@@ -113,7 +113,7 @@ pub(super) fn variables(
 
 /// What every stage's variable check shares.
 struct Each<'a> {
-    sources: &'a HashMap<PathBuf, String>,
+    sources: &'a Sources,
     stages_file: &'a Path,
     stages_text: &'a str,
     /// `--set` names and `global.env`.
@@ -291,20 +291,20 @@ impl Each<'_> {
 
 /// A stage's `parameters_file`, as read when the project was loaded.
 fn parameters_text<'s>(
-    sources: &'s HashMap<PathBuf, String>,
+    sources: &'s Sources,
     stages_file: &Path,
     stage: &StageSpec,
 ) -> Option<(PathBuf, &'s str)> {
     let rel = stage.parameters_file.as_ref()?;
     let path = super::beside(stages_file, &rel.value);
     let text = sources.get(&path)?;
-    Some((path, text.as_str()))
+    Some((path, text))
 }
 
 /// `#{name}#` tokens of a step's `body_file` (read when the project was loaded).
 fn check_body_tokens(
     diags: &mut Diagnostics,
-    sources: &HashMap<PathBuf, String>,
+    sources: &Sources,
     migration_file: &Path,
     step: &StepSpec,
     stage: &str,
@@ -542,7 +542,7 @@ fn check_template(
 /// source defines and no migration exports is a warning (probably a typo).
 fn secrets(
     diags: &mut Diagnostics,
-    sources: &HashMap<PathBuf, String>,
+    sources: &Sources,
     spec: &StagesSpec,
     stages: &[LoadedStage],
     stages_file: &Path,
@@ -577,7 +577,7 @@ fn secrets(
             (stages_file, stages_text, &stage.secrets),
             (
                 loaded.config_file.as_path(),
-                sources.get(&loaded.config_file).map_or("", String::as_str),
+                sources.get(&loaded.config_file).unwrap_or(""),
                 &loaded.config.secrets,
             ),
         ];

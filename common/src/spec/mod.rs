@@ -856,8 +856,10 @@ pub struct Project {
     pub spec: StagesSpec,
     /// Parallel to `spec.stages`.
     pub stages: Vec<LoadedStage>,
-    /// Every file read, with the SHA-256 of its bytes, sorted by path.
-    pub inputs: BTreeMap<PathBuf, String>,
+    /// Every file read, with the SHA-256 of its bytes: one entry per path (a file read twice
+    /// has the digest of its last read), sorted by the path's bytes (not component by
+    /// component, which was a tenth of a 10,000-stage load).
+    pub inputs: Vec<(PathBuf, String)>,
 }
 
 /// Options for loading.
@@ -892,6 +894,45 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     s
 }
 
+/// The text of files read while loading, by normalised path, for the cross-file checks.
+/// Keyed by the path's bytes: hashing a `Path` walks its components, and a 10,000-stage
+/// project's checks look up 30,000 paths. One map per loader that read them: the parts of a
+/// parallel load are appended, not merged entry by entry, and a later map wins, as a later
+/// insert would.
+#[derive(Debug, Default)]
+pub(super) struct Sources(Vec<HashMap<OsString, String>>);
+
+impl Sources {
+    pub(super) fn get(&self, path: &Path) -> Option<&str> {
+        let key = path.as_os_str();
+        self.0
+            .iter()
+            .rev()
+            .find_map(|m| m.get(key))
+            .map(String::as_str)
+    }
+
+    fn insert(&mut self, path: PathBuf, text: String) {
+        self.last().insert(path.into_os_string(), text);
+    }
+
+    fn reserve(&mut self, n: usize) {
+        self.last().reserve(n);
+    }
+
+    fn append(&mut self, other: Sources) {
+        self.0.extend(other.0);
+    }
+
+    fn last(&mut self) -> &mut HashMap<OsString, String> {
+        if self.0.is_empty() {
+            self.0.push(HashMap::new());
+        }
+        let last = self.0.len() - 1;
+        &mut self.0[last]
+    }
+}
+
 struct Loader<'f> {
     files: &'f dyn SourceFiles,
     opts: LoadOptions,
@@ -901,7 +942,7 @@ struct Loader<'f> {
     /// sorted by path while reading 20,000 files.
     inputs: Vec<(PathBuf, String)>,
     /// Text of every config and migration file read, for the cross-file checks.
-    sources: HashMap<PathBuf, String>,
+    sources: Sources,
     /// Files read while loading the current stage.
     stage_reads: Vec<PathBuf>,
 }
@@ -913,7 +954,7 @@ impl<'f> Loader<'f> {
             opts,
             diags: Diagnostics::new(),
             inputs: Vec::new(),
-            sources: HashMap::new(),
+            sources: Sources::default(),
             stage_reads: Vec::new(),
         }
     }
@@ -1062,15 +1103,35 @@ pub fn load_project(stages_file: &Path, files: &dyn SourceFiles, opts: LoadOptio
         stages_file: stages_file.clone(),
         spec,
         stages,
-        // A stable sort, and the map keeps the last of equal paths: the same map as
-        // inserting them one by one in read order.
-        inputs: std::mem::take(&mut l.inputs).into_iter().collect(),
+        inputs: sorted_inputs(std::mem::take(&mut l.inputs)),
     };
     Loaded {
         project: Some(project),
         partial: None,
         diagnostics: l.diags,
     }
+}
+
+/// Every `(path, digest)` read, in read order, sorted by the paths' bytes with the last read
+/// of each path kept. The sort is stable, so equal paths stay in read order; a parallel load
+/// sorts each part first (see [`load_stages`]), which leaves only sorted runs to merge here.
+fn sorted_inputs(mut inputs: Vec<(PathBuf, String)>) -> Vec<(PathBuf, String)> {
+    inputs.sort_by(by_path_bytes);
+    // `later` is removed when it has `kept`'s path; its digest, the later read's, stays.
+    inputs.dedup_by(|later, kept| {
+        let same = later.0 == kept.0;
+        if same {
+            std::mem::swap(&mut later.1, &mut kept.1);
+        }
+        same
+    });
+    inputs
+}
+
+fn by_path_bytes(a: &(PathBuf, String), b: &(PathBuf, String)) -> std::cmp::Ordering {
+    a.0.as_os_str()
+        .as_encoded_bytes()
+        .cmp(b.0.as_os_str().as_encoded_bytes())
 }
 
 /// A project with at least this many stages loads and checks them on several threads.
@@ -1113,20 +1174,23 @@ fn load_stages(
     let (files, opts) = (l.files, &l.opts);
     let parts = in_parts(stages.len(), |range| {
         let mut sub = Loader::new(files, opts.clone());
+        // A config and a migration per stage, at least.
+        sub.inputs.reserve(2 * range.len());
+        sub.sources.reserve(2 * range.len());
         let loaded: Vec<_> = stages[range]
             .iter()
             .map(|s| load_listed_stage(&mut sub, stages_file, s))
             .collect();
+        // Sorted on the part's thread, so that `sorted_inputs` only merges sorted runs.
+        sub.inputs.sort_by(by_path_bytes);
         (loaded, sub.diags, sub.inputs, sub.sources)
     });
     let mut out = Vec::with_capacity(stages.len());
-    l.sources
-        .reserve(parts.iter().map(|(_, _, _, sources)| sources.len()).sum());
     for (loaded, diags, inputs, sources) in parts {
         out.extend(loaded);
         l.diags.extend(diags);
         l.inputs.extend(inputs);
-        l.sources.extend(sources);
+        l.sources.append(sources);
     }
     out
 }
@@ -1297,7 +1361,8 @@ fn load_stage(
         }
     }
     candidates.sort();
-    let mut migrations: Vec<MigrationSpec> = Vec::new();
+    // Sized once: a migration's spec is large, and growing the list copied it.
+    let mut migrations: Vec<MigrationSpec> = Vec::with_capacity(candidates.len());
     let mut ok = true;
     for (i, (version, name, file_name)) in candidates.iter().enumerate() {
         let path = migrate_dir.join(file_name);

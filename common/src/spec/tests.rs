@@ -540,9 +540,10 @@ fn a_large_project_loads_in_parallel_exactly_as_one_by_one() {
         assert_eq!(*config, format!("s{i}/config.yaml"));
     }
     assert_eq!(p.inputs.len(), 1 + 2 * n);
-    let mut held: Vec<_> = mem.iter().map(|(path, _)| path).collect();
-    held.sort();
-    assert_eq!(p.inputs.keys().collect::<Vec<_>>(), held);
+    // Every file, once, in the byte order of the paths (as memory files keep them).
+    let held: Vec<_> = mem.iter().map(|(path, _)| path).collect();
+    let inputs: Vec<_> = p.inputs.iter().map(|(path, _)| path.as_path()).collect();
+    assert_eq!(inputs, held);
 }
 
 /// The cross-file variable checks of a project large enough to be checked in parts: every
@@ -636,5 +637,27 @@ fn memory_files_list_only_a_directorys_own_files() {
     assert_eq!(
         mem.read(Path::new("a/b")).unwrap_err().kind(),
         io::ErrorKind::NotFound
+    );
+}
+
+/// A project's inputs: one per path, the last read's digest (a file that changed between two
+/// reads counts as read last), in the byte order of the paths.
+#[test]
+fn inputs_keep_each_paths_last_read_in_byte_order() {
+    let read = |p: &str, d: &str| (PathBuf::from(p), d.to_owned());
+    let inputs = sorted_inputs(vec![
+        read("a/b/x.yaml", "1"),
+        read("a-b.yaml", "2"),
+        read("a/b/x.yaml", "3"),
+        read("stages.yaml", "4"),
+        read("a/b/x.yaml", "5"),
+    ]);
+    assert_eq!(
+        inputs,
+        vec![
+            read("a-b.yaml", "2"),
+            read("a/b/x.yaml", "5"),
+            read("stages.yaml", "4"),
+        ]
     );
 }
