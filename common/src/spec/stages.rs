@@ -4,7 +4,7 @@ use std::collections::HashSet;
 use std::path::PathBuf;
 
 use crate::condition::Condition;
-use crate::diag::closest;
+use crate::diag::{closest, Diagnostics};
 use crate::yaml::{Node, Value};
 
 use super::read::{style_of, Reader};
@@ -92,9 +92,7 @@ pub(crate) fn read(r: &mut Reader<'_>, doc: &Node) -> StagesSpec {
             "global" => spec.global = read_global(r, v),
             "environments" => spec.environments = super::environments::read_environments(r, v),
             "stages" => match &v.value {
-                Value::Seq(items) => {
-                    spec.stages = items.iter().filter_map(|n| read_stage(r, n)).collect()
-                }
+                Value::Seq(items) => spec.stages = read_stages(r, items),
                 Value::Null => {}
                 _ => r.error(
                     v.pos,
@@ -267,6 +265,27 @@ pub(crate) fn read_retry(r: &mut Reader<'_>, node: &Node) -> Option<RetrySpec> {
         }
     }
     Some(spec)
+}
+
+/// Every stage of the list, in order: a long list in parts on several threads (see
+/// [`super::in_parts`]), each part's findings joined in order, as one by one would give them.
+fn read_stages(r: &mut Reader<'_>, items: &[Node]) -> Vec<StageSpec> {
+    let (file, source) = (&r.file, r.source);
+    let parts = super::in_parts(items.len(), |range| {
+        let mut diags = Diagnostics::new();
+        let mut part = Reader::new(file, source, &mut diags);
+        let stages: Vec<StageSpec> = items[range]
+            .iter()
+            .filter_map(|n| read_stage(&mut part, n))
+            .collect();
+        (stages, diags)
+    });
+    let mut stages = Vec::with_capacity(items.len());
+    for (part, diags) in parts {
+        stages.extend(part);
+        r.diags.extend(diags);
+    }
+    stages
 }
 
 fn read_stage(r: &mut Reader<'_>, node: &Node) -> Option<StageSpec> {

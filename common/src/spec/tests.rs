@@ -661,3 +661,39 @@ fn inputs_keep_each_paths_last_read_in_byte_order() {
         ]
     );
 }
+
+/// A long stages file is read in parts: its findings come in stage order, at their lines.
+#[test]
+fn a_long_stages_lists_findings_come_in_stage_order() {
+    let n = PARALLEL_FROM * 3;
+    let mut stages = String::from("apiVersion: baton/v1\nkind: StageOrchestration\nstages:\n");
+    let mut expected = Vec::new();
+    for i in 0..n {
+        let line = stages.lines().count() + 1;
+        stages.push_str(&format!(
+            "  - name: s{i}\n    config_path: s{i}/config.yaml\n"
+        ));
+        // Every 13th stage has a bad on_failure, on the line after its config_path.
+        if i % 13 == 4 {
+            stages.push_str("    on_failure: sometimes\n");
+            expected.push(u32::try_from(line + 2).unwrap());
+        }
+    }
+    let mut mem = MemoryFiles::default();
+    mem.insert("stages.yaml", stages.as_bytes());
+    let loaded = load_project(Path::new("stages.yaml"), &mem, LoadOptions::default());
+    let found: Vec<u32> = loaded
+        .diagnostics
+        .iter()
+        .filter(|d| d.message.contains("bad on_failure value"))
+        .map(|d| d.line)
+        .collect();
+    assert_eq!(found, expected);
+    let partial = loaded.partial.expect("the stages file was read");
+    let names: Vec<String> = partial
+        .stages
+        .iter()
+        .map(|s| s.name.value.clone())
+        .collect();
+    assert_eq!(names, (0..n).map(|i| format!("s{i}")).collect::<Vec<_>>());
+}
