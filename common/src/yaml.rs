@@ -18,6 +18,8 @@ use std::collections::HashMap;
 use std::fmt;
 
 use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
+
+mod fast;
 use yaml_rust2::scanner::{Marker, TScalarStyle};
 
 /// A 1-based line and column in a source file. Line 0 means "the whole file".
@@ -242,8 +244,27 @@ pub fn parse(source: &str, limits: Limits) -> Result<Node, YamlError> {
 /// about 1.5 MB; parsing it whole takes 30–40 ms on one thread).
 const PARTS_FROM: usize = 256 * 1024;
 
-/// Parses the whole of `source` on this thread.
+/// Parses the whole of `source` on this thread: with the quick reader when the text is
+/// plain enough for it (see [`fast`]), else (or if it gives up) with yaml-rust2.
 fn parse_whole(source: &str, limits: Limits) -> Result<Node, YamlError> {
+    if let Some(doc) = parse_fast(source, limits, 0) {
+        return Ok(doc);
+    }
+    parse_slow(source, limits)
+}
+
+/// The quick reader's tree, if it read all of `source` and the limits held.
+fn parse_fast(source: &str, limits: Limits, line_offset: u32) -> Option<Node> {
+    let mut builder = Builder::new(limits, line_offset);
+    fast::feed(source, &mut builder)?;
+    if builder.error.is_some() || builder.docs.len() != 1 {
+        return None;
+    }
+    builder.docs.pop()
+}
+
+/// Parses `source` with yaml-rust2.
+fn parse_slow(source: &str, limits: Limits) -> Result<Node, YamlError> {
     let mut builder = Builder::new(limits, 0);
     let mut parser = Parser::new_from_str(source);
     if let Err(e) = parser.load(&mut builder, true) {
@@ -417,7 +438,10 @@ fn parse_in_parts(source: &str, limits: Limits, parts: usize) -> Option<Node> {
 /// expanded). `line` is how many lines of the file come before it.
 fn parse_list_part(text: &str, limits: Limits, line: u32) -> Option<(Vec<Node>, usize)> {
     let mut builder = Builder::new(limits, line);
-    Parser::new_from_str(text).load(&mut builder, true).ok()?;
+    if fast::feed(text, &mut builder).is_none() {
+        builder = Builder::new(limits, line);
+        Parser::new_from_str(text).load(&mut builder, true).ok()?;
+    }
     if builder.error.is_some() || builder.docs.len() != 1 {
         return None;
     }
@@ -553,10 +577,16 @@ fn node_size(node: &Node) -> usize {
 
 impl MarkedEventReceiver for Builder {
     fn on_event(&mut self, ev: Event, mark: Marker) {
+        self.event(ev, Pos::from_marker(&mark));
+    }
+}
+
+impl Builder {
+    /// One parser event at `pos` (of the text parsed; shifted by [`Builder::line_offset`]).
+    fn event(&mut self, ev: Event, mut pos: Pos) {
         if self.error.is_some() {
             return;
         }
-        let mut pos = Pos::from_marker(&mark);
         pos.line = pos.line.saturating_add(self.line_offset);
         match ev {
             Event::Nothing
