@@ -456,6 +456,42 @@ pub fn plan_with(
     history: &dyn History,
     plan_vars: &PlanVars,
 ) -> Result<Plan, PlanError> {
+    // The inputs' digests need only the files read: for a large project they are computed on
+    // a thread of their own while the stages are planned.
+    if project.inputs.len() < PARALLEL_INPUTS {
+        return plan_stages(project, selection, history, plan_vars, || {
+            inputs_and_digests(project)
+        });
+    }
+    std::thread::scope(|scope| {
+        let hashing = scope.spawn(|| inputs_and_digests(project));
+        plan_stages(project, selection, history, plan_vars, || {
+            hashing
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p))
+        })
+    })
+}
+
+/// A project that read at least this many files hashes them beside planning its stages.
+const PARALLEL_INPUTS: usize = 1024;
+
+/// The project's inputs by relative path (see [`project_inputs`]), its plan digest and its
+/// release (see [`digests`]).
+fn inputs_and_digests(project: &Project) -> (BTreeMap<String, String>, String, String) {
+    let inputs = project_inputs(project);
+    let (digest, release) = digests(project, &inputs);
+    (inputs, digest, release)
+}
+
+/// [`plan_with`], with the inputs and their digests from `inputs`, asked for at the end.
+fn plan_stages(
+    project: &Project,
+    selection: &Selection,
+    history: &dyn History,
+    plan_vars: &PlanVars,
+    inputs: impl FnOnce() -> (BTreeMap<String, String>, String, String),
+) -> Result<Plan, PlanError> {
     let (graph, index, names) = checked_graph(project)?;
     let spec = &project.spec;
     let n = spec.stages.len();
@@ -623,8 +659,7 @@ pub fn plan_with(
         w.sort_by_key(|&k| planned[k].index);
     }
 
-    let inputs = project_inputs(project);
-    let (digest, release) = digests(project, &inputs);
+    let (inputs, digest, release) = inputs();
     Ok(Plan {
         stages_file: display(&project.stages_file),
         direction: "up",

@@ -364,3 +364,22 @@ fn a_release_leaves_out_the_environments_variables_files_and_a_digest_does_not()
     assert_ne!(dev_after, dev);
     assert_ne!(dev_release_after, dev_release);
 }
+
+/// A project with many files hashes them on a thread of its own: the same plan as hashing
+/// them in line.
+#[test]
+fn a_large_projects_inputs_hashed_beside_planning_give_the_same_plan() {
+    let p = project(600, &synthetic::layered_edges(600, 20));
+    assert!(p.inputs.len() >= PARALLEL_INPUTS);
+    let beside = plan(&p, &Selection::All, &NoHistory).unwrap();
+    let in_line = plan_stages(
+        &p,
+        &Selection::All,
+        &NoHistory,
+        &PlanVars::default(),
+        || inputs_and_digests(&p),
+    )
+    .unwrap();
+    assert_eq!(beside, in_line);
+    assert_eq!(beside.inputs.len(), p.inputs.len());
+}
