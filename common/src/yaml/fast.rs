@@ -396,15 +396,20 @@ mod tests {
         assert!(read * 2 > files.len(), "{read} of {}", files.len());
     }
 
-    /// A document of random lines from pieces that are and are not plain enough, at random
-    /// indentations.
-    fn random_doc(mut seed: u64) -> String {
-        let mut next = move |n: usize| {
+    /// A xorshift sequence: each call picks a number below its argument.
+    fn picker(mut seed: u64) -> impl FnMut(usize) -> usize {
+        move |n| {
             seed ^= seed << 13;
             seed ^= seed >> 7;
             seed ^= seed << 17;
             usize::try_from(seed % n as u64).unwrap_or(0)
-        };
+        }
+    }
+
+    /// A document of random lines from pieces that are and are not plain enough, at random
+    /// indentations.
+    fn random_doc(seed: u64) -> String {
+        let mut next = picker(seed);
         const KEYS: [&str; 9] = [
             "a",
             "b",
@@ -493,13 +498,8 @@ mod tests {
     }
 
     /// A well-formed document of nested mappings and lists, most of its values plain.
-    fn nested_doc(mut seed: u64) -> String {
-        let mut next = move |n: usize| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            usize::try_from(seed % n as u64).unwrap_or(0)
-        };
+    fn nested_doc(seed: u64) -> String {
+        let mut next = picker(seed);
         const KEYS: [&str; 8] = ["a", "b", "c", "key_1", "X-Id", "url", "on", "null"];
         const VALUES: [&str; 24] = [
             "v",
