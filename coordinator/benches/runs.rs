@@ -27,7 +27,8 @@
 //! `BENCH_RUNS=chain,fan` picks workloads, `BENCH_MODES=floor,local` modes,
 //! `BENCH_LATENCIES=0` latencies. CI runs `BENCH_RUNS=chain BENCH_LATENCIES=0` once.
 //! `BENCH_WRAP="perf record -g -o /tmp/baton.perf --"` runs local mode's `baton` under a
-//! profiler.
+//! profiler. `BENCH_DUMP=FILE` writes every request's path, arrival and answer (ms after the
+//! first arrival) of the last run measured, to see where a run's slots stood idle.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -211,6 +212,18 @@ fn from_target(
         .map(|t| t.2)
         .max()
         .expect("requests were made");
+    // `BENCH_DUMP=FILE`: every request's path, arrival and answer (ms from the first).
+    if let Ok(file) = std::env::var("BENCH_DUMP") {
+        let mut out = String::new();
+        for (path, arrived, answered) in &timings {
+            out.push_str(&format!(
+                "{path} {:.3} {:.3}\n",
+                ms(arrived.saturating_duration_since(start)),
+                ms(answered.saturating_duration_since(start))
+            ));
+        }
+        let _ = std::fs::write(file, out);
+    }
     let mut gaps: Vec<Duration> = (0..w.stages())
         .filter_map(|i| {
             let ready = w.deps[i].iter().filter_map(|d| last[*d]).max()?;

@@ -47,15 +47,39 @@ impl Drop for Proc {
     }
 }
 
+/// `cargo build -q -p PACKAGE --bin BIN`, without the variables cargo sets for the test or
+/// bench process that runs it. A build script that tracks one of them (ring's tracks
+/// `CARGO_MANIFEST_DIR`) would otherwise see it change between this build and the outer
+/// `cargo test`, and each would rebuild it and everything above it for the other.
+fn cargo_build(package: &str, bin: &str) -> Command {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "-q", "-p", package, "--bin", bin]);
+    const SET_FOR_TESTS: [&str; 7] = [
+        "CARGO_MANIFEST_",
+        "CARGO_PKG_",
+        "CARGO_CRATE_",
+        "CARGO_BIN_",
+        "CARGO_PRIMARY_PACKAGE",
+        "CARGO_TARGET_TMPDIR",
+        "OUT_DIR",
+    ];
+    for (name, _) in std::env::vars_os() {
+        let n = name.to_string_lossy();
+        if SET_FOR_TESTS.iter().any(|p| n.starts_with(p)) {
+            cmd.env_remove(&name);
+        }
+    }
+    cmd
+}
+
 /// The `baton-agent` binary beside `baton` (same target directory), brought up to date
 /// first: `cargo test` builds a package's binaries only for that package's own tests, so
 /// the one there may be missing or stale. Built once per test process.
 pub fn agent_binary(baton: &Path) -> PathBuf {
     static BUILT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let ok = BUILT.get_or_init(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-        let mut cmd = Command::new(cargo);
-        cmd.args(["build", "-q", "-p", "baton-agent", "--bin", "baton-agent"]);
+        let mut cmd = cargo_build("baton-agent", "baton-agent");
         if baton.components().any(|c| c.as_os_str() == "release") {
             cmd.arg("--release");
         }
@@ -78,9 +102,7 @@ pub fn baton_binary() -> PathBuf {
                 .and_then(Path::parent)
                 .expect("target/PROFILE/deps/TEST")
                 .to_path_buf();
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-            let mut cmd = Command::new(cargo);
-            cmd.args(["build", "-q", "-p", "baton-coordinator", "--bin", "baton"]);
+            let mut cmd = cargo_build("baton-coordinator", "baton");
             if profile_dir.file_name().is_some_and(|n| n == "release") {
                 cmd.arg("--release");
             }
