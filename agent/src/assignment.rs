@@ -10,7 +10,9 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use baton_common::spec::{load_stage_files, normalize, LoadOptions, SourceFiles};
+use baton_common::spec::{
+    load_stage_files, normalize, LoadOptions, LoadedStage, SourceFiles, StepAction, StepSpec,
+};
 use baton_common::stage::{Assignment, AttemptId, StageEnd, StageEvent, StageReport};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -229,6 +231,35 @@ where
     end
 }
 
+/// Loads `a`'s stage from `files`; a stage that does not load ends failed, naming it.
+fn load(a: &Assignment, files: &ShippedFiles) -> Result<LoadedStage, StageReport> {
+    load_stage_files(
+        &a.attempt.stage,
+        &a.config_file,
+        files,
+        LoadOptions::default(),
+    )
+    .map_err(|diags| {
+        StageReport::ended(StageEnd::Failed(format!(
+            "stage `{}`: its files do not load where it runs:\n{diags}",
+            a.attempt.stage
+        )))
+    })
+}
+
+/// Whether any step of `stage` (up, down or a down's lookup) runs a command.
+fn runs_commands(stage: &LoadedStage) -> bool {
+    fn is_command(step: &StepSpec) -> bool {
+        matches!(step.action, Some(StepAction::Command(_)))
+            || step.find.as_deref().is_some_and(is_command)
+    }
+    stage
+        .migrations
+        .iter()
+        .flat_map(|m| m.up.iter().chain(m.down.iter()))
+        .any(is_command)
+}
+
 /// Runs `a` to its end. Every failure, including files that do not load, is a
 /// [`StageEnd::Failed`] naming the stage; nothing panics.
 pub async fn run(
@@ -239,33 +270,32 @@ pub async fn run(
     gate: Option<StepGate>,
 ) -> StageReport {
     let mut a = a;
-    let _written = match &host.workspace {
-        Some(ws) => match materialize(ws, &mut a) {
-            Ok(m) => Some(m),
+    let mut files = Arc::new(ShippedFiles::new(std::mem::take(&mut a.files)));
+    let mut stage = match load(&a, files.as_ref()) {
+        Ok(s) => s,
+        Err(end) => return end,
+    };
+    // Only a command runs beside the stage's files, so only a stage with a command step has
+    // them written where it runs; requests read them from the assignment. (Writing and
+    // removing every attempt's files cost more than the rest of a short stage.)
+    let mut _written = None;
+    if let Some(ws) = host.workspace.as_ref().filter(|_| runs_commands(&stage)) {
+        a.files = Arc::try_unwrap(files).map_or_else(|f| f.0.clone(), |f| f.0);
+        match materialize(ws, &mut a) {
+            Ok(m) => _written = Some(m),
             Err(e) => {
                 return StageReport::ended(StageEnd::Failed(format!(
                     "stage `{}`: cannot write its files where it runs: {e}",
                     a.attempt.stage
                 )))
             }
-        },
-        None => None,
-    };
-    let files = Arc::new(ShippedFiles::new(a.files));
-    let stage = match load_stage_files(
-        &a.attempt.stage,
-        &a.config_file,
-        files.as_ref(),
-        LoadOptions::default(),
-    ) {
-        Ok(s) => s,
-        Err(diags) => {
-            return StageReport::ended(StageEnd::Failed(format!(
-                "stage `{}`: its files do not load where it runs:\n{diags}",
-                a.attempt.stage
-            )))
         }
-    };
+        files = Arc::new(ShippedFiles::new(std::mem::take(&mut a.files)));
+        stage = match load(&a, files.as_ref()) {
+            Ok(s) => s,
+            Err(end) => return end,
+        };
+    }
     let task = StageTask {
         key_scope: a.key_scope,
         stage: a.attempt.stage,

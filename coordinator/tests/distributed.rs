@@ -577,6 +577,60 @@ async fn cancel_stops_in_flight_stages_on_the_agents() {
     let _ = std::fs::remove_dir_all(&root);
 }
 
+/// A command step runs beside the stage's files, written under the agent's workspace;
+/// a stage of requests only reads them from the assignment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_runs_beside_its_files_on_the_agent() {
+    let root = temp("command-files");
+    let target = Target::start().await;
+    target.answer_unscripted_like_a_cloud();
+    let project = root.join("project");
+    let read = r#"up:
+  command:
+    program: sh
+    args: ['-c', 'cat 002_put.yaml > /dev/null && printf ''{"dir": "%s"}'' "$PWD"']
+  response:
+    env_from:
+      dir: dir
+"#;
+    let put = "up:\n  request:\n    method: PUT\n    url: '{{.api}}/ran{{.dir}}'\n";
+    one_stage(
+        &project,
+        "stages.yaml",
+        None,
+        &[("001_read.yaml", read), ("002_put.yaml", put)],
+    );
+    let (_coordinator, url) = start_coordinator(&baton_bin(), &root.join("data"), &[]);
+    let _a = start_agent(
+        &agent_binary(&baton_bin()),
+        &url,
+        "agent-a",
+        &[],
+        &root,
+        &[],
+    );
+    wait_attached(&url, 1, None).await;
+    let set = format!("api={}", target.url());
+    let (code, out) = baton(
+        &project,
+        &["stages", "up", "--coordinator", &url, "--set", &set],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    let paths: Vec<String> = target.requests().into_iter().map(|r| r.path).collect();
+    let workspace = root.join("agent-a").join("work");
+    assert!(
+        paths.len() == 1 && paths[0].starts_with(&format!("/ran{}/", workspace.display())),
+        "the command did not run in the agent's workspace: {paths:?}"
+    );
+    // The attempt's files are removed when it ends.
+    let left: Vec<_> = std::fs::read_dir(&workspace)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
+    let _ = std::fs::remove_dir_all(&root);
+}
+
 /// A second run of the same project waits in a queue until the first ends; it never
 /// overlaps or cancels it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
