@@ -288,6 +288,11 @@ fn measure(w: &Workload, mode: &str, latency: Duration, rt: &tokio::runtime::Run
     target.set_cloud_latency(latency);
     let dir = temp(&format!("{}-{mode}-{}", w.name, latency.as_millis()));
     w.write(&dir);
+    // Written files and the previous run's removed state go to disk now, not during the run:
+    // on a file system mounted with `discard`, the first fsync after a large removal waits
+    // for the journal to commit it and trim the freed blocks (100 ms and more here), which
+    // would be charged to whichever mode runs next.
+    let _ = Command::new("sync").status();
     let api = format!("api={}", target.url());
     let mut cpu0 = children();
     let launched;
