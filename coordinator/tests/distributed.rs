@@ -68,6 +68,15 @@ async fn wait_attached(url: &str, n: usize, token: Option<&str>) {
 
 /// Seed 000's prerequisite and three parallel dependents, each dependent routed by labels;
 /// the prerequisite runs on the prod agent, so its variables must cross agents.
+/// A coordinator with its data under `root/data` and one agent, `agent-a` (data under
+/// `root/agent-a`, no labels), attached: the two processes and the coordinator's URL.
+async fn one_agent(root: &Path) -> (Proc, String, Proc) {
+    let (coordinator, url) = start_coordinator(&baton_bin(), &root.join("data"), &[]);
+    let agent = start_agent(&agent_binary(&baton_bin()), &url, "agent-a", &[], root, &[]);
+    wait_attached(&url, 1, None).await;
+    (coordinator, url, agent)
+}
+
 fn routed_project(dir: &Path) {
     copy_dir(&repo().join("examples/multi-stage"), dir);
     let stages = std::fs::read_to_string(dir.join("stages.yaml")).unwrap();
@@ -410,16 +419,7 @@ async fn watch_streams_live_and_from_a_sequence_number() {
             ("002_slow.yaml", &put("/slow/1")),
         ],
     );
-    let (_coordinator, url) = start_coordinator(&baton_bin(), &root.join("data"), &[]);
-    let _a = start_agent(
-        &agent_binary(&baton_bin()),
-        &url,
-        "agent-a",
-        &[],
-        &root,
-        &[],
-    );
-    wait_attached(&url, 1, None).await;
+    let (_coordinator, url, _a) = one_agent(&root).await;
     let run = submit(
         &project,
         &url,
@@ -519,16 +519,7 @@ async fn cancel_stops_in_flight_stages_on_the_agents() {
         pidfile.display()
     );
     one_stage(&project, "stages.yaml", None, &[("001_long.yaml", &step)]);
-    let (_coordinator, url) = start_coordinator(&baton_bin(), &root.join("data"), &[]);
-    let _a = start_agent(
-        &agent_binary(&baton_bin()),
-        &url,
-        "agent-a",
-        &[],
-        &root,
-        &[],
-    );
-    wait_attached(&url, 1, None).await;
+    let (_coordinator, url, _a) = one_agent(&root).await;
     let run = submit(&project, &url, "stages.yaml", "api=http://127.0.0.1:9").await;
     let p = pidfile.clone();
     wait_until(
@@ -600,16 +591,7 @@ async fn a_command_runs_beside_its_files_on_the_agent() {
         None,
         &[("001_read.yaml", read), ("002_put.yaml", put)],
     );
-    let (_coordinator, url) = start_coordinator(&baton_bin(), &root.join("data"), &[]);
-    let _a = start_agent(
-        &agent_binary(&baton_bin()),
-        &url,
-        "agent-a",
-        &[],
-        &root,
-        &[],
-    );
-    wait_attached(&url, 1, None).await;
+    let (_coordinator, url, _a) = one_agent(&root).await;
     let set = format!("api={}", target.url());
     let (code, out) = baton(
         &project,
