@@ -270,8 +270,8 @@ pub async fn run(
     gate: Option<StepGate>,
 ) -> StageReport {
     let mut a = a;
-    let mut files = Arc::new(ShippedFiles::new(std::mem::take(&mut a.files)));
-    let mut stage = match load(&a, files.as_ref()) {
+    let mut files = ShippedFiles::new(std::mem::take(&mut a.files));
+    let mut stage = match load(&a, &files) {
         Ok(s) => s,
         Err(end) => return end,
     };
@@ -280,7 +280,7 @@ pub async fn run(
     // removing every attempt's files cost more than the rest of a short stage.)
     let mut _written = None;
     if let Some(ws) = host.workspace.as_ref().filter(|_| runs_commands(&stage)) {
-        a.files = Arc::try_unwrap(files).map_or_else(|f| f.0.clone(), |f| f.0);
+        a.files = files.0;
         match materialize(ws, &mut a) {
             Ok(m) => _written = Some(m),
             Err(e) => {
@@ -290,8 +290,8 @@ pub async fn run(
                 )))
             }
         }
-        files = Arc::new(ShippedFiles::new(std::mem::take(&mut a.files)));
-        stage = match load(&a, files.as_ref()) {
+        files = ShippedFiles::new(std::mem::take(&mut a.files));
+        stage = match load(&a, &files) {
             Ok(s) => s,
             Err(end) => return end,
         };
@@ -315,7 +315,7 @@ pub async fn run(
         retry: a.retry,
         direction: a.direction,
         timeout: a.timeout,
-        files,
+        files: Arc::new(files),
         gate,
         user_agent: host.user_agent.clone(),
         clients: Some(host.clients.clone()),

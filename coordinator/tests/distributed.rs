@@ -66,8 +66,6 @@ async fn wait_attached(url: &str, n: usize, token: Option<&str>) {
     .await;
 }
 
-/// Seed 000's prerequisite and three parallel dependents, each dependent routed by labels;
-/// the prerequisite runs on the prod agent, so its variables must cross agents.
 /// A coordinator with its data under `root/data` and one agent, `agent-a` (data under
 /// `root/agent-a`, no labels), attached: the two processes and the coordinator's URL.
 async fn one_agent(root: &Path) -> (Proc, String, Proc) {
@@ -77,6 +75,8 @@ async fn one_agent(root: &Path) -> (Proc, String, Proc) {
     (coordinator, url, agent)
 }
 
+/// Seed 000's prerequisite and three parallel dependents, each dependent routed by labels;
+/// the prerequisite runs on the prod agent, so its variables must cross agents.
 fn routed_project(dir: &Path) {
     copy_dir(&repo().join("examples/multi-stage"), dir);
     let stages = std::fs::read_to_string(dir.join("stages.yaml")).unwrap();
@@ -568,8 +568,8 @@ async fn cancel_stops_in_flight_stages_on_the_agents() {
     let _ = std::fs::remove_dir_all(&root);
 }
 
-/// A command step runs beside the stage's files, written under the agent's workspace;
-/// a stage of requests only reads them from the assignment.
+/// A command step runs beside the stage's files, written under the agent's workspace and
+/// removed when the attempt ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_runs_beside_its_files_on_the_agent() {
     let root = temp("command-files");
