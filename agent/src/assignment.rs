@@ -23,8 +23,9 @@ use crate::executor::{execute, StageTask, StepGate, VarLayers};
 #[derive(Debug, Default)]
 pub struct Host {
     /// The environment of the process that runs the stage: the only source of
-    /// `valueFromEnv` values and of `env` in conditions and templates.
-    pub env: BTreeMap<String, String>,
+    /// `valueFromEnv` values and of `env` in conditions and templates. Shared by every
+    /// stage it runs, not copied for each.
+    pub env: Arc<BTreeMap<String, String>>,
     /// `User-Agent` of every request the stage sends.
     pub user_agent: String,
     /// Where an attempt's files are written before it runs (an agent's `DATA_DIR/work`), so

@@ -369,7 +369,7 @@ fn gate_key(m: &proto::AgentMessage) -> Option<(AttemptId, u64)> {
 /// Runs the agent until `shutdown`: sessions one after another, with backoff between.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
     let host = Arc::new(Host {
-        env: config.env.clone(),
+        env: Arc::new(config.env.clone()),
         user_agent: config.user_agent(),
         workspace: Some(config.data_dir.join("work")),
         clients: Arc::default(),

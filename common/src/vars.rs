@@ -73,6 +73,11 @@ pub const STAGE: &[Layer] = &[
 /// What a migration's templates see.
 pub const MIGRATION: &[Layer] = &Layer::ALL;
 
+/// The layers a migration adds above [`STAGE`] (together they are [`MIGRATION`]): the
+/// executor resolves a stage's layers once and each migration's with
+/// [`Layers::resolve_above`].
+pub const MIGRATION_OWN: &[Layer] = &[Layer::Extracted, Layer::MigrationEnv];
+
 /// A collection of variables one layer can hold: values, or just names (validation).
 pub trait Vars: Default + Clone {
     /// Adds `upper`'s variables, replacing any with the same name.
@@ -185,12 +190,32 @@ impl Layers<BTreeMap<String, String>> {
         self.resolve_with(scope, false).unwrap_or_default()
     }
 
+    /// [`Layers::resolve`] for the layers of `scope` on top of `below`, the resolution of
+    /// every layer under them (a stage's base under each migration's scope): the same
+    /// result as resolving all of them, without copying and rendering the lower layers
+    /// again.
+    pub fn resolve_above(
+        &self,
+        below: BTreeMap<String, String>,
+        scope: &[Layer],
+    ) -> Result<BTreeMap<String, String>, VarError> {
+        self.resolve_from(below, scope, true)
+    }
+
     fn resolve_with(
         &self,
         scope: &[Layer],
         strict: bool,
     ) -> Result<BTreeMap<String, String>, VarError> {
-        let mut out = BTreeMap::new();
+        self.resolve_from(BTreeMap::new(), scope, strict)
+    }
+
+    fn resolve_from(
+        &self,
+        mut out: BTreeMap<String, String>,
+        scope: &[Layer],
+        strict: bool,
+    ) -> Result<BTreeMap<String, String>, VarError> {
         for layer in Layer::ALL {
             if !scope.contains(&layer) {
                 continue;
@@ -307,6 +332,46 @@ mod tests {
         names.set(Layer::ConfigEnv, BTreeSet::from(["only_config"]));
         assert!(names.flatten(ENGINE).is_empty());
         assert!(names.flatten(STAGE).contains("only_config"));
+    }
+
+    #[test]
+    fn a_migration_resolved_above_its_stage_sees_what_resolving_everything_gives() {
+        assert_eq!(
+            STAGE
+                .iter()
+                .chain(MIGRATION_OWN)
+                .copied()
+                .collect::<Vec<_>>(),
+            MIGRATION,
+            "the stage's layers and a migration's own are all of them, in order"
+        );
+        let mut l = Layers::new();
+        l.set_authored(
+            Layer::Global,
+            map(&[("project", "shop"), ("vpc", "{{.project}}-vpc"), ("x", "g")]),
+        )
+        .set(Layer::Environment, map(&[("PATH", "/bin"), ("x", "env")]))
+        .set_authored(Layer::StageEnv, map(&[("PATH", "{{.PATH}}:/opt")]))
+        .set_authored(Layer::ConfigEnv, map(&[("url", "https://{{.vpc}}")]))
+        .set(Layer::Imported, map(&[("id", "42"), ("x", "imported")]))
+        .set(
+            Layer::Extracted,
+            map(&[("token_id", "t1"), ("x", "extracted")]),
+        )
+        .set_authored(
+            Layer::MigrationEnv,
+            map(&[
+                ("path", "{{.url}}/{{.id}}/{{.token_id}}"),
+                ("PATH", "{{.PATH}}:/m"),
+                ("both", "{{.path}}?x={{.x}}"),
+            ]),
+        );
+        let base = l.resolve(STAGE).unwrap();
+        let above = l.resolve_above(base, MIGRATION_OWN).unwrap();
+        let whole = l.resolve(MIGRATION).unwrap();
+        assert_eq!(above, whole);
+        assert_eq!(whole["both"], "https://shop-vpc/42/t1?x=extracted");
+        assert_eq!(whole["PATH"], "/bin:/opt:/m");
     }
 
     #[test]

@@ -109,7 +109,7 @@ impl StageDir {
             vars: VarLayers {
                 global: self.global.clone(),
                 literal_globals: Vec::new(),
-                process_env,
+                process_env: process_env.into(),
                 stage: spec
                     .env
                     .iter()

@@ -47,7 +47,7 @@ pub struct VarLayers {
     /// Names in `global` whose values came from `--set`: never rendered as templates.
     pub literal_globals: Vec<String>,
     /// The environment where the stage runs (also the source of `valueFromEnv`).
-    pub process_env: BTreeMap<String, String>,
+    pub process_env: Arc<BTreeMap<String, String>>,
     /// The stage's `env` in stages.yaml.
     pub stage: BTreeMap<String, String>,
     /// Values imported with `env_from_stages`.
@@ -132,10 +132,9 @@ pub(crate) struct StageCtx<'a> {
     pub tokens: Tokens,
     pub cancel: CancellationToken,
     pub events: &'a mpsc::Sender<StageEvent>,
-    /// The stage's variables before any migration (config env included).
+    /// The stage's variables before any migration (config env included): its layers
+    /// resolved (`vars::STAGE`), under each migration's own.
     pub base: BTreeMap<String, String>,
-    /// The same by layer, for each migration's scope.
-    pub layers: Layers<BTreeMap<String, String>>,
     pub max_response_bytes: usize,
 }
 
@@ -374,7 +373,7 @@ fn prepare<'a>(
         stage: task.vars.stage.clone(),
         imported: task.vars.from_stages.clone(),
     }
-    .layers(task.vars.process_env.clone());
+    .layers(BTreeMap::clone(&task.vars.process_env));
     // Values written in config.yaml are rendered; `valueFromEnv` values are not.
     let authored_config = task
         .config
@@ -436,7 +435,6 @@ fn prepare<'a>(
         cancel,
         events,
         base,
-        layers,
         max_response_bytes,
     })
 }
@@ -457,7 +455,8 @@ fn scope_for(
             earlier.extend(e.iter().map(|(k, v)| (k.clone(), v.clone())));
         }
     }
-    let mut layers = ctx.layers.clone();
+    // The stage's layers are resolved once, into `base`; a migration adds the layers above.
+    let mut layers = Layers::new();
     layers.set(Layer::Extracted, earlier).set_authored(
         Layer::MigrationEnv,
         m.env
@@ -467,7 +466,7 @@ fn scope_for(
             .collect(),
     );
     let scope = layers
-        .resolve(vars::MIGRATION)
+        .resolve_above(ctx.base.clone(), vars::MIGRATION_OWN)
         .map_err(|e| StepError::failed(format!("{}: {e}", m.file.display())))?;
     // A secret the migration renders from a template is masked as rendered too.
     let mut masker = ctx

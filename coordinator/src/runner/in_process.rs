@@ -32,7 +32,7 @@ impl InProcessRunner {
     pub fn new(env: std::collections::BTreeMap<String, String>) -> Self {
         InProcessRunner {
             host: Arc::new(Host {
-                env,
+                env: Arc::new(env),
                 user_agent: String::new(),
                 workspace: None,
                 clients: Arc::default(),
