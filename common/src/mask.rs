@@ -314,17 +314,29 @@ pub fn sensitive_name(name: &str) -> bool {
     // word of any sequence (case ignored) cannot match. A non-ASCII name may lowercase into
     // one (the Kelvin sign becomes `k`), so it always takes the full check.
     if name.is_ascii()
-        && !SENSITIVE.iter().any(|seq| {
-            let first = seq[0].as_bytes();
+        && !FIRST_WORDS.iter().any(|first| {
             name.as_bytes()
                 .windows(first.len())
-                .any(|w| w.eq_ignore_ascii_case(first))
+                .any(|w| w.eq_ignore_ascii_case(first.as_bytes()))
         })
     {
         return false;
     }
     sensitive_words(name)
 }
+
+/// Text that every [`SENSITIVE`] sequence's first word contains (`passw` is in `password`
+/// and `passwd`, `api` in `apikey`): a name holding none of them needs no full check. Fewer
+/// and shorter than the first words themselves, so the common answer is quicker.
+const FIRST_WORDS: &[&str] = &[
+    "passw",
+    "secret",
+    "token",
+    "api",
+    "private",
+    "credential",
+    "connection",
+];
 
 /// [`sensitive_name`]'s full check: split into word parts, then look for a sequence.
 fn sensitive_words(name: &str) -> bool {
@@ -357,8 +369,18 @@ fn sensitive_words(name: &str) -> bool {
 
 #[cfg(test)]
 mod name_tests {
-    use super::{sensitive_name, sensitive_words};
+    use super::{sensitive_name, sensitive_words, FIRST_WORDS, SENSITIVE};
     use proptest::prelude::*;
+
+    #[test]
+    fn every_sequence_starts_with_a_word_the_quick_answer_looks_for() {
+        for seq in SENSITIVE {
+            assert!(
+                FIRST_WORDS.iter().any(|w| seq[0].contains(w)),
+                "{seq:?} would be missed by the quick answer"
+            );
+        }
+    }
 
     proptest! {
         /// The quick answer for names without a sequence's first word is the full check's.
