@@ -1346,6 +1346,7 @@ fn new_run(
         ));
     }
     crate::audit::commit_with(store, entries, t)?;
+    tracing::debug!(run = run.id, "run recorded");
     Ok(run)
 }
 

@@ -242,6 +242,10 @@ fn up_with(
         print_invalid(args, &diags, out, err)?;
         return Ok(EXIT_INVALID);
     };
+    tracing::debug!(
+        stages = project.stages.len(),
+        "project loaded and validated"
+    );
     let selection = selection_of(&args.stage, &args.from, &args.to);
     let state_dir = args
         .state_dir
@@ -264,6 +268,7 @@ fn up_with(
             None => return Ok(EXIT_INVALID),
         },
     };
+    tracing::debug!("state opened");
     // The plan forecasts conditions with what the run will use: --set and this environment.
     let plan_vars = planner::PlanVars {
         overrides: args.set.iter().cloned().collect(),
@@ -291,6 +296,7 @@ fn up_with(
             return Ok(EXIT_INVALID);
         }
     };
+    tracing::debug!(stages = plan.order.len(), "planned");
     if let Some(version) = args.up_to {
         let names: Vec<String> = plan.order.iter().map(|s| s.name.clone()).collect();
         for name in names {
