@@ -45,6 +45,35 @@ type Slot = std::sync::Arc<std::sync::Mutex<Option<reqwest::Client>>>;
 /// Distinct client configurations kept at once.
 const MAX_CLIENTS: usize = 64;
 
+impl ClientCache {
+    /// Builds the client of a stage without `client:` options, on a thread of its own,
+    /// while the process still does other work (recording the run, waiting for a stage):
+    /// the first stage that needs it then finds it built, or waits for this build instead
+    /// of starting its own, rather than reading every root certificate on its critical
+    /// path. A failed build is not kept; the stage tries again and reports the error.
+    pub fn prewarm(self: &std::sync::Arc<Self>, user_agent: &str) {
+        let cache = self.clone();
+        let user_agent = user_agent.to_owned();
+        let spawned = std::thread::Builder::new()
+            .name("baton-client".to_owned())
+            .spawn(move || {
+                let built = build_client(
+                    &ClientSpec::default(),
+                    Path::new(""),
+                    &baton_common::spec::DiskFiles,
+                    &user_agent,
+                    Some(&cache),
+                );
+                if let Err(e) = built {
+                    tracing::debug!(error = %e, "building the default HTTP client ahead failed");
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::debug!(error = %e, "no thread to build the default HTTP client ahead");
+        }
+    }
+}
+
 fn tls_code(v: Option<TlsVersion>) -> Option<u8> {
     v.map(|v| match v {
         TlsVersion::V1_2 => 12,
@@ -190,6 +219,35 @@ mod tests {
         build_client(&spec, config, &files, "baton-agent/x (a)", Some(&cache)).expect("client");
         assert_eq!(cache.slots.lock().expect("lock").len(), 3);
         assert_eq!(cache.built.load(std::sync::atomic::Ordering::Relaxed), 3);
+    }
+
+    /// The client built ahead is the one a stage without `client:` options gets.
+    #[test]
+    fn a_prewarmed_client_is_the_one_a_plain_stage_uses() {
+        let cache = std::sync::Arc::new(ClientCache::default());
+        cache.prewarm("baton-agent/x");
+        // Bounded wait for the background build.
+        for _ in 0..1000 {
+            if cache.built.load(std::sync::atomic::Ordering::Relaxed) == 1 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(cache.built.load(std::sync::atomic::Ordering::Relaxed), 1);
+        let files = baton_common::spec::MemoryFiles::default();
+        build_client(
+            &ClientSpec::default(),
+            Path::new("s/config.yaml"),
+            &files,
+            "baton-agent/x",
+            Some(&cache),
+        )
+        .expect("client");
+        assert_eq!(
+            cache.built.load(std::sync::atomic::Ordering::Relaxed),
+            1,
+            "the stage reused the client built ahead"
+        );
     }
 
     /// A run's first wave asks for the same client at once: it is built once, the others

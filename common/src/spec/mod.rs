@@ -623,8 +623,16 @@ impl SourceFiles for DiskFiles {
         let mut out = Vec::new();
         for entry in std::fs::read_dir(dir)? {
             let entry = entry?;
-            // Follows symbolic links: a linked migration file counts like any other.
-            if std::fs::metadata(entry.path()).is_ok_and(|m| m.is_file()) {
+            // The directory listing says what an entry is (no call per file); a symbolic
+            // link is followed: a linked migration file counts like any other.
+            let is_file = match entry.file_type() {
+                Ok(t) if t.is_symlink() => {
+                    std::fs::metadata(entry.path()).is_ok_and(|m| m.is_file())
+                }
+                Ok(t) => t.is_file(),
+                Err(_) => false,
+            };
+            if is_file {
                 out.push(entry.file_name().to_string_lossy().into_owned());
             }
         }

@@ -420,7 +420,10 @@ pub trait Store: Send + Sync {
     /// idempotency key, so two state directories (two projects, environments, CI runners or
     /// a reset `.baton`) never send the same key.
     fn id(&self) -> &str;
-    /// A new id, strictly larger than every id handed out before, across restarts.
+    /// A new id, strictly larger than every id handed out before, across restarts. It is
+    /// not flushed on its own: it becomes durable with the next commit (which a caller makes
+    /// before anyone sees the id, as the run that holds it is committed), so only an id that
+    /// no durable record holds can be handed out again after a crash.
     fn next_id(&self) -> Result<u64, StoreError>;
     /// A fencing token: strictly larger than every token handed out before, across crashes
     /// (not necessarily dense), without a flush of its own.

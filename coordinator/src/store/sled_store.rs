@@ -791,8 +791,10 @@ impl Store for SledStore {
     }
 
     fn next_id(&self) -> Result<u64, StoreError> {
-        // A plain counter, flushed before the id is used: ids people read stay small and
-        // never repeat across crashes. (Fencing tokens use sled's `generate_id`.)
+        // A plain counter, so ids people read stay small. No flush here: the commit that
+        // records the id's run flushes the counter with it (one log, recovered as a prefix),
+        // so a durable id never repeats across crashes. (Fencing tokens use sled's
+        // `generate_id`.)
         let next = self
             .meta
             .update_and_fetch(b"next_id", |old| {
@@ -804,7 +806,6 @@ impl Store for SledStore {
             .map_err(io)?
             .and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
             .map_or(1, u64::from_be_bytes);
-        self.group.flush_after_this(|| self.flush())?;
         Ok(next)
     }
 
