@@ -1337,9 +1337,6 @@ impl Driver {
         Ok((imported, secret))
     }
 
-    /// The flat scope the engine evaluates for a stage (its `runs_on`): values whose
-    /// templates need what only the stage's runner knows are left out (see
-    /// `Layers::resolve_known`).
     /// Stage `k`'s `parameters_file`, its `#{name}#` tokens replaced with what the engine
     /// gives the stage (`vars`): the parameters become the stage's variables, above its
     /// `env`. An error says which token has no value, in which file and line.
@@ -1369,6 +1366,9 @@ impl Driver {
         })
     }
 
+    /// The flat scope the engine evaluates for a stage (its `runs_on`, its parameters):
+    /// values whose templates need what only the stage's runner knows are left out (see
+    /// `Layers::resolve_known`).
     fn flat_vars(&self, vars: &StageVars) -> BTreeMap<String, String> {
         vars.layers(self.r.condition_env.clone())
             .resolve_known(baton_common::vars::ENGINE)
@@ -1439,7 +1439,6 @@ impl Driver {
             Ok(params) => vars.stage.extend(params),
             Err(message) => problem = Some(message),
         }
-        let flat = self.flat_vars(&vars);
         let spec = &self.r.project.spec;
         let stage = &spec.stages[self.spec_index[k]];
         let loaded = &self.r.project.stages[self.spec_index[k]];
@@ -1507,6 +1506,11 @@ impl Driver {
         }
         let runs_on = spec.runs_on_of(stage);
         let mut selector = Selector::new();
+        // Flattening copies the whole environment: only for a stage that has labels to render.
+        let flat = match runs_on.is_empty() {
+            true => BTreeMap::new(),
+            false => self.flat_vars(&vars),
+        };
         for (label, value) in &runs_on {
             let scope = Scope::with_vars(&flat);
             match Template::parse(value).and_then(|t| t.render(&scope)) {
