@@ -199,6 +199,12 @@ enum Effect {
 /// them durable and acts on them (so a flood of reports cannot hold back the batch's acts).
 const MAX_BATCH: usize = 64;
 
+/// How long a batch that nothing but watchers waits on may wait for the first step of an
+/// attempt it started, so that one flush covers both (see [`Driver::holdable`]). Longer
+/// than a stage takes to prepare in-process or on an agent nearby; a stage that takes
+/// longer (a health check first) only has the batch flushed at the end of the wait.
+const FIRST_STEP_HOLD: std::time::Duration = std::time::Duration::from_millis(2);
+
 /// How many attempts a stage gets in one run when its runner keeps losing them before it
 /// needs attention (an agent that dies on it every time must not loop forever).
 const MAX_ATTEMPTS: u32 = 3;
@@ -364,6 +370,8 @@ struct Driver {
     outbox: Vec<Effect>,
     /// Transitions were applied since the last flush.
     dirty: bool,
+    /// Stages whose attempt was started and has reported no step yet.
+    fresh: BTreeSet<usize>,
 }
 
 impl Driver {
@@ -431,6 +439,7 @@ impl Driver {
             timers: JoinSet::new(),
             outbox: Vec::new(),
             dirty: false,
+            fresh: BTreeSet::new(),
             in_doubt,
             needs_attention: vec![false; n],
             gated: vec![None; n],
@@ -825,6 +834,22 @@ impl Driver {
         Ok(())
     }
 
+    /// Whether the batch may wait a moment before its flush: it recorded something, only
+    /// watchers (and runners forgetting results they already reported) wait on it, and an
+    /// attempt started in it has not reported its first step. That step (a migration's
+    /// start, whose acknowledgement lets the runner send) needs a flush of its own, and
+    /// that flush covers this batch too (the store recovers a prefix): at a stage boundary
+    /// the previous stage's end and the next stage's first migration then share one flush
+    /// instead of taking two in a row. Nothing is acted on before its flush either way.
+    fn holdable(&self) -> bool {
+        self.dirty
+            && !self.fresh.is_empty()
+            && self
+                .outbox
+                .iter()
+                .all(|e| matches!(e, Effect::Progress(_) | Effect::AckEnded(_)))
+    }
+
     async fn run(&mut self, cancel: CancellationToken) -> Result<RunStatus, DriveError> {
         let (tx, mut rx) = mpsc::channel::<RunnerMessage>(1024);
         let (release_tx, mut release_rx) = mpsc::channel::<usize>(64);
@@ -837,6 +862,8 @@ impl Driver {
         let stop = self.r.stop.clone();
         // Runner reports taken since the last settle.
         let mut batch = 0;
+        // Until when the current batch may wait for a fresh attempt's first step.
+        let mut hold: Option<tokio::time::Instant> = None;
         loop {
             // What is already waiting joins the batch; then the batch is settled (made
             // durable and acted on) before the driver waits for more.
@@ -853,8 +880,27 @@ impl Driver {
                         None => continue,
                     }
                 }
+                (None, None) if batch < MAX_BATCH && self.holdable() => {
+                    let until =
+                        *hold.get_or_insert_with(|| tokio::time::Instant::now() + FIRST_STEP_HOLD);
+                    match tokio::time::timeout_at(until, rx.recv()).await {
+                        Ok(Some(msg)) => {
+                            batch += 1;
+                            match self.on_runner(msg, cancel_seen, &tx).await? {
+                                Some(e) => e,
+                                None => continue,
+                            }
+                        }
+                        // Waited long enough (the driver holds a sender: never closed).
+                        _ => {
+                            self.fresh.clear();
+                            continue;
+                        }
+                    }
+                }
                 (None, None) => {
                     batch = 0;
+                    hold = None;
                     self.settle().await?;
                     tokio::select! {
                     // The coordinator stops: leave the run as it is in the store.
@@ -1225,6 +1271,9 @@ impl Driver {
             tracing::warn!(attempt = %msg.attempt, "stale report for an attempt that is no longer live; ignored");
             return Ok(None);
         }
+        if !matches!(msg.event, RunnerEvent::Placed { .. }) {
+            self.fresh.remove(&k);
+        }
         match msg.event {
             RunnerEvent::Waiting(why) => {
                 self.record(Some(k), EventKind::Notice { message: why }, vec![])
@@ -1588,6 +1637,7 @@ impl Driver {
         self.attempts[k] = Some(id);
         self.spans[k] = Some(span);
         self.gated[k] = None;
+        self.fresh.insert(k);
         // Starting an attempt acts on no target: the runner sends nothing before its first
         // migration's start is recorded and acknowledged, and that flush covers this
         // stage's start too (the store recovers a prefix). So it starts now, and its first
