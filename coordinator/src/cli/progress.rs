@@ -105,7 +105,9 @@ impl<'o> Progress<'o> {
         match self {
             // Log lines (command output, retries) too, prefixed like `runs logs`.
             Progress::Lines(out) => match super::run::log_line(e) {
-                Some(line) => writeln!(out, "{line}"),
+                // One write per line: stdout's line buffer would write a `writeln!`'s text
+                // and its newline with two calls.
+                Some(line) => out.write_all(format!("{line}\n").as_bytes()),
                 None => super::run::print_event(*out, e),
             },
             Progress::Live(live) => {

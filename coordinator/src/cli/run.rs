@@ -368,7 +368,8 @@ pub(super) fn print_event(out: &mut dyn Write, e: &EventRecord) -> std::io::Resu
     let Some(line) = crate::status::event_text(e) else {
         return Ok(());
     };
-    writeln!(out, "{} {stage:<16} {line}", clock(e.at_ms))
+    // One write per line (see `Progress::event`).
+    out.write_all(format!("{} {stage:<16} {line}\n", clock(e.at_ms)).as_bytes())
 }
 
 /// The end of a run: each stage's outcome and duration, and what it exports (secrets masked).
