@@ -836,7 +836,7 @@ impl Driver {
 
     /// Whether the batch may wait a moment before its flush: it recorded something, only
     /// watchers (and runners forgetting results they already reported) wait on it, and an
-    /// attempt started in it has not reported its first step. That step (a migration's
+    /// attempt the driver started has not reported its first step yet. That step (a migration's
     /// start, whose acknowledgement lets the runner send) needs a flush of its own, and
     /// that flush covers this batch too (the store recovers a prefix): at a stage boundary
     /// the previous stage's end and the next stage's first migration then share one flush
