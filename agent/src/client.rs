@@ -46,13 +46,15 @@ type Slot = std::sync::Arc<std::sync::Mutex<Option<reqwest::Client>>>;
 const MAX_CLIENTS: usize = 64;
 
 impl ClientCache {
-    /// Builds the client of a stage without `client:` options, on a thread of its own,
-    /// while the process still does other work (recording the run, waiting for a stage):
-    /// the first stage that needs it then finds it built, or waits for this build instead
-    /// of starting its own, rather than reading every root certificate on its critical
-    /// path. A failed build is not kept; the stage tries again and reports the error.
-    pub fn prewarm(self: &std::sync::Arc<Self>, user_agent: &str) {
-        let cache = self.clone();
+    /// A new cache that starts building the client of a stage without `client:` options
+    /// (with `user_agent`) on a thread of its own, while the process still does other work
+    /// (recording the run, connecting): the first stage that needs it then finds it built,
+    /// or waits for this build instead of starting its own, rather than reading every root
+    /// certificate on its critical path. A failed build is not kept; the stage tries again
+    /// and reports the error.
+    pub fn building_default(user_agent: &str) -> std::sync::Arc<Self> {
+        let this = std::sync::Arc::new(ClientCache::default());
+        let cache = this.clone();
         let user_agent = user_agent.to_owned();
         let spawned = std::thread::Builder::new()
             .name("baton-client".to_owned())
@@ -71,6 +73,7 @@ impl ClientCache {
         if let Err(e) = spawned {
             tracing::debug!(error = %e, "no thread to build the default HTTP client ahead");
         }
+        this
     }
 }
 
@@ -224,8 +227,7 @@ mod tests {
     /// The client built ahead is the one a stage without `client:` options gets.
     #[test]
     fn a_prewarmed_client_is_the_one_a_plain_stage_uses() {
-        let cache = std::sync::Arc::new(ClientCache::default());
-        cache.prewarm("baton-agent/x");
+        let cache = ClientCache::building_default("baton-agent/x");
         // Bounded wait for the background build.
         for _ in 0..1000 {
             if cache.built.load(std::sync::atomic::Ordering::Relaxed) == 1 {

@@ -368,14 +368,13 @@ fn gate_key(m: &proto::AgentMessage) -> Option<(AttemptId, u64)> {
 
 /// Runs the agent until `shutdown`: sessions one after another, with backoff between.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
-    let clients: Arc<crate::client::ClientCache> = Arc::default();
-    // Most stages use the default client: built while the agent connects.
-    clients.prewarm(&config.user_agent());
+    let user_agent = config.user_agent();
     let host = Arc::new(Host {
         env: Arc::new(config.env.clone()),
-        user_agent: config.user_agent(),
+        // Most stages use the default client: built while the agent connects.
+        clients: crate::client::ClientCache::building_default(&user_agent),
+        user_agent,
         workspace: Some(config.data_dir.join("work")),
-        clients,
     });
     let token = BearerToken::new(config.token.as_deref()).map_err(AgentError::Token)?;
     let endpoint = endpoint(&config.coordinator, config.ca_pem.as_deref())?

@@ -31,14 +31,12 @@ impl InProcessRunner {
     /// `env` is this process's environment (the source of `valueFromEnv`).
     /// The HTTP client most stages use is built ahead, in the background.
     pub fn new(env: std::collections::BTreeMap<String, String>) -> Self {
-        let clients: Arc<baton_agent::client::ClientCache> = Arc::default();
-        clients.prewarm("");
         InProcessRunner {
             host: Arc::new(Host {
                 env: Arc::new(env),
                 user_agent: String::new(),
                 workspace: None,
-                clients,
+                clients: baton_agent::client::ClientCache::building_default(""),
             }),
             gates: Gates::default(),
             cancels: Arc::default(),
