@@ -1701,12 +1701,7 @@ impl Driver {
                 }
                 // Sent again (the agent reconnected, or the coordinator restarted before
                 // acknowledging it): the history already says so; record it once.
-                let recorded = self
-                    .r
-                    .store
-                    .applied(&key)?
-                    .iter()
-                    .any(|a| a.version == m.version);
+                let recorded = self.r.store.is_applied(&key, m.version)?;
                 if recorded == (m.direction == "up") {
                     tracing::debug!(stage = %key.stage, version = m.version, "migration end sent again; already recorded");
                     return Ok(());

@@ -132,6 +132,10 @@ impl Store for MemoryStore {
             .collect())
     }
 
+    fn is_applied(&self, key: &StageKey, version: u64) -> Result<bool, StoreError> {
+        Ok(self.lock().applied.contains_key(&(key.clone(), version)))
+    }
+
     fn result(&self, key: &StageKey) -> Result<Option<StageResultRecord>, StoreError> {
         Ok(self.lock().results.get(key).cloned())
     }

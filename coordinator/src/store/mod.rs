@@ -447,6 +447,8 @@ pub trait Store: Send + Sync {
     fn events(&self, run: u64, from_seq: u64) -> Result<Vec<EventRecord>, StoreError>;
     /// A stage's applied migrations, lowest version first.
     fn applied(&self, key: &StageKey) -> Result<Vec<AppliedRecord>, StoreError>;
+    /// Whether the stage's history holds `version` (one lookup, nothing decoded).
+    fn is_applied(&self, key: &StageKey, version: u64) -> Result<bool, StoreError>;
     fn result(&self, key: &StageKey) -> Result<Option<StageResultRecord>, StoreError>;
     /// What [`Op::PutSubmission`] kept for `run`.
     fn submission(&self, run: u64) -> Result<Option<Vec<u8>>, StoreError>;

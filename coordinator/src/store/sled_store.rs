@@ -884,6 +884,12 @@ impl Store for SledStore {
             .collect()
     }
 
+    fn is_applied(&self, key: &StageKey, version: u64) -> Result<bool, StoreError> {
+        self.applied
+            .contains_key(applied_key(key, version))
+            .map_err(io)
+    }
+
     fn result(&self, key: &StageKey) -> Result<Option<StageResultRecord>, StoreError> {
         match self.results.get(key.bytes()).map_err(io)? {
             Some(v) => self

@@ -102,6 +102,12 @@ fn suite(store: &dyn Store) {
         [2, 300],
         "a stage's history does not include another stage whose name extends it"
     );
+    assert!(store.is_applied(&key, 300).unwrap());
+    assert!(
+        !store.is_applied(&key, 1).unwrap(),
+        "another stage's version is not this stage's"
+    );
+    assert!(store.is_applied(&other, 1).unwrap());
 
     let mut t = Transition::new();
     t.push(Op::PutRun(run(7, RunStatus::Succeeded)));
@@ -122,6 +128,10 @@ fn suite(store: &dyn Store) {
     store.commit(t).unwrap();
     assert_eq!(store.run(7).unwrap().unwrap().status, RunStatus::Succeeded);
     assert_eq!(store.applied(&key).unwrap().len(), 1);
+    assert!(
+        !store.is_applied(&key, 300).unwrap(),
+        "removed from the history"
+    );
     assert_eq!(store.result(&key).unwrap().unwrap().exports["a"], "b");
     assert_eq!(store.runs().unwrap().len(), 1);
 
