@@ -10,7 +10,8 @@
 //! - `dag`: 500 stages in 20 layers of 25 (each depends on up to three of the layer before),
 //!   1 call each, cap 16.
 //!
-//! Modes: `floor` (a child process of this bench running the fan-out), `local` (`baton stages
+//! Modes: `floor` (a child process of this bench running the fan-out), `durable` (the same
+//! with one sled flush before each call: persist-then-act and nothing else), `local` (`baton stages
 //! up`), `distributed` (`baton coordinator serve`, two `baton-agent`s, then `baton stages up
 //! --coordinator`). Latencies: 0 and 20 ms.
 //!
@@ -298,9 +299,12 @@ fn measure(w: &Workload, mode: &str, latency: Duration, rt: &tokio::runtime::Run
     let launched;
     let peak;
     match mode {
-        "floor" => {
+        "floor" | "durable" => {
             let mut cmd = Command::new(std::env::current_exe().expect("this bench"));
             cmd.args(["--floor", w.name, &target.url()]);
+            if mode == "durable" {
+                cmd.arg(dir.join("state"));
+            }
             launched = Instant::now();
             peak = finish(cmd, "the floor");
         }
@@ -380,7 +384,13 @@ fn measure(w: &Workload, mode: &str, latency: Duration, rt: &tokio::runtime::Run
 }
 
 /// The floor: the same DAG as plain async tasks sharing one HTTP client, no durability.
-fn floor(name: &str, url: &str) {
+///
+/// With `state`, the durable floor: the least a persist-then-act orchestrator on sled must
+/// do. Each call's start is written to a sled database (configured as baton's store) and
+/// flushed before the call is sent, and its answer is written after it without a flush of
+/// its own (the next start's flush covers it: sled's log is recovered as a prefix). Tasks
+/// flush on their own, concurrently, as sled allows; nothing else is recorded.
+fn floor(name: &str, url: &str, state: Option<&str>) {
     let w = match name {
         "chain" => Workload::chain(),
         "fan" => Workload::fan(),
@@ -390,6 +400,14 @@ fn floor(name: &str, url: &str) {
         .enable_all()
         .build()
         .expect("runtime");
+    let db = state.map(|dir| {
+        sled::Config::new()
+            .path(dir)
+            .cache_capacity(64 * 1024 * 1024)
+            .mode(sled::Mode::HighThroughput)
+            .open()
+            .expect("the durable floor's state opens")
+    });
     rt.block_on(async move {
         let client = reqwest::Client::new();
         let slots = Arc::new(tokio::sync::Semaphore::new(w.cap));
@@ -400,8 +418,13 @@ fn floor(name: &str, url: &str) {
         for i in 0..w.stages() {
             let waits: Vec<_> = w.deps[i].iter().map(|d| done[*d].1.clone()).collect();
             let finished = done[i].0.clone();
-            let (client, slots, url, calls) =
-                (client.clone(), slots.clone(), url.to_owned(), w.calls);
+            let (client, slots, url, calls, db) = (
+                client.clone(),
+                slots.clone(),
+                url.to_owned(),
+                w.calls,
+                db.clone(),
+            );
             tasks.spawn(async move {
                 for mut rx in waits {
                     while !*rx.borrow_and_update() {
@@ -410,12 +433,25 @@ fn floor(name: &str, url: &str) {
                 }
                 let _slot = slots.acquire().await.expect("slot");
                 for c in 1..=calls {
+                    if let Some(db) = &db {
+                        db.insert(format!("s{i}/c{c}/start"), &b"started"[..])
+                            .expect("written");
+                        let db = db.clone();
+                        tokio::task::spawn_blocking(move || db.flush())
+                            .await
+                            .expect("flush task")
+                            .expect("flushed");
+                    }
                     let r = client
                         .post(format!("{url}/s{i}/c{c}"))
                         .send()
                         .await
                         .expect("the target answers");
-                    let _ = r.bytes().await;
+                    let body = r.bytes().await.unwrap_or_default();
+                    if let Some(db) = &db {
+                        db.insert(format!("s{i}/c{c}/end"), body.as_ref())
+                            .expect("written");
+                    }
                 }
                 let _ = finished.send(true);
             });
@@ -435,7 +471,11 @@ fn list(var: &str, default: &[&str]) -> Vec<String> {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--floor") {
-        floor(&args[i + 1], &args[i + 2]);
+        floor(
+            &args[i + 1],
+            &args[i + 2],
+            args.get(i + 3).map(String::as_str),
+        );
         return;
     }
     // `cargo bench` passes `--bench`; nothing else is taken. The binaries are built before
@@ -446,7 +486,7 @@ fn main() {
         .build()
         .expect("runtime");
     let workloads = list("BENCH_RUNS", &["chain", "fan", "dag"]);
-    let modes = list("BENCH_MODES", &["floor", "local", "distributed"]);
+    let modes = list("BENCH_MODES", &["floor", "durable", "local", "distributed"]);
     let latencies = list("BENCH_LATENCIES", &["0", "20"]);
     println!(
         "| workload | latency | mode | span | span ÷ bound | gap p50 / p99 | stages/s | CPU/stage | launch → first request | peak RSS |"
