@@ -401,10 +401,7 @@ fn floor(name: &str, url: &str, state: Option<&str>) {
         .build()
         .expect("runtime");
     let db = state.map(|dir| {
-        sled::Config::new()
-            .path(dir)
-            .cache_capacity(64 * 1024 * 1024)
-            .mode(sled::Mode::HighThroughput)
+        baton_coordinator::store::SledStore::sled_config(Path::new(dir))
             .open()
             .expect("the durable floor's state opens")
     });

@@ -147,37 +147,41 @@ impl SledStore {
         SledStore::open_keyed(dir, &StateKey::default())
     }
 
+    /// How the store configures sled for `dir` (also what the whole-run benchmark's durable
+    /// floor opens its database with, so both measure the same sled).
+    pub fn sled_config(dir: &Path) -> sled::Config {
+        sled::Config::new()
+            .path(dir)
+            .cache_capacity(64 * 1024 * 1024)
+            .mode(sled::Mode::HighThroughput)
+    }
+
     /// [`SledStore::open`] with the state key from `key` (see [`StateKey`]).
     pub fn open_keyed(dir: &Path, key: &StateKey) -> Result<SledStore, StoreError> {
         let shown = dir.display().to_string();
         std::fs::create_dir_all(dir).map_err(|e| open_error(&shown, &e))?;
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(64 * 1024 * 1024)
-            .mode(sled::Mode::HighThroughput)
-            .open()
-            .map_err(|e| match e {
-                sled::Error::Io(io)
-                    if io.kind() == std::io::ErrorKind::WouldBlock
-                        || io.to_string().contains("lock") =>
-                {
-                    StoreError::Locked {
-                        dir: shown.clone(),
-                        holder: lock_holder(dir),
-                    }
+        let db = SledStore::sled_config(dir).open().map_err(|e| match e {
+            sled::Error::Io(io)
+                if io.kind() == std::io::ErrorKind::WouldBlock
+                    || io.to_string().contains("lock") =>
+            {
+                StoreError::Locked {
+                    dir: shown.clone(),
+                    holder: lock_holder(dir),
                 }
-                sled::Error::Io(io) => open_error(&shown, &io),
-                sled::Error::Corruption { .. } => StoreError::Damaged {
-                    dir: shown.clone(),
-                    what: "its log".to_owned(),
-                    message: e.to_string(),
-                },
-                other => StoreError::Open {
-                    dir: shown.clone(),
-                    message: other.to_string(),
-                    hint: "see the message; nothing was changed".to_owned(),
-                },
-            })?;
+            }
+            sled::Error::Io(io) => open_error(&shown, &io),
+            sled::Error::Corruption { .. } => StoreError::Damaged {
+                dir: shown.clone(),
+                what: "its log".to_owned(),
+                message: e.to_string(),
+            },
+            other => StoreError::Open {
+                dir: shown.clone(),
+                message: other.to_string(),
+                hint: "see the message; nothing was changed".to_owned(),
+            },
+        })?;
         restrict(dir).map_err(|e| open_error(&shown, &e))?;
         write_holder(dir);
         let tree = |name: &str| db.open_tree(name).map_err(|e| sled_open_error(&shown, e));
