@@ -32,9 +32,15 @@ bench-distributed:
 # Whole runs of the real binaries on generated projects (a chain, a fan-out, a 500-stage DAG)
 # at 0 and 20 ms target latency, locally and through a coordinator with two agents, side by
 # side with a bare async fan-out as the floor (results: docs/benchmarks.md).
-# BENCH_RUNS=chain,fan,dag BENCH_MODES=floor,local,distributed BENCH_LATENCIES=0,20 pick parts.
+# BENCH_RUNS=chain,fan,dag BENCH_MODES=floor,durable,local,distributed BENCH_LATENCIES=0,20
+# pick parts.
 bench-runs:
     cargo bench -p baton-coordinator --bench runs
+
+# One durable flush of the store, alone: latency, context switches and CPU per flush
+# (results: docs/benchmarks.md). BENCH_FLUSHES=N rounds (default 2,000).
+bench-flush:
+    cargo bench -p baton-coordinator --bench flush
 
 # The randomized fault soak: runs of a 30-stage DAG while agents and the coordinator are
 # killed and restarted at random; reproducible from the printed seed (default 9 minutes, so
