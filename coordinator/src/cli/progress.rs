@@ -117,6 +117,25 @@ impl<'o> Progress<'o> {
         }
     }
 
+    /// Shows `batch`, in order; as lines, with one write.
+    pub(super) fn events(&mut self, batch: &[EventRecord]) -> std::io::Result<()> {
+        match self {
+            Progress::Lines(out) => {
+                let mut text = Vec::new();
+                for e in batch {
+                    Progress::Lines(&mut text).event(e)?;
+                }
+                out.write_all(&text)
+            }
+            Progress::Live(live) => {
+                for e in batch {
+                    live.event(e);
+                }
+                Ok(())
+            }
+        }
+    }
+
     /// Leaves the final state of every stage on screen.
     pub(super) fn finish(&mut self) {
         if let Progress::Live(live) = self {
@@ -222,5 +241,76 @@ impl Live {
             }
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{RunStatus, FORMAT};
+
+    /// Records each `write` call.
+    #[derive(Default)]
+    struct Calls(Vec<Vec<u8>>);
+
+    impl Write for Calls {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.push(buf.to_vec());
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn event(seq: u64, stage: Option<&str>, kind: EventKind) -> EventRecord {
+        EventRecord {
+            v: FORMAT,
+            seq,
+            at_ms: 0,
+            stage: stage.map(str::to_owned),
+            kind,
+        }
+    }
+
+    #[test]
+    fn a_batch_of_events_is_shown_in_order_with_one_write() {
+        let batch = [
+            event(
+                1,
+                Some("network"),
+                EventKind::StageStarted {
+                    attempt: 1,
+                    token: 0,
+                },
+            ),
+            event(
+                2,
+                Some("network"),
+                EventKind::StageSucceeded { duration_ms: 1500 },
+            ),
+            event(
+                3,
+                None,
+                EventKind::RunFinished {
+                    status: RunStatus::Succeeded,
+                },
+            ),
+        ];
+        let mut calls = Calls::default();
+        let mut progress = Progress::new(false, false, &["network".to_owned()], &mut calls);
+        progress.events(&batch).unwrap();
+        progress.events(&[]).unwrap();
+        // One write for the batch; an empty batch writes nothing.
+        assert_eq!(calls.0.len(), 1);
+        let text = String::from_utf8(calls.0.concat()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert!(lines[0].ends_with("network          started"), "{text}");
+        assert!(
+            lines[1].contains("network") && lines[1].contains("succeeded"),
+            "{text}"
+        );
+        assert!(lines[2].contains("succeeded"), "{text}");
     }
 }

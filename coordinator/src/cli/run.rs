@@ -297,6 +297,11 @@ pub(super) fn announce(
     Ok(())
 }
 
+/// The least time between two batches of progress shown (see [`watch_and_print`]): short
+/// enough that nobody sees the difference, long enough that a burst of a run's events is
+/// shown in one write instead of waking the printing thread for each few.
+const PRINT_PAUSE: std::time::Duration = std::time::Duration::from_millis(10);
+
 /// Shows a run's progress until it ends; Ctrl-C cancels it. The outcome's error, when the
 /// run could not be driven, is printed here.
 async fn watch_and_print(
@@ -320,23 +325,53 @@ async fn watch_and_print(
     let mut rx = runs.watch(run_id, s.first_seq, true).map_err(runs_err)?;
     let mut progress = super::progress::Progress::new(show.0, show.1, &stages, out);
     let mut cancelled = false;
+    let cancel = |cancelled: &mut bool| {
+        *cancelled = true;
+        // Locally the one who stops the run is the one who started it.
+        let by = runs
+            .store()
+            .run(run_id)
+            .ok()
+            .flatten()
+            .map(|r| r.by)
+            .unwrap_or_default();
+        if let Err(e) = runs.cancel_by(run_id, &by) {
+            tracing::warn!(run = run_id, error = %e, "the cancel was not audited");
+            runs.cancel(run_id);
+        }
+    };
+    let mut batch = Vec::new();
     loop {
         tokio::select! {
             // Progress first, so it is shown in order before the summary.
             biased;
             e = rx.recv() => match e {
-                Some(e) => progress.event(&e)?,
+                Some(e) => batch.push(e),
                 None => break,
             },
             () = ctrl_c.cancelled(), if !cancelled => {
-                cancelled = true;
-                // Locally the one who stops the run is the one who started it.
-                let by = runs.store().run(run_id).ok().flatten().map(|r| r.by).unwrap_or_default();
-                if let Err(e) = runs.cancel_by(run_id, &by) {
-                    tracing::warn!(run = run_id, error = %e, "the cancel was not audited");
-                    runs.cancel(run_id);
-                }
+                cancel(&mut cancelled);
+                continue;
             }
+        }
+        // What arrived meanwhile is shown with it, in one write.
+        while let Ok(e) = rx.try_recv() {
+            batch.push(e);
+        }
+        let end = batch
+            .last()
+            .is_some_and(|e| matches!(e.kind, EventKind::RunFinished { .. }));
+        progress.events(&batch)?;
+        batch.clear();
+        if end {
+            break;
+        }
+        // Then a pause before the next batch: this thread is not a runtime worker, so
+        // every wake costs it two context switches, and a run's events come in bursts (a
+        // stage's end and its dependents' starts). The watch holds what arrives meanwhile.
+        tokio::select! {
+            () = tokio::time::sleep(PRINT_PAUSE) => {}
+            () = ctrl_c.cancelled(), if !cancelled => cancel(&mut cancelled),
         }
     }
     watcher.abort();
