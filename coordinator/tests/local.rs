@@ -1250,3 +1250,40 @@ async fn read_only_commands_work_while_a_run_holds_the_state() {
         "{status}"
     );
 }
+
+/// The summary at a run's end lists every stage's outcome from the run's events: succeeded
+/// (with its duration and exports), failed (with its error) and not run, in plan order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_summary_lists_how_every_stage_ended() {
+    let dir = baton_e2e::files::temp_dir("local-summary");
+    baton_e2e::files::write(
+        &dir.join("stages.yaml"),
+        "stages:\n  - name: ok\n    config_path: ok/config.yaml\n  - name: bad\n    config_path: bad/config.yaml\n    depends_on: [ok]\n  - name: after\n    config_path: after/config.yaml\n    depends_on: [bad]\n",
+    );
+    for (stage, script) in [
+        ("ok", "true"),
+        ("bad", "echo no quota >&2; exit 3"),
+        ("after", "true"),
+    ] {
+        baton_e2e::files::write(
+            &dir.join(format!("{stage}/config.yaml")),
+            "migrate_dir: migration\n",
+        );
+        baton_e2e::files::write(
+            &dir.join(format!("{stage}/migration/001_x.yaml")),
+            &format!("up:\n  command:\n    program: sh\n    args: [\"-c\", \"{script}\"]\n"),
+        );
+    }
+    let (code, out) = baton(&dir, &["stages", "up"]).await;
+    assert_eq!(code, 1, "{out}");
+    let summary = out
+        .split("\nrun 1 failed\n")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no summary: {out}"));
+    let lines: Vec<&str> = summary.lines().take(3).collect();
+    assert!(lines[0].starts_with("  ok     succeeded in "), "{out}");
+    assert!(lines[1].starts_with("  bad    failed: "), "{out}");
+    assert!(lines[1].contains("no quota"), "{out}");
+    assert_eq!(lines[2], "  after  not run", "{out}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

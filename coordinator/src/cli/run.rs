@@ -139,11 +139,22 @@ pub(super) async fn up_async(
     let _reads = super::readonly::serve(&dir, runs.clone(), project, key.clone(), submitted.run_id);
     announce(&submitted, &plan, out, err)?;
     let run_id = submitted.run_id;
-    let outcome = watch_and_print(&runs, &submitted, &plan, show, out, err).await?;
+    let watched = watch_and_print(&runs, &submitted, &plan, show, out, err).await?;
+    let outcome = watched.outcome;
     let Some(status) = outcome.status else {
         return Ok(EXIT_RUN_FAILED);
     };
-    summary(out, runs.store().as_ref(), &key, &plan, run_id, status)?;
+    // A new run's events were all shown: the summary needs no second read of its log.
+    let seen = (!submitted.resumed).then_some(watched.stage_ends.as_slice());
+    summary(
+        out,
+        runs.store().as_ref(),
+        &key,
+        &plan,
+        run_id,
+        status,
+        seen,
+    )?;
     if status == RunStatus::Failed && !plan.rollback_on_failure {
         writeln!(err, "{}", next_steps(run_id, ""))?;
     }
@@ -191,7 +202,9 @@ pub(super) async fn up_async(
                     notes: Vec::new(),
                 };
                 announce(&shown, &rb.plan, out, err)?;
-                let o = watch_and_print(&runs, &shown, &rb.plan, show, out, err).await?;
+                let o = watch_and_print(&runs, &shown, &rb.plan, show, out, err)
+                    .await?
+                    .outcome;
                 if let Some(s) = o.status {
                     writeln!(out, "\nrollback run {} {}", rb.run, s.as_str())?;
                     rollback_run = Some((rb.run, s));
@@ -244,7 +257,9 @@ pub(super) async fn down_async(
     };
     let _reads = super::readonly::serve(&dir, runs.clone(), project, key.clone(), submitted.run_id);
     announce(&submitted, &plan, out, err)?;
-    let outcome = watch_and_print(&runs, &submitted, &plan, show, out, err).await?;
+    let outcome = watch_and_print(&runs, &submitted, &plan, show, out, err)
+        .await?
+        .outcome;
     runs.shutdown().await;
     let Some(status) = outcome.status else {
         return Ok(EXIT_RUN_FAILED);
@@ -302,6 +317,13 @@ pub(super) fn announce(
 /// shown in one write instead of waking the printing thread for each few.
 const PRINT_PAUSE: std::time::Duration = std::time::Duration::from_millis(10);
 
+/// What [`watch_and_print`] saw: the run's outcome, and the events that end a stage, for
+/// the summary (complete when the watch started at the run's beginning).
+struct Watched {
+    outcome: RunOutcome,
+    stage_ends: Vec<EventRecord>,
+}
+
 /// Shows a run's progress until it ends; Ctrl-C cancels it. The outcome's error, when the
 /// run could not be driven, is printed here.
 async fn watch_and_print(
@@ -311,7 +333,7 @@ async fn watch_and_print(
     show: (bool, bool),
     out: &mut dyn Write,
     err: &mut dyn Write,
-) -> std::io::Result<RunOutcome> {
+) -> std::io::Result<Watched> {
     let run_id = s.run_id;
     let stages: Vec<String> = plan.order.iter().map(|s| s.name.clone()).collect();
     let ctrl_c = CancellationToken::new();
@@ -341,6 +363,7 @@ async fn watch_and_print(
         }
     };
     let mut batch = Vec::new();
+    let mut stage_ends = Vec::new();
     loop {
         tokio::select! {
             // Progress first, so it is shown in order before the summary.
@@ -362,7 +385,7 @@ async fn watch_and_print(
             .last()
             .is_some_and(|e| matches!(e.kind, EventKind::RunFinished { .. }));
         progress.events(&batch)?;
-        batch.clear();
+        stage_ends.extend(batch.drain(..).filter(|e| is_stage_end(&e.kind)));
         if end {
             break;
         }
@@ -384,7 +407,21 @@ async fn watch_and_print(
     if let (None, Some(e)) = (outcome.status, &outcome.error) {
         writeln!(err, "error: run {run_id} stopped: {e}")?;
     }
-    Ok(outcome)
+    Ok(Watched {
+        outcome,
+        stage_ends,
+    })
+}
+
+/// The events [`summary_of`] reads: how each stage ended.
+fn is_stage_end(kind: &EventKind) -> bool {
+    matches!(
+        kind,
+        EventKind::StageSucceeded { .. }
+            | EventKind::StageFailed { .. }
+            | EventKind::StageSkipped { .. }
+            | EventKind::StageNotRun { .. }
+    )
 }
 
 fn clock(ms: u64) -> String {
@@ -415,10 +452,18 @@ fn summary(
     plan: &Plan,
     run_id: u64,
     status: RunStatus,
+    seen: Option<&[EventRecord]>,
 ) -> std::io::Result<()> {
-    let events = store.events(run_id, 0).unwrap_or_default();
+    let read;
+    let events = match seen {
+        Some(events) => events,
+        None => {
+            read = store.events(run_id, 0).unwrap_or_default();
+            &read
+        }
+    };
     let stages: Vec<String> = plan.order.iter().map(|s| s.name.clone()).collect();
-    summary_of(out, &events, &stages, run_id, status, &|stage| {
+    summary_of(out, events, &stages, run_id, status, &|stage| {
         store
             .result(&StageKey::new(key, stage))
             .ok()
