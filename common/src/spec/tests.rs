@@ -697,3 +697,25 @@ fn a_long_stages_lists_findings_come_in_stage_order() {
         .collect();
     assert_eq!(names, (0..n).map(|i| format!("s{i}")).collect::<Vec<_>>());
 }
+
+/// `DiskFiles::read_limited` reads a whole file, or one byte past the limit and no more;
+/// an empty file reads as empty.
+#[test]
+fn disk_files_read_whole_files_or_one_byte_past_the_limit() {
+    let dir = std::env::temp_dir().join(format!("baton-read-limited-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let text: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+    let file = dir.join("f.bin");
+    std::fs::write(&file, &text).unwrap();
+    let empty = dir.join("empty");
+    std::fs::write(&empty, b"").unwrap();
+    assert_eq!(DiskFiles.read_limited(&file, 10_000).unwrap(), text);
+    assert_eq!(DiskFiles.read_limited(&file, usize::MAX - 1).unwrap(), text);
+    assert_eq!(DiskFiles.read(&file).unwrap(), text);
+    assert_eq!(DiskFiles.read_limited(&file, 100).unwrap(), text[..101]);
+    assert_eq!(DiskFiles.read_limited(&file, 0).unwrap(), text[..1]);
+    assert!(DiskFiles.read_limited(&empty, 100).unwrap().is_empty());
+    // A directory is refused, not read.
+    assert!(DiskFiles.read_limited(&dir, 100).is_err());
+    let _ = std::fs::remove_dir_all(&dir);
+}
