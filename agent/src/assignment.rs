@@ -272,9 +272,13 @@ pub async fn run(
 ) -> StageReport {
     let mut a = a;
     let mut files = ShippedFiles::new(std::mem::take(&mut a.files));
-    let mut stage = match load(&a, &files) {
-        Ok(s) => s,
-        Err(end) => return end,
+    // In the process that planned the run, the stage comes parsed from the same bytes.
+    let mut stage = match a.parsed.take() {
+        Some(parsed) => parsed,
+        None => match load(&a, &files) {
+            Ok(s) => Arc::new(s),
+            Err(end) => return end,
+        },
     };
     // Only a command runs beside the stage's files, so only a stage with a command step has
     // them written where it runs; requests read them from the assignment. (Writing and
@@ -293,16 +297,14 @@ pub async fn run(
         }
         files = ShippedFiles::new(std::mem::take(&mut a.files));
         stage = match load(&a, &files) {
-            Ok(s) => s,
+            Ok(s) => Arc::new(s),
             Err(end) => return end,
         };
     }
     let task = StageTask {
         key_scope: a.key_scope,
         stage: a.attempt.stage,
-        config_file: stage.config_file,
-        config: stage.config,
-        migrations: stage.migrations,
+        loaded: stage,
         vars: VarLayers {
             global: a.vars.global,
             literal_globals: a.vars.literal_globals,

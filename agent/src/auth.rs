@@ -36,6 +36,7 @@ impl Tokens {
         }
         let spec = ctx
             .task
+            .loaded
             .config
             .auth
             .iter()
@@ -56,7 +57,7 @@ fn render(ctx: &StageCtx<'_>, auth: &AuthSpec, field: &str, t: &Tmpl) -> Result<
         .render(&scope(&ctx.base, &empty, ctx.process_env()))
         .map_err(|e| {
             template_failure(
-                &ctx.task.config_file,
+                &ctx.task.loaded.config_file,
                 &format!("auth `{}`: {field}", auth.name.value),
                 &e,
             )

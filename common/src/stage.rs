@@ -158,6 +158,10 @@ pub struct Assignment {
     pub key_scope: String,
     /// W3C trace context of the attempt's span; empty when tracing is off.
     pub traceparent: String,
+    /// The stage as the plan parsed it from exactly `files`, for a runner in the same
+    /// process (local mode), which then does not parse the same bytes again. Never sent:
+    /// an agent parses `files`.
+    pub parsed: Option<std::sync::Arc<crate::spec::LoadedStage>>,
 }
 
 /// What happened, as it happens. Texts are already masked.

@@ -103,9 +103,7 @@ impl StageDir {
             user_agent: String::new(),
             clients: None,
             stage: "s".to_owned(),
-            config_file: stage.config_file,
-            config: stage.config,
-            migrations: stage.migrations,
+            loaded: stage,
             vars: VarLayers {
                 global: self.global.clone(),
                 literal_globals: Vec::new(),

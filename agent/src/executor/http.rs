@@ -187,7 +187,7 @@ async fn prepare(
     let (body, json) = match &req.body {
         None => (None, false),
         Some(BodySpec::Json(j)) => {
-            let value = if req.renders_body(&ctx.task.config) {
+            let value = if req.renders_body(&ctx.task.loaded.config) {
                 render_json(j, &sc, file)?
             } else {
                 literal_json(j)
@@ -196,7 +196,7 @@ async fn prepare(
         }
         Some(BodySpec::Text(t)) => {
             let json = looks_like_json(&headers, t.source());
-            let text = if req.renders_body(&ctx.task.config) {
+            let text = if req.renders_body(&ctx.task.loaded.config) {
                 let mode = if json {
                     Escape::JsonDocument
                 } else {
@@ -234,7 +234,7 @@ async fn prepare(
                     bytes = replaced.into_bytes();
                 }
             }
-            if req.renders_body(&ctx.task.config) {
+            if req.renders_body(&ctx.task.loaded.config) {
                 let text = String::from_utf8(bytes).map_err(|_| {
                     StepError::failed(format!("body_file `{}` is not UTF-8 text", path.display()))
                 })?;
@@ -649,7 +649,7 @@ pub fn json_value(json: &str, path: &str) -> Option<String> {
 
 /// Waits for the stage's `wait` health check to pass.
 pub(super) async fn wait_until_healthy(ctx: &StageCtx<'_>) -> Result<(), StepError> {
-    let Some(wait) = &ctx.task.config.wait else {
+    let Some(wait) = &ctx.task.loaded.config.wait else {
         return Ok(());
     };
     let Some(url_t) = &wait.url else {
@@ -657,7 +657,7 @@ pub(super) async fn wait_until_healthy(ctx: &StageCtx<'_>) -> Result<(), StepErr
     };
     let empty = BTreeMap::new();
     let sc = scope(&ctx.base, &empty, ctx.process_env());
-    let file = ctx.task.config_file.as_path();
+    let file = ctx.task.loaded.config_file.as_path();
     let url = url_t
         .template
         .render_with(&sc, Escape::Url)

@@ -18,13 +18,13 @@ mod command;
 pub(crate) mod http;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use baton_common::mask::Masker;
 use baton_common::spec::{
-    MigrationSpec, RetryPolicy, SourceFiles, StageConfigSpec, StepAction, StepSpec,
+    LoadedStage, MigrationSpec, RetryPolicy, SourceFiles, StepAction, StepSpec,
 };
 use baton_common::template::{Scope, TemplateError, TemplateErrorKind};
 use baton_common::vars::{self, Layer, Layers};
@@ -61,11 +61,9 @@ pub struct StageTask {
     /// random ids); the same for every attempt of the run, so a re-sent request reuses its key.
     pub key_scope: String,
     pub stage: String,
-    /// The stage's config file; relative paths in it (`ca_file`) are resolved beside it.
-    pub config_file: PathBuf,
-    pub config: StageConfigSpec,
-    /// Sorted by version.
-    pub migrations: Vec<MigrationSpec>,
+    /// The stage's files, parsed: its config file (relative paths in it, `ca_file`, are
+    /// resolved beside it), its config and its migrations, sorted by version.
+    pub loaded: Arc<LoadedStage>,
     pub vars: VarLayers,
     pub applied: Vec<AppliedMigration>,
     /// Names of variables whose values are secret (stages.yaml and config `secrets:`).
@@ -103,7 +101,7 @@ impl std::fmt::Debug for StageTask {
             .field("key_scope", &self.key_scope)
             .field("stage", &self.stage)
             .field("direction", &self.direction)
-            .field("migrations", &self.migrations.len())
+            .field("migrations", &self.loaded.migrations.len())
             .finish_non_exhaustive()
     }
 }
@@ -326,7 +324,7 @@ impl StageTask {
     /// like a secret (`db_password`, `apiKey`) and not listed in `not_secret`.
     pub fn is_secret(&self, name: &str) -> bool {
         self.secrets.iter().any(|s| s == name)
-            || self.config.secrets.iter().any(|s| s.value == name)
+            || self.loaded.config.secrets.iter().any(|s| s.value == name)
             || (baton_common::mask::sensitive_name(name)
                 && !self.not_secret.iter().any(|s| s == name))
     }
@@ -349,7 +347,7 @@ fn prepare<'a>(
 ) -> Result<StageCtx<'a>, String> {
     let mut masker = Masker::new();
     let mut config_env = BTreeMap::new();
-    for entry in &task.config.env {
+    for entry in &task.loaded.config.env {
         let value = match &entry.secret_from {
             Some(var) => {
                 let value = task.vars.process_env.get(var).ok_or_else(|| {
@@ -376,6 +374,7 @@ fn prepare<'a>(
     .layers(BTreeMap::clone(&task.vars.process_env));
     // Values written in config.yaml are rendered; `valueFromEnv` values are not.
     let authored_config = task
+        .loaded
         .config
         .env
         .iter()
@@ -390,7 +389,7 @@ fn prepare<'a>(
         .map_err(|e| format!("stage `{}`: {e}", task.stage))?;
     // Every value a secret name has now or had in the stage's history (a rotated key's old
     // value stays masked too), and the values migrations and their steps set themselves.
-    let own_env = task.migrations.iter().flat_map(|m| {
+    let own_env = task.loaded.migrations.iter().flat_map(|m| {
         m.env
             .iter()
             .chain(m.up.iter().flat_map(|s| &s.env))
@@ -414,14 +413,15 @@ fn prepare<'a>(
         }
     }
     let client = build_client(
-        &task.config.client,
-        &task.config_file,
+        &task.loaded.config.client,
+        &task.loaded.config_file,
         task.files.as_ref(),
         &task.user_agent,
         task.clients.as_deref(),
     )
     .map_err(|e| format!("stage `{}`: {e}", task.stage))?;
     let max_response_bytes = task
+        .loaded
         .config
         .max_response_bytes
         .map_or(DEFAULT_MAX_RESPONSE_BYTES, |b| {
@@ -490,6 +490,7 @@ async fn run_up(
 ) -> Result<(), StepError> {
     let task = ctx.task;
     let pending: Vec<&MigrationSpec> = task
+        .loaded
         .migrations
         .iter()
         .filter(|m| !task.applied.iter().any(|a| a.version == m.version))
@@ -498,7 +499,11 @@ async fn run_up(
         return Ok(());
     }
     http::wait_until_healthy(ctx).await?;
-    let delay = task.config.delay_between_migrations.unwrap_or_default();
+    let delay = task
+        .loaded
+        .config
+        .delay_between_migrations
+        .unwrap_or_default();
     for (i, m) in pending.into_iter().enumerate() {
         if i > 0 && !delay.is_zero() {
             sleep_or_cancel(&ctx.cancel, delay).await?;
@@ -545,6 +550,7 @@ async fn run_down(
     for (i, applied) in targets.into_iter().enumerate() {
         if i > 0 {
             if let Some(delay) = task
+                .loaded
                 .config
                 .delay_between_migrations
                 .filter(|d| !d.is_zero())
@@ -556,6 +562,7 @@ async fn run_down(
             return Err(StepError::Cancelled);
         }
         let m = task
+            .loaded
             .migrations
             .iter()
             .find(|m| m.version == applied.version)
@@ -656,7 +663,7 @@ async fn run_action(
     let retry = ctx
         .task
         .retry
-        .overlay(ctx.task.config.retry.as_ref())
+        .overlay(ctx.task.loaded.config.retry.as_ref())
         .overlay(m.retry.as_ref());
     match &step.action {
         Some(StepAction::Request(req)) => {

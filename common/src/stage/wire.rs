@@ -234,6 +234,7 @@ impl TryFrom<proto::StageAssignment> for Assignment {
             timeout: (a.timeout_ms > 0).then(|| Duration::from_millis(a.timeout_ms)),
             key_scope: a.key_scope,
             traceparent: a.traceparent,
+            parsed: None,
         })
     }
 }
@@ -443,6 +444,7 @@ mod tests {
             timeout: Some(Duration::from_secs(5)),
             key_scope: "s/r".into(),
             traceparent: String::new(),
+            parsed: None,
         }
     }
 

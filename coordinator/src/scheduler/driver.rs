@@ -1615,6 +1615,8 @@ impl Driver {
             timeout: stage.timeout.as_ref().map(|t| t.value),
             key_scope: self.r.run.key_scope(self.r.store.id()),
             traceparent: String::new(),
+            // What `files` parse to, unless `up --to` left some migrations out of them.
+            parsed: beyond_cap.is_empty().then(|| Arc::clone(loaded)),
         };
         let span = tracing::info_span!("stage", stage = %stage.name.value, attempt = attempt_no);
         let mut assignment = assignment;

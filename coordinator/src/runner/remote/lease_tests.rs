@@ -90,6 +90,7 @@ fn assignment(attempt: AttemptId) -> Assignment {
         timeout: None,
         key_scope: "k".into(),
         traceparent: String::new(),
+        parsed: None,
     }
 }
 
