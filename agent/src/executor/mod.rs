@@ -442,18 +442,23 @@ fn prepare<'a>(
 /// The variables in scope for a migration's step (see `baton_common::vars`): the stage's
 /// layers, everything extracted by earlier migrations (those up to `upto` when rolling back),
 /// then the migration's own `env`, then the step's (`up.env`, `down.env`).
-fn scope_for(
-    ctx: &StageCtx<'_>,
+fn scope_for<'c>(
+    ctx: &'c StageCtx<'_>,
     extracted: &BTreeMap<u64, BTreeMap<String, String>>,
     upto: Option<u64>,
     m: &MigrationSpec,
     step: &StepSpec,
-) -> Result<BTreeMap<String, String>, StepError> {
+) -> Result<std::borrow::Cow<'c, BTreeMap<String, String>>, StepError> {
     let mut earlier = BTreeMap::new();
     for (version, e) in extracted {
         if upto.is_none_or(|u| *version <= u) {
             earlier.extend(e.iter().map(|(k, v)| (k.clone(), v.clone())));
         }
+    }
+    // Nothing above the stage's layers (a stage's first migration, without an `env` of its
+    // own): its scope is the base, not a copy of it (which holds the whole environment).
+    if earlier.is_empty() && m.env.is_empty() && step.env.is_empty() {
+        return Ok(std::borrow::Cow::Borrowed(&ctx.base));
     }
     // The stage's layers are resolved once, into `base`; a migration adds the layers above.
     let mut layers = Layers::new();
@@ -480,7 +485,7 @@ fn scope_for(
             }
         }
     }
-    Ok(scope)
+    Ok(std::borrow::Cow::Owned(scope))
 }
 
 async fn run_up(
