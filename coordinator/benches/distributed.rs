@@ -15,6 +15,8 @@
 //! Run: `just bench-distributed` (= `cargo bench -p baton-coordinator --bench distributed`);
 //! `BENCH_PARTS=dispatch,dag` picks parts, `BENCH_AGENTS=100` shrinks the memory part.
 
+mod support;
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -30,26 +32,13 @@ use baton_coordinator::server::{serve, ServeConfig};
 use baton_coordinator::store::SledStore;
 use baton_coordinator::synthetic;
 use baton_e2e::target::Target;
+use support::{percentile, temp};
 use tokio_util::sync::CancellationToken;
 
 /// The allocator of the `baton` and `baton-agent` binaries, so the in-process parts measure
 /// what the commands do.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-fn temp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("baton-bench-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
 
 fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1000.0)

@@ -16,50 +16,25 @@
 //!
 //! Run: `just bench-flush` (= `cargo bench -p baton-coordinator --bench flush`).
 
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Instant;
 
 use baton_coordinator::store::{EventKind, EventRecord, Op, SledStore, Store, Transition, FORMAT};
-use nix::sys::resource::{getrusage, UsageWho};
+use nix::sys::resource::UsageWho;
+use support::{percentile, temp, usage};
+
+mod support;
 
 /// The allocator of the `baton` binary, so the benchmark measures what the command does.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-struct Usage {
-    switches: i64,
-    cpu: Duration,
-}
-
-fn usage() -> Usage {
-    let u = getrusage(UsageWho::RUSAGE_SELF).expect("getrusage");
-    let t = |tv: nix::sys::time::TimeVal| {
-        Duration::from_secs(u64::try_from(tv.tv_sec()).unwrap_or(0))
-            + Duration::from_micros(u64::try_from(tv.tv_usec()).unwrap_or(0))
-    };
-    Usage {
-        switches: u.voluntary_context_switches() + u.involuntary_context_switches(),
-        cpu: t(u.user_time()) + t(u.system_time()),
-    }
-}
-
-fn temp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("baton-bench-flush-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
 /// Runs `rounds` rounds of `write` then `flush`, timing each flush; prints one table row.
 fn measure(name: &str, rounds: usize, mut write: impl FnMut(usize), mut flush: impl FnMut()) {
-    // Warm up: the first write starts sled's IO pool.
+    // Warm up: the first write and flush set up what sled starts lazily.
     write(0);
     flush();
-    let before = usage();
+    let before = usage(UsageWho::RUSAGE_SELF);
     let mut times = Vec::with_capacity(rounds);
     for i in 1..=rounds {
         write(i);
@@ -67,15 +42,15 @@ fn measure(name: &str, rounds: usize, mut write: impl FnMut(usize), mut flush: i
         flush();
         times.push(t.elapsed());
     }
-    let after = usage();
+    let after = usage(UsageWho::RUSAGE_SELF);
     times.sort();
     let n = rounds as f64;
     println!(
         "| {name} | {rounds} | {:.3} ms | {:.3} ms | {:.2} | {:.1} µs |",
         percentile(&times, 0.5).as_secs_f64() * 1e3,
         percentile(&times, 0.99).as_secs_f64() * 1e3,
-        (after.switches - before.switches) as f64 / n,
-        (after.cpu - before.cpu).as_secs_f64() * 1e6 / n,
+        (after.1 - before.1) as f64 / n,
+        (after.0 - before.0).as_secs_f64() * 1e6 / n,
     );
 }
 
@@ -87,7 +62,7 @@ fn main() {
     println!("| loop | rounds | flush p50 | flush p99 | context switches / round | CPU / round |");
     println!("|---|---|---|---|---|---|");
 
-    let dir = temp("sled");
+    let dir = temp("flush-sled");
     let db = SledStore::sled_config(&dir)
         .open()
         .expect("the state opens");
@@ -105,7 +80,7 @@ fn main() {
     drop(db);
     let _ = std::fs::remove_dir_all(&dir);
 
-    let dir = temp("store");
+    let dir = temp("flush-store");
     let store = SledStore::open(Path::new(&dir)).expect("the state opens");
     measure(
         "store",

@@ -38,6 +38,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use baton_e2e::target::Target;
+use support::{percentile, temp};
+
+mod support;
 
 /// A generated project: `deps[i]` are stage `i`'s dependencies.
 #[derive(Clone)]
@@ -160,27 +163,13 @@ struct Measured {
     peak_rss_kib: i64,
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
 /// CPU time (user + system) of the waited-for children so far.
 fn children() -> Duration {
-    use nix::sys::resource::{getrusage, UsageWho};
-    let u = getrusage(UsageWho::RUSAGE_CHILDREN).expect("getrusage");
-    let t = |tv: nix::sys::time::TimeVal| {
-        Duration::from_secs(u64::try_from(tv.tv_sec()).unwrap_or(0))
-            + Duration::from_micros(u64::try_from(tv.tv_usec()).unwrap_or(0))
-    };
-    t(u.user_time()) + t(u.system_time())
+    support::usage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN).0
 }
 
 /// Span and dependency gaps from the target's timings (paths `/s{i}/c{k}`).
@@ -235,12 +224,6 @@ fn from_target(
     (end - start, gaps, start.saturating_duration_since(launched))
 }
 
-fn temp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("baton-bench-runs-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
-}
-
 fn baton() -> PathBuf {
     baton_e2e::cluster::baton_binary()
 }
@@ -287,7 +270,7 @@ fn measure(w: &Workload, mode: &str, latency: Duration, rt: &tokio::runtime::Run
     let target = rt.block_on(Target::start());
     target.answer_unscripted_like_a_cloud();
     target.set_cloud_latency(latency);
-    let dir = temp(&format!("{}-{mode}-{}", w.name, latency.as_millis()));
+    let dir = temp(&format!("runs-{}-{mode}-{}", w.name, latency.as_millis()));
     w.write(&dir);
     // Written files and the previous run's removed state go to disk now, not during the run:
     // on a file system mounted with `discard`, the first fsync after a large removal waits
