@@ -1252,7 +1252,7 @@ async fn read_only_commands_work_while_a_run_holds_the_state() {
 }
 
 /// The summary at a run's end lists every stage's outcome from the run's events: succeeded
-/// (with its duration and exports), failed (with its error) and not run, in plan order.
+/// (with its duration), failed (with its error) and not run, in plan order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_summary_lists_how_every_stage_ended() {
     let dir = baton_e2e::files::temp_dir("local-summary");
