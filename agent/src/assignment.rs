@@ -25,7 +25,7 @@ pub struct Host {
     /// The environment of the process that runs the stage: the only source of
     /// `valueFromEnv` values and of `env` in conditions and templates. Shared by every
     /// stage it runs, not copied for each.
-    pub env: Arc<BTreeMap<String, String>>,
+    pub env: Arc<crate::executor::ProcessEnv>,
     /// `User-Agent` of every request the stage sends.
     pub user_agent: String,
     /// Where an attempt's files are written before it runs (an agent's `DATA_DIR/work`), so

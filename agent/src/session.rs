@@ -370,7 +370,7 @@ fn gate_key(m: &proto::AgentMessage) -> Option<(AttemptId, u64)> {
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
     let user_agent = config.user_agent();
     let host = Arc::new(Host {
-        env: Arc::new(config.env.clone()),
+        env: Arc::new(config.env.clone().into()),
         // Most stages use the default client: built while the agent connects.
         clients: crate::client::ClientCache::building_default(&user_agent),
         user_agent,

@@ -199,7 +199,33 @@ impl Layers<BTreeMap<String, String>> {
         below: BTreeMap<String, String>,
         scope: &[Layer],
     ) -> Result<BTreeMap<String, String>, VarError> {
-        self.resolve_from(below, scope, true)
+        self.resolve_from(below, scope, true, None)
+    }
+
+    /// [`Layers::resolve`] with `environment` as the [`Layer::Environment`] layer, without
+    /// copying it into the result: the result holds every other layer's values (a
+    /// `global.env` value the environment overrides left out), and a name it lacks is the
+    /// environment's. Looking a name up in the result, then in `environment` (what
+    /// [`Scope::below`] does), gives exactly what [`Layers::resolve`] would. The executor
+    /// resolves every stage this way: the environment is the largest layer and the same for
+    /// every stage. What `self` holds in [`Layer::Environment`] is not used.
+    pub fn resolve_beside(
+        &self,
+        environment: &BTreeMap<String, String>,
+        scope: &[Layer],
+    ) -> Result<BTreeMap<String, String>, VarError> {
+        self.resolve_from(BTreeMap::new(), scope, true, Some(environment))
+    }
+
+    /// [`Layers::resolve_above`] where `below` was resolved beside `environment` (see
+    /// [`Layers::resolve_beside`]); the result is beside it too.
+    pub fn resolve_above_beside(
+        &self,
+        below: BTreeMap<String, String>,
+        environment: &BTreeMap<String, String>,
+        scope: &[Layer],
+    ) -> Result<BTreeMap<String, String>, VarError> {
+        self.resolve_from(below, scope, true, Some(environment))
     }
 
     fn resolve_with(
@@ -207,17 +233,24 @@ impl Layers<BTreeMap<String, String>> {
         scope: &[Layer],
         strict: bool,
     ) -> Result<BTreeMap<String, String>, VarError> {
-        self.resolve_from(BTreeMap::new(), scope, strict)
+        self.resolve_from(BTreeMap::new(), scope, strict, None)
     }
 
+    /// `beside`: the environment, kept out of the result (see [`Layers::resolve_beside`]).
     fn resolve_from(
         &self,
         mut out: BTreeMap<String, String>,
         scope: &[Layer],
         strict: bool,
+        beside: Option<&BTreeMap<String, String>>,
     ) -> Result<BTreeMap<String, String>, VarError> {
         for layer in Layer::ALL {
             if !scope.contains(&layer) {
+                continue;
+            }
+            if let (Layer::Environment, Some(env)) = (layer, beside) {
+                // The environment wins over what is below it: those names are its.
+                out.retain(|name, _| !env.contains_key(name));
                 continue;
             }
             let values = self.get(layer);
@@ -233,8 +266,13 @@ impl Layers<BTreeMap<String, String>> {
                 .collect();
             for name in templated {
                 if values.contains_key(name) {
+                    // The environment is below this layer only from the stage's `env` up.
+                    let lower = Lower {
+                        vars: &out,
+                        beside: beside.filter(|_| layer > Layer::Environment),
+                    };
                     let rendered =
-                        resolve_one(name, values, templated, &out, &mut done, &mut Vec::new());
+                        resolve_one(name, values, templated, lower, &mut done, &mut Vec::new());
                     if strict {
                         rendered?;
                     }
@@ -246,13 +284,21 @@ impl Layers<BTreeMap<String, String>> {
     }
 }
 
+/// What the layers below the one being rendered hold: `vars`, then (resolved beside the
+/// environment) `beside`.
+#[derive(Clone, Copy)]
+struct Lower<'a> {
+    vars: &'a BTreeMap<String, String>,
+    beside: Option<&'a BTreeMap<String, String>>,
+}
+
 /// Renders the authored value `name` of one layer (`values`), first the values of the same
 /// layer it reads; `lower` is what the layers below hold, `stack` the names being rendered.
 fn resolve_one(
     name: &str,
     values: &BTreeMap<String, String>,
     templated: &BTreeSet<String>,
-    lower: &BTreeMap<String, String>,
+    lower: Lower<'_>,
     done: &mut BTreeMap<String, String>,
     stack: &mut Vec<String>,
 ) -> Result<(), VarError> {
@@ -283,15 +329,17 @@ fn resolve_one(
     }
     stack.pop();
     // What the value sees: the lower layers, then its own layer's other values.
-    let mut seen = lower.clone();
+    let mut seen = lower.vars.clone();
     seen.extend(
         done.iter()
             .filter(|(k, _)| k.as_str() != name)
             .map(|(k, v)| (k.clone(), v.clone())),
     );
-    let rendered = template
-        .render(&Scope::with_vars(&seen))
-        .map_err(|e| err(e.message))?;
+    let scope = Scope {
+        below: lower.beside,
+        ..Scope::with_vars(&seen)
+    };
+    let rendered = template.render(&scope).map_err(|e| err(e.message))?;
     done.insert(name.to_owned(), rendered);
     Ok(())
 }
@@ -428,5 +476,76 @@ mod tests {
         l.set_authored(Layer::Global, map(&[("g", "{{.m}}")]))
             .set(Layer::MigrationEnv, map(&[("m", "1")]));
         assert!(l.resolve(MIGRATION).is_err());
+    }
+
+    /// Looks every name of `names` up in `beside`, then in `env`, as a scope does.
+    fn looked_up<'a>(
+        beside: &'a BTreeMap<String, String>,
+        env: &'a BTreeMap<String, String>,
+        names: &[&str],
+    ) -> BTreeMap<String, Option<&'a str>> {
+        names
+            .iter()
+            .map(|n| {
+                let v = beside.get(*n).or_else(|| env.get(*n)).map(String::as_str);
+                ((*n).to_owned(), v)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn resolving_beside_the_environment_reads_as_resolving_with_it() {
+        let env = map(&[
+            ("HOME", "/home/u"),
+            ("shared", "from env"),
+            ("PATH", "/bin"),
+        ]);
+        let mut l = Layers::new();
+        l.set_authored(
+            Layer::Global,
+            map(&[("shared", "global"), ("g", "g-{{.shared}}"), ("only", "o")]),
+        )
+        .set_authored(
+            Layer::StageEnv,
+            map(&[("path", "{{.PATH}}:{{.HOME}}/bin"), ("s", "{{.shared}}")]),
+        )
+        .set_authored(Layer::ConfigEnv, map(&[("PATH", "{{.PATH}}:/opt")]))
+        .set(Layer::Imported, map(&[("HOME", "/imported")]));
+        let names = [
+            "HOME", "shared", "PATH", "g", "only", "path", "s", "missing",
+        ];
+        let mut with = l.clone();
+        with.set(Layer::Environment, env.clone());
+        let whole = with.resolve(STAGE).unwrap();
+        let beside = l.resolve_beside(&env, STAGE).unwrap();
+        assert_eq!(
+            looked_up(&beside, &env, &names),
+            looked_up(&whole, &BTreeMap::new(), &names)
+        );
+        // The environment is not copied: only what a layer above it sets is in the result,
+        // and a global value it overrides is left out.
+        assert!(!beside.contains_key("shared"), "{beside:?}");
+        assert_eq!(beside["PATH"], "/bin:/opt");
+        assert_eq!(beside["HOME"], "/imported");
+        assert_eq!(
+            beside["g"], "g-global",
+            "a global value never reads the environment"
+        );
+        // A migration's values above it, too.
+        let mut m = Layers::new();
+        m.set_authored(
+            Layer::MigrationEnv,
+            map(&[("url", "{{.shared}}/{{.path}}")]),
+        );
+        let above = m
+            .resolve_above_beside(beside.clone(), &env, MIGRATION_OWN)
+            .unwrap();
+        let above_whole = m.resolve_above(whole, MIGRATION_OWN).unwrap();
+        assert_eq!(above["url"], above_whole["url"]);
+        assert_eq!(above["url"], "from env//bin:/home/u/bin");
+        // A global value reading a name only the environment has fails, as it does with it.
+        let mut g = Layers::new();
+        g.set_authored(Layer::Global, map(&[("x", "{{.HOME}}")]));
+        assert!(g.resolve_beside(&env, STAGE).is_err());
     }
 }

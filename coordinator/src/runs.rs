@@ -780,7 +780,7 @@ impl Runs {
         from_seq: u64,
         follow: bool,
     ) -> Result<mpsc::Receiver<EventRecord>, RunsError> {
-        if self.store.run(run)?.is_none() {
+        if !self.store.has_run(run)? {
             return Err(RunsError::UnknownRun(run));
         }
         // Subscribe before reading the store, so nothing falls between the two.

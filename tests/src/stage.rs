@@ -107,7 +107,7 @@ impl StageDir {
             vars: VarLayers {
                 global: self.global.clone(),
                 literal_globals: Vec::new(),
-                process_env: process_env.into(),
+                process_env: std::sync::Arc::new(process_env.into()),
                 stage: spec
                     .env
                     .iter()

@@ -236,3 +236,48 @@ async fn extracted_values_of_declared_secrets_are_masked_from_then_on() {
     assert!(msg.contains("got ***"), "{msg}");
     assert_eq!(report.secret_exports, vec!["db_password".to_owned()]);
 }
+
+/// The environment where a stage runs is read beside the stage's variables, not copied into
+/// them: its values still reach templates, and its secrets (named like one, or declared)
+/// are still masked, while a name a stage's own layer sets wins over it.
+#[tokio::test]
+async fn environment_values_reach_templates_and_its_secrets_stay_masked() {
+    let mut d = StageDir::new("http://127.0.0.1:9");
+    d.secrets = vec!["REGION_CODE".into()];
+    d.global.insert("PLAIN".into(), "from-global".into());
+    d.global.insert("OWN".into(), "own-global".into());
+    d.write(
+        "s/config.yaml",
+        "migrate_dir: migration\nenv:\n  - name: OWN\n    value: 'own-{{.PLAIN}}'\n",
+    );
+    d.migration(
+        "001_x.yaml",
+        r#"up:
+  command:
+    program: sh
+    args: ["-c", "printf 'env %s %s %s\n' \"$API_TOKEN\" \"$REGION_CODE\" \"$PLAIN\"; printf 'tmpl %s %s %s\n' '{{.API_TOKEN}}' '{{.REGION_CODE}}' '{{.PLAIN}}'; echo 'own {{.OWN}}'"]
+"#,
+    );
+    let env = BTreeMap::from([
+        ("API_TOKEN".to_owned(), "env-token-5150".to_owned()),
+        ("REGION_CODE".to_owned(), "weu-declared-77".to_owned()),
+        ("PLAIN".to_owned(), "plain-value-99".to_owned()),
+    ]);
+    let (report, events) = run(d.task_with_env(Direction::Up, vec![], env)).await;
+    assert_eq!(report.end, StageEnd::Succeeded, "{events:?}");
+    let lines = logs(&events);
+    assert!(
+        lines.contains(&"env *** *** plain-value-99".to_owned()),
+        "{lines:?}"
+    );
+    assert!(
+        lines.contains(&"tmpl *** *** plain-value-99".to_owned()),
+        "the environment wins over global.env, and reaches templates: {lines:?}"
+    );
+    assert!(
+        lines.contains(&"own own-plain-value-99".to_owned()),
+        "a config value rendered from the environment: {lines:?}"
+    );
+    let text = event_text(&events);
+    assert!(!text.contains("env-token-5150") && !text.contains("weu-declared-77"));
+}

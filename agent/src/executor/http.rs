@@ -223,7 +223,11 @@ async fn prepare(
                 if baton_common::tokens::has_tokens(text) {
                     let json = looks_like_json(&headers, text);
                     let replaced =
-                        baton_common::tokens::replace(text, |n| vars.get(n).cloned(), json)
+                        baton_common::tokens::replace(
+                            text,
+                            |n| vars.get(n).or_else(|| env.get(n)).cloned(),
+                            json,
+                        )
                             .map_err(|e| {
                                 StepError::failed(format!(
                                     "body_file `{}`: {e}; define `{}` in the environment's variables or the stage's env",

@@ -38,6 +38,37 @@ pub use baton_common::stage::{
 use crate::auth::Tokens;
 use crate::client::build_client;
 
+/// The environment where stages run, shared by every stage a process runs. Its names that
+/// say their value is secret (`GITHUB_TOKEN`) are found once here, not for every stage.
+#[derive(Debug, Clone, Default)]
+pub struct ProcessEnv {
+    vars: BTreeMap<String, String>,
+    /// The names for which [`baton_common::mask::sensitive_name`] holds.
+    sensitive: Vec<String>,
+}
+
+impl ProcessEnv {
+    pub fn new(vars: BTreeMap<String, String>) -> Self {
+        let sensitive = vars
+            .keys()
+            .filter(|k| baton_common::mask::sensitive_name(k))
+            .cloned()
+            .collect();
+        ProcessEnv { vars, sensitive }
+    }
+
+    /// Every variable, by name.
+    pub fn vars(&self) -> &BTreeMap<String, String> {
+        &self.vars
+    }
+}
+
+impl From<BTreeMap<String, String>> for ProcessEnv {
+    fn from(vars: BTreeMap<String, String>) -> Self {
+        ProcessEnv::new(vars)
+    }
+}
+
 /// Variables given to a stage, by precedence layer (lowest first). The executor adds the
 /// stage config's `env`, values extracted during the stage, and each migration's own `env`.
 #[derive(Debug, Clone, Default)]
@@ -47,7 +78,7 @@ pub struct VarLayers {
     /// Names in `global` whose values came from `--set`: never rendered as templates.
     pub literal_globals: Vec<String>,
     /// The environment where the stage runs (also the source of `valueFromEnv`).
-    pub process_env: Arc<BTreeMap<String, String>>,
+    pub process_env: Arc<ProcessEnv>,
     /// The stage's `env` in stages.yaml.
     pub stage: BTreeMap<String, String>,
     /// Values imported with `env_from_stages`.
@@ -222,7 +253,7 @@ impl StageCtx<'_> {
     }
 
     pub(crate) fn process_env(&self) -> &BTreeMap<String, String> {
-        &self.task.vars.process_env
+        self.task.vars.process_env.vars()
     }
 }
 
@@ -350,7 +381,7 @@ fn prepare<'a>(
     for entry in &task.loaded.config.env {
         let value = match &entry.secret_from {
             Some(var) => {
-                let value = task.vars.process_env.get(var).ok_or_else(|| {
+                let value = task.vars.process_env.vars().get(var).ok_or_else(|| {
                     format!(
                         "stage `{}`: `{}` comes from the environment variable `{var}`, which is not set where the stage runs",
                         task.stage, entry.name.value
@@ -371,7 +402,7 @@ fn prepare<'a>(
         stage: task.vars.stage.clone(),
         imported: task.vars.from_stages.clone(),
     }
-    .layers(BTreeMap::clone(&task.vars.process_env));
+    .layers(BTreeMap::new());
     // Values written in config.yaml are rendered; `valueFromEnv` values are not.
     let authored_config = task
         .loaded
@@ -384,8 +415,11 @@ fn prepare<'a>(
     layers
         .set(Layer::ConfigEnv, config_env)
         .templated(Layer::ConfigEnv, authored_config);
+    // Resolved beside the environment, not with a copy of it: every lookup in `base` falls
+    // back to it (see `scope`).
+    let env = &task.vars.process_env;
     let base = layers
-        .resolve(vars::STAGE)
+        .resolve_beside(env.vars(), vars::STAGE)
         .map_err(|e| format!("stage `{}`: {e}", task.stage))?;
     // Every value a secret name has now or had in the stage's history (a rotated key's old
     // value stays masked too), and the values migrations and their steps set themselves.
@@ -396,13 +430,33 @@ fn prepare<'a>(
             .chain(m.down.iter().flat_map(|s| &s.env))
             .map(|e| (&e.name.value, &e.value))
     });
+    // The environment's variables the stage sees (no layer above replaces them) that are
+    // secret: declared so, or named like a secret and not listed in `not_secret`.
+    let env_secrets = task
+        .secrets
+        .iter()
+        .chain(task.loaded.config.secrets.iter().map(|s| &s.value))
+        .chain(
+            env.sensitive
+                .iter()
+                .filter(|n| !task.not_secret.contains(n)),
+        )
+        .filter(|name| !base.contains_key(*name))
+        .filter_map(|name| env.vars().get_key_value(name));
     let mut secret_values: Vec<(&String, &String)> = Vec::new();
     for (name, value) in base
         .iter()
-        .chain(task.applied.iter().flat_map(|a| a.vars.iter()))
-        .chain(own_env)
+        .filter(|(name, _)| task.is_secret(name))
+        .chain(env_secrets)
+        .chain(
+            task.applied
+                .iter()
+                .flat_map(|a| a.vars.iter())
+                .chain(own_env)
+                .filter(|(name, _)| task.is_secret(name)),
+        )
     {
-        if task.is_secret(name) && !secret_values.contains(&(name, value)) {
+        if !secret_values.contains(&(name, value)) {
             secret_values.push((name, value));
         }
     }
@@ -471,7 +525,7 @@ fn scope_for<'c>(
             .collect(),
     );
     let scope = layers
-        .resolve_above(ctx.base.clone(), vars::MIGRATION_OWN)
+        .resolve_above_beside(ctx.base.clone(), ctx.process_env(), vars::MIGRATION_OWN)
         .map_err(|e| StepError::failed(format!("{}: {e}", m.file.display())))?;
     // A secret the migration renders from a template is masked as rendered too.
     let mut masker = ctx
@@ -646,11 +700,11 @@ async fn run_step(
     vars: &BTreeMap<String, String>,
     direction: Direction,
 ) -> Result<BTreeMap<String, String>, StepError> {
-    let mut vars = vars.clone();
+    let mut vars = std::borrow::Cow::Borrowed(vars);
     if let Some(find) = &step.find {
         let found = run_action(ctx, m, find, &vars, direction, "find").await?;
         ctx.mask_declared_secrets(m.version, &found).await;
-        vars.extend(found);
+        vars.to_mut().extend(found);
     }
     let got = run_action(ctx, m, step, &vars, direction, "").await?;
     ctx.mask_declared_secrets(m.version, &got).await;
@@ -694,7 +748,8 @@ pub(crate) fn template_failure(file: &Path, what: &str, e: &TemplateError) -> St
     }
 }
 
-/// A scope over `vars` with the stage's tokens and environment.
+/// A scope over `vars` with the stage's tokens and environment. `vars` were resolved beside
+/// the environment (see `prepare`): a name they lack is the environment's.
 pub(crate) fn scope<'v>(
     vars: &'v BTreeMap<String, String>,
     auth: &'v BTreeMap<String, String>,
@@ -705,6 +760,7 @@ pub(crate) fn scope<'v>(
         auth: Some(auth),
         stage_outcomes: None,
         env: Some(env),
+        below: Some(env),
     }
 }
 

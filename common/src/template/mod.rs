@@ -109,6 +109,10 @@ pub enum StageOutcome {
 pub struct Scope<'a> {
     /// Variables after precedence was applied (see COMPAT.md), flat.
     pub vars: Option<&'a BTreeMap<String, String>>,
+    /// Where a name `vars` lacks is looked up next: the environment where a stage runs,
+    /// when `vars` were resolved beside it rather than with a copy of it (see
+    /// [`crate::vars::Layers::resolve_beside`]).
+    pub below: Option<&'a BTreeMap<String, String>>,
     /// Auth tokens by auth name.
     pub auth: Option<&'a BTreeMap<String, String>>,
     /// Outcomes of stages, for `success` / `failed` in conditions.
@@ -126,7 +130,10 @@ impl<'a> Scope<'a> {
     }
 
     fn var(&self, name: &str) -> Option<&'a str> {
-        self.vars.and_then(|v| v.get(name)).map(String::as_str)
+        self.vars
+            .and_then(|v| v.get(name))
+            .or_else(|| self.below.and_then(|v| v.get(name)))
+            .map(String::as_str)
     }
 
     fn auth_token(&self, name: &str) -> Option<&'a str> {
@@ -264,6 +271,7 @@ pub fn fuzz_template(text: &str) {
         auth: Some(&auth),
         stage_outcomes: Some(&outcomes),
         env: Some(&vars),
+        below: None,
     };
     if let Ok(t) = Template::parse(text) {
         let _ = t.references();

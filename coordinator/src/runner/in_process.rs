@@ -33,7 +33,7 @@ impl InProcessRunner {
     pub fn new(env: std::collections::BTreeMap<String, String>) -> Self {
         InProcessRunner {
             host: Arc::new(Host {
-                env: Arc::new(env),
+                env: Arc::new(env.into()),
                 user_agent: String::new(),
                 workspace: None,
                 clients: baton_agent::client::ClientCache::building_default(""),

@@ -1438,6 +1438,7 @@ impl Driver {
             auth: None,
             stage_outcomes: Some(&self.outcomes),
             env: Some(&env),
+            below: None,
         };
         match cond.value.evaluate(&scope).map_err(|e| e.message) {
             Ok(runs) => Ok(Event::ConditionChecked { stage: k, runs }),

@@ -441,6 +441,10 @@ pub trait Store: Send + Sync {
     /// [`Store::commit_unflushed`], this is how a batch of transitions shares one flush).
     fn sync(&self) -> Result<(), StoreError>;
     fn run(&self, id: u64) -> Result<Option<RunRecord>, StoreError>;
+    /// Whether run `id` exists, without reading its record (which holds the whole plan).
+    fn has_run(&self, id: u64) -> Result<bool, StoreError> {
+        Ok(self.run(id)?.is_some())
+    }
     /// Every run, oldest first.
     fn runs(&self) -> Result<Vec<RunRecord>, StoreError>;
     /// A run's events from `from_seq` on, in order.

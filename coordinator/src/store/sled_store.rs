@@ -842,6 +842,10 @@ impl Store for SledStore {
         }
     }
 
+    fn has_run(&self, id: u64) -> Result<bool, StoreError> {
+        self.runs.contains_key(run_key(id)).map_err(io)
+    }
+
     fn runs(&self) -> Result<Vec<RunRecord>, StoreError> {
         self.runs
             .iter()
