@@ -7,14 +7,21 @@
 //!
 //! A transition is atomic through the `journal`, not through sled transactions: its writes,
 //! each already framed and sealed exactly as it will be stored, are first written as one
-//! journal record (a single-key write, which sled makes atomic), then applied key by key,
-//! then the record is removed. sled writes its log in order and recovers a prefix of it, so
-//! after a crash either the record is gone with none of its writes, or it is there and is
-//! replayed (its writes are puts and removes by key: replaying them again is harmless) when
-//! the store opens, or it was removed after all its writes. A transition of one write needs
-//! no record. sled 0.34's multi-tree transactions would do the same job, but each one seals
-//! and writes sled's log buffer twice (a thread handoff and a `sync_file_range` each) even
-//! when nobody flushes: about ten per stage, the largest cost of a run before the journal.
+//! journal record (a single-key write, which sled makes atomic), then applied key by key.
+//! Every record goes to the journal's one key, [`JOURNAL_KEY`], replacing the previous
+//! transition's: transitions apply one at a time, and sled writes its log in order and
+//! recovers a prefix of it, so a record's transition was complete once the next record is
+//! written. After a crash the record left is the last transition's, and the store opens by
+//! applying whatever of its writes is missing (they are puts and removes by key). Only a
+//! write that appends a new event or audit entry goes without a record when it is alone: no
+//! record ever names its key, so replaying an older record after it cannot undo it; any
+//! other write, even alone, takes a record, so the record left never holds a value that a
+//! later write replaced. (Until 2026-12 each record had a number of its own and was removed
+//! after its writes: a sled write more per transition. Such a record left by a crash is
+//! still replayed and removed.) sled 0.34's multi-tree transactions would do the same job,
+//! but each one seals and writes sled's log buffer twice (a thread handoff and a
+//! `sync_file_range` each) even when nobody flushes: about ten per stage, the largest cost
+//! of a run before the journal.
 //! `flush()` makes every transition applied before it durable; `flush_async` is never used
 //! (it deadlocks in 0.34).
 //!
@@ -49,11 +56,11 @@ pub struct SledStore {
     /// The audit log by sequence number (not sealed: it holds no secret, and `baton audit`
     /// reads it as it is).
     audit: sled::Tree,
-    /// Transitions being applied (see the module's text): journal number BE -> writes.
+    /// The last transition's writes, at [`JOURNAL_KEY`] (see the module's text).
     journal: sled::Tree,
-    /// The last journal number; held while a transition is applied, so transitions apply
-    /// one at a time, in the order of their numbers.
-    journal_seq: std::sync::Arc<std::sync::Mutex<u64>>,
+    /// Held while a transition is applied, so transitions apply one at a time, each after
+    /// its record.
+    journal_lock: std::sync::Arc<std::sync::Mutex<()>>,
     /// Counters (`next_id`).
     meta: sled::Tree,
     /// The directory, for messages and the high-water mark.
@@ -207,7 +214,7 @@ impl SledStore {
             submissions: tree("submissions")?,
             audit: tree("audit")?,
             journal: tree("journal")?,
-            journal_seq: std::sync::Arc::default(),
+            journal_lock: std::sync::Arc::default(),
             meta,
             db,
             dir: dir.to_path_buf(),
@@ -220,12 +227,13 @@ impl SledStore {
         Ok(store)
     }
 
-    /// Finishes the transitions a crash interrupted: every journal record left is applied
-    /// again, in order, and removed; then flushed. A damaged record is damage (its
-    /// transition's writes may be half applied), never skipped.
+    /// Finishes the transition a crash interrupted: when any write of the journal's record
+    /// is missing, all of them are applied again, in order (a record whose writes are all
+    /// there changes nothing, and stays). A numbered record of an older version is applied and removed. A damaged
+    /// record is damage (its transition's writes may be half applied), never skipped.
     fn replay_journal(&self) -> Result<(), StoreError> {
         let shown = self.dir.display().to_string();
-        let mut last = 0;
+        let mut wrote = false;
         for entry in self.journal.iter() {
             let (k, v) = entry.map_err(|e| sled_open_error(&shown, e))?;
             let writes =
@@ -236,24 +244,37 @@ impl SledStore {
                         what: "a transition it was applying when it stopped".to_owned(),
                         message,
                     })?;
-            tracing::info!(dir = %shown, writes = writes.len(), "finishing a transition interrupted by a stop");
-            self.put_all(&writes)
-                .map_err(|e| sled_open_error(&shown, e))?;
-            self.journal
-                .remove(&k)
-                .map_err(|e| sled_open_error(&shown, e))?;
-            last = <[u8; 8]>::try_from(k.as_ref()).map_or(last, u64::from_be_bytes);
+            // All of them again, in order, if any is missing (a transition may write a key
+            // twice).
+            let complete = writes.iter().all(|w| self.holds(w).unwrap_or(false));
+            if !complete {
+                tracing::info!(dir = %shown, writes = writes.len(), "finishing a transition interrupted by a stop");
+                self.put_all(&writes)
+                    .map_err(|e| sled_open_error(&shown, e))?;
+                wrote = true;
+            }
+            if k.as_ref() != JOURNAL_KEY {
+                self.journal
+                    .remove(&k)
+                    .map_err(|e| sled_open_error(&shown, e))?;
+                wrote = true;
+            }
         }
-        if last > 0 {
+        if wrote {
             self.db.flush().map_err(|e| sled_open_error(&shown, e))?;
         }
-        *self.lock_journal() = last;
         Ok(())
     }
 
-    fn lock_journal(&self) -> std::sync::MutexGuard<'_, u64> {
-        // A poisoned lock only means a panic elsewhere; the number is still right.
-        self.journal_seq
+    /// Whether `w`'s key already holds what it writes (or is gone, for a removal).
+    fn holds(&self, w: &Write) -> sled::Result<bool> {
+        let now = self.tree(w.tree).get(&w.key)?;
+        Ok(now.as_deref() == w.value.as_deref())
+    }
+
+    fn lock_journal(&self) -> std::sync::MutexGuard<'_, ()> {
+        // A poisoned lock only means a panic elsewhere; there is nothing in it to be wrong.
+        self.journal_lock
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -504,6 +525,10 @@ impl HighWaterFile {
     }
 }
 
+/// The journal's one key (see the module's text). Above every number the journal's
+/// records had before, which are replayed and removed when a store opens.
+const JOURNAL_KEY: [u8; 8] = u64::MAX.to_be_bytes();
+
 /// The trees a transition writes to, by their number in a journal record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum TreeId {
@@ -538,6 +563,12 @@ struct Write {
 }
 
 impl Write {
+    /// Whether it adds an event or an audit entry: a key written once, never replaced or
+    /// removed.
+    fn appends(&self) -> bool {
+        matches!(self.tree, TreeId::Events | TreeId::Audit) && self.value.is_some()
+    }
+
     /// A journal record's bytes: per write, the tree (1 byte), the key's length (4 bytes
     /// BE) and key, then 0 (removed) or 1, the value's length (4 bytes BE) and value.
     fn encode_all(writes: &[Write]) -> Vec<u8> {
@@ -760,18 +791,15 @@ impl SledStore {
     fn apply(&self, t: &Transition) -> Result<(), StoreError> {
         let writes = self.writes(t);
         {
-            let mut seq = self.lock_journal();
-            if writes.len() > 1 {
-                *seq += 1;
-                let key = seq.to_be_bytes();
+            let _one_at_a_time = self.lock_journal();
+            // Alone, an append needs no record (see the module's text).
+            let alone = matches!(&writes[..], [w] if w.appends());
+            if !alone {
                 self.journal
-                    .insert(key, frame(&Write::encode_all(&writes)))
+                    .insert(JOURNAL_KEY, frame(&Write::encode_all(&writes)))
                     .map_err(io)?;
-                self.put_all(&writes).map_err(io)?;
-                self.journal.remove(key).map_err(io)?;
-            } else {
-                self.put_all(&writes).map_err(io)?;
             }
+            self.put_all(&writes).map_err(io)?;
         }
         // What the high-water mark says once this is flushed.
         for op in &t.ops {
@@ -1007,6 +1035,25 @@ mod damage_tests {
         }
     }
 
+    fn result(run_id: u64, value: &str) -> Op {
+        Op::PutResult {
+            key: StageKey::new("p", "s"),
+            record: StageResultRecord {
+                v: FORMAT,
+                run_id,
+                at_ms: 1,
+                exports: [("x".to_owned(), value.to_owned())].into(),
+                secret: Vec::new(),
+            },
+        }
+    }
+
+    fn result_value(s: &SledStore) -> Option<String> {
+        s.result(&StageKey::new("p", "s"))
+            .unwrap()
+            .map(|r| r.exports["x"].clone())
+    }
+
     #[test]
     fn a_transition_cut_short_by_a_stop_is_finished_when_the_store_opens() {
         let dir = temp("journal");
@@ -1015,17 +1062,13 @@ mod damage_tests {
             let mut done = Transition::new();
             done.push(run(1)).push(event(1, 1));
             s.commit(done).unwrap();
-            assert!(
-                s.journal.is_empty(),
-                "an applied transition leaves no record"
-            );
+            assert_eq!(s.journal.len(), 1, "the last transition's record stays");
             // What a stop between a transition's record and its writes leaves: the record.
             let mut t = Transition::new();
             t.push(event(1, 2)).push(event(1, 3)).push(run(2));
             let writes = s.writes(&t);
-            let seq = *s.lock_journal() + 1;
             s.journal
-                .insert(seq.to_be_bytes(), frame(&Write::encode_all(&writes)))
+                .insert(JOURNAL_KEY, frame(&Write::encode_all(&writes)))
                 .unwrap();
             s.db.flush().unwrap();
             assert!(s.run(2).unwrap().is_none());
@@ -1034,13 +1077,66 @@ mod damage_tests {
         assert!(s.run(2).unwrap().is_some(), "the run it wrote is there");
         let seqs: Vec<u64> = s.events(1, 0).unwrap().iter().map(|e| e.seq).collect();
         assert_eq!(seqs, [1, 2, 3]);
-        assert!(s.journal.is_empty(), "the record is removed once replayed");
-        // Numbering goes on after the replayed record, and the next transition applies.
-        assert!(*s.lock_journal() >= 2);
+        // The next transition applies, and its record replaces the replayed one.
         let mut next = Transition::new();
         next.push(event(2, 1)).push(event(2, 2));
         s.commit(next).unwrap();
         assert_eq!(s.events(2, 0).unwrap().len(), 2);
+        assert_eq!(s.journal.len(), 1);
+    }
+
+    /// The record left at the journal's key belongs to a transition that completed; opening
+    /// the store must not undo anything written after it.
+    #[test]
+    fn a_complete_record_left_in_the_journal_undoes_nothing_written_after_it() {
+        let dir = temp("journal-after");
+        {
+            let s = SledStore::open(&dir).unwrap();
+            let mut first = Transition::new();
+            first.push(result(1, "one")).push(event(1, 1));
+            s.commit(first).unwrap();
+            // A write alone that replaces a value takes a record of its own: were it to go
+            // without one, opening would replay the first record over it.
+            let mut replace = Transition::new();
+            replace.push(result(2, "two"));
+            s.commit(replace).unwrap();
+            // An append alone takes none; the record stays the replacement's.
+            let mut append = Transition::new();
+            append.push(event(1, 2));
+            s.commit(append).unwrap();
+            assert_eq!(result_value(&s).as_deref(), Some("two"));
+        }
+        let s = reopen(&dir).unwrap();
+        assert_eq!(result_value(&s).as_deref(), Some("two"));
+        assert_eq!(s.events(1, 0).unwrap().len(), 2);
+        assert_eq!(
+            s.journal.len(),
+            1,
+            "a complete record changes nothing and stays"
+        );
+    }
+
+    /// Stores written before the journal had one key hold numbered records; one left by a
+    /// stop is applied and removed.
+    #[test]
+    fn a_numbered_record_of_an_older_version_is_replayed_and_removed() {
+        let dir = temp("journal-numbered");
+        {
+            let s = SledStore::open(&dir).unwrap();
+            let mut t = Transition::new();
+            t.push(run(1)).push(event(1, 1));
+            s.journal
+                .insert(7u64.to_be_bytes(), frame(&Write::encode_all(&s.writes(&t))))
+                .unwrap();
+            s.db.flush().unwrap();
+        }
+        let s = reopen(&dir).unwrap();
+        assert!(s.run(1).unwrap().is_some());
+        assert_eq!(s.events(1, 0).unwrap().len(), 1);
+        assert!(
+            s.journal.is_empty(),
+            "the numbered record is removed once replayed"
+        );
     }
 
     #[test]
