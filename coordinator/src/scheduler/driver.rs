@@ -1361,15 +1361,19 @@ impl Driver {
         let mut secret = Vec::new();
         for efs in &stage.env_from_stages {
             let source = match self.by_name.get(&efs.stage.value) {
-                Some(&j) if self.exports[j].is_some() => self.exports[j].clone(),
+                Some(&j) if self.exports[j].is_some() => {
+                    self.exports[j].as_ref().map(std::borrow::Cow::Borrowed)
+                }
                 // Not in this run (or resumed): the stage's last successful result.
                 _ => self
                     .r
                     .store
                     .result(&StageKey::new(&self.r.project_key, &efs.stage.value))?
-                    .map(|r| Exports {
-                        vars: r.exports,
-                        secret: r.secret,
+                    .map(|r| {
+                        std::borrow::Cow::Owned(Exports {
+                            vars: r.exports,
+                            secret: r.secret,
+                        })
                     }),
             };
             if let Some(source) = source {
