@@ -111,17 +111,20 @@ impl Sealer {
         if self.rng.fill(&mut nonce).is_err() {
             panic!("no random source for a nonce");
         }
-        let mut data = plain.to_vec();
-        // Sealing in place cannot fail for inputs this size.
-        let _ = self.key.seal_in_place_append_tag(
-            ring::aead::Nonce::assume_unique_for_key(nonce),
-            ring::aead::Aad::empty(),
-            &mut data,
-        );
-        let mut out = Vec::with_capacity(1 + 12 + data.len());
+        // Sealed where it is stored: the marker, the nonce, then the text encrypted in place
+        // and its tag.
+        let mut out = Vec::with_capacity(1 + 12 + plain.len() + ring::aead::MAX_TAG_LEN);
         out.push(SEALED);
         out.extend_from_slice(&nonce);
-        out.extend_from_slice(&data);
+        out.extend_from_slice(plain);
+        // Sealing in place cannot fail for inputs this size.
+        if let Ok(tag) = self.key.seal_in_place_separate_tag(
+            ring::aead::Nonce::assume_unique_for_key(nonce),
+            ring::aead::Aad::empty(),
+            &mut out[13..],
+        ) {
+            out.extend_from_slice(tag.as_ref());
+        }
         out
     }
 
@@ -201,5 +204,53 @@ fn state_key(dir: &Path, source: &StateKey, fresh: bool) -> Result<Vec<u8>, Stri
             Ok(key.to_vec())
         }
         Err(e) => Err(format!("cannot read the state key {}: {e}", file.display())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sealer(byte: u8) -> Sealer {
+        let unbound = ring::aead::UnboundKey::new(&ring::aead::CHACHA20_POLY1305, &[byte; 32])
+            .expect("a 32-byte key");
+        Sealer {
+            key: ring::aead::LessSafeKey::new(unbound),
+            rng: ring::rand::SystemRandom::new(),
+        }
+    }
+
+    #[test]
+    fn a_sealed_value_opens_with_its_key_only_and_never_shows_its_text() {
+        let s = sealer(7);
+        let plain = br#"{"exports":{"db_password":"hunter2-long"}}"#;
+        let a = s.seal(plain);
+        let b = s.seal(plain);
+        assert_eq!(a[0], SEALED);
+        assert_eq!(
+            a.len(),
+            1 + 12 + plain.len() + 16,
+            "marker, nonce, text, tag"
+        );
+        assert_ne!(a, b, "a fresh nonce for every value");
+        assert!(!a.windows(7).any(|w| w == b"hunter2"));
+        assert_eq!(s.open(&a).unwrap().as_ref(), plain);
+        assert_eq!(s.open(&b).unwrap().as_ref(), plain);
+        assert!(sealer(8).open(&a).is_err(), "another key does not open it");
+        let mut flipped = a.clone();
+        flipped[20] ^= 1;
+        assert!(s.open(&flipped).is_err(), "a changed byte does not open");
+        // What the sealing in place writes is what sealing a copy and appending its tag wrote
+        // before: stores written then still open.
+        let nonce: [u8; 12] = a[1..13].try_into().unwrap();
+        let mut before = plain.to_vec();
+        s.key
+            .seal_in_place_append_tag(
+                ring::aead::Nonce::assume_unique_for_key(nonce),
+                ring::aead::Aad::empty(),
+                &mut before,
+            )
+            .unwrap();
+        assert_eq!(&a[13..], before.as_slice());
     }
 }

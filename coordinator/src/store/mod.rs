@@ -468,11 +468,6 @@ pub(crate) fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-pub(crate) fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    // Serialising these plain records cannot fail: no maps with non-string keys, no floats.
-    serde_json::to_vec(value).unwrap_or_default()
-}
-
 pub(crate) fn decode<T: for<'de> Deserialize<'de>>(
     what: &str,
     bytes: &[u8],

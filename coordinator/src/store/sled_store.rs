@@ -39,8 +39,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use baton_common::seal::{Sealer, StateKey};
 
 use super::{
-    decode, encode, AppliedRecord, AuditRecord, EventRecord, Op, RunRecord, StageKey,
-    StageResultRecord, Store, StoreError, Transition,
+    decode, AppliedRecord, AuditRecord, EventRecord, Op, RunRecord, StageKey, StageResultRecord,
+    Store, StoreError, Transition,
 };
 
 #[derive(Debug, Clone)]
@@ -515,7 +515,7 @@ impl HighWaterFile {
         let Some((f, len)) = slot.as_mut() else {
             return Ok(());
         };
-        let bytes = frame(&encode(mark));
+        let bytes = encode_framed(mark);
         f.write_all_at(&bytes, 0)?;
         if bytes.len() < *len {
             f.set_len(u64::try_from(bytes.len()).unwrap_or(u64::MAX))?;
@@ -627,6 +627,18 @@ impl Write {
 const FRAMED: u8 = 0xB1;
 
 /// `FRAMED`, the CRC-32 of `payload` (big-endian), `payload`.
+/// `value` encoded and framed (see [`frame`]), written once into one buffer.
+fn encode_framed<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    let mut v = vec![FRAMED, 0, 0, 0, 0];
+    // Serialising these plain records cannot fail: no maps with non-string keys, no floats.
+    if serde_json::to_writer(&mut v, value).is_err() {
+        v.truncate(5);
+    }
+    let sum = crc32fast::hash(&v[5..]).to_be_bytes();
+    v[1..5].copy_from_slice(&sum);
+    v
+}
+
 fn frame(payload: &[u8]) -> Vec<u8> {
     let mut v = Vec::with_capacity(payload.len() + 5);
     v.push(FRAMED);
@@ -755,16 +767,16 @@ impl SledStore {
         t.ops
             .iter()
             .map(|op| match op {
-                Op::PutRun(r) => put(TreeId::Runs, run_key(r.id).to_vec(), frame(&encode(r))),
+                Op::PutRun(r) => put(TreeId::Runs, run_key(r.id).to_vec(), encode_framed(r)),
                 Op::AppendEvent { run, event } => put(
                     TreeId::Events,
                     event_key(*run, event.seq),
-                    frame(&encode(event)),
+                    encode_framed(event),
                 ),
                 Op::PutApplied { key, record } => put(
                     TreeId::Applied,
                     applied_key(key, record.version),
-                    self.sealer.seal(&frame(&encode(record))),
+                    self.sealer.seal(&encode_framed(record)),
                 ),
                 Op::RemoveApplied { key, version } => {
                     remove(TreeId::Applied, applied_key(key, *version))
@@ -772,7 +784,7 @@ impl SledStore {
                 Op::PutResult { key, record } => put(
                     TreeId::Results,
                     key.bytes(),
-                    self.sealer.seal(&frame(&encode(record))),
+                    self.sealer.seal(&encode_framed(record)),
                 ),
                 Op::RemoveResult { key } => remove(TreeId::Results, key.bytes()),
                 Op::PutSubmission { run, bytes } => put(
@@ -780,9 +792,7 @@ impl SledStore {
                     run_key(*run).to_vec(),
                     self.sealer.seal(&frame(bytes)),
                 ),
-                Op::AppendAudit(a) => {
-                    put(TreeId::Audit, run_key(a.seq).to_vec(), frame(&encode(a)))
-                }
+                Op::AppendAudit(a) => put(TreeId::Audit, run_key(a.seq).to_vec(), encode_framed(a)),
             })
             .collect()
     }
@@ -1159,6 +1169,16 @@ mod damage_tests {
             }
             other => panic!("expected damage, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_record_framed_as_it_is_encoded_is_the_record_framed_after() {
+        let Op::AppendEvent { event, .. } = event(1, 1) else {
+            unreachable!()
+        };
+        let json = serde_json::to_vec(&event).unwrap();
+        assert_eq!(encode_framed(&event), frame(&json));
+        assert_eq!(unframe(&encode_framed(&event)).unwrap(), json.as_slice());
     }
 
     #[test]
