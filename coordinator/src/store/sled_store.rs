@@ -629,7 +629,9 @@ const FRAMED: u8 = 0xB1;
 /// `FRAMED`, the CRC-32 of `payload` (big-endian), `payload`.
 /// `value` encoded and framed (see [`frame`]), written once into one buffer.
 fn encode_framed<T: serde::Serialize>(value: &T) -> Vec<u8> {
-    let mut v = vec![FRAMED, 0, 0, 0, 0];
+    // Most records fit; a larger one grows it (serde_json starts at 128 bytes).
+    let mut v = Vec::with_capacity(256);
+    v.extend_from_slice(&[FRAMED, 0, 0, 0, 0]);
     // Serialising these plain records cannot fail: no maps with non-string keys, no floats.
     if serde_json::to_writer(&mut v, value).is_err() {
         v.truncate(5);
