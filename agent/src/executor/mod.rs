@@ -431,17 +431,14 @@ fn prepare<'a>(
             .map(|e| (&e.name.value, &e.value))
     });
     // The environment's variables the stage sees (no layer above replaces them) that are
-    // secret: declared so, or named like a secret and not listed in `not_secret`.
+    // secret: only a declared name or one named like a secret can be, so only those are
+    // asked, not every name of the environment.
     let env_secrets = task
         .secrets
         .iter()
         .chain(task.loaded.config.secrets.iter().map(|s| &s.value))
-        .chain(
-            env.sensitive
-                .iter()
-                .filter(|n| !task.not_secret.contains(n)),
-        )
-        .filter(|name| !base.contains_key(*name))
+        .chain(&env.sensitive)
+        .filter(|name| !base.contains_key(*name) && task.is_secret(name))
         .filter_map(|name| env.vars().get_key_value(name));
     let mut secret_values: Vec<(&String, &String)> = Vec::new();
     for (name, value) in base
