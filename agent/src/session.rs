@@ -448,26 +448,36 @@ async fn sessions(
         if shutdown.is_cancelled() {
             return Ok(());
         }
-        match session(config, endpoint, token, shared, shutdown).await {
+        let wait = match session(config, endpoint, token, shared, shutdown).await {
             Ok(SessionEnd::Shutdown) => return Ok(()),
             Ok(SessionEnd::Drained) => {
                 tracing::info!("drained: nothing left to run; exiting");
                 return Ok(());
             }
             Ok(SessionEnd::AfterWelcome(why)) => {
-                tracing::warn!(why, "session ended; reconnecting");
                 backoff = config.backoff_initial;
+                let wait = full_jitter(backoff);
+                tracing::warn!(
+                    why,
+                    retry_in_ms = millis(wait),
+                    "session ended; reconnecting"
+                );
+                wait
             }
             Err(status) if fatal(&status) => {
                 return Err(AgentError::Refused(status.message().to_owned()))
             }
-            Err(status) => tracing::warn!(
-                code = ?status.code(),
-                error = status.message(),
-                "cannot reach the coordinator; retrying"
-            ),
-        }
-        let wait = full_jitter(backoff);
+            Err(status) => {
+                let wait = full_jitter(backoff);
+                tracing::warn!(
+                    code = ?status.code(),
+                    error = status.message(),
+                    retry_in_ms = millis(wait),
+                    "cannot reach the coordinator; retrying"
+                );
+                wait
+            }
+        };
         tokio::select! {
             // Shutdown first: never sleep through it.
             () = shutdown.cancelled() => return Ok(()),
@@ -483,6 +493,10 @@ fn fatal(status: &tonic::Status) -> bool {
         status.code(),
         tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
     )
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// A uniformly random wait in `[0, bound]`, so agents that lost the coordinator together do
