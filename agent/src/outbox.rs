@@ -8,11 +8,21 @@
 //! things happened), value = the `AgentMessage` as protobuf bytes, encrypted with the state
 //! key (results carry exported values, secrets among them; see `baton_common::seal`); tree
 //! `meta` holds the key check. sled 0.34.7 rules as in the coordinator: `flush()` (never
-//! `flush_async`) after every write, from blocking code.
+//! `flush_async`), from blocking code.
+//!
+//! Flushes are group commits ([`GroupFlush`]): a write takes a ticket, and a flush started
+//! after it covers it, whoever runs it, so the stages of one agent that end together share
+//! flushes, and a migration's end and its stage's result written back to back share one.
+//! Dropping an acknowledged attempt is not flushed: if the agent stops before a later flush
+//! covers the removal, the restarted agent sends the result again and the coordinator
+//! answers that it had already recorded it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
+use std::sync::{Arc, Mutex, PoisonError};
+
+use baton_common::group_flush::GroupFlush;
 use baton_common::proto::{self, agent_message};
 use baton_common::seal::{Sealer, StateKey};
 use baton_common::stage::wire::attempt_of;
@@ -37,7 +47,11 @@ pub enum OutboxError {
 pub struct Outbox {
     db: sled::Db,
     tree: sled::Tree,
-    sealer: std::sync::Arc<Sealer>,
+    sealer: Arc<Sealer>,
+    /// The attempt of every journaled message, by sequence number (so finding an attempt's
+    /// messages opens none of them).
+    index: Arc<Mutex<BTreeMap<u64, AttemptId>>>,
+    group: Arc<GroupFlush>,
 }
 
 /// The attempt a journaled message is about.
@@ -92,11 +106,25 @@ impl Outbox {
             meta.insert(b"key_check", c).map_err(Self::io)?;
             db.flush().map_err(Self::io)?;
         }
-        Ok(Outbox {
+        let mut outbox = Outbox {
             db,
             tree,
-            sealer: std::sync::Arc::new(sealer),
-        })
+            sealer: Arc::new(sealer),
+            index: Arc::default(),
+            group: Arc::default(),
+        };
+        let index = outbox
+            .entries()
+            .into_iter()
+            .filter_map(|(seq, m)| Some((seq, attempt_in(&m)?)))
+            .collect();
+        outbox.index = Arc::new(Mutex::new(index));
+        Ok(outbox)
+    }
+
+    fn index(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, AttemptId>> {
+        // A poisoned lock only means a panic elsewhere; the map is still consistent.
+        self.index.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn io(e: sled::Error) -> OutboxError {
@@ -106,12 +134,33 @@ impl Outbox {
     /// Journals `m` durably; returns its sequence number. Blocks (flush): call it from
     /// `spawn_blocking` in async code.
     pub fn journal(&self, m: &proto::AgentMessage) -> Result<u64, OutboxError> {
+        let (seq, ticket) = self.write(m)?;
+        self.sync(ticket)?;
+        Ok(seq)
+    }
+
+    /// Writes `m` without waiting for a flush; returns its sequence number and the ticket
+    /// that [`Outbox::sync`] makes durable. Nothing written is sent before that.
+    pub fn write(&self, m: &proto::AgentMessage) -> Result<(u64, u64), OutboxError> {
         let seq = self.db.generate_id().map_err(Self::io)?;
         self.tree
             .insert(seq.to_be_bytes(), self.sealer.seal(&m.encode_to_vec()))
             .map_err(Self::io)?;
-        self.db.flush().map_err(Self::io)?;
-        Ok(seq)
+        if let Some(a) = attempt_in(m) {
+            self.index().insert(seq, a);
+        }
+        Ok((seq, self.group.ticket()))
+    }
+
+    /// Returns once what was written before `ticket` was taken is durable. Blocks (flush).
+    pub fn sync(&self, ticket: u64) -> Result<(), OutboxError> {
+        self.group
+            .wait(ticket, || self.db.flush().map(drop).map_err(Self::io))
+    }
+
+    /// Whether what was written before `ticket` was taken is durable.
+    pub fn is_durable(&self, ticket: u64) -> bool {
+        self.group.is_durable(ticket)
     }
 
     /// The journaled message `seq`, if it is still there.
@@ -143,26 +192,21 @@ impl Outbox {
 
     /// Attempts with journaled messages.
     pub fn attempts(&self) -> BTreeSet<AttemptId> {
-        self.entries()
-            .iter()
-            .filter_map(|(_, m)| attempt_in(m))
-            .collect()
+        self.index().values().cloned().collect()
     }
 
-    /// Drops every message of `attempt` (its result was acknowledged, or it was rejected).
-    /// Blocks (flush).
+    /// Drops every message of `attempt` (its result was acknowledged, or it was rejected);
+    /// returns their sequence numbers. Not flushed (see the module's notes).
     pub fn drop_attempt(&self, attempt: &AttemptId) -> Result<Vec<u64>, OutboxError> {
         let doomed: Vec<u64> = self
-            .entries()
-            .into_iter()
-            .filter(|(_, m)| attempt_in(m).as_ref() == Some(attempt))
-            .map(|(seq, _)| seq)
+            .index()
+            .iter()
+            .filter(|(_, a)| *a == attempt)
+            .map(|(seq, _)| *seq)
             .collect();
         for seq in &doomed {
             self.tree.remove(seq.to_be_bytes()).map_err(Self::io)?;
-        }
-        if !doomed.is_empty() {
-            self.db.flush().map_err(Self::io)?;
+            self.index().remove(seq);
         }
         Ok(doomed)
     }

@@ -19,7 +19,7 @@
 //! that were running when it stopped as lost.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -137,8 +137,8 @@ enum Item {
     /// Sent at most once: progress, logs, a migration's start (re-sent until acknowledged
     /// through `gates_sent`).
     Live(proto::AgentMessage),
-    /// In the outbox under this sequence number.
-    Journaled(u64),
+    /// In the outbox under `seq`; sent once `ticket` is durable (see [`Outbox::sync`]).
+    Journaled { seq: u64, ticket: u64 },
 }
 
 /// The agent's state across sessions.
@@ -151,6 +151,8 @@ struct Shared {
     wake: Notify,
     /// Outbox entries handed to some session and not yet acknowledged: re-sent on the next.
     handed: Mutex<BTreeSet<u64>>,
+    /// Tickets up to this one are sent even though their flush failed.
+    unflushed_ok: AtomicU64,
     /// Migration starts sent and not yet acknowledged: re-sent on the next session.
     gates_sent: Mutex<BTreeMap<(AttemptId, u64), proto::AgentMessage>>,
     /// The lease period the coordinator announced (none before the first welcome).
@@ -201,27 +203,70 @@ impl Shared {
         self.wake.notify_one();
     }
 
-    /// Journals `m` (flushed) and queues it; if the journal fails, sends it anyway.
-    async fn journal_and_queue(&self, m: proto::AgentMessage) {
-        let outbox = self.outbox.clone();
-        let copy = m.clone();
-        match tokio::task::spawn_blocking(move || outbox.journal(&copy)).await {
-            Ok(Ok(seq)) => self.push(Item::Journaled(seq)),
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "cannot journal a result; sending it without a copy");
-                self.push(Item::Live(m));
+    /// Journals `m` and queues it, returning once it is durable; if the journal fails, sends
+    /// it anyway.
+    async fn journal_and_queue(self: &Arc<Self>, m: proto::AgentMessage) {
+        if let Some(ticket) = self.journal_and_queue_unflushed(m) {
+            let this = self.clone();
+            // Whether it succeeded or not, the queue goes on (see `sync_then_wake`).
+            let _ = tokio::task::spawn_blocking(move || this.sync_then_wake(ticket)).await;
+        }
+    }
+
+    /// Journals `m` and queues it without waiting for the flush: it is sent, after what was
+    /// queued before it, once a flush covers it (or a failed flush gives up on the copy);
+    /// what is queued after it waits behind it. Returns the ticket to make durable (none
+    /// when the journal failed and `m` was queued without a copy).
+    fn journal_and_queue_unflushed(&self, m: proto::AgentMessage) -> Option<u64> {
+        match self.outbox.write(&m) {
+            Ok((seq, ticket)) => {
+                self.push(Item::Journaled { seq, ticket });
+                Some(ticket)
             }
             Err(e) => {
-                tracing::error!(error = %e, "journal task failed; sending the result without a copy");
+                tracing::error!(error = %e, "cannot journal a message; sending it without a copy");
                 self.push(Item::Live(m));
+                None
             }
         }
     }
 
-    /// The next message to send, marked as handed to a session.
+    /// Makes `ticket` durable (blocks: a flush) and wakes the sender. If the flush fails,
+    /// what waits for it is sent without a durable copy.
+    fn sync_then_wake(&self, ticket: u64) {
+        if let Err(e) = self.outbox.sync(ticket) {
+            tracing::error!(error = %e, "cannot flush the outbox; sending without a durable copy");
+            self.unflushed_ok.fetch_max(ticket, Ordering::SeqCst);
+        }
+        self.wake.notify_one();
+    }
+
+    /// Whether the queue's first item may go out now.
+    fn sendable(&self) -> bool {
+        match lock(&self.queue).front() {
+            None => false,
+            Some(Item::Live(_)) => true,
+            Some(Item::Journaled { ticket, .. }) => self.durable(*ticket),
+        }
+    }
+
+    fn durable(&self, ticket: u64) -> bool {
+        self.outbox.is_durable(ticket) || self.unflushed_ok.load(Ordering::SeqCst) >= ticket
+    }
+
+    /// The next message to send, marked as handed to a session; none while the first item
+    /// waits for its flush.
     fn pop(&self) -> Option<proto::AgentMessage> {
         loop {
-            let item = lock(&self.queue).pop_front()?;
+            let item = {
+                let mut q = lock(&self.queue);
+                if let Some(Item::Journaled { ticket, .. }) = q.front() {
+                    if !self.durable(*ticket) {
+                        return None;
+                    }
+                }
+                q.pop_front()?
+            };
             match item {
                 Item::Live(m) => {
                     if let Some(key) = gate_key(&m) {
@@ -229,7 +274,7 @@ impl Shared {
                     }
                     return Some(m);
                 }
-                Item::Journaled(seq) => {
+                Item::Journaled { seq, .. } => {
                     // Gone: acknowledged (or rejected) before it was sent.
                     let Some(m) = self.outbox.get(seq) else {
                         continue;
@@ -257,14 +302,13 @@ impl Shared {
 
     /// The coordinator recorded `attempt`'s result (or will never apply it): drop its
     /// journaled messages.
-    fn settle(self: &Arc<Self>, attempt: AttemptId) {
-        let this = self.clone();
-        tokio::task::spawn_blocking(move || match this.outbox.drop_attempt(&attempt) {
-            Ok(dropped) => lock(&this.handed).retain(|s| !dropped.contains(s)),
+    fn settle(&self, attempt: AttemptId) {
+        match self.outbox.drop_attempt(&attempt) {
+            Ok(dropped) => lock(&self.handed).retain(|s| !dropped.contains(s)),
             Err(e) => {
                 tracing::error!(error = %e, %attempt, "cannot drop an acknowledged result from the outbox; it will be sent again")
             }
-        });
+        }
     }
 
     /// Gives `attempt` up: it is stopped and reported lost with `why`.
@@ -308,7 +352,13 @@ impl Shared {
                 )));
                 async move {
                     if matches!(step, StageEvent::MigrationFinished(_)) {
-                        this.journal_and_queue(msg).await;
+                        // The attempt goes on at once: whatever it does next that the
+                        // coordinator must see (the next migration's start, its result)
+                        // is queued behind this, and goes out only after this is durable.
+                        if let Some(ticket) = this.journal_and_queue_unflushed(msg) {
+                            let flusher = this.clone();
+                            tokio::task::spawn_blocking(move || flusher.sync_then_wake(ticket));
+                        }
                     } else {
                         this.push(Item::Live(msg));
                     }
@@ -403,6 +453,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         wake: Notify::new(),
         handed: Mutex::new(handed),
         gates_sent: Mutex::default(),
+        unflushed_ok: AtomicU64::new(0),
         lease: Mutex::new(None),
         draining: AtomicBool::new(false),
         tasks: TaskTracker::new(),
@@ -568,7 +619,7 @@ async fn session(
                 SessionEnd::Drained
             };
         }
-        let ready = !replay.is_empty() || !lock(&shared.queue).is_empty();
+        let ready = !replay.is_empty() || shared.sendable();
         let deadline =
             stopping.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
         tokio::select! {
@@ -707,7 +758,80 @@ fn handle(
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
     use std::time::Duration;
+
+    use super::*;
+
+    fn shared(dir: &std::path::Path) -> Arc<Shared> {
+        let outbox = Outbox::open(dir, &baton_common::seal::StateKey::default()).unwrap();
+        Arc::new(Shared {
+            host: Arc::new(Host {
+                env: Arc::new(BTreeMap::new().into()),
+                user_agent: "test".to_owned(),
+                workspace: None,
+                clients: Arc::default(),
+            }),
+            outbox,
+            gates: Gates::default(),
+            held: Mutex::default(),
+            queue: Mutex::default(),
+            wake: Notify::new(),
+            handed: Mutex::default(),
+            gates_sent: Mutex::default(),
+            unflushed_ok: AtomicU64::new(0),
+            lease: Mutex::new(None),
+            draining: AtomicBool::new(false),
+            tasks: TaskTracker::new(),
+        })
+    }
+
+    fn log_line(a: &AttemptId, line: &str) -> proto::AgentMessage {
+        message(agent_message::Kind::StageEvent(proto::StageEvent {
+            attempt: Some(a.into()),
+            kind: Some(proto::stage_event::Kind::Log(proto::LogLine {
+                line: line.to_owned(),
+                ..Default::default()
+            })),
+        }))
+    }
+
+    /// A journaled message is not sent before a flush covers it, and nothing queued after it
+    /// overtakes it; once flushed, both go out in order.
+    #[test]
+    fn a_journaled_message_waits_for_its_flush_and_keeps_its_place() {
+        let dir = std::env::temp_dir().join(format!("baton-session-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let s = shared(&dir);
+        let a = AttemptId {
+            run: 1,
+            stage: "s".to_owned(),
+            attempt: 1,
+            token: 9,
+        };
+        let ticket = s
+            .journal_and_queue_unflushed(log_line(&a, "journaled"))
+            .expect("journaled");
+        s.push(Item::Live(log_line(&a, "after")));
+        assert!(!s.outbox.is_durable(ticket));
+        assert!(!s.sendable(), "the first item waits for its flush");
+        assert!(s.pop().is_none(), "nothing overtakes it");
+        s.sync_then_wake(ticket);
+        assert!(s.sendable());
+        let first = s.pop().expect("the journaled message, now durable");
+        assert_eq!(first, log_line(&a, "journaled"));
+        assert_eq!(s.pop().expect("then the live one"), log_line(&a, "after"));
+        // Acknowledged: dropped, and a reopened outbox no longer holds it once a later
+        // flush covered the removal.
+        s.settle(a.clone());
+        assert!(s.outbox.attempts().is_empty());
+        let later = s.outbox.write(&log_line(&a, "x")).unwrap().1;
+        s.outbox.sync(later).unwrap();
+        drop(s);
+        let reopened = Outbox::open(&dir, &baton_common::seal::StateKey::default()).unwrap();
+        assert_eq!(reopened.entries().len(), 1, "only the later write is left");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn jitter_stays_within_its_bound() {

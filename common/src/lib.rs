@@ -4,6 +4,7 @@
 //! - [`yaml`]: YAML with a position on every node, and input limits.
 //! - [`diag`]: validation findings (`file:line:col: severity: message`).
 //! - [`ids`]: random identifiers that are unique across machines.
+//! - [`group_flush`]: group commit for stores whose flush covers all earlier writes.
 //! - [`template`] and [`condition`]: Go-template syntax and stage conditions.
 //! - [`spec`]: the user's files (`stages.yaml`, stage `config.yaml`, migrations), parsed
 //!   and checked into validated types.
@@ -18,6 +19,7 @@
 pub mod client;
 pub mod condition;
 pub mod diag;
+pub mod group_flush;
 pub mod ids;
 pub mod mask;
 pub mod seal;

@@ -36,6 +36,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use baton_common::group_flush::GroupFlush;
 use baton_common::seal::{Sealer, StateKey};
 
 use super::{
@@ -74,72 +75,6 @@ pub struct SledStore {
     /// Group commit: transitions that arrive while a flush runs share the next one.
     group: std::sync::Arc<GroupFlush>,
     high_water: std::sync::Arc<HighWaterFile>,
-}
-
-/// Group commit. Every writer takes a ticket once its transaction is applied; a flush
-/// covers every ticket issued before it started. A writer returns once a flush covering its
-/// ticket has succeeded: it runs one itself when none is running, else waits for the
-/// running one (which may not cover it) and then for or runs the next. N writers arriving
-/// together cost about two flushes instead of N, and none returns before its data is
-/// durable.
-#[derive(Debug, Default)]
-struct GroupFlush {
-    state: std::sync::Mutex<FlushState>,
-    done: std::sync::Condvar,
-}
-
-#[derive(Debug, Default)]
-struct FlushState {
-    /// The last ticket handed out.
-    issued: u64,
-    /// Every ticket up to this one is durable.
-    durable: u64,
-    /// A flush is running.
-    flushing: bool,
-}
-
-impl GroupFlush {
-    fn lock(&self) -> std::sync::MutexGuard<'_, FlushState> {
-        // A poisoned lock only means a panic elsewhere; the counters are still consistent.
-        self.state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Returns once everything written before this call is durable (`flush` makes all that
-    /// was written before it started durable).
-    fn flush_after_this(
-        &self,
-        flush: impl Fn() -> Result<(), StoreError>,
-    ) -> Result<(), StoreError> {
-        let mut st = self.lock();
-        st.issued += 1;
-        let mine = st.issued;
-        loop {
-            if st.durable >= mine {
-                return Ok(());
-            }
-            if !st.flushing {
-                st.flushing = true;
-                let covers = st.issued;
-                drop(st);
-                let flushed = flush();
-                st = self.lock();
-                st.flushing = false;
-                if flushed.is_ok() {
-                    st.durable = st.durable.max(covers);
-                }
-                self.done.notify_all();
-                // A failed flush fails its runner; waiters try again themselves.
-                flushed?;
-                continue;
-            }
-            st = self
-                .done
-                .wait(st)
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-        }
-    }
 }
 
 impl SledStore {
@@ -1437,7 +1372,7 @@ mod group_tests {
                 started.fetch_add(1, Ordering::SeqCst);
                 held.lock().unwrap().recv().unwrap();
                 completed.fetch_add(1, Ordering::SeqCst);
-                Ok(())
+                Ok::<(), super::StoreError>(())
             }
         };
         // A writer: returns the number of flushes completed when it was released.
@@ -1461,7 +1396,7 @@ mod group_tests {
         );
         let b = writer(b_done.clone());
         let c = writer(c_done.clone());
-        until("B and C to take their tickets", || group.lock().issued == 3);
+        until("B and C to take their tickets", || group.issued() == 3);
         assert!(
             !a_done.load(Ordering::SeqCst),
             "A returned before its flush ended"
