@@ -1,6 +1,6 @@
 //! The agent's outbox: every message the coordinator must not miss (a migration's end, an
-//! attempt's result) is journaled in the agent's own sled store, flushed, and only then sent;
-//! it is dropped when the coordinator acknowledges the attempt's result (or rejects the
+//! attempt's result) is journaled in the agent's own sled store and flushed (the session
+//! sends it without waiting for the flush: see `session::Item::Journaled`); it is dropped when the coordinator acknowledges the attempt's result (or rejects the
 //! attempt as stale). A restarted agent re-sends what is still here and names these attempts
 //! in its hello.
 //!
@@ -140,7 +140,7 @@ impl Outbox {
     }
 
     /// Writes `m` without waiting for a flush; returns its sequence number and the ticket
-    /// that [`Outbox::sync`] makes durable. Nothing written is sent before that.
+    /// that [`Outbox::sync`] makes durable.
     pub fn write(&self, m: &proto::AgentMessage) -> Result<(u64, u64), OutboxError> {
         let seq = self.db.generate_id().map_err(Self::io)?;
         self.tree

@@ -13,13 +13,14 @@
 //! been renewed for the lease period L the agent stops the attempt and reports it lost
 //! (nothing new starts for it: a migration's start also needs the coordinator's
 //! acknowledgement). What the coordinator must not miss (a migration's end, an attempt's
-//! result) goes through the [`Outbox`]: journaled and flushed before it is sent, re-sent on
-//! every new session until the coordinator acknowledges the result or rejects the attempt.
+//! result) goes through the [`Outbox`]: journaled, sent, and flushed beside the sending
+//! (see [`Item::Journaled`]), re-sent on every new session until the coordinator
+//! acknowledges the result or rejects the attempt.
 //! A restarted agent names the attempts its outbox holds in its hello and reports the ones
 //! that were running when it stopped as lost.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -137,8 +138,12 @@ enum Item {
     /// Sent at most once: progress, logs, a migration's start (re-sent until acknowledged
     /// through `gates_sent`).
     Live(proto::AgentMessage),
-    /// In the outbox under `seq`; sent once `ticket` is durable (see [`Outbox::sync`]).
-    Journaled { seq: u64, ticket: u64 },
+    /// In the outbox under this sequence number. Sent without waiting for its flush: the
+    /// copy is there to be sent again after the agent restarts, and one a crash loses before
+    /// its flush is a message the coordinator either received (and recorded) or never did,
+    /// as if the agent had stopped a moment earlier (its attempt is then lost, and a
+    /// migration it had started is in doubt).
+    Journaled(u64),
 }
 
 /// The agent's state across sessions.
@@ -151,8 +156,6 @@ struct Shared {
     wake: Notify,
     /// Outbox entries handed to some session and not yet acknowledged: re-sent on the next.
     handed: Mutex<BTreeSet<u64>>,
-    /// Tickets up to this one are sent even though their flush failed.
-    unflushed_ok: AtomicU64,
     /// Migration starts sent and not yet acknowledged: re-sent on the next session.
     gates_sent: Mutex<BTreeMap<(AttemptId, u64), proto::AgentMessage>>,
     /// The lease period the coordinator announced (none before the first welcome).
@@ -205,22 +208,28 @@ impl Shared {
 
     /// Journals `m` and queues it, returning once it is durable; if the journal fails, sends
     /// it anyway.
-    async fn journal_and_queue(self: &Arc<Self>, m: proto::AgentMessage) {
+    async fn journal_and_queue(&self, m: proto::AgentMessage) {
         if let Some(ticket) = self.journal_and_queue_unflushed(m) {
-            let this = self.clone();
-            // Whether it succeeded or not, the queue goes on (see `sync_then_wake`).
-            let _ = tokio::task::spawn_blocking(move || this.sync_then_wake(ticket)).await;
+            let outbox = self.outbox.clone();
+            match tokio::task::spawn_blocking(move || outbox.sync(ticket)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "cannot flush the outbox; the message was sent without a durable copy")
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "outbox flush task failed; the message was sent without a durable copy")
+                }
+            }
         }
     }
 
-    /// Journals `m` and queues it without waiting for the flush: it is sent, after what was
-    /// queued before it, once a flush covers it (or a failed flush gives up on the copy);
-    /// what is queued after it waits behind it. Returns the ticket to make durable (none
-    /// when the journal failed and `m` was queued without a copy).
+    /// Journals `m` and queues it at once, without waiting for the flush (see
+    /// [`Item::Journaled`]); returns the ticket a flush must cover (none when the journal
+    /// failed and `m` was queued without a copy).
     fn journal_and_queue_unflushed(&self, m: proto::AgentMessage) -> Option<u64> {
         match self.outbox.write(&m) {
             Ok((seq, ticket)) => {
-                self.push(Item::Journaled { seq, ticket });
+                self.push(Item::Journaled(seq));
                 Some(ticket)
             }
             Err(e) => {
@@ -231,42 +240,10 @@ impl Shared {
         }
     }
 
-    /// Makes `ticket` durable (blocks: a flush) and wakes the sender. If the flush fails,
-    /// what waits for it is sent without a durable copy.
-    fn sync_then_wake(&self, ticket: u64) {
-        if let Err(e) = self.outbox.sync(ticket) {
-            tracing::error!(error = %e, "cannot flush the outbox; sending without a durable copy");
-            self.unflushed_ok.fetch_max(ticket, Ordering::SeqCst);
-        }
-        self.wake.notify_one();
-    }
-
-    /// Whether the queue's first item may go out now.
-    fn sendable(&self) -> bool {
-        match lock(&self.queue).front() {
-            None => false,
-            Some(Item::Live(_)) => true,
-            Some(Item::Journaled { ticket, .. }) => self.durable(*ticket),
-        }
-    }
-
-    fn durable(&self, ticket: u64) -> bool {
-        self.outbox.is_durable(ticket) || self.unflushed_ok.load(Ordering::SeqCst) >= ticket
-    }
-
-    /// The next message to send, marked as handed to a session; none while the first item
-    /// waits for its flush.
+    /// The next message to send, marked as handed to a session.
     fn pop(&self) -> Option<proto::AgentMessage> {
         loop {
-            let item = {
-                let mut q = lock(&self.queue);
-                if let Some(Item::Journaled { ticket, .. }) = q.front() {
-                    if !self.durable(*ticket) {
-                        return None;
-                    }
-                }
-                q.pop_front()?
-            };
+            let item = lock(&self.queue).pop_front()?;
             match item {
                 Item::Live(m) => {
                     if let Some(key) = gate_key(&m) {
@@ -274,7 +251,7 @@ impl Shared {
                     }
                     return Some(m);
                 }
-                Item::Journaled { seq, .. } => {
+                Item::Journaled(seq) => {
                     // Gone: acknowledged (or rejected) before it was sent.
                     let Some(m) = self.outbox.get(seq) else {
                         continue;
@@ -352,12 +329,15 @@ impl Shared {
                 )));
                 async move {
                     if matches!(step, StageEvent::MigrationFinished(_)) {
-                        // The attempt goes on at once: whatever it does next that the
-                        // coordinator must see (the next migration's start, its result)
-                        // is queued behind this, and goes out only after this is durable.
+                        // The attempt goes on at once; the flush runs beside it (and is
+                        // often shared with the stage's result, written next).
                         if let Some(ticket) = this.journal_and_queue_unflushed(msg) {
-                            let flusher = this.clone();
-                            tokio::task::spawn_blocking(move || flusher.sync_then_wake(ticket));
+                            let outbox = this.outbox.clone();
+                            tokio::task::spawn_blocking(move || {
+                                if let Err(e) = outbox.sync(ticket) {
+                                    tracing::error!(error = %e, "cannot flush the outbox; a migration's end has no durable copy");
+                                }
+                            });
                         }
                     } else {
                         this.push(Item::Live(msg));
@@ -453,7 +433,6 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         wake: Notify::new(),
         handed: Mutex::new(handed),
         gates_sent: Mutex::default(),
-        unflushed_ok: AtomicU64::new(0),
         lease: Mutex::new(None),
         draining: AtomicBool::new(false),
         tasks: TaskTracker::new(),
@@ -619,7 +598,7 @@ async fn session(
                 SessionEnd::Drained
             };
         }
-        let ready = !replay.is_empty() || shared.sendable();
+        let ready = !replay.is_empty() || !lock(&shared.queue).is_empty();
         let deadline =
             stopping.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
         tokio::select! {
@@ -779,7 +758,6 @@ mod tests {
             wake: Notify::new(),
             handed: Mutex::default(),
             gates_sent: Mutex::default(),
-            unflushed_ok: AtomicU64::new(0),
             lease: Mutex::new(None),
             draining: AtomicBool::new(false),
             tasks: TaskTracker::new(),
@@ -796,10 +774,10 @@ mod tests {
         }))
     }
 
-    /// A journaled message is not sent before a flush covers it, and nothing queued after it
-    /// overtakes it; once flushed, both go out in order.
+    /// A journaled message goes out at once, in its place in the queue, and its copy is
+    /// durable once its flush ran: a reopened outbox (a restarted agent) holds it.
     #[test]
-    fn a_journaled_message_waits_for_its_flush_and_keeps_its_place() {
+    fn a_journaled_message_keeps_its_place_and_its_copy() {
         let dir = std::env::temp_dir().join(format!("baton-session-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let s = shared(&dir);
@@ -809,18 +787,22 @@ mod tests {
             attempt: 1,
             token: 9,
         };
+        s.push(Item::Live(log_line(&a, "before")));
         let ticket = s
             .journal_and_queue_unflushed(log_line(&a, "journaled"))
             .expect("journaled");
         s.push(Item::Live(log_line(&a, "after")));
-        assert!(!s.outbox.is_durable(ticket));
-        assert!(!s.sendable(), "the first item waits for its flush");
-        assert!(s.pop().is_none(), "nothing overtakes it");
-        s.sync_then_wake(ticket);
-        assert!(s.sendable());
-        let first = s.pop().expect("the journaled message, now durable");
-        assert_eq!(first, log_line(&a, "journaled"));
-        assert_eq!(s.pop().expect("then the live one"), log_line(&a, "after"));
+        assert_eq!(s.pop().unwrap(), log_line(&a, "before"));
+        assert_eq!(s.pop().unwrap(), log_line(&a, "journaled"));
+        assert_eq!(s.pop().unwrap(), log_line(&a, "after"));
+        assert!(s.pop().is_none());
+        s.outbox.sync(ticket).unwrap();
+        assert!(s.outbox.is_durable(ticket));
+        drop(s);
+        let s = shared(&dir);
+        let held: Vec<_> = s.outbox.entries().into_iter().map(|(_, m)| m).collect();
+        assert_eq!(held, vec![log_line(&a, "journaled")]);
+        assert_eq!(s.outbox.attempts(), [a.clone()].into_iter().collect());
         // Acknowledged: dropped, and a reopened outbox no longer holds it once a later
         // flush covered the removal.
         s.settle(a.clone());
