@@ -179,7 +179,7 @@ async fn run_distributed(c: &Cluster, files: &MemoryFiles, api: &str) -> Duratio
 async fn run_local(name: &str, files: &MemoryFiles, api: &str) -> Duration {
     let root = temp(name);
     let store = Arc::new(SledStore::open(&root).expect("store"));
-    let runs = Runs::new(store, Arc::new(InProcessRunner::new(BTreeMap::new())));
+    let runs = Runs::local(store, Arc::new(InProcessRunner::new(BTreeMap::new())));
     let started = Instant::now();
     let loaded = baton_coordinator::project::load(
         Path::new("stages.yaml"),

@@ -31,7 +31,7 @@ use crate::planner::{History, Plan, Selection};
 use crate::runner::remote::Verdict;
 use crate::runner::StageRunner;
 use crate::scheduler::driver::{
-    drive, Control, PlannedFiles, Resolution, RunContext, RunDirection,
+    drive, Control, FlushOn, PlannedFiles, Resolution, RunContext, RunDirection,
 };
 use crate::store::{
     now_ms, EventKind, EventRecord, Op, RunRecord, RunStatus, StageKey, Store, StoreError,
@@ -209,6 +209,7 @@ pub struct Runs {
     stop: CancellationToken,
     /// Why the service stopped dispatching (a store failure), if it did.
     degraded: Mutex<Option<String>>,
+    flush_on: FlushOn,
 }
 
 impl std::fmt::Debug for Runs {
@@ -274,10 +275,25 @@ pub fn describe_selection(selection: &Selection) -> String {
 }
 
 impl Runs {
+    /// The run service of a coordinator: drivers flush on the blocking pool.
     pub fn new(store: Arc<dyn Store>, runner: Arc<dyn StageRunner>) -> Arc<Runs> {
+        Runs::flushing_on(store, runner, FlushOn::BlockingPool)
+    }
+
+    /// The run service of local mode: drivers flush on their own thread.
+    pub fn local(store: Arc<dyn Store>, runner: Arc<dyn StageRunner>) -> Arc<Runs> {
+        Runs::flushing_on(store, runner, FlushOn::DriverThread)
+    }
+
+    fn flushing_on(
+        store: Arc<dyn Store>,
+        runner: Arc<dyn StageRunner>,
+        flush_on: FlushOn,
+    ) -> Arc<Runs> {
         Arc::new(Runs {
             store,
             runner,
+            flush_on,
             live: Mutex::new(HashMap::new()),
             queues: Mutex::new(HashMap::new()),
             tasks: TaskTracker::new(),
@@ -636,6 +652,7 @@ impl Runs {
             in_doubt: p.in_doubt,
             control: Some(control),
             stop: self.stop.clone(),
+            flush_on: self.flush_on,
         };
         let (tx, mut rx) = mpsc::channel(1024);
         let forward = async {

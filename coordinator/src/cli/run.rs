@@ -80,7 +80,7 @@ impl LocalProject {
     /// The run service with the in-process runner, and the submission.
     fn service(self) -> (Arc<Runs>, Submission) {
         let runner = Arc::new(InProcessRunner::new(self.env.clone()));
-        let runs = Runs::new(self.store, runner);
+        let runs = Runs::local(self.store, runner);
         let sub = Submission {
             project: Arc::new(self.project),
             files: Arc::new(self.files),
