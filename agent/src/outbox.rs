@@ -1,8 +1,8 @@
 //! The agent's outbox: every message the coordinator must not miss (a migration's end, an
 //! attempt's result) is journaled in the agent's own sled store and flushed (the session
-//! sends it without waiting for the flush: see `session::Item::Journaled`); it is dropped when the coordinator acknowledges the attempt's result (or rejects the
-//! attempt as stale). A restarted agent re-sends what is still here and names these attempts
-//! in its hello.
+//! sends it without waiting for the flush: see `session::Item::Journaled`); it is dropped
+//! when the coordinator acknowledges the attempt's result (or rejects the attempt as stale).
+//! A restarted agent re-sends what is still here and names these attempts in its hello.
 //!
 //! Layout: tree `outbox`, key = sequence number (u64 big-endian, so a scan is in the order
 //! things happened), value = the `AgentMessage` as protobuf bytes, encrypted with the state
@@ -198,15 +198,15 @@ impl Outbox {
     /// Drops every message of `attempt` (its result was acknowledged, or it was rejected);
     /// returns their sequence numbers. Not flushed (see the module's notes).
     pub fn drop_attempt(&self, attempt: &AttemptId) -> Result<Vec<u64>, OutboxError> {
-        let doomed: Vec<u64> = self
-            .index()
+        let mut index = self.index();
+        let doomed: Vec<u64> = index
             .iter()
             .filter(|(_, a)| *a == attempt)
             .map(|(seq, _)| *seq)
             .collect();
         for seq in &doomed {
             self.tree.remove(seq.to_be_bytes()).map_err(Self::io)?;
-            self.index().remove(seq);
+            index.remove(seq);
         }
         Ok(doomed)
     }

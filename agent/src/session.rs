@@ -210,17 +210,20 @@ impl Shared {
     /// it anyway.
     async fn journal_and_queue(&self, m: proto::AgentMessage) {
         if let Some(ticket) = self.journal_and_queue_unflushed(m) {
-            let outbox = self.outbox.clone();
-            match tokio::task::spawn_blocking(move || outbox.sync(ticket)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    tracing::error!(error = %e, "cannot flush the outbox; the message was sent without a durable copy")
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "outbox flush task failed; the message was sent without a durable copy")
-                }
-            }
+            // A failed task only means the flush did not run; it is logged like a failed one.
+            let _ = self.flush_copy(ticket).await;
         }
+    }
+
+    /// Makes the outbox's copies up to `ticket` durable on the blocking pool; a failure is
+    /// logged (the message has been sent without a durable copy).
+    fn flush_copy(&self, ticket: u64) -> tokio::task::JoinHandle<()> {
+        let outbox = self.outbox.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = outbox.sync(ticket) {
+                tracing::error!(error = %e, "cannot flush the outbox; a message was sent without a durable copy");
+            }
+        })
     }
 
     /// Journals `m` and queues it at once, without waiting for the flush (see
@@ -332,12 +335,7 @@ impl Shared {
                         // The attempt goes on at once; the flush runs beside it (and is
                         // often shared with the stage's result, written next).
                         if let Some(ticket) = this.journal_and_queue_unflushed(msg) {
-                            let outbox = this.outbox.clone();
-                            tokio::task::spawn_blocking(move || {
-                                if let Err(e) = outbox.sync(ticket) {
-                                    tracing::error!(error = %e, "cannot flush the outbox; a migration's end has no durable copy");
-                                }
-                            });
+                            drop(this.flush_copy(ticket));
                         }
                     } else {
                         this.push(Item::Live(msg));
